@@ -1,0 +1,61 @@
+"""The admin port: /metrics, /healthz, /readyz — apart from the data port, so no model route
+can shadow them and no client of the model can reach them by accident."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+READY_CHECK_TIMEOUT = 1.0
+
+
+@dataclass
+class Readiness:
+    """What /readyz reports; `shutting_down` flips the moment a stop signal arrives."""
+
+    upstream_host: str
+    upstream_port: int
+    shutting_down: bool = False
+
+    async def check(self) -> str | None:
+        """None when ready, else the reason in a sentence."""
+        if self.shutting_down:
+            return "servegate is shutting down"
+        try:
+            async with asyncio.timeout(READY_CHECK_TIMEOUT):
+                _, writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
+        except (OSError, TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            return f"model server {self.upstream_host}:{self.upstream_port} unreachable: {reason}"
+        writer.close()
+        return None
+
+
+def admin_app(registry: CollectorRegistry, readiness: Readiness) -> web.Application:
+    async def metrics(_request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        reason = await readiness.check()
+        if reason is None:
+            return web.json_response({"status": "ready"})
+        return web.Response(
+            status=503,
+            body=json.dumps({"status": "not_ready", "reason": reason}).encode(),
+            content_type="application/json",
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

@@ -1,0 +1,127 @@
+"""Failure -> the JSON answer the client gets: status, headers, and a body that says what to do.
+
+The body keeps the platform's ModelArts error shape so existing clients still parse it, and
+adds `category`, `cause` and a `hint`. Nothing of the model server's internals goes into it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from proxy.failures import Category, Cause, Failure
+from proxy.retry import GiveUp
+
+ERROR_CODE = "ModelArts.4503"
+CATEGORY_HEADER = "X-Servegate-Category"
+
+# The platform's wording for each category, so a client matching on it keeps working.
+_ERROR_MSG = {
+    Category.COMMUNICATION: "Failed to find backend service because the connection was closed.",
+    Category.PROTOCOL: "Failed to find backend service because of a protocol error.",
+    Category.TIMEOUT: "Failed to find backend service because response timed out.",
+    Category.SERVICE: "Failed to find backend service because it is unavailable.",
+}
+
+_HINT = {
+    Cause.STALE_CONNECTION: (
+        "The model server closed an idle keep-alive connection as the request was sent on it. "
+        "Raise the server's idle timeout (Gunicorn --keep-alive) above servegate's "
+        "upstream.idle_expiry."
+    ),
+    Cause.TLS_TO_PLAIN_SERVER: (
+        "servegate spoke HTTPS but the model server speaks plain HTTP: use an http:// "
+        "upstream URL, or serve TLS from the model server."
+    ),
+    Cause.PLAIN_TO_TLS_SERVER: (
+        "servegate spoke plain HTTP but the model server speaks HTTPS: use an https:// "
+        "upstream URL (on the platform: the Container API protocol setting)."
+    ),
+    Cause.TLS_CERTIFICATE: (
+        "The model server's certificate failed verification: set upstream.tls.ca_file to "
+        "the CA that signed it, or upstream.tls.server_name to the name it carries."
+    ),
+    Cause.TLS_HANDSHAKE: (
+        "The TLS handshake with the model server failed: check its TLS versions, ciphers "
+        "and whether it requires a client certificate (upstream.tls.cert_file)."
+    ),
+    Cause.MALFORMED_RESPONSE: (
+        "The model server answered with something that is not HTTP/1.1: check that the "
+        "upstream URL points at the model's HTTP port."
+    ),
+    Cause.DEADLINE_EXCEEDED: (
+        "The model did not answer within the budget: make the prediction faster, or send "
+        "smaller batches."
+    ),
+    Cause.DEADLINE_DURING_STREAM: "The response was still streaming when the budget ran out.",
+    Cause.CONNECT_REFUSED: (
+        "The model server refused connections for the whole wait: check that it is running "
+        "and listening on the upstream address."
+    ),
+    Cause.CONNECT_TIMEOUT: (
+        "No connection to the model server could be opened in time: check the upstream "
+        "address and that the server's accept queue is not full."
+    ),
+    Cause.RESET_DURING_REQUEST: (
+        "The model server dropped the connection while handling the request, as a crashing "
+        "worker does; it was not replayed because the model may have acted on it. Check the "
+        "model server's log for worker restarts."
+    ),
+}
+
+_NOT_REPLAYED = (
+    " The request body was larger than retry.replay_buffer_bytes and had already been "
+    "streamed, so it could not be replayed on a fresh connection."
+)
+
+
+def hint_for(failure: Failure, give_up: GiveUp | None = None, *, budget: float = 0.0) -> str:
+    hint = _HINT[failure.cause]
+    if failure.category is Category.TIMEOUT:
+        hint = f"{hint} Budget: {budget:.1f} s."
+    if give_up is GiveUp.NOT_REPLAYABLE:
+        hint += _NOT_REPLAYED
+    return hint
+
+
+def failure_response(
+    failure: Failure, request_id: str, hint: str, retry_after: float | None = None
+) -> web.Response:
+    status = 504 if failure.category is Category.TIMEOUT else 503
+    headers = {CATEGORY_HEADER: failure.category.value, "X-Request-Id": request_id}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    body = {
+        "error_code": ERROR_CODE,
+        "error_msg": _ERROR_MSG[failure.category],
+        "category": failure.category.value,
+        "cause": failure.cause.value,
+        "request_id": request_id,
+        "hint": hint,
+    }
+    return _json(status, body, headers)
+
+
+def bad_request(message: str, request_id: str) -> web.Response:
+    """A client mistake servegate caught itself (not a 4503: the model was never asked)."""
+    body = {"error_code": "servegate.bad_request", "error_msg": message, "request_id": request_id}
+    return _json(400, body, {"X-Request-Id": request_id})
+
+
+def internal_error(request_id: str) -> web.Response:
+    body = {
+        "error_code": "servegate.internal_error",
+        "error_msg": "servegate failed to handle the request; its log has the details.",
+        "request_id": request_id,
+    }
+    return _json(500, body, {"X-Request-Id": request_id})
+
+
+def _json(status: int, body: dict[str, str], headers: dict[str, str]) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers=headers,
+    )

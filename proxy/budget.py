@@ -1,0 +1,65 @@
+"""The request's deadline: one per request, fixed when the request arrives, on a monotonic clock.
+
+Every wait inside servegate draws on it; the model server is told how much is left.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.config import BudgetSettings
+
+TIMEOUT_HEADER = "X-Servegate-Timeout-Ms"
+REMAINING_HEADER = "X-Servegate-Remaining-Ms"
+
+Clock = Callable[[], float]
+
+
+class BadTimeoutHeader(ValueError):
+    """The client's budget header is not a positive whole number of milliseconds."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    started: float
+    deadline: float  # when servegate answers, at the latest (monotonic seconds)
+    total: float  # the budget in force for this request, in seconds
+    clock: Clock = time.monotonic
+
+    @classmethod
+    def start(
+        cls, settings: BudgetSettings, asked_ms: str | None = None, clock: Clock = time.monotonic
+    ) -> Budget:
+        """The platform's budget minus the margin, or less when the client asks for less.
+
+        The margin exists to beat the platform's own timeout; a client's shorter budget is its
+        own deadline and is answered on time.
+        """
+        now = clock()
+        total = settings.seconds - settings.margin
+        if asked_ms is not None:
+            total = min(total, parse_timeout_ms(asked_ms) / 1000)
+        return cls(started=now, deadline=now + total, total=total, clock=clock)
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - self.clock())
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def expired(self) -> bool:
+        return self.clock() >= self.deadline
+
+    def remaining_ms_header(self) -> str:
+        return str(int(self.remaining() * 1000))
+
+
+def parse_timeout_ms(raw: str) -> int:
+    value = raw.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 12 or int(value) == 0:
+        raise BadTimeoutHeader(
+            f"{TIMEOUT_HEADER} must be a positive whole number of milliseconds, got {raw[:40]!r}"
+        )
+    return int(value)

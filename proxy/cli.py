@@ -1,0 +1,79 @@
+"""Entry points: `servegate run | check-config`. Builds the settings and calls the app; no logic.
+
+Exit codes: 0 done, 1 could not start, 2 invalid settings or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from proxy import config, logs
+from proxy.app import StartupError, serve
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="servegate",
+        description="A reverse proxy for model-inference servers that names every 4503.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="serve: forward the data port to the model server")
+    run.add_argument("--upstream", metavar="URL", help="model server, e.g. http://127.0.0.1:8000")
+    run.add_argument("--listen", metavar="HOST:PORT", help="data port (default 0.0.0.0:8080)")
+    run.add_argument("--admin-listen", metavar="HOST:PORT", help="admin port (default :9464)")
+    run.add_argument("--budget", metavar="SECONDS", type=float, help="end-to-end budget (40)")
+    run.add_argument("--config", metavar="FILE", type=Path, help="YAML settings file")
+    check = commands.add_parser("check-config", help="validate a settings file and print it")
+    check.add_argument("file", type=Path)
+    return parser
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {
+        "upstream.url": args.upstream,
+        "server.listen": args.listen,
+        "server.admin_listen": args.admin_listen,
+        "budget.seconds": args.budget,
+    }
+    return {key: value for key, value in flags.items() if value is not None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            settings = config.load(args.file, os.environ)
+            print(json.dumps(config.effective(settings), indent=2))
+            return 0
+        settings = config.load(args.config, os.environ, _flag_overrides(args))
+    except config.SettingsError as exc:
+        for problem in exc.problems:
+            print(f"servegate: invalid setting: {problem}", file=sys.stderr)
+        return 2
+    logs.configure(settings.logging)
+    try:
+        _run(serve(settings))
+    except StartupError as exc:
+        print(f"servegate: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(main_coroutine: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional where it cannot be built
+        asyncio.run(main_coroutine)
+    else:
+        uvloop.run(main_coroutine)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Settings: one frozen pydantic model, loaded from defaults < YAML file < environment < flags.
+
+This is the only module that reads the environment. Everything else receives the `Settings`
+object (or one slice of it) explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+ENV_PREFIX = "SERVEGATE_"
+MiB = 1024 * 1024
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_address(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:8080 or [::1]:8080")
+    return value
+
+
+Address = Annotated[str, AfterValidator(_check_address)]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'[::1]:8080' -> ('::1', 8080); the host keeps no brackets so it can be bound."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class ServerSettings(_Section):
+    listen: Address = "0.0.0.0:8080"  # the port such platforms call by default
+    admin_listen: Address = "0.0.0.0:9464"  # clear of Prometheus 9090, Pushgateway 9091
+    # The client, not servegate, should close idle connections: a gateway that reuses a
+    # connection servegate is closing would see the very race servegate hides upstream.
+    # 620 s outlasts the 600 s idle timeout of common cloud load balancers.
+    client_keepalive: Seconds = 620.0
+
+
+class UpstreamTLSSettings(_Section):
+    verify: bool = True
+    ca_file: Path | None = None
+    server_name: str | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together")
+        return self
+
+
+class UpstreamSettings(_Section):
+    url: str = "http://127.0.0.1:8000"  # Gunicorn's default bind
+    connect_timeout: Seconds = 2.0
+    # Used until the server announces `Keep-Alive: timeout=N`: safely under Gunicorn's 2 s.
+    idle_expiry: Seconds = 1.0
+    max_connections: int = Field(default=100, ge=1)
+    tls: UpstreamTLSSettings = UpstreamTLSSettings()
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if url.path not in ("", "/") or url.query_string or url.fragment:
+            raise ValueError("must name only scheme, host and port (paths are forwarded as sent)")
+        return value
+
+    @property
+    def origin(self) -> URL:
+        return URL(self.url).origin()
+
+
+class BudgetSettings(_Section):
+    seconds: Seconds = 40.0  # the platform's API gateway allows 40 s per prediction
+    # Answer this long before the budget ends, so servegate's precise error beats the gateway's.
+    margin: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _margin_fits(self) -> BudgetSettings:
+        if self.margin >= self.seconds:
+            raise ValueError(
+                f"margin ({self.margin}) must be smaller than seconds ({self.seconds})"
+            )
+        return self
+
+
+class RetrySettings(_Section):
+    # The platform refuses request bodies over 12 MB, so every request it passes on fits.
+    replay_buffer_bytes: int = Field(default=12 * MiB, ge=0)
+    # Jittered exponential backoff for a refused connection (a restarting server).
+    backoff_initial: Seconds = 0.05
+    backoff_max: Seconds = 1.0
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    redact_headers: tuple[str, ...] = (
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-auth-token",
+    )
+
+    @field_validator("redact_headers")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(name.lower() for name in value)
+
+
+class Settings(_Section):
+    server: ServerSettings = ServerSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    budget: BudgetSettings = BudgetSettings()
+    retry: RetrySettings = RetrySettings()
+    logging: LoggingSettings = LoggingSettings()
+
+
+class SettingsError(Exception):
+    """Invalid settings; `problems` holds one human-readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def load(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from every source, highest priority last."""
+    layers = [
+        _read_yaml(config_file) if config_file else {},
+        _from_environ(os.environ if environ is None else environ),
+        _nest(overrides or {}),
+    ]
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _merge(merged, layer)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise SettingsError([_describe(error) for error in exc.errors()]) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        raise SettingsError([f"{path}: not valid YAML: {exc}".replace("\n", " ")]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError([f"{path}: must be a mapping of sections, got {type(data).__name__}"])
+    return data
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    """SERVEGATE_UPSTREAM__URL=x -> {"upstream": {"url": x}}; values are read as YAML scalars."""
+    flat: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        try:
+            flat[key] = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            flat[key] = raw
+    return _nest(flat)
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown setting"
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+def effective(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data, for `check-config` and the start-up log line."""
+    return settings.model_dump(mode="json")

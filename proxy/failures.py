@@ -1,0 +1,152 @@
+"""The one failure taxonomy: every failed attempt becomes a `Failure(category, cause, ...)`.
+
+`classify` is the only code that inspects aiohttp, `ssl` and `OSError` exceptions; retries,
+metrics, logs and error bodies all read the `Cause` it returns.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from enum import StrEnum
+
+import aiohttp
+
+
+class Category(StrEnum):
+    COMMUNICATION = "communication"
+    PROTOCOL = "protocol"
+    TIMEOUT = "timeout"
+    SERVICE = "service"
+
+
+class Cause(StrEnum):
+    STALE_CONNECTION = "stale_connection"
+    TLS_TO_PLAIN_SERVER = "tls_to_plain_server"
+    PLAIN_TO_TLS_SERVER = "plain_to_tls_server"
+    TLS_CERTIFICATE = "tls_certificate"
+    TLS_HANDSHAKE = "tls_handshake"
+    MALFORMED_RESPONSE = "malformed_response"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    DEADLINE_DURING_STREAM = "deadline_during_stream"
+    CONNECT_REFUSED = "connect_refused"
+    CONNECT_TIMEOUT = "connect_timeout"
+    RESET_DURING_REQUEST = "reset_during_request"
+
+    @property
+    def category(self) -> Category:
+        return _CATEGORY_OF[self]
+
+
+_CATEGORY_OF: dict[Cause, Category] = {
+    Cause.STALE_CONNECTION: Category.COMMUNICATION,
+    Cause.TLS_TO_PLAIN_SERVER: Category.PROTOCOL,
+    Cause.PLAIN_TO_TLS_SERVER: Category.PROTOCOL,
+    Cause.TLS_CERTIFICATE: Category.PROTOCOL,
+    Cause.TLS_HANDSHAKE: Category.PROTOCOL,
+    Cause.MALFORMED_RESPONSE: Category.PROTOCOL,
+    Cause.DEADLINE_EXCEEDED: Category.TIMEOUT,
+    Cause.DEADLINE_DURING_STREAM: Category.TIMEOUT,
+    Cause.CONNECT_REFUSED: Category.SERVICE,
+    Cause.CONNECT_TIMEOUT: Category.SERVICE,
+    Cause.RESET_DURING_REQUEST: Category.SERVICE,
+}
+
+
+@dataclass
+class AttemptFacts:
+    """What the transport reported about one attempt (filled by aiohttp's trace signals)."""
+
+    reused: bool | None = None  # None: no connection was obtained
+    request_sent: bool = False  # the request headers left servegate
+    response_started: bool = False  # the response's status line and headers arrived
+
+
+@dataclass(frozen=True)
+class Failure:
+    cause: Cause
+    detail: str
+    reused: bool | None = None
+    request_sent: bool = False
+    response_started: bool = False
+
+    @property
+    def category(self) -> Category:
+        return self.cause.category
+
+    @property
+    def reached_application(self) -> bool:
+        """Whether the model's application may have seen the request.
+
+        A reused connection that fails before any response byte was closed by the server's
+        idle timer, not by the application; nothing before connecting reaches anything.
+        """
+        if self.cause in (Cause.STALE_CONNECTION, Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT):
+            return False
+        return self.request_sent and self.category is not Category.PROTOCOL
+
+    @property
+    def protocol_suspect(self) -> bool:
+        """A fresh plain connection dropped or answered with garbage: a TLS server looks so."""
+        return (
+            self.reused is False
+            and not self.response_started
+            and self.cause
+            in (
+                Cause.RESET_DURING_REQUEST,
+                Cause.MALFORMED_RESPONSE,
+            )
+        )
+
+    def as_(self, cause: Cause, detail: str) -> Failure:
+        return Failure(cause, detail, self.reused, self.request_sent, self.response_started)
+
+
+_DISCONNECTS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
+_PLAIN_PEER_MARKERS = ("wrong version number", "record layer failure", "packet length too long")
+
+
+def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) -> Failure:
+    """Translate one attempt's exception into the taxonomy."""
+
+    def failure(cause: Cause, detail: str) -> Failure:
+        return Failure(cause, detail, facts.reused, facts.request_sent, facts.response_started)
+
+    if deadline_passed:
+        if facts.response_started:
+            return failure(Cause.DEADLINE_DURING_STREAM, "the budget ended while streaming")
+        return failure(Cause.DEADLINE_EXCEEDED, "the budget ended before the model answered")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return failure(Cause.TLS_CERTIFICATE, _ssl_reason(exc.certificate_error))
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        reason = _ssl_reason(exc.os_error)
+        if any(marker in str(exc.os_error).lower() for marker in _PLAIN_PEER_MARKERS):
+            return failure(Cause.TLS_TO_PLAIN_SERVER, reason)
+        return failure(Cause.TLS_HANDSHAKE, reason)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return failure(Cause.CONNECT_TIMEOUT, "no TCP connection within the connect timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return failure(Cause.CONNECT_REFUSED, exc.os_error.strerror or str(exc.os_error))
+    if isinstance(exc, aiohttp.ClientResponseError) and not facts.response_started:
+        return failure(Cause.MALFORMED_RESPONSE, f"unparseable response head: {exc.message}")
+    if isinstance(exc, (aiohttp.ClientPayloadError, *_DISCONNECTS)):
+        if facts.reused and not facts.response_started:
+            return failure(Cause.STALE_CONNECTION, "the pooled connection was closed by the server")
+        return failure(Cause.RESET_DURING_REQUEST, _disconnect_reason(exc, facts))
+    raise exc
+
+
+def _ssl_reason(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return error.verify_message or str(error)
+    if isinstance(error, ssl.SSLError):
+        return str(getattr(error, "reason", None) or error).lower().replace("_", " ")
+    return str(error)
+
+
+def _disconnect_reason(exc: BaseException, facts: AttemptFacts) -> str:
+    if facts.response_started:
+        return "the server closed the connection in the middle of its response"
+    if facts.request_sent:
+        return "the server closed the connection after receiving the request, before answering"
+    return f"the connection failed while sending the request ({type(exc).__name__})"

@@ -1,0 +1,122 @@
+"""The attempt loop: attempt, classify, decide, back off or give up.
+
+It is the only place where a retry happens, and every attempt, failure and retry is counted
+here, so a recovered failure is as visible in the metrics as one the client saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+
+from proxy.body import RequestBody
+from proxy.budget import REMAINING_HEADER, Budget
+from proxy.config import RetrySettings
+from proxy.failures import AttemptFacts, Failure, classify
+from proxy.metrics import Metrics
+from proxy.probe import SchemeProbe
+from proxy.retry import GiveUp, Outcome, RetryState, decide
+from proxy.upstream import Upstream
+
+log = structlog.get_logger("servegate.forward")
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """The request as it goes to the model server; headers are already end-to-end only."""
+
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body: RequestBody | None
+
+
+@dataclass
+class Forwarded:
+    attempts: int
+    facts: AttemptFacts  # of the last attempt
+    response: aiohttp.ClientResponse | None = None
+    failure: Failure | None = None  # set when no response came
+    give_up: GiveUp | None = None
+
+
+@dataclass(frozen=True)
+class Forwarder:
+    upstream: Upstream
+    probe: SchemeProbe
+    settings: RetrySettings
+    metrics: Metrics
+    rng: random.Random
+
+    async def forward(self, outbound: Outbound, budget: Budget) -> Forwarded:
+        state = RetryState()
+        fresh = False
+        retrying: Failure | None = None  # the failure the current attempt is a retry of
+        attempt = 0
+        while True:
+            attempt += 1
+            facts = AttemptFacts()
+            response, failure = await self._attempt(outbound, budget, facts, fresh=fresh)
+            if retrying is not None:
+                outcome = Outcome.SUCCEEDED if response is not None else Outcome.FAILED
+                self.metrics.record_retry(retrying.cause, outcome)
+            if response is not None:
+                return Forwarded(attempt, facts, response=response)
+            assert failure is not None
+            failure = await self.probe.confirm(failure, budget.remaining())
+            self.metrics.record_failed_attempt(failure)
+            decision = decide(
+                failure,
+                state,
+                body_replayable=outbound.body is None or outbound.body.replayable,
+                remaining=budget.remaining(),
+                settings=self.settings,
+                rng=self.rng,
+            )
+            # Debug for a retried failure: the metrics count it, the access line tells the end.
+            log.log(
+                logging.DEBUG if decision.retry else logging.INFO,
+                "upstream.attempt_failed",
+                attempt=attempt,
+                category=failure.category,
+                cause=failure.cause,
+                reused=failure.reused,
+                detail=failure.detail,
+                retry=decision.retry,
+                give_up=decision.give_up,
+            )
+            if not decision.retry:
+                if decision.give_up in (GiveUp.NOT_REPLAYABLE, GiveUp.NO_BUDGET):
+                    self.metrics.record_retry(failure.cause, Outcome(decision.give_up.value))
+                return Forwarded(attempt, facts, failure=failure, give_up=decision.give_up)
+            if decision.fresh_connection:
+                state.stale_retries += 1
+            else:
+                state.connect_retries += 1
+            fresh = decision.fresh_connection
+            retrying = failure
+            await asyncio.sleep(decision.delay)
+
+    async def _attempt(
+        self, outbound: Outbound, budget: Budget, facts: AttemptFacts, *, fresh: bool
+    ) -> tuple[aiohttp.ClientResponse | None, Failure | None]:
+        started = time.monotonic()
+        headers = [*outbound.headers, (REMAINING_HEADER, budget.remaining_ms_header())]
+        body = outbound.body.for_attempt() if outbound.body is not None else None
+        deadline = asyncio.timeout(budget.remaining())
+        try:
+            async with deadline:
+                response = await self.upstream.send(
+                    outbound.method, outbound.raw_path, headers, body, facts, fresh=fresh
+                )
+        except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            return None, classify(exc, facts, deadline_passed=deadline.expired())
+        finally:
+            self.metrics.attempt_duration.observe(time.monotonic() - started)
+        return response, None

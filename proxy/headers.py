@@ -1,0 +1,82 @@
+"""Which headers cross servegate, in both directions.
+
+Hop-by-hop headers describe one connection, so they stop here, together with every header the
+sender named in its `Connection` header (RFC 9110 §7.6.1). Everything else passes in order,
+repeated headers included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+# Not hop-by-hop, but servegate answers them itself: it sends "100 Continue" to the client,
+# and it frames the body it sends upstream (a buffered chunked upload gets a Content-Length).
+_HANDLED_ON_REQUEST = frozenset({"expect", "content-length"})
+
+
+def _connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    named = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            named.update(token.strip().lower() for token in value.split(","))
+    return frozenset(named)
+
+
+def _end_to_end(
+    headers: list[tuple[str, str]], also_drop: frozenset[str]
+) -> Iterator[tuple[str, str]]:
+    drop = HOP_BY_HOP | also_drop | _connection_named(headers)
+    return ((name, value) for name, value in headers if name.lower() not in drop)
+
+
+def request_headers(
+    headers: Iterable[tuple[str, str]],
+    *,
+    client_ip: str | None,
+    scheme: str,
+    host: str | None,
+    request_id: str,
+) -> list[tuple[str, str]]:
+    """The client's headers as the model server should see them."""
+    items = list(headers)
+    drop = _HANDLED_ON_REQUEST | {"x-request-id"}
+    forwarded = [(name, value) for name, value in _end_to_end(items, drop)]
+    names = {name.lower() for name, _ in forwarded}
+    prior_for = [value for name, value in forwarded if name.lower() == "x-forwarded-for"]
+    forwarded = [(name, value) for name, value in forwarded if name.lower() != "x-forwarded-for"]
+    chain = ", ".join([*prior_for, client_ip] if client_ip else prior_for)
+    if chain:
+        forwarded.append(("X-Forwarded-For", chain))
+    # A gateway in front may have terminated TLS: what it says about the original request wins.
+    if "x-forwarded-proto" not in names:
+        forwarded.append(("X-Forwarded-Proto", scheme))
+    if "x-forwarded-host" not in names and host:
+        forwarded.append(("X-Forwarded-Host", host))
+    forwarded.append(("X-Request-Id", request_id))
+    return forwarded
+
+
+def decoded(raw: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[str, str]]:
+    """Raw header bytes as the sender spelled them (aiohttp's parsed view may respell names)."""
+    return (
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in raw
+    )
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """The model server's headers as the client should see them."""
+    return _end_to_end(list(headers), frozenset())

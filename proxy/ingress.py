@@ -1,0 +1,137 @@
+"""The data-port handler: one client request from arrival to its access line.
+
+It fixes the request id and the budget, prepares what goes upstream, hands it to the attempt
+loop, then relays the answer or answers the failure, and counts and logs the result once.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from proxy import answer
+from proxy.body import RequestBody
+from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget
+from proxy.config import Settings
+from proxy.failures import Failure
+from proxy.forward import Forwarded, Forwarder, Outbound
+from proxy.headers import decoded, request_headers
+from proxy.metrics import Metrics
+from proxy.relay import relay
+
+access_log = structlog.get_logger("servegate.access")
+
+# A passed-on request id is kept only if it is safe to log and to echo in a header.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
+
+
+@dataclass(frozen=True)
+class Ingress:
+    settings: Settings
+    forwarder: Forwarder
+    metrics: Metrics
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        arrived = time.monotonic()
+        passed_id = request.headers.get("X-Request-Id", "")
+        request_id = passed_id if _REQUEST_ID.fullmatch(passed_id) else uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        self.metrics.inflight.inc()
+        line: dict[str, object] = {"method": request.method, "path": request.path}
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._serve(request, request_id, line)
+        except Exception:
+            # A bug in servegate still gets a JSON answer and a traceback in the log.
+            access_log.exception("servegate.internal_error")
+            response = answer.internal_error(request_id)
+        finally:
+            self.metrics.inflight.dec()
+            seconds = time.monotonic() - arrived
+            status = line.pop("status", None)
+            if not isinstance(status, int):
+                # No response at all: the client hung up and the handler was cancelled.
+                status = response.status if response is not None else CLIENT_CLOSED
+            self.metrics.record_answer(request.method, status, seconds)
+            access_log.info("request", status=status, duration_s=round(seconds, 4), **line)
+            structlog.contextvars.unbind_contextvars("request_id")
+        return response
+
+    async def _serve(
+        self, request: web.BaseRequest, request_id: str, line: dict[str, object]
+    ) -> web.StreamResponse:
+        try:
+            budget = Budget.start(self.settings.budget, request.headers.get(TIMEOUT_HEADER))
+        except BadTimeoutHeader as exc:
+            return answer.bad_request(str(exc), request_id)
+        body = await self._read_body(request)
+        outbound = Outbound(
+            method=request.method,
+            raw_path=request.raw_path if request.raw_path.startswith("/") else "/",
+            headers=self._outbound_headers(request, request_id, body),
+            body=body,
+        )
+        forwarded = await self.forwarder.forward(outbound, budget)
+        line.update(attempts=forwarded.attempts, reused=forwarded.facts.reused)
+        if forwarded.response is None:
+            assert forwarded.failure is not None
+            line["bytes_in"] = body.size if body else 0
+            return self._fail(forwarded, request_id, budget, line)
+        upstream_status = forwarded.response.status
+        relayed = await relay(
+            request, forwarded.response, budget, forwarded.facts, {"X-Request-Id": request_id}
+        )
+        line.update(bytes_in=body.size if body else 0, bytes_out=relayed.bytes_out)
+        if relayed.failure is not None:
+            # The client already has the status line; the cut connection tells it the rest.
+            self._record_failure(relayed.failure, line)
+            self.metrics.record_failed_attempt(relayed.failure)
+            self.metrics.record_4503(relayed.failure)
+        elif relayed.client_gone:
+            line["status"] = CLIENT_CLOSED
+        line.setdefault("status", upstream_status)
+        return relayed.response
+
+    async def _read_body(self, request: web.BaseRequest) -> RequestBody | None:
+        if not request.body_exists:
+            return None
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            # servegate reads the body itself, so it invites it; the model sees no Expect.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return await RequestBody.read(
+            request.content, self.settings.retry.replay_buffer_bytes, request.content_length
+        )
+
+    def _outbound_headers(
+        self, request: web.BaseRequest, request_id: str, body: RequestBody | None
+    ) -> list[tuple[str, str]]:
+        headers = request_headers(
+            decoded(request.raw_headers),
+            client_ip=request.remote,
+            scheme=request.scheme,
+            host=request.host,
+            request_id=request_id,
+        )
+        if body is not None and not body.buffered and request.content_length is not None:
+            headers.append(("Content-Length", str(request.content_length)))
+        return headers
+
+    def _fail(
+        self, forwarded: Forwarded, request_id: str, budget: Budget, line: dict[str, object]
+    ) -> web.Response:
+        failure = forwarded.failure
+        assert failure is not None
+        self._record_failure(failure, line)
+        self.metrics.record_4503(failure)
+        hint = answer.hint_for(failure, forwarded.give_up, budget=budget.total)
+        return answer.failure_response(failure, request_id, hint)
+
+    @staticmethod
+    def _record_failure(failure: Failure, line: dict[str, object]) -> None:
+        line.update(category=failure.category, cause=failure.cause, detail=failure.detail)

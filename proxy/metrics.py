@@ -1,0 +1,88 @@
+"""Every Prometheus series of DESIGN.md §5, declared once on a registry passed in.
+
+Each category and cause starts at zero, so dashboards and alert rules can name all of them
+before the first failure.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from proxy.failures import Cause, Failure
+from proxy.retry import Outcome
+
+# Methods outside this set are counted as "other": a client must not be able to mint series.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+RETRYABLE_CAUSES = (Cause.STALE_CONNECTION, Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT)
+
+
+def duration_buckets(budget: float) -> tuple[float, ...]:
+    """Fine buckets for fast predictions, and enough around the budget to see requests near it."""
+    fast = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20)
+    near = tuple(budget + offset for offset in (-10, -5, -2, -1, 0, 5, 20))
+    return tuple(sorted({b for b in fast + near if b > 0}))
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry, budget_seconds: float) -> None:
+        buckets = duration_buckets(budget_seconds)
+        self.requests = Counter(
+            "servegate_requests_total",
+            "Requests answered to clients.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "servegate_request_duration_seconds",
+            "End-to-end time of a request.",
+            ["method"],
+            buckets=buckets,
+            registry=registry,
+        )
+        self.answers_4503 = Counter(
+            "servegate_4503_total",
+            "Requests that ended in a 4503 answer to the client.",
+            ["category", "cause"],
+            registry=registry,
+        )
+        self.upstream_failures = Counter(
+            "servegate_upstream_failures_total",
+            "Failed attempts to reach the model server, including those a retry recovered.",
+            ["category", "cause"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "servegate_retries_total",
+            "Retries of a failed attempt, and how they ended.",
+            ["cause", "outcome"],
+            registry=registry,
+        )
+        self.attempt_duration = Histogram(
+            "servegate_upstream_attempt_duration_seconds",
+            "Time per attempt to the model server, until its response head arrived.",
+            buckets=buckets,
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "servegate_inflight_requests", "Requests being served.", registry=registry
+        )
+        for cause in Cause:
+            self.answers_4503.labels(cause.category, cause)
+            self.upstream_failures.labels(cause.category, cause)
+        for cause in RETRYABLE_CAUSES:
+            for outcome in Outcome:
+                self.retries.labels(cause, outcome)
+
+    def record_answer(self, method: str, code: int, seconds: float) -> None:
+        label = method if method in KNOWN_METHODS else "other"
+        self.requests.labels(label, str(code)).inc()
+        self.request_duration.labels(label).observe(seconds)
+
+    def record_4503(self, failure: Failure) -> None:
+        self.answers_4503.labels(failure.category, failure.cause).inc()
+
+    def record_failed_attempt(self, failure: Failure) -> None:
+        self.upstream_failures.labels(failure.category, failure.cause).inc()
+
+    def record_retry(self, cause: Cause, outcome: Outcome) -> None:
+        self.retries.labels(cause, outcome).inc()

@@ -1,0 +1,84 @@
+"""Retry policy: given a failure and the request's state, retry now, retry later, or give up. Pure.
+
+The rule that never bends: a request that may have reached the model's application is not
+replayed. Only failures that provably happened before it (a stale pooled connection, a refused
+or timed-out connect) are retried, and only while the body can still be sent again.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+
+from proxy.config import RetrySettings
+from proxy.failures import Cause, Failure
+
+# One retry after a stale connection is enough: it runs on a fresh connection, where the next
+# failure cannot be stale. A second stale hit would mean the "stale" one was something else.
+MAX_STALE_RETRIES = 1
+# Time kept for the connect attempt after a backoff: ample for loopback or a sidecar.
+LAST_ATTEMPT_RESERVE = 0.05
+
+
+class Outcome(StrEnum):
+    """The `outcome` label of servegate_retries_total."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    NOT_REPLAYABLE = "not_replayable"  # a retry was due, but the body had already streamed
+    NO_BUDGET = "no_budget"  # a retry was due, but the deadline left no time for it
+
+
+class GiveUp(StrEnum):
+    NOT_RETRYABLE = "not_retryable"
+    NOT_REPLAYABLE = "not_replayable"
+    NO_BUDGET = "no_budget"
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+
+
+@dataclass(frozen=True)
+class Decision:
+    retry: bool
+    delay: float = 0.0
+    fresh_connection: bool = False
+    give_up: GiveUp | None = None
+
+
+@dataclass
+class RetryState:
+    """Per-request counters the policy reads; the attempt loop updates them."""
+
+    stale_retries: int = 0
+    connect_retries: int = 0
+
+
+def decide(
+    failure: Failure,
+    state: RetryState,
+    *,
+    body_replayable: bool,
+    remaining: float,
+    settings: RetrySettings,
+    rng: random.Random,
+) -> Decision:
+    if failure.cause is Cause.STALE_CONNECTION:
+        if state.stale_retries >= MAX_STALE_RETRIES:
+            return Decision(False, give_up=GiveUp.ATTEMPTS_EXHAUSTED)
+        if not body_replayable:
+            return Decision(False, give_up=GiveUp.NOT_REPLAYABLE)
+        return Decision(True, fresh_connection=True)
+    if failure.cause in (Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT):
+        # Nothing was sent, so even a streamed body is intact; only time limits these. The
+        # last backoff is cut short so one more attempt lands just before the deadline.
+        if remaining < LAST_ATTEMPT_RESERVE:
+            return Decision(False, give_up=GiveUp.NO_BUDGET)
+        delay = min(backoff(state.connect_retries, settings, rng), remaining - LAST_ATTEMPT_RESERVE)
+        return Decision(True, delay=delay)
+    return Decision(False, give_up=GiveUp.NOT_RETRYABLE)
+
+
+def backoff(retries_so_far: int, settings: RetrySettings, rng: random.Random) -> float:
+    """Full jitter (AWS architecture blog): spreads a burst of waiters over the whole window."""
+    ceiling = min(settings.backoff_max, settings.backoff_initial * 2**retries_so_far)
+    return rng.uniform(settings.backoff_initial / 2, ceiling)
