@@ -1,0 +1,160 @@
+"""Shared fixtures: settings factory, servegate on free loopback ports, log capture, metrics
+reading, trustme certificates, the Gunicorn demo model, and a per-test time limit."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import trustme
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy import config, logs
+from proxy.app import Servegate
+from tests.upstreams.gunicorn import Gunicorn, start_gunicorn
+
+DEFAULT_TIME_LIMIT = 60
+
+
+class TestTimedOut(BaseException):
+    """Raised into a test that overran its limit; a BaseException so no handler swallows it."""
+
+
+@pytest.fixture(autouse=True)
+def _time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
+    marker = request.node.get_closest_marker("time_limit")
+    limit = int(marker.args[0]) if marker else DEFAULT_TIME_LIMIT
+
+    def overran(_signum: int, _frame: object) -> None:
+        raise TestTimedOut(f"test ran longer than {limit} s")
+
+    previous = signal.signal(signal.SIGALRM, overran)
+    signal.alarm(limit)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def require_tool(name: str) -> str:
+    """A tool the tests need: missing is a failure (make test installs it), never a skip."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: `make test` installs it (apt-get)")
+    return path
+
+
+def make_settings(**flat: Any) -> config.Settings:
+    """Settings for a test: loopback, any free port, plus dotted overrides."""
+    base = {"server.listen": "127.0.0.1:0", "server.admin_listen": "127.0.0.1:0"}
+    return config.load(None, environ={}, overrides={**base, **flat})
+
+
+@dataclass
+class LogCapture:
+    stream: io.StringIO
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines() if line]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line.get("event") == name]
+
+    def access(self) -> list[dict[str, Any]]:
+        return self.events("request")
+
+
+@pytest.fixture
+def log_capture() -> LogCapture:
+    capture = LogCapture(io.StringIO())
+    logs.configure(config.LoggingSettings(level="debug", format="json"), capture.stream)
+    return capture
+
+
+StartGate = Callable[..., Awaitable[Servegate]]
+
+
+@pytest.fixture
+async def start_gate(log_capture: LogCapture) -> AsyncIterator[StartGate]:
+    """Start servegate in this test's event loop; every one started is stopped afterwards."""
+    started: list[Servegate] = []
+
+    async def start(upstream: str, **flat: Any) -> Servegate:
+        gate = Servegate(make_settings(**{"upstream.url": upstream, **flat}))
+        await gate.start()
+        started.append(gate)
+        return gate
+
+    yield start
+    for gate in started:
+        await gate.stop()
+
+
+def gate_url(gate: Servegate, path: str = "/") -> str:
+    return f"http://127.0.0.1:{gate.data_port}{path}"
+
+
+async def scrape(gate: Servegate) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The admin port's /metrics, parsed: (sample name, labels) -> value."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{gate.admin_port}/metrics") as response,
+    ):
+        text = await response.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: trustme.CA
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    directory = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    ca_file, cert_file, key_file = (directory / name for name in ("ca.pem", "cert.pem", "key.pem"))
+    ca.cert_pem.write_to_path(ca_file)
+    server.private_key_and_cert_chain_pem.write_to_path(cert_file)
+    server.private_key_pem.write_to_path(key_file)
+    return Certificates(ca, ca_file, cert_file, key_file)
+
+
+@pytest.fixture
+def gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
+    """Start the demo model under Gunicorn; each one is stopped by pid, also on failure."""
+    started: list[Gunicorn] = []
+
+    def start(*args: str, **kwargs: Any) -> Gunicorn:
+        server = start_gunicorn(tmp_path, *args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,66 @@
+"""The admin port: metrics every dashboard can rely on from start-up, liveness, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable
+
+import aiohttp
+
+from proxy.failures import Category, Cause
+from tests.conftest import StartGate, require_tool, sample, scrape
+from tests.upstreams.gunicorn import Gunicorn, free_port
+
+
+async def test_every_category_and_cause_is_exported_at_zero_from_start_up(
+    start_gate: StartGate,
+) -> None:
+    gate = await start_gate(f"http://127.0.0.1:{free_port()}")
+    samples = await scrape(gate)
+    for cause in Cause:
+        for name in ("servegate_4503_total", "servegate_upstream_failures_total"):
+            assert sample(samples, name, category=cause.category, cause=cause) == 0
+    categories = {labels for (name, labels) in samples if name == "servegate_4503_total"}
+    assert {dict(labels)["category"] for labels in categories} == set(Category)
+    assert sample(samples, "servegate_inflight_requests") == 0
+
+
+async def test_promtool_accepts_the_metrics_output(
+    start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
+) -> None:
+    promtool = require_tool("promtool")
+    model = gunicorn()
+    gate = await start_gate(model.url)
+    async with client.post(f"http://127.0.0.1:{gate.data_port}/predict", json={"inputs": [1] * 4}):
+        pass
+    async with client.get(f"http://127.0.0.1:{gate.admin_port}/metrics") as response:
+        assert response.status == 200
+        text = await response.read()
+    assert b"servegate_requests_total" in text
+    checked = await asyncio.to_thread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+async def test_readiness_follows_the_model_server_and_liveness_does_not(
+    start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
+) -> None:
+    model = gunicorn()
+    gate = await start_gate(model.url)
+    admin = f"http://127.0.0.1:{gate.admin_port}"
+    async with client.get(f"{admin}/readyz") as response:
+        assert response.status == 200
+    model.stop()
+    async with client.get(f"{admin}/readyz") as response:
+        assert response.status == 503
+        body = await response.json()
+    assert "unreachable" in body["reason"]
+    async with client.get(f"{admin}/healthz") as response:
+        assert response.status == 200

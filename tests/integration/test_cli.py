@@ -1,0 +1,143 @@
+"""The command line as an operator meets it: servegate run as a real process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.upstreams.gunicorn import ROOT, Gunicorn, free_port, wait_for_port
+
+SERVEGATE = [sys.executable, "-m", "proxy"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SERVEGATE, *args], capture_output=True, text=True, timeout=30, cwd=ROOT, env=env
+    )
+
+
+@pytest.fixture
+def servegate_process() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [*SERVEGATE, "run", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        process.stdout.close()  # type: ignore[union-attr]
+        process.stderr.close()  # type: ignore[union-attr]
+
+
+def test_check_config_prints_the_effective_settings_of_the_shipped_example() -> None:
+    result = run_cli("check-config", str(ROOT / "config" / "servegate.yaml"))
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["budget"]["seconds"] == 40
+    assert effective["server"]["listen"] == "0.0.0.0:8080"
+
+
+def test_check_config_names_every_offending_key_and_exits_2(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        "upstream:\n  url: ftp://model\nbudget:\n  seconds: -3\nserver:\n  listne: x\n"
+    )
+    result = run_cli("check-config", str(broken))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3
+    assert any("upstream.url" in line and "ftp://model" in line for line in lines)
+    assert any("budget.seconds" in line for line in lines)
+    assert any("server.listne: unknown setting" in line for line in lines)
+
+
+def test_check_config_on_a_file_that_is_not_yaml_exits_2(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("upstream: [unclosed\n")
+    result = run_cli("check-config", str(broken))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_flags_beat_environment_which_beats_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "s.yaml"
+    file.write_text("budget:\n  seconds: 30\n  margin: 2\nupstream:\n  url: http://file:1\n")
+    env = {"SERVEGATE_BUDGET__SECONDS": "20", "SERVEGATE_UPSTREAM__URL": "http://env:2"}
+    result = run_cli("check-config", str(file), env={**env, "PATH": "/usr/bin:/bin"})
+    effective = json.loads(result.stdout)
+    assert effective["budget"] == {"seconds": 20, "margin": 2}
+    assert effective["upstream"]["url"] == "http://env:2"
+
+
+def test_a_port_in_use_stops_start_up_with_one_clear_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(
+            "run", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{free_port()}"
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"servegate: cannot listen on 127.0.0.1:{port}: address already in use"
+    )
+
+
+def test_an_invalid_flag_value_exits_2_naming_the_key() -> None:
+    result = run_cli("run", "--listen", "nowhere")
+    assert result.returncode == 2
+    assert "server.listen" in result.stderr
+
+
+@pytest.mark.time_limit(40)
+def test_sigterm_fails_readiness_at_once_and_lets_in_flight_requests_finish(
+    gunicorn: Callable[..., Gunicorn],
+    servegate_process: Callable[..., subprocess.Popen[str]],
+) -> None:
+    model = gunicorn()
+    data, admin = free_port(), free_port()
+    process = servegate_process(
+        "--upstream", model.url, "--listen", f"127.0.0.1:{data}", "--admin-listen",
+        f"127.0.0.1:{admin}",
+    )  # fmt: skip
+    wait_for_port(data, process)  # type: ignore[arg-type]
+    wait_for_port(admin, process)  # type: ignore[arg-type]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow = pool.submit(post_status, f"http://127.0.0.1:{data}/predict?sleep=2")
+        time.sleep(0.5)  # the slow prediction is in flight
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        with pytest.raises(urllib.error.URLError):  # 503, or already closed: never ready
+            urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2)
+        with pytest.raises(ConnectionRefusedError):  # no longer accepting
+            socket.create_connection(("127.0.0.1", data), timeout=1).close()
+        assert slow.result(timeout=10) == 200
+    assert process.wait(timeout=10) == 0
+
+
+def post_status(url: str) -> int:
+    request = urllib.request.Request(url, data=b'{"inputs": [1, 2, 3, 4]}', method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return int(response.status)

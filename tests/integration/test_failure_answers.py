@@ -1,0 +1,128 @@
+"""When no answer comes from the model server, the client gets the JSON 4503 body, and the
+metrics and the access line name the same category and cause."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import LogCapture, StartGate, gate_url, sample, scrape
+from tests.upstreams.gunicorn import Gunicorn, free_port
+
+
+async def assert_4503(
+    response: aiohttp.ClientResponse, status: int, category: str, cause: str
+) -> dict[str, Any]:
+    assert response.status == status
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.headers["X-Servegate-Category"] == category
+    body = await response.json()
+    assert body["error_code"] == "ModelArts.4503"
+    assert (body["category"], body["cause"]) == (category, cause)
+    assert body["request_id"] == response.headers["X-Request-Id"]
+    assert body["hint"]
+    return body
+
+
+async def test_connection_refused_for_the_whole_budget_is_a_service_failure_on_time(
+    start_gate: StartGate, client: aiohttp.ClientSession, log_capture: LogCapture
+) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"
+    gate = await start_gate(nobody, **{"budget.seconds": 1.5, "budget.margin": 0.5})
+    sent = time.monotonic()
+    async with client.post(gate_url(gate, "/predict"), data=b"{}") as response:
+        elapsed = time.monotonic() - sent
+        await assert_4503(response, 503, "service", "connect_refused")
+    # Refused connections are retried (a restart is ridden out) until budget - margin, no later.
+    assert 0.9 <= elapsed < 1.3
+    samples = await scrape(gate)
+    labels = {"category": "service", "cause": "connect_refused"}
+    assert sample(samples, "servegate_4503_total", **labels) == 1
+    assert sample(samples, "servegate_upstream_failures_total", **labels) >= 2
+    line = log_capture.access()[-1]
+    assert (line["status"], line["category"], line["cause"]) == (503, "service", "connect_refused")
+    assert line["attempts"] >= 2
+
+
+async def test_a_worker_crash_during_the_request_is_not_replayed(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
+) -> None:
+    model = gunicorn()
+    gate = await start_gate(model.url)
+    async with client.post(gate_url(gate, "/predict?crash=1"), data=b"{}") as response:
+        body = await assert_4503(response, 503, "service", "reset_during_request")
+    assert "not replayed" in body["hint"]
+    assert log_capture.access()[-1]["attempts"] == 1  # the model may have acted on it
+    samples = await scrape(gate)
+    labels = {"category": "service", "cause": "reset_during_request"}
+    assert sample(samples, "servegate_4503_total", **labels) == 1
+
+
+async def test_a_model_slower_than_the_budget_gets_a_timeout_answer_before_it(
+    start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
+) -> None:
+    model = gunicorn()
+    gate = await start_gate(model.url, **{"budget.seconds": 2.0, "budget.margin": 0.5})
+    sent = time.monotonic()
+    async with client.post(gate_url(gate, "/predict?sleep=5"), data=b"{}") as response:
+        elapsed = time.monotonic() - sent
+        body = await assert_4503(response, 504, "timeout", "deadline_exceeded")
+    assert 1.4 <= elapsed < 1.8
+    assert "1.5 s" in body["hint"]
+
+
+async def test_https_to_a_plain_server_is_a_protocol_failure(
+    start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
+) -> None:
+    model = gunicorn()
+    gate = await start_gate(model.url.replace("http://", "https://"))
+    async with client.get(gate_url(gate, "/health")) as response:
+        await assert_4503(response, 503, "protocol", "tls_to_plain_server")
+
+
+async def test_plain_http_to_a_tls_server_is_confirmed_by_a_probe(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    client: aiohttp.ClientSession,
+    certificates: Any,
+) -> None:
+    model = gunicorn(certfile=certificates.cert_file, keyfile=certificates.key_file)
+    gate = await start_gate(model.url.replace("https://", "http://"))
+    sent = time.monotonic()
+    async with client.get(gate_url(gate, "/health")) as response:
+        body = await assert_4503(response, 503, "protocol", "plain_to_tls_server")
+    assert time.monotonic() - sent < 1.0
+    assert "https://" in body["hint"]
+
+
+async def test_an_untrusted_certificate_is_named_with_the_reason(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    client: aiohttp.ClientSession,
+    certificates: Any,
+) -> None:
+    model = gunicorn(certfile=certificates.cert_file, keyfile=certificates.key_file)
+    untrusting = await start_gate(model.url)
+    async with client.get(gate_url(untrusting, "/health")) as response:
+        await assert_4503(response, 503, "protocol", "tls_certificate")
+    trusting = await start_gate(model.url, **{"upstream.tls.ca_file": str(certificates.ca_file)})
+    async with client.get(gate_url(trusting, "/health")) as response:
+        assert response.status == 200
+
+
+async def test_a_malformed_timeout_header_is_a_400_with_the_json_body(
+    start_gate: StartGate, client: aiohttp.ClientSession
+) -> None:
+    gate = await start_gate(f"http://127.0.0.1:{free_port()}")
+    headers = {"X-Servegate-Timeout-Ms": "soon"}
+    async with client.get(gate_url(gate, "/"), headers=headers) as response:
+        assert response.status == 400
+        body = await response.json()
+    assert body["error_code"] == "servegate.bad_request"
+    assert "X-Servegate-Timeout-Ms" in body["error_msg"]

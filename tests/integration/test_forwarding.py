@@ -1,0 +1,222 @@
+"""Forwarding on the data port: what the model server receives and what the client gets back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+
+from tests.conftest import StartGate, gate_url
+from tests.upstreams.apps import Recorder, recording_app
+from tests.upstreams.gunicorn import Gunicorn
+
+
+@pytest.fixture
+async def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def upstream_url(aiohttp_server: Any, recorder: Recorder) -> str:
+    server = await aiohttp_server(recording_app(recorder))
+    return f"http://127.0.0.1:{server.port}"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE"])
+async def test_every_method_and_its_body_reach_the_model_server(
+    method: str,
+    start_gate: StartGate,
+    upstream_url: str,
+    recorder: Recorder,
+    client: aiohttp.ClientSession,
+) -> None:
+    gate = await start_gate(upstream_url)
+    body = f"payload for {method}".encode()
+    async with client.request(method, gate_url(gate, "/anything"), data=body) as response:
+        assert response.status == 200
+        assert response.headers["X-Upstream-Method"] == method
+        assert await response.read() == body
+    assert recorder.last().method == method
+    assert recorder.last().body == body
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/a%2Fb/../c?q=%41&q=2&empty=&plus=a+b",
+        "//double//slashes?x=%zz",
+        "/caf%C3%A9;matrix=1?sp=%20&amp=%26",
+    ],
+)
+async def test_path_and_query_are_forwarded_byte_for_byte(
+    target: str, start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    gate = await start_gate(upstream_url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    assert status_line.startswith(b"HTTP/1.1 200")
+    assert recorder.last().raw_path == target
+
+
+async def test_headers_keep_order_and_repeats_and_lose_hop_by_hop_ones(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    gate = await start_gate(upstream_url)
+    request = (
+        "POST /h HTTP/1.1\r\nHost: model.example\r\nX-Multi: one\r\nX-Other: x\r\n"
+        "X-Multi: two\r\nConnection: keep-alive, X-Named-Hop\r\nX-Named-Hop: secret\r\n"
+        "Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic abc\r\n"
+        "X-Forwarded-For: 203.0.113.7\r\nX-Request-Id: abc-123\r\nContent-Length: 2\r\n\r\nhi"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(request.encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"X-Request-Id: abc-123" in head
+    seen = recorder.last()
+    names = [name.lower() for name, _ in seen.headers]
+    for hop in ("connection", "keep-alive", "te", "proxy-authorization", "x-named-hop"):
+        assert hop not in names
+    multi = [value for name, value in seen.headers if name == "X-Multi"]
+    assert multi == ["one", "two"]
+    assert names.index("x-multi") < names.index("x-other")
+    headers = CIMultiDict(seen.headers)
+    assert headers["Host"] == "model.example"
+    assert headers["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert headers["X-Forwarded-Proto"] == "http"
+    assert headers["X-Forwarded-Host"] == "model.example"
+    assert headers["X-Request-Id"] == "abc-123"
+    assert 0 < int(headers["X-Servegate-Remaining-Ms"]) <= 39_000
+    assert seen.body == b"hi"
+
+
+async def test_a_request_id_is_created_when_the_client_sends_none_or_an_unsafe_one(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder, client: aiohttp.ClientSession
+) -> None:
+    gate = await start_gate(upstream_url)
+    for sent in ({}, {"X-Request-Id": "bad id with spaces"}):
+        async with client.get(gate_url(gate, "/id"), headers=sent) as response:
+            created = response.headers["X-Request-Id"]
+        assert len(created) == 32
+        assert CIMultiDict(recorder.last().headers)["X-Request-Id"] == created
+
+
+@pytest.mark.parametrize("code", [400, 404, 418, 500, 502, 503])
+async def test_upstream_errors_pass_through_untouched(
+    code: int, start_gate: StartGate, upstream_url: str, client: aiohttp.ClientSession
+) -> None:
+    gate = await start_gate(upstream_url)
+    url = gate_url(gate, f"/status/{code}?reason=Model%20Says%20No")
+    async with client.get(url) as response:
+        assert response.status == code
+        assert response.reason == "Model Says No"
+        assert await response.read() == f"upstream says {code}".encode()
+        assert response.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+        assert "X-Hop" not in response.headers
+        assert "X-Servegate-Category" not in response.headers
+
+
+@pytest.mark.parametrize("code", [204, 304])
+async def test_bodiless_statuses_pass_through_and_keep_the_connection_usable(
+    code: int, start_gate: StartGate, upstream_url: str
+) -> None:
+    gate = await start_gate(upstream_url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    for _ in range(2):  # a stray body byte would corrupt the second response on this connection
+        writer.write(f"GET /status/{code} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(f"HTTP/1.1 {code}".encode())
+        assert b"Transfer-Encoding" not in head
+        assert b'ETag: "v1"' in head
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_head_keeps_content_length_and_sends_no_body(
+    start_gate: StartGate, upstream_url: str
+) -> None:
+    gate = await start_gate(upstream_url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    for _ in range(2):
+        writer.write(b"HEAD /head HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"Content-Length: 1234" in head
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_server_sent_events_reach_the_client_while_the_model_is_still_sending(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder, client: aiohttp.ClientSession
+) -> None:
+    gate = await start_gate(upstream_url)
+    async with client.get(gate_url(gate, "/sse")) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+        assert first == b"data: first\n\n"
+        assert not recorder.release.is_set()  # the model has not finished: this was streamed
+        recorder.release.set()
+        assert await response.content.read() == b"data: second\n\n"
+
+
+async def test_a_large_chunked_upload_streams_to_the_model_before_it_ends(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder, client: aiohttp.ClientSession
+) -> None:
+    gate = await start_gate(upstream_url, **{"retry.replay_buffer_bytes": 1024})
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield b"x" * 4096
+        # Only continues once the model has seen the start: servegate did not wait for the end.
+        await asyncio.wait_for(recorder.first_chunk_arrived.wait(), 5)
+        for _ in range(16):
+            yield b"y" * 65536
+
+    async with client.post(gate_url(gate, "/sink"), data=upload()) as response:
+        assert response.status == 200
+        assert await response.json() == {"received": 4096 + 16 * 65536}
+
+
+async def test_expect_100_continue_is_answered_and_not_forwarded(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    gate = await start_gate(upstream_url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(
+        b"POST /expect HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    )
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"hello")
+    await writer.drain()
+    final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    await writer.wait_closed()
+    assert final.startswith(b"HTTP/1.1 200")
+    assert recorder.last().body == b"hello"
+    assert "expect" not in [name.lower() for name, _ in recorder.last().headers]
+
+
+async def test_the_gunicorn_demo_model_answers_a_prediction_through_servegate(
+    start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
+) -> None:
+    model = gunicorn()
+    gate = await start_gate(model.url)
+    payload = {"inputs": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}
+    async with client.post(gate_url(gate, "/predict"), json=payload) as response:
+        assert response.status == 200
+        answer = await response.json()
+    assert [p["label"] for p in answer["predictions"]] == ["setosa", "virginica"]

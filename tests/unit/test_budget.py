@@ -1,0 +1,40 @@
+"""The request deadline on a clock the test owns."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.budget import BadTimeoutHeader, Budget
+from proxy.config import BudgetSettings
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_deadline_is_the_budget_minus_the_margin() -> None:
+    clock = FakeClock()
+    budget = Budget.start(BudgetSettings(seconds=40, margin=1), clock=clock)
+    assert budget.remaining() == 39
+    clock.now += 38.5
+    assert budget.remaining() == pytest.approx(0.5)
+    assert budget.remaining_ms_header() == "500"
+    clock.now += 1
+    assert budget.expired()
+    assert budget.remaining() == 0
+
+
+def test_a_client_may_ask_for_less_never_for_more() -> None:
+    settings = BudgetSettings(seconds=40, margin=1)
+    assert Budget.start(settings, "1000", clock=FakeClock()).total == 1.0
+    assert Budget.start(settings, "90000", clock=FakeClock()).total == 39.0
+
+
+@pytest.mark.parametrize("raw", ["", "soon", "-5", "0", "1.5", "1e3", "٣", "9" * 20])
+def test_malformed_client_budgets_are_refused(raw: str) -> None:
+    with pytest.raises(BadTimeoutHeader):
+        Budget.start(BudgetSettings(), raw, clock=FakeClock())

@@ -1,0 +1,83 @@
+"""The taxonomy: every cause is complete in every rendering; transport errors map precisely."""
+
+from __future__ import annotations
+
+import ssl
+
+import aiohttp
+import pytest
+from aiohttp.client_reqrep import ConnectionKey
+
+from proxy import answer
+from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
+
+KEY = ConnectionKey("127.0.0.1", 8000, False, True, None, None, None)
+
+
+@pytest.mark.parametrize("cause", list(Cause))
+def test_every_cause_has_a_category_a_status_and_a_hint(cause: Cause) -> None:
+    failure = Failure(cause, "detail")
+    assert failure.category in Category
+    response = answer.failure_response(failure, "rid", answer.hint_for(failure, budget=39))
+    assert response.status == (504 if failure.category is Category.TIMEOUT else 503)
+    assert response.headers["X-Servegate-Category"] == failure.category
+    assert answer.hint_for(failure)
+
+
+def test_every_category_has_causes() -> None:
+    assert {cause.category for cause in Cause} == set(Category)
+
+
+def test_a_reused_connection_dropped_before_any_response_is_stale() -> None:
+    facts = AttemptFacts(reused=True, request_sent=True)
+    failure = classify(aiohttp.ServerDisconnectedError(), facts, deadline_passed=False)
+    assert failure.cause is Cause.STALE_CONNECTION
+    assert not failure.reached_application
+
+
+def test_a_fresh_connection_dropped_after_sending_may_have_reached_the_model() -> None:
+    facts = AttemptFacts(reused=False, request_sent=True)
+    failure = classify(aiohttp.ServerDisconnectedError(), facts, deadline_passed=False)
+    assert failure.cause is Cause.RESET_DURING_REQUEST
+    assert failure.reached_application
+    assert failure.protocol_suspect
+
+
+def test_a_reset_on_a_reused_connection_after_the_response_began_is_not_stale() -> None:
+    facts = AttemptFacts(reused=True, request_sent=True, response_started=True)
+    failure = classify(aiohttp.ClientPayloadError("cut"), facts, deadline_passed=False)
+    assert failure.cause is Cause.RESET_DURING_REQUEST
+
+
+def test_refused_and_timed_out_connects_never_reached_the_model() -> None:
+    refused = aiohttp.ClientConnectorError(KEY, ConnectionRefusedError(111, "Connection refused"))
+    failure = classify(refused, AttemptFacts(), deadline_passed=False)
+    assert failure.cause is Cause.CONNECT_REFUSED
+    assert not failure.reached_application
+    timed_out = aiohttp.ConnectionTimeoutError("slow")
+    assert classify(timed_out, AttemptFacts(), deadline_passed=False).cause is (
+        Cause.CONNECT_TIMEOUT
+    )
+
+
+def test_the_budget_running_out_is_a_timeout_before_and_during_the_stream() -> None:
+    before = classify(TimeoutError(), AttemptFacts(request_sent=True), deadline_passed=True)
+    assert before.cause is Cause.DEADLINE_EXCEEDED
+    during = AttemptFacts(request_sent=True, response_started=True)
+    assert classify(TimeoutError(), during, deadline_passed=True).cause is (
+        Cause.DEADLINE_DURING_STREAM
+    )
+
+
+def test_tls_errors_name_plain_servers_and_certificates() -> None:
+    wrong_version = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    plain = aiohttp.ClientConnectorSSLError(KEY, wrong_version)
+    assert classify(plain, AttemptFacts(), deadline_passed=False).cause is (
+        Cause.TLS_TO_PLAIN_SERVER
+    )
+    unverified = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    unverified.verify_message = "self-signed certificate"
+    certificate = aiohttp.ClientConnectorCertificateError(KEY, unverified)
+    failure = classify(certificate, AttemptFacts(), deadline_passed=False)
+    assert failure.cause is Cause.TLS_CERTIFICATE
+    assert failure.detail == "self-signed certificate"

@@ -1,0 +1,71 @@
+"""Retry decisions: only what provably never reached the application, and only in time."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.config import RetrySettings
+from proxy.failures import Cause, Failure
+from proxy.retry import Decision, GiveUp, RetryState, backoff, decide
+
+SETTINGS = RetrySettings()
+
+
+def decide_for(
+    cause: Cause,
+    state: RetryState | None = None,
+    *,
+    body_replayable: bool = True,
+    remaining: float = 30.0,
+) -> Decision:
+    return decide(
+        Failure(cause, "x"),
+        state or RetryState(),
+        body_replayable=body_replayable,
+        remaining=remaining,
+        settings=SETTINGS,
+        rng=random.Random(1),
+    )
+
+
+def test_a_stale_connection_is_retried_at_once_on_a_fresh_connection() -> None:
+    decision = decide_for(Cause.STALE_CONNECTION)
+    assert decision.retry
+    assert decision.fresh_connection
+    assert decision.delay == 0
+
+
+def test_a_stale_connection_is_retried_only_once() -> None:
+    decision = decide_for(Cause.STALE_CONNECTION, RetryState(stale_retries=1))
+    assert decision.give_up is GiveUp.ATTEMPTS_EXHAUSTED
+
+
+def test_a_streamed_body_cannot_be_replayed() -> None:
+    decision = decide_for(Cause.STALE_CONNECTION, body_replayable=False)
+    assert decision.give_up is GiveUp.NOT_REPLAYABLE
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [c for c in Cause if c not in (Cause.STALE_CONNECTION, Cause.CONNECT_REFUSED,
+                                   Cause.CONNECT_TIMEOUT)],
+)  # fmt: skip
+def test_nothing_that_may_have_reached_the_model_is_retried(cause: Cause) -> None:
+    assert decide_for(cause).give_up is GiveUp.NOT_RETRYABLE
+
+
+def test_a_refused_connection_backs_off_within_the_remaining_budget() -> None:
+    decision = decide_for(Cause.CONNECT_REFUSED, RetryState(connect_retries=10), remaining=0.3)
+    assert decision.retry
+    assert decision.delay <= 0.3 - 0.05
+    assert decide_for(Cause.CONNECT_REFUSED, remaining=0.01).give_up is GiveUp.NO_BUDGET
+
+
+@given(retries=st.integers(min_value=0, max_value=60), seed=st.integers())
+def test_backoff_stays_between_half_the_first_wait_and_the_ceiling(retries: int, seed: int) -> None:
+    delay = backoff(retries, SETTINGS, random.Random(seed))
+    assert SETTINGS.backoff_initial / 2 <= delay <= SETTINGS.backoff_max
