@@ -1,0 +1,195 @@
+"""Raw asyncio servers that misbehave on purpose, and a relay that stands for a real network.
+
+On bare loopback a server's close reaches the client within microseconds, so the keep-alive
+race almost never shows. `DelayRelay` puts tens of milliseconds between the two hosts, as a
+network does, so a request can be in flight while the server's close is too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes | None:
+    """One HTTP/1.1 request with a Content-Length body (or none); None at end of stream."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        await reader.readexactly(length)
+    return head
+
+
+@dataclass
+class RawServer:
+    """Base: a loopback server whose `serve_connection` decides how to misbehave."""
+
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self.serve_connection(reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+            self._tasks.discard(task)
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await self._server.wait_closed()
+
+
+@dataclass
+class ClosesReusedConnections(RawServer):
+    """Answers the first request on each connection, then closes it when the next one arrives,
+    without answering: what a server's idle timer does to a request that races it."""
+
+    answered: int = 0
+    stale_hits: int = 0
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if await read_request(reader) is None:
+            return
+        writer.write(OK)
+        await writer.drain()
+        self.answered += 1
+        if await reader.read(1):  # the next request's first byte: close without an answer
+            self.stale_hits += 1
+
+
+@dataclass
+class AnnouncesKeepAlive(RawServer):
+    """Announces `Keep-Alive: timeout=N` and records how long each reused connection sat idle."""
+
+    announced: float = 1.0
+    connections: int = 0
+    idle_before_reuse: list[float] = field(default_factory=list)
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.connections += 1
+        answered_at: float | None = None
+        while await read_request(reader) is not None:
+            if answered_at is not None:
+                self.idle_before_reuse.append(time.monotonic() - answered_at)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=%d\r\n\r\nok"
+                % self.announced
+            )
+            await writer.drain()
+            answered_at = time.monotonic()
+
+
+@dataclass
+class DelayRelay:
+    """A TCP relay to `target_port` that delays every byte toward the server, and the server's
+    close toward the client, by `delay` seconds."""
+
+    target_port: int
+    delay: float = 0.03
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.close()
+            return
+        pumps = [
+            asyncio.create_task(self._toward_server(client_r, server_w)),
+            asyncio.create_task(self._toward_client(server_r, client_w)),
+        ]
+        self._tasks.update(pumps)
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for pump in pumps:
+            pump.cancel()
+            self._tasks.discard(pump)
+        for writer in (client_w, server_w):
+            writer.close()
+
+    async def _toward_server(
+        self, client_r: asyncio.StreamReader, server_w: asyncio.StreamWriter
+    ) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, chunk = await queue.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                if not chunk:
+                    return
+                server_w.write(chunk)
+                await server_w.drain()
+
+        delivery = asyncio.create_task(deliver())
+        try:
+            while chunk := await client_r.read(65536):
+                queue.put_nowait((time.monotonic() + self.delay, chunk))
+            queue.put_nowait((time.monotonic() + self.delay, b""))
+            await delivery
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            delivery.cancel()
+
+    async def _toward_client(
+        self, server_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+    ) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while chunk := await server_r.read(65536):
+                client_w.write(chunk)
+                await client_w.drain()
+        await asyncio.sleep(self.delay)  # the server's close crosses the network too
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await self._server.wait_closed()
