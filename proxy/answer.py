@@ -10,6 +10,7 @@ import json
 
 from aiohttp import web
 
+from proxy.budget import Spent
 from proxy.failures import Category, Cause, Failure
 from proxy.retry import GiveUp
 
@@ -76,10 +77,17 @@ _NOT_REPLAYED = (
 )
 
 
-def hint_for(failure: Failure, give_up: GiveUp | None = None, *, budget: float = 0.0) -> str:
+def hint_for(
+    failure: Failure,
+    give_up: GiveUp | None = None,
+    *,
+    budget: float = 0.0,
+    spent: Spent | None = None,
+) -> str:
     hint = _HINT[failure.cause]
     if failure.category is Category.TIMEOUT:
-        hint = f"{hint} Budget: {budget:.1f} s."
+        hint = f"{hint} Budget: {budget:.1f} s"
+        hint += f" ({spent.describe()})." if spent is not None else "."
     if give_up is GiveUp.NOT_REPLAYABLE:
         hint += _NOT_REPLAYED
     return hint

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from proxy.config import BudgetSettings
 
@@ -63,3 +63,25 @@ def parse_timeout_ms(raw: str) -> int:
             f"{TIMEOUT_HEADER} must be a positive whole number of milliseconds, got {raw[:40]!r}"
         )
     return int(value)
+
+
+@dataclass
+class Spent:
+    """Where a request's time went: the timeout hint and the access line tell the operator
+    whether to look at the client, the network, or the model."""
+
+    reading_request: float = 0.0
+    connecting: float = 0.0
+    waiting_for_model: float = 0.0
+    backing_off: float = 0.0
+
+    def describe(self) -> str:
+        parts = [
+            f"{getattr(self, f.name):.1f} s {f.name.replace('_', ' ')}"
+            for f in fields(self)
+            if getattr(self, f.name) >= 0.05
+        ]
+        return ", ".join(parts) or "no measurable time"
+
+    def as_log(self) -> dict[str, float]:
+        return {f.name: round(getattr(self, f.name), 4) for f in fields(self)}

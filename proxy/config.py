@@ -100,6 +100,9 @@ class BudgetSettings(_Section):
     seconds: Seconds = 40.0  # the platform's API gateway allows 40 s per prediction
     # Answer this long before the budget ends, so servegate's precise error beats the gateway's.
     margin: float = Field(default=1.0, ge=0)
+    # "response": the whole answer must be sent within the budget, as the platform counts it.
+    # "first_byte": the budget ends when the answer starts; a stream may then run on.
+    scope: Literal["response", "first_byte"] = "response"
 
     @model_validator(mode="after")
     def _margin_fits(self) -> BudgetSettings:

@@ -60,6 +60,8 @@ class AttemptFacts:
     reused: bool | None = None  # None: no connection was obtained
     request_sent: bool = False  # the request headers left servegate
     response_started: bool = False  # the response's status line and headers arrived
+    connect_started: float | None = None  # monotonic time a new connection was begun
+    connect_seconds: float = 0.0  # time spent opening a new connection (0 when reused)
 
 
 @dataclass(frozen=True)

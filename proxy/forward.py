@@ -16,7 +16,7 @@ import aiohttp
 import structlog
 
 from proxy.body import RequestBody
-from proxy.budget import REMAINING_HEADER, Budget
+from proxy.budget import REMAINING_HEADER, Budget, Spent
 from proxy.config import RetrySettings
 from proxy.failures import AttemptFacts, Failure, classify
 from proxy.metrics import Metrics
@@ -54,7 +54,7 @@ class Forwarder:
     metrics: Metrics
     rng: random.Random
 
-    async def forward(self, outbound: Outbound, budget: Budget) -> Forwarded:
+    async def forward(self, outbound: Outbound, budget: Budget, spent: Spent) -> Forwarded:
         state = RetryState()
         fresh = False
         retrying: Failure | None = None  # the failure the current attempt is a retry of
@@ -62,7 +62,7 @@ class Forwarder:
         while True:
             attempt += 1
             facts = AttemptFacts()
-            response, failure = await self._attempt(outbound, budget, facts, fresh=fresh)
+            response, failure = await self._attempt(outbound, budget, facts, spent, fresh=fresh)
             if retrying is not None:
                 outcome = Outcome.SUCCEEDED if response is not None else Outcome.FAILED
                 self.metrics.record_retry(retrying.cause, outcome)
@@ -101,10 +101,17 @@ class Forwarder:
                 state.connect_retries += 1
             fresh = decision.fresh_connection
             retrying = failure
+            spent.backing_off += decision.delay
             await asyncio.sleep(decision.delay)
 
     async def _attempt(
-        self, outbound: Outbound, budget: Budget, facts: AttemptFacts, *, fresh: bool
+        self,
+        outbound: Outbound,
+        budget: Budget,
+        facts: AttemptFacts,
+        spent: Spent,
+        *,
+        fresh: bool,
     ) -> tuple[aiohttp.ClientResponse | None, Failure | None]:
         started = time.monotonic()
         headers = [*outbound.headers, (REMAINING_HEADER, budget.remaining_ms_header())]
@@ -118,5 +125,11 @@ class Forwarder:
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
             return None, classify(exc, facts, deadline_passed=deadline.expired())
         finally:
-            self.metrics.attempt_duration.observe(time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            self.metrics.attempt_duration.observe(elapsed)
+            if facts.reused is None:  # no connection was obtained: all of it was connecting
+                spent.connecting += elapsed
+            else:
+                spent.connecting += facts.connect_seconds
+                spent.waiting_for_model += elapsed - facts.connect_seconds
         return response, None

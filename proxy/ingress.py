@@ -9,17 +9,18 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from aiohttp import web
 
 from proxy import answer
 from proxy.body import RequestBody
-from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget
+from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.config import Settings
 from proxy.failures import Failure
-from proxy.forward import Forwarded, Forwarder, Outbound
+from proxy.forward import Forwarder, Outbound
 from proxy.headers import decoded, request_headers
 from proxy.metrics import Metrics
 from proxy.relay import relay
@@ -29,6 +30,41 @@ access_log = structlog.get_logger("servegate.access")
 # A passed-on request id is kept only if it is safe to log and to echo in a header.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
+
+
+@dataclass
+class AccessLine:
+    """What the one access line of a request says; filled in as the request goes."""
+
+    method: str
+    path: str
+    status: int | None = None
+    attempts: int = 0
+    reused: bool | None = None
+    body: RequestBody | None = None
+    bytes_out: int = 0
+    spent: Spent = field(default_factory=Spent)
+    failure: Failure | None = None
+
+    def fields(self, seconds: float) -> dict[str, Any]:
+        line: dict[str, Any] = {
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "duration_s": round(seconds, 4),
+            "attempts": self.attempts,
+            "reused": self.reused,
+            "bytes_in": self.body.size if self.body else 0,
+            "bytes_out": self.bytes_out,
+            "spent": self.spent.as_log(),
+        }
+        if self.failure is not None:
+            line.update(
+                category=self.failure.category,
+                cause=self.failure.cause,
+                detail=self.failure.detail,
+            )
+        return line
 
 
 @dataclass(frozen=True)
@@ -43,59 +79,68 @@ class Ingress:
         request_id = passed_id if _REQUEST_ID.fullmatch(passed_id) else uuid.uuid4().hex
         structlog.contextvars.bind_contextvars(request_id=request_id)
         self.metrics.inflight.inc()
-        line: dict[str, object] = {"method": request.method, "path": request.path}
-        response: web.StreamResponse | None = None
+        line = AccessLine(request.method, request.path)
         try:
             response = await self._serve(request, request_id, line)
         except Exception:
             # A bug in servegate still gets a JSON answer and a traceback in the log.
             access_log.exception("servegate.internal_error")
             response = answer.internal_error(request_id)
+            line.status = response.status
         finally:
-            self.metrics.inflight.dec()
+            # Without a status, the client hung up and the handler was cancelled.
+            line.status = line.status or CLIENT_CLOSED
             seconds = time.monotonic() - arrived
-            status = line.pop("status", None)
-            if not isinstance(status, int):
-                # No response at all: the client hung up and the handler was cancelled.
-                status = response.status if response is not None else CLIENT_CLOSED
-            self.metrics.record_answer(request.method, status, seconds)
-            access_log.info("request", status=status, duration_s=round(seconds, 4), **line)
+            self.metrics.inflight.dec()
+            self.metrics.record_answer(request.method, line.status, seconds)
+            access_log.info("request", **line.fields(seconds))
             structlog.contextvars.unbind_contextvars("request_id")
         return response
 
     async def _serve(
-        self, request: web.BaseRequest, request_id: str, line: dict[str, object]
+        self, request: web.BaseRequest, request_id: str, line: AccessLine
     ) -> web.StreamResponse:
         try:
             budget = Budget.start(self.settings.budget, request.headers.get(TIMEOUT_HEADER))
         except BadTimeoutHeader as exc:
+            line.status = 400
             return answer.bad_request(str(exc), request_id)
-        body = await self._read_body(request)
+        line.body = await self._read_body(request)
+        line.spent.reading_request = budget.elapsed()
         outbound = Outbound(
             method=request.method,
             raw_path=request.raw_path if request.raw_path.startswith("/") else "/",
-            headers=self._outbound_headers(request, request_id, body),
-            body=body,
+            headers=self._outbound_headers(request, request_id, line.body),
+            body=line.body,
         )
-        forwarded = await self.forwarder.forward(outbound, budget)
-        line.update(attempts=forwarded.attempts, reused=forwarded.facts.reused)
+        forwarded = await self.forwarder.forward(outbound, budget, line.spent)
+        line.attempts, line.reused = forwarded.attempts, forwarded.facts.reused
         if forwarded.response is None:
             assert forwarded.failure is not None
-            line["bytes_in"] = body.size if body else 0
-            return self._fail(forwarded, request_id, budget, line)
-        upstream_status = forwarded.response.status
+            line.failure = forwarded.failure
+            self.metrics.record_4503(forwarded.failure)
+            hint = answer.hint_for(
+                forwarded.failure, forwarded.give_up, budget=budget.total, spent=line.spent
+            )
+            response = answer.failure_response(forwarded.failure, request_id, hint)
+            line.status = response.status
+            return response
+        line.status = forwarded.response.status
         relayed = await relay(
-            request, forwarded.response, budget, forwarded.facts, {"X-Request-Id": request_id}
+            request,
+            forwarded.response,
+            budget if self.settings.budget.scope == "response" else None,
+            forwarded.facts,
+            {"X-Request-Id": request_id},
         )
-        line.update(bytes_in=body.size if body else 0, bytes_out=relayed.bytes_out)
+        line.bytes_out = relayed.bytes_out
         if relayed.failure is not None:
             # The client already has the status line; the cut connection tells it the rest.
-            self._record_failure(relayed.failure, line)
+            line.failure = relayed.failure
             self.metrics.record_failed_attempt(relayed.failure)
             self.metrics.record_4503(relayed.failure)
         elif relayed.client_gone:
-            line["status"] = CLIENT_CLOSED
-        line.setdefault("status", upstream_status)
+            line.status = CLIENT_CLOSED
         return relayed.response
 
     async def _read_body(self, request: web.BaseRequest) -> RequestBody | None:
@@ -121,17 +166,3 @@ class Ingress:
         if body is not None and not body.buffered and request.content_length is not None:
             headers.append(("Content-Length", str(request.content_length)))
         return headers
-
-    def _fail(
-        self, forwarded: Forwarded, request_id: str, budget: Budget, line: dict[str, object]
-    ) -> web.Response:
-        failure = forwarded.failure
-        assert failure is not None
-        self._record_failure(failure, line)
-        self.metrics.record_4503(failure)
-        hint = answer.hint_for(failure, forwarded.give_up, budget=budget.total)
-        return answer.failure_response(failure, request_id, hint)
-
-    @staticmethod
-    def _record_failure(failure: Failure, line: dict[str, object]) -> None:
-        line.update(category=failure.category, cause=failure.cause, detail=failure.detail)

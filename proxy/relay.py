@@ -32,7 +32,7 @@ class Relayed:
 async def relay(
     request: web.BaseRequest,
     upstream: aiohttp.ClientResponse,
-    budget: Budget,
+    budget: Budget | None,
     facts: AttemptFacts,
     extra_headers: dict[str, str],
 ) -> Relayed:
@@ -45,7 +45,8 @@ async def relay(
     try:
         await response.prepare(request)
         if has_body:
-            deadline = asyncio.timeout(budget.remaining())
+            # No budget: it covered only the first byte (budget.scope: first_byte).
+            deadline = asyncio.timeout(budget.remaining() if budget is not None else None)
             try:
                 async with deadline:
                     async for chunk in upstream.content.iter_any():

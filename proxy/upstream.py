@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import ssl
+import time
 from collections.abc import AsyncIterable, Iterable
 from types import SimpleNamespace
 from typing import Any
@@ -141,14 +142,21 @@ def _trace_config() -> aiohttp.TraceConfig:
     async def reused(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
         ctx.trace_request_ctx.reused = True
 
+    async def creating(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+        ctx.trace_request_ctx.connect_started = time.monotonic()
+
     async def created(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
-        ctx.trace_request_ctx.reused = False
+        facts: AttemptFacts = ctx.trace_request_ctx
+        facts.reused = False
+        if facts.connect_started is not None:
+            facts.connect_seconds = time.monotonic() - facts.connect_started
 
     async def headers_sent(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
         ctx.trace_request_ctx.request_sent = True
 
     trace = aiohttp.TraceConfig()
     trace.on_connection_reuseconn.append(reused)
+    trace.on_connection_create_start.append(creating)
     trace.on_connection_create_end.append(created)
     trace.on_request_headers_sent.append(headers_sent)
     trace.freeze()

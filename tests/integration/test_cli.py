@@ -87,7 +87,7 @@ def test_flags_beat_environment_which_beats_the_file(tmp_path: Path) -> None:
     env = {"SERVEGATE_BUDGET__SECONDS": "20", "SERVEGATE_UPSTREAM__URL": "http://env:2"}
     result = run_cli("check-config", str(file), env={**env, "PATH": "/usr/bin:/bin"})
     effective = json.loads(result.stdout)
-    assert effective["budget"] == {"seconds": 20, "margin": 2}
+    assert (effective["budget"]["seconds"], effective["budget"]["margin"]) == (20, 2)
     assert effective["upstream"]["url"] == "http://env:2"
 
 

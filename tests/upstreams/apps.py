@@ -65,6 +65,16 @@ def recording_app(recorder: Recorder) -> web.Application:
         await response.write_eof()
         return response
 
+    async def ticks(request: web.Request) -> web.StreamResponse:
+        """`count` events, one every `every` seconds: a stream that can outlive a budget."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for tick in range(int(request.query["count"])):
+            await response.write(b"data: %d\n\n" % tick)
+            await asyncio.sleep(float(request.query["every"]))
+        await response.write_eof()
+        return response
+
     async def slow_sink(request: web.Request) -> web.Response:
         """Reads the upload chunk by chunk and says when the first one arrived."""
         received = 0
@@ -77,6 +87,7 @@ def recording_app(recorder: Recorder) -> web.Application:
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_route("HEAD", "/head", head_only)
     app.router.add_get("/sse", sse)
+    app.router.add_get("/ticks", ticks)
     app.router.add_post("/sink", slow_sink)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app

@@ -72,6 +72,7 @@ def start_gunicorn(
     command = [
         sys.executable, "-m", "gunicorn", "--chdir", str(ROOT), "--bind", f"127.0.0.1:{port}",
         "--no-control-socket", "--worker-class", "gthread", "--workers", "2", "--threads", "4",
+        "--graceful-timeout", "1",  # a test stops its server at once, sleeping workers too
         *args,
     ]  # fmt: skip
     if certfile and keyfile:

@@ -75,21 +75,54 @@ class RawServer:
 @dataclass
 class ClosesReusedConnections(RawServer):
     """Answers the first request on each connection, then closes it when the next one arrives,
-    without answering: what a server's idle timer does to a request that races it."""
+    without answering: what a server's idle timer does to a request that races it.
 
+    `close_delay` holds the close back after reading the request, as a server that read it and
+    then died would; every request's X-Servegate-Remaining-Ms is recorded."""
+
+    close_delay: float = 0.0
     answered: int = 0
     stale_hits: int = 0
+    remaining_ms: list[int] = field(default_factory=list)
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if not await self._record(reader):
+            return
+        writer.write(OK)
+        await writer.drain()
+        self.answered += 1
+        if await self._record(reader):
+            self.stale_hits += 1
+            await asyncio.sleep(self.close_delay)
+
+    async def _record(self, reader: asyncio.StreamReader) -> bool:
+        head = await read_request(reader)
+        if head is None:
+            return False
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.lower() == b"x-servegate-remaining-ms":
+                self.remaining_ms.append(int(value))
+        return True
+
+
+@dataclass
+class HoldsRequests(RawServer):
+    """Reads a request and never answers; records when servegate closed the connection."""
+
+    closed_at: list[float] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         if await read_request(reader) is None:
             return
-        writer.write(OK)
-        await writer.drain()
-        self.answered += 1
-        if await reader.read(1):  # the next request's first byte: close without an answer
-            self.stale_hits += 1
+        await reader.read()  # returns at end of stream: servegate gave up on the request
+        self.closed_at.append(time.monotonic())
+        self.closed.set()
 
 
 @dataclass
