@@ -57,6 +57,20 @@ class ServerSettings(_Section):
     # connection servegate is closing would see the very race servegate hides upstream.
     # 620 s outlasts the 600 s idle timeout of common cloud load balancers.
     client_keepalive: Seconds = 620.0
+    # "off": plain HTTP. "on": HTTPS only (cert_file and key_file required). "auto": one port
+    # serves both, telling them apart by the first byte of each connection, so the call works
+    # whichever protocol the platform is set to; without files, a self-signed certificate.
+    tls: Literal["off", "on", "auto"] = "off"
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ServerSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together")
+        if self.tls == "on" and self.cert_file is None:
+            raise ValueError("tls: on needs cert_file and key_file (or use tls: auto)")
+        return self
 
 
 class UpstreamTLSSettings(_Section):
@@ -75,6 +89,10 @@ class UpstreamTLSSettings(_Section):
 
 class UpstreamSettings(_Section):
     url: str = "http://127.0.0.1:8000"  # Gunicorn's default bind
+    # "url": speak the URL's scheme; a mismatch is reported, never papered over. "auto": speak
+    # what the server speaks (a TLS probe decides, and decides again after a mismatch); an
+    # https:// URL is never downgraded to plain HTTP.
+    scheme: Literal["url", "auto"] = "url"
     connect_timeout: Seconds = 2.0
     # Used until the server announces `Keep-Alive: timeout=N`: safely under Gunicorn's 2 s.
     idle_expiry: Seconds = 1.0
@@ -228,6 +246,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown setting"
+    if isinstance(error["input"], Mapping):  # a rule across keys: the message names them
+        return f"{key}: {message}"
     return f"{key}: {message} (got {error['input']!r})"
 
 
