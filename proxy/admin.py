@@ -5,34 +5,41 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from proxy.probe import SchemeProbe
+
 READY_CHECK_TIMEOUT = 1.0
+MISMATCH_RECHECK = 5.0  # seconds a probe's finding stands for readiness while it is a mismatch
 
 
 @dataclass
 class Readiness:
     """What /readyz reports; `shutting_down` flips the moment a stop signal arrives."""
 
-    upstream_host: str
-    upstream_port: int
+    scheme: SchemeProbe
     shutting_down: bool = False
 
     async def check(self) -> str | None:
         """None when ready, else the reason in a sentence."""
         if self.shutting_down:
             return "servegate is shutting down"
+        host, port = self.scheme.host, self.scheme.port
         try:
             async with asyncio.timeout(READY_CHECK_TIMEOUT):
-                _, writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
+                _, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
-            return f"model server {self.upstream_host}:{self.upstream_port} unreachable: {reason}"
+            return f"model server {host}:{port} unreachable: {reason}"
         writer.close()
-        return None
+        await writer.wait_closed()
+        if self.scheme.mismatch():  # a fixed server is ready again within seconds
+            await self.scheme.detect(since=time.monotonic() - MISMATCH_RECHECK)
+        return self.scheme.mismatch()
 
 
 def admin_app(registry: CollectorRegistry, readiness: Readiness) -> web.Application:

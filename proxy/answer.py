@@ -33,11 +33,13 @@ _HINT = {
     ),
     Cause.TLS_TO_PLAIN_SERVER: (
         "servegate spoke HTTPS but the model server speaks plain HTTP: use an http:// "
-        "upstream URL, or serve TLS from the model server."
+        "upstream URL, or serve TLS from the model server (on the platform: set the "
+        "Container API protocol to HTTP)."
     ),
     Cause.PLAIN_TO_TLS_SERVER: (
         "servegate spoke plain HTTP but the model server speaks HTTPS: use an https:// "
-        "upstream URL (on the platform: the Container API protocol setting)."
+        "upstream URL or set upstream.scheme: auto (on the platform: set the Container API "
+        "protocol to HTTPS)."
     ),
     Cause.TLS_CERTIFICATE: (
         "The model server's certificate failed verification: set upstream.tls.ca_file to "
@@ -85,6 +87,8 @@ def hint_for(
     spent: Spent | None = None,
 ) -> str:
     hint = _HINT[failure.cause]
+    if failure.cause in (Cause.TLS_CERTIFICATE, Cause.TLS_HANDSHAKE):
+        hint = f"{hint} Reason: {failure.detail}."
     if failure.category is Category.TIMEOUT:
         hint = f"{hint} Budget: {budget:.1f} s"
         hint += f" ({spent.describe()})." if spent is not None else "."

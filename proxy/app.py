@@ -8,6 +8,8 @@ import asyncio
 import errno
 import random
 import signal
+from collections.abc import Callable
+from functools import partial
 
 import structlog
 from aiohttp import web
@@ -17,6 +19,7 @@ from proxy.admin import Readiness, admin_app
 from proxy.config import Settings, effective, split_address
 from proxy.forward import Forwarder
 from proxy.ingress import Ingress
+from proxy.listener import CertificateError, SniffingSite
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
 from proxy.upstream import Upstream
@@ -39,11 +42,8 @@ class Servegate:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, settings.budget.seconds)
         self._rng = rng or random.Random()
-        origin = settings.upstream.origin
-        assert origin.host is not None  # checked by config
-        assert origin.port is not None
-        self.readiness = Readiness(origin.host, origin.port)
-        self._probe = SchemeProbe(origin.scheme, origin.host, origin.port)
+        self._probe = SchemeProbe(settings.upstream, self.metrics)
+        self.readiness = Readiness(self._probe)
         self._upstream: Upstream | None = None
         self._runners: list[web.BaseRunner] = []
         self.data_port = 0
@@ -66,13 +66,21 @@ class Servegate:
         )
         grace = self.settings.budget.seconds
         self.data_port = await self._bind(
-            web.ServerRunner(data_server, shutdown_timeout=grace), self.settings.server.listen
+            web.ServerRunner(data_server, shutdown_timeout=grace),
+            self.settings.server.listen,
+            # Always sniffed, even with tls off: a plain port can then name an HTTPS client.
+            partial(
+                SniffingSite,
+                settings=self.settings.server,
+                on_mismatch=self.metrics.record_listener_mismatch,
+            ),
         )
         admin = admin_app(self.registry, self.readiness)
         self.admin_port = await self._bind(
             web.AppRunner(admin, access_log=None, shutdown_timeout=1.0),
             self.settings.server.admin_listen,
         )
+        await self._probe.detect()
         if origin_uses_unverified_tls(self.settings):
             log.warning(
                 "upstream.tls_verification_disabled",
@@ -85,12 +93,20 @@ class Servegate:
             settings=effective(self.settings),
         )
 
-    async def _bind(self, runner: web.BaseRunner, address: str) -> int:
+    async def _bind(
+        self,
+        runner: web.BaseRunner,
+        address: str,
+        site: Callable[[web.BaseRunner, str, int], web.BaseSite] = web.TCPSite,
+    ) -> int:
         host, port = split_address(address)
         await runner.setup()
         self._runners.append(runner)
         try:
-            await web.TCPSite(runner, host, port).start()
+            await site(runner, host, port).start()
+        except CertificateError as exc:
+            await self.stop()
+            raise StartupError(str(exc)) from None
         except OSError as exc:
             await self.stop()
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
@@ -108,7 +124,8 @@ class Servegate:
 
 
 def origin_uses_unverified_tls(settings: Settings) -> bool:
-    return settings.upstream.origin.scheme == "https" and not settings.upstream.tls.verify
+    may_speak_tls = settings.upstream.origin.scheme == "https" or settings.upstream.scheme == "auto"
+    return may_speak_tls and not settings.upstream.tls.verify
 
 
 async def serve(settings: Settings) -> None:

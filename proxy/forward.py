@@ -62,18 +62,22 @@ class Forwarder:
         while True:
             attempt += 1
             facts = AttemptFacts()
+            began = time.monotonic()
             response, failure = await self._attempt(outbound, budget, facts, spent, fresh=fresh)
             if retrying is not None:
                 outcome = Outcome.SUCCEEDED if response is not None else Outcome.FAILED
                 self.metrics.record_retry(retrying.cause, outcome)
             if response is not None:
+                self.probe.observed_working()
                 return Forwarded(attempt, facts, response=response)
             assert failure is not None
-            failure = await self.probe.confirm(failure, budget.remaining())
+            spoke = self.probe.speaking
+            failure = await self.probe.confirm(failure, began, budget.remaining())
             self.metrics.record_failed_attempt(failure)
             decision = decide(
                 failure,
                 state,
+                scheme_adopted=self.probe.speaking != spoke,
                 body_replayable=outbound.body is None or outbound.body.replayable,
                 remaining=budget.remaining(),
                 settings=self.settings,
@@ -95,10 +99,7 @@ class Forwarder:
                 if decision.give_up in (GiveUp.NOT_REPLAYABLE, GiveUp.NO_BUDGET):
                     self.metrics.record_retry(failure.cause, Outcome(decision.give_up.value))
                 return Forwarded(attempt, facts, failure=failure, give_up=decision.give_up)
-            if decision.fresh_connection:
-                state.stale_retries += 1
-            else:
-                state.connect_retries += 1
+            state.record(failure.cause)
             fresh = decision.fresh_connection
             retrying = failure
             spent.backing_off += decision.delay
@@ -120,7 +121,13 @@ class Forwarder:
         try:
             async with deadline:
                 response = await self.upstream.send(
-                    outbound.method, outbound.raw_path, headers, body, facts, fresh=fresh
+                    outbound.method,
+                    outbound.raw_path,
+                    headers,
+                    body,
+                    facts,
+                    scheme=self.probe.speaking,
+                    fresh=fresh,
                 )
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
             return None, classify(exc, facts, deadline_passed=deadline.expired())

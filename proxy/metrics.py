@@ -9,11 +9,18 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy.failures import Cause, Failure
+from proxy.listener import Mismatch
 from proxy.retry import Outcome
 
 # Methods outside this set are counted as "other": a client must not be able to mint series.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-RETRYABLE_CAUSES = (Cause.STALE_CONNECTION, Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT)
+RETRYABLE_CAUSES = (
+    Cause.STALE_CONNECTION,
+    Cause.CONNECT_REFUSED,
+    Cause.CONNECT_TIMEOUT,
+    Cause.TLS_TO_PLAIN_SERVER,  # retried only with upstream.scheme: auto
+    Cause.PLAIN_TO_TLS_SERVER,
+)
 
 
 def duration_buckets(budget: float) -> tuple[float, ...]:
@@ -66,6 +73,20 @@ class Metrics:
         self.inflight = Gauge(
             "servegate_inflight_requests", "Requests being served.", registry=registry
         )
+        self.scheme_info = Gauge(
+            "servegate_upstream_scheme_info",
+            "1 for the scheme configured (http, https or auto) and the one the server speaks.",
+            ["configured", "detected"],
+            registry=registry,
+        )
+        self.listener_mismatches = Counter(
+            "servegate_listener_protocol_mismatch_total",
+            "Data-port connections refused for speaking the other protocol (HTTPS or HTTP).",
+            ["direction"],
+            registry=registry,
+        )
+        for direction in Mismatch:
+            self.listener_mismatches.labels(direction)
         for cause in Cause:
             self.answers_4503.labels(cause.category, cause)
             self.upstream_failures.labels(cause.category, cause)
@@ -86,3 +107,6 @@ class Metrics:
 
     def record_retry(self, cause: Cause, outcome: Outcome) -> None:
         self.retries.labels(cause, outcome).inc()
+
+    def record_listener_mismatch(self, direction: Mismatch) -> None:
+        self.listener_mismatches.labels(direction).inc()

@@ -7,18 +7,22 @@ Rather than guess from one error, servegate asks the server: a short TLS handsha
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
-from dataclasses import dataclass
 
 import structlog
 
+from proxy.config import UpstreamSettings
 from proxy.failures import Cause, Failure
+from proxy.metrics import Metrics
+from proxy.retry import SCHEME_MISMATCHES
 
 log = structlog.get_logger("servegate.probe")
 
-# Suspicions arrive in bursts (every in-flight request fails at once); one probe answers all.
-PROBE_REUSE_SECONDS = 5.0
+# Suspicions arrive in bursts (every in-flight request fails at once): a probe made after an
+# attempt began answers for it, and none is made within this long of the last one.
+PROBE_MIN_INTERVAL = 0.5
 PROBE_TIMEOUT = 1.0
 
 
@@ -46,38 +50,100 @@ async def speaks_tls(host: str, port: int, wait: float) -> bool | None:
     return True
 
 
-@dataclass
-class _Finding:
-    speaks_tls: bool | None
-    at: float
-
-
 class SchemeProbe:
-    """Confirms protocol suspicions against one upstream address, at most every few seconds."""
+    """What servegate speaks to the model server, and what the server is found to speak.
 
-    def __init__(self, scheme: str, host: str, port: int) -> None:
-        self.scheme = scheme
-        self.host = host
-        self.port = port
-        self._last: _Finding | None = None
+    The probe runs at start-up and again, at most every few seconds, whenever a failure
+    suggests a mismatch. With `upstream.scheme: auto` servegate adopts what it finds, except
+    that an https:// URL is never downgraded to plain HTTP.
+    """
+
+    def __init__(self, settings: UpstreamSettings, metrics: Metrics) -> None:
+        origin = settings.origin
+        assert origin.host is not None  # checked by config
+        assert origin.port is not None
+        self.host, self.port = origin.host, origin.port
+        self.url_scheme = origin.scheme
+        self.auto = settings.scheme == "auto"
+        self.speaking = origin.scheme  # what servegate uses now
+        self.detected: str | None = None  # what the server speaks, once a probe has told
+        self._probed_at: float | None = None
         self._lock = asyncio.Lock()
+        self._metrics = metrics
+        self._publish()
 
-    async def server_speaks_tls(self, wait: float) -> bool | None:
+    async def detect(self, wait: float = PROBE_TIMEOUT, since: float = 0.0) -> str | None:
+        """What the server speaks, as probed after `since` (monotonic); adopted when allowed."""
         async with self._lock:
-            now = time.monotonic()
-            if self._last is None or now - self._last.at > PROBE_REUSE_SECONDS:
+            last = self._probed_at
+            if last is None or (last < since and time.monotonic() - last > PROBE_MIN_INTERVAL):
                 found = await speaks_tls(self.host, self.port, wait)
-                self._last = _Finding(found, time.monotonic())
-                log.info("probe.scheme", host=self.host, port=self.port, speaks_tls=found)
-            return self._last.speaks_tls
+                self._probed_at = time.monotonic()
+                if found is not None:
+                    self._found("https" if found else "http")
+            return self.detected
 
-    async def confirm(self, failure: Failure, remaining: float) -> Failure:
-        """Reclassify a fresh plain connection's drop as a protocol mismatch when it is one."""
-        if self.scheme != "http" or not failure.protocol_suspect or remaining <= 0:
+    def observed_working(self) -> None:
+        """A response arrived: the server speaks what servegate spoke."""
+        if self.detected != self.speaking:
+            self._found(self.speaking)
+
+    def _found(self, scheme: str) -> None:
+        changed = scheme != self.detected
+        self.detected = scheme
+        if self.auto and scheme != self.speaking and not self._would_downgrade(scheme):
+            log.warning("upstream.scheme_adopted", was=self.speaking, now=scheme)
+            self.speaking = scheme
+        if changed:
+            self._publish()
+            log.log(
+                logging.ERROR if self.mismatch() else logging.INFO,
+                "upstream.scheme_detected",
+                configured=self.configured,
+                detected=scheme,
+                speaking=self.speaking,
+                mismatch=self.mismatch(),
+            )
+
+    def _would_downgrade(self, scheme: str) -> bool:
+        return self.url_scheme == "https" and scheme == "http"
+
+    @property
+    def configured(self) -> str:
+        return "auto" if self.auto and self.url_scheme == "http" else self.url_scheme
+
+    def mismatch(self) -> str | None:
+        """The standing mismatch, as a sentence with its fix; None when the schemes agree."""
+        if self.detected is None or self.detected == self.speaking:
+            return None
+        where = f"{self.host}:{self.port}"
+        if self.detected == "https":
+            return (
+                f"servegate speaks plain HTTP but the model server at {where} speaks HTTPS: "
+                "use an https:// upstream URL or set upstream.scheme: auto"
+            )
+        return (
+            f"servegate speaks HTTPS but the model server at {where} speaks plain HTTP: use an "
+            "http:// upstream URL (upstream.scheme: auto never downgrades an https:// one)"
+        )
+
+    async def confirm(self, failure: Failure, began: float, remaining: float) -> Failure:
+        """Ask the server when a failure looks like a mismatch; name the mismatch if it is one.
+
+        `began` is when the failed attempt began: only a probe made since then can speak for it.
+        """
+        suspect = failure.protocol_suspect or failure.cause in SCHEME_MISMATCHES
+        if not suspect or remaining <= 0:
             return failure
-        if await self.server_speaks_tls(min(PROBE_TIMEOUT, remaining)):
+        spoke = self.speaking
+        detected = await self.detect(min(PROBE_TIMEOUT, remaining), since=began)
+        if spoke == "http" and detected == "https":
             return failure.as_(
                 Cause.PLAIN_TO_TLS_SERVER,
                 f"servegate spoke plain HTTP, but {self.host}:{self.port} speaks HTTPS (TLS)",
             )
         return failure
+
+    def _publish(self) -> None:
+        self._metrics.scheme_info.clear()
+        self._metrics.scheme_info.labels(self.configured, self.detected or "unknown").set(1)

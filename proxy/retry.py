@@ -19,6 +19,7 @@ from proxy.failures import Cause, Failure
 MAX_STALE_RETRIES = 1
 # Time kept for the connect attempt after a backoff: ample for loopback or a sidecar.
 LAST_ATTEMPT_RESERVE = 0.05
+SCHEME_MISMATCHES = frozenset({Cause.TLS_TO_PLAIN_SERVER, Cause.PLAIN_TO_TLS_SERVER})
 
 
 class Outcome(StrEnum):
@@ -47,16 +48,26 @@ class Decision:
 
 @dataclass
 class RetryState:
-    """Per-request counters the policy reads; the attempt loop updates them."""
+    """Per-request counters the policy reads; `record` is called for each retry made."""
 
     stale_retries: int = 0
     connect_retries: int = 0
+    scheme_retries: int = 0
+
+    def record(self, cause: Cause) -> None:
+        if cause is Cause.STALE_CONNECTION:
+            self.stale_retries += 1
+        elif cause in SCHEME_MISMATCHES:
+            self.scheme_retries += 1
+        else:
+            self.connect_retries += 1
 
 
 def decide(
     failure: Failure,
     state: RetryState,
     *,
+    scheme_adopted: bool = False,
     body_replayable: bool,
     remaining: float,
     settings: RetrySettings,
@@ -75,6 +86,14 @@ def decide(
             return Decision(False, give_up=GiveUp.NO_BUDGET)
         delay = min(backoff(state.connect_retries, settings, rng), remaining - LAST_ATTEMPT_RESERVE)
         return Decision(True, delay=delay)
+    if scheme_adopted and failure.cause in SCHEME_MISMATCHES:
+        # The server could not read a word of the request; the same one goes out again in
+        # the scheme it speaks (upstream.scheme: auto).
+        if state.scheme_retries >= 1:
+            return Decision(False, give_up=GiveUp.ATTEMPTS_EXHAUSTED)
+        if not body_replayable:
+            return Decision(False, give_up=GiveUp.NOT_REPLAYABLE)
+        return Decision(True, fresh_connection=True)
     return Decision(False, give_up=GiveUp.NOT_RETRYABLE)
 
 

@@ -47,23 +47,22 @@ class Upstream:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
-        self.origin = settings.origin
-        self._origin_text = str(self.origin).rstrip("/")
+        origin = settings.origin
+        # With upstream.scheme: auto either scheme may be spoken, so both are ready.
+        self._authority = f"{origin.raw_host}:{origin.port}"
         self.idle_expiry = settings.idle_expiry
-        ssl_context = client_ssl_context(settings.tls) if self.origin.scheme == "https" else None
+        ssl_context = client_ssl_context(settings.tls)
         trace = _trace_config()
         self._pooled = self._session(
             aiohttp.TCPConnector(
                 limit=settings.max_connections,
                 keepalive_timeout=settings.idle_expiry,
-                ssl=ssl_context or True,
+                ssl=ssl_context,
             ),
             trace,
         )
         self._fresh = self._session(
-            aiohttp.TCPConnector(
-                limit=settings.max_connections, force_close=True, ssl=ssl_context or True
-            ),
+            aiohttp.TCPConnector(limit=settings.max_connections, force_close=True, ssl=ssl_context),
             trace,
         )
 
@@ -91,6 +90,7 @@ class Upstream:
         body: Body,
         facts: AttemptFacts,
         *,
+        scheme: str,
         fresh: bool,
     ) -> aiohttp.ClientResponse:
         """One attempt: returns once the response head has arrived; the body is read later."""
@@ -99,7 +99,7 @@ class Upstream:
             method,
             # Concatenated, not joined: the path and query go out byte for byte as the client
             # sent them, dot segments and all.
-            URL(self._origin_text + raw_path, encoded=True),
+            URL(f"{scheme}://{self._authority}{raw_path}", encoded=True),
             headers=CIMultiDict(headers),
             data=body,
             allow_redirects=False,

@@ -77,45 +77,6 @@ async def test_a_model_slower_than_the_budget_gets_a_timeout_answer_before_it(
     assert "1.5 s" in body["hint"]
 
 
-async def test_https_to_a_plain_server_is_a_protocol_failure(
-    start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
-) -> None:
-    model = gunicorn()
-    gate = await start_gate(model.url.replace("http://", "https://"))
-    async with client.get(gate_url(gate, "/health")) as response:
-        await assert_4503(response, 503, "protocol", "tls_to_plain_server")
-
-
-async def test_plain_http_to_a_tls_server_is_confirmed_by_a_probe(
-    start_gate: StartGate,
-    gunicorn: Callable[..., Gunicorn],
-    client: aiohttp.ClientSession,
-    certificates: Any,
-) -> None:
-    model = gunicorn(certfile=certificates.cert_file, keyfile=certificates.key_file)
-    gate = await start_gate(model.url.replace("https://", "http://"))
-    sent = time.monotonic()
-    async with client.get(gate_url(gate, "/health")) as response:
-        body = await assert_4503(response, 503, "protocol", "plain_to_tls_server")
-    assert time.monotonic() - sent < 1.0
-    assert "https://" in body["hint"]
-
-
-async def test_an_untrusted_certificate_is_named_with_the_reason(
-    start_gate: StartGate,
-    gunicorn: Callable[..., Gunicorn],
-    client: aiohttp.ClientSession,
-    certificates: Any,
-) -> None:
-    model = gunicorn(certfile=certificates.cert_file, keyfile=certificates.key_file)
-    untrusting = await start_gate(model.url)
-    async with client.get(gate_url(untrusting, "/health")) as response:
-        await assert_4503(response, 503, "protocol", "tls_certificate")
-    trusting = await start_gate(model.url, **{"upstream.tls.ca_file": str(certificates.ca_file)})
-    async with client.get(gate_url(trusting, "/health")) as response:
-        assert response.status == 200
-
-
 async def test_a_malformed_timeout_header_is_a_400_with_the_json_body(
     start_gate: StartGate, client: aiohttp.ClientSession
 ) -> None:

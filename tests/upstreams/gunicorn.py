@@ -66,8 +66,9 @@ def start_gunicorn(
     env: dict[str, str] | None = None,
     certfile: Path | None = None,
     keyfile: Path | None = None,
+    port: int | None = None,
 ) -> Gunicorn:
-    port = free_port()
+    port = port or free_port()
     log_path = log_dir / f"gunicorn-{port}.log"
     command = [
         sys.executable, "-m", "gunicorn", "--chdir", str(ROOT), "--bind", f"127.0.0.1:{port}",

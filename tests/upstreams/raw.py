@@ -136,10 +136,11 @@ class AnnouncesKeepAlive(RawServer):
     async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        self.connections += 1
         answered_at: float | None = None
         while await read_request(reader) is not None:
-            if answered_at is not None:
+            if answered_at is None:
+                self.connections += 1  # counted at its first request: probes are not counted
+            else:
                 self.idle_before_reuse.append(time.monotonic() - answered_at)
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=%d\r\n\r\nok"

@@ -1,0 +1,175 @@
+"""4503 protocol on the upstream side: each mismatch is found, named with its fix, and removed
+where it safely can be (upstream.scheme: auto, never downgrading an https:// URL)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import Certificates, LogCapture, StartGate, gate_url, sample, scrape
+from tests.integration.test_failure_answers import assert_4503
+from tests.upstreams.gunicorn import Gunicorn
+
+
+def tls_gunicorn(
+    gunicorn: Callable[..., Gunicorn], certificates: Certificates, port: int | None = None
+) -> Gunicorn:
+    return gunicorn(certfile=certificates.cert_file, keyfile=certificates.key_file, port=port)
+
+
+async def test_https_to_a_plain_server_is_named_quickly_with_both_schemes(
+    start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
+) -> None:
+    model = gunicorn()
+    gate = await start_gate(model.url.replace("http://", "https://"))
+    for _ in range(3):
+        sent = time.monotonic()
+        async with client.get(gate_url(gate, "/health")) as response:
+            body = await assert_4503(response, 503, "protocol", "tls_to_plain_server")
+        assert time.monotonic() - sent < 1.0  # no retry storm
+    assert "HTTPS" in body["hint"]
+    assert "plain HTTP" in body["hint"]
+    samples = await scrape(gate)
+    mismatch = {"category": "protocol", "cause": "tls_to_plain_server"}
+    assert sample(samples, "servegate_4503_total", **mismatch) == 3
+    info = {"configured": "https", "detected": "http"}
+    assert sample(samples, "servegate_upstream_scheme_info", **info) == 1
+
+
+async def test_plain_http_to_a_tls_server_is_confirmed_by_a_probe_and_fails_readiness(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    certificates: Certificates,
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
+) -> None:
+    model = tls_gunicorn(gunicorn, certificates)
+    gate = await start_gate(model.url.replace("https://", "http://"))
+    sent = time.monotonic()
+    async with client.get(gate_url(gate, "/health")) as response:
+        body = await assert_4503(response, 503, "protocol", "plain_to_tls_server")
+    assert time.monotonic() - sent < 1.0
+    assert "https://" in body["hint"]
+    assert "upstream.scheme: auto" in body["hint"]
+    async with client.get(f"http://127.0.0.1:{gate.admin_port}/readyz") as response:
+        assert response.status == 503
+        reason = (await response.json())["reason"]
+    assert "speaks HTTPS" in reason
+    detected = log_capture.events("upstream.scheme_detected")
+    assert detected[-1]["level"] == "error"
+    assert detected[-1]["mismatch"] == reason
+
+
+async def test_auto_speaks_whatever_the_server_speaks(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    certificates: Certificates,
+    client: aiohttp.ClientSession,
+) -> None:
+    plain = gunicorn()
+    tls = tls_gunicorn(gunicorn, certificates)
+    trust = {"upstream.scheme": "auto", "upstream.tls.ca_file": str(certificates.ca_file)}
+    for model in (plain, tls):
+        gate = await start_gate(model.url.replace("https://", "http://"), **trust)
+        async with client.get(gate_url(gate, "/health")) as response:
+            assert response.status == 200
+        async with client.get(f"http://127.0.0.1:{gate.admin_port}/readyz") as response:
+            assert response.status == 200
+        samples = await scrape(gate)
+        detected = "https" if model is tls else "http"
+        info = {"configured": "auto", "detected": detected}
+        assert sample(samples, "servegate_upstream_scheme_info", **info) == 1
+
+
+async def test_auto_follows_a_server_that_switches_to_tls_without_the_client_noticing(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    certificates: Certificates,
+    client: aiohttp.ClientSession,
+) -> None:
+    plain = gunicorn()
+    gate = await start_gate(
+        plain.url,
+        **{"upstream.scheme": "auto", "upstream.tls.ca_file": str(certificates.ca_file)},
+    )
+    async with client.get(gate_url(gate, "/health")) as response:
+        assert response.status == 200
+    plain.stop()
+    tls_gunicorn(gunicorn, certificates, port=plain.port)
+    async with client.post(gate_url(gate, "/predict"), json={"inputs": [1, 2, 3, 4]}) as response:
+        assert response.status == 200  # dropped in plain HTTP, probed, replayed over TLS
+    samples = await scrape(gate)
+    adopted = {"cause": "plain_to_tls_server", "outcome": "succeeded"}
+    assert sample(samples, "servegate_retries_total", **adopted) == 1
+
+
+async def test_auto_never_downgrades_an_https_url(
+    start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
+) -> None:
+    model = gunicorn()
+    https_url = model.url.replace("http://", "https://")
+    gate = await start_gate(https_url, **{"upstream.scheme": "auto"})
+    async with client.get(gate_url(gate, "/health")) as response:
+        await assert_4503(response, 503, "protocol", "tls_to_plain_server")
+    async with client.get(f"http://127.0.0.1:{gate.admin_port}/readyz") as response:
+        assert response.status == 503
+
+
+async def test_an_untrusted_certificate_is_named_with_the_reason_and_a_ca_file_fixes_it(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    certificates: Certificates,
+    client: aiohttp.ClientSession,
+) -> None:
+    model = tls_gunicorn(gunicorn, certificates)
+    untrusting = await start_gate(model.url)
+    async with client.get(gate_url(untrusting, "/health")) as response:
+        body = await assert_4503(response, 503, "protocol", "tls_certificate")
+    assert "Reason: " in body["hint"]
+    assert "unable to get local issuer certificate" in body["hint"]
+    trusting = await start_gate(model.url, **{"upstream.tls.ca_file": str(certificates.ca_file)})
+    async with client.get(gate_url(trusting, "/health")) as response:
+        assert response.status == 200
+
+
+async def test_verification_can_be_switched_off_with_a_loud_warning(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    certificates: Certificates,
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
+) -> None:
+    model = tls_gunicorn(gunicorn, certificates)
+    gate = await start_gate(model.url, **{"upstream.tls.verify": False})
+    async with client.get(gate_url(gate, "/health")) as response:
+        assert response.status == 200
+    warning = log_capture.events("upstream.tls_verification_disabled")
+    assert warning
+    assert warning[0]["level"] == "warning"
+
+
+async def test_a_client_certificate_is_presented_to_a_server_that_requires_one(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    certificates: Certificates,
+    client: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    client_cert = certificates.ca.issue_cert("servegate@example.test")
+    pem = tmp_path / "client.pem"
+    client_cert.private_key_and_cert_chain_pem.write_to_path(pem)
+    model = gunicorn(
+        "--cert-reqs", "2", "--ca-certs", str(certificates.ca_file),  # CERT_REQUIRED
+        certfile=certificates.cert_file, keyfile=certificates.key_file,
+    )  # fmt: skip
+    trust = {"upstream.tls.ca_file": str(certificates.ca_file)}
+    anonymous = await start_gate(model.url, **trust)
+    async with client.get(gate_url(anonymous, "/health")) as response:
+        assert response.status == 503
+    identity = {"upstream.tls.cert_file": str(pem), "upstream.tls.key_file": str(pem)}
+    mutual = await start_gate(model.url, **trust, **identity)
+    async with client.get(gate_url(mutual, "/health")) as response:
+        assert response.status == 200
