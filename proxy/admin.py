@@ -3,7 +3,6 @@ can shadow them and no client of the model can reach them by accident."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -11,9 +10,9 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from proxy.health import CRASH_LOOP_ADVICE, Health, HealthMonitor
 from proxy.probe import SchemeProbe
 
-READY_CHECK_TIMEOUT = 1.0
 MISMATCH_RECHECK = 5.0  # seconds a probe's finding stands for readiness while it is a mismatch
 
 
@@ -22,21 +21,18 @@ class Readiness:
     """What /readyz reports; `shutting_down` flips the moment a stop signal arrives."""
 
     scheme: SchemeProbe
+    health: HealthMonitor
     shutting_down: bool = False
 
     async def check(self) -> str | None:
         """None when ready, else the reason in a sentence."""
         if self.shutting_down:
             return "servegate is shutting down"
-        host, port = self.scheme.host, self.scheme.port
-        try:
-            async with asyncio.timeout(READY_CHECK_TIMEOUT):
-                _, writer = await asyncio.open_connection(host, port)
-        except (OSError, TimeoutError) as exc:
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
-            return f"model server {host}:{port} unreachable: {reason}"
-        writer.close()
-        await writer.wait_closed()
+        where = f"{self.scheme.host}:{self.scheme.port}"
+        if self.health.state is Health.CRASH_LOOP:
+            return f"the model server at {where} is in a crash loop: {CRASH_LOOP_ADVICE}"
+        if self.health.state is not Health.UP:
+            return f"the model server at {where} is {self.health.state}: health checks fail"
         if self.scheme.mismatch():  # a fixed server is ready again within seconds
             await self.scheme.detect(since=time.monotonic() - MISMATCH_RECHECK)
         return self.scheme.mismatch()

@@ -71,7 +71,22 @@ _HINT = {
         "worker does; it was not replayed because the model may have acted on it. Check the "
         "model server's log for worker restarts."
     ),
+    Cause.CRASH_LOOP: (
+        "The model server keeps restarting (a crash loop): reduce the load (lower "
+        "admission.max_concurrency, or add instances) or debug the inference code."
+    ),
+    Cause.CIRCUIT_OPEN: (
+        "The model server is down, so servegate is not sending it requests for now; "
+        "try again after Retry-After. /readyz on the admin port says why."
+    ),
+    Cause.OVERLOADED: (
+        "The model server is busy with as many requests as it can take and the queue is full: "
+        "try again after Retry-After, or add instances."
+    ),
 }
+
+# Shed requests are the client's to slow down: 429, as rate limiters answer.
+_STATUS = {Cause.OVERLOADED: 429}
 
 _NOT_REPLAYED = (
     " The request body was larger than retry.replay_buffer_bytes and had already been "
@@ -100,7 +115,7 @@ def hint_for(
 def failure_response(
     failure: Failure, request_id: str, hint: str, retry_after: float | None = None
 ) -> web.Response:
-    status = 504 if failure.category is Category.TIMEOUT else 503
+    status = _STATUS.get(failure.cause, 504 if failure.category is Category.TIMEOUT else 503)
     headers = {CATEGORY_HEADER: failure.category.value, "X-Request-Id": request_id}
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))

@@ -5,24 +5,29 @@ gracefully (not ready at once, stop accepting, let in-flight requests finish wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import random
 import signal
 from collections.abc import Callable
 from functools import partial
 
+import aiohttp
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.admin import Readiness, admin_app
+from proxy.admission import Admission
+from proxy.circuit import Circuit, Signal
 from proxy.config import Settings, effective, split_address
 from proxy.forward import Forwarder
+from proxy.health import Health, HealthMonitor, check_upstream
 from proxy.ingress import Ingress
 from proxy.listener import CertificateError, SniffingSite
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
-from proxy.upstream import Upstream
+from proxy.upstream import Upstream, client_ssl_context
 
 log = structlog.get_logger("servegate")
 
@@ -43,19 +48,31 @@ class Servegate:
         self.metrics = Metrics(self.registry, settings.budget.seconds)
         self._rng = rng or random.Random()
         self._probe = SchemeProbe(settings.upstream, self.metrics)
-        self.readiness = Readiness(self._probe)
+        self.circuit = Circuit(settings.circuit, on_change=self.metrics.circuit_state.set)
+        self.health = HealthMonitor(
+            settings.health, self._health_changed, self.metrics.upstream_restarts.inc
+        )
+        self.admission = Admission(settings.admission, self.metrics)
+        self.readiness = Readiness(self._probe, self.health)
         self._upstream: Upstream | None = None
+        self._checks: aiohttp.ClientSession | None = None
+        self._health_task: asyncio.Task[None] | None = None
         self._runners: list[web.BaseRunner] = []
         self.data_port = 0
         self.admin_port = 0
 
     async def start(self) -> None:
         self._upstream = Upstream(self.settings.upstream)
-        ingress = Ingress(
-            self.settings,
-            Forwarder(self._upstream, self._probe, self.settings.retry, self.metrics, self._rng),
+        forwarder = Forwarder(
+            self._upstream,
+            self._probe,
+            self.health,
+            self.circuit,
+            self.settings.retry,
             self.metrics,
+            self._rng,
         )
+        ingress = Ingress(self.settings, forwarder, self.admission, self.circuit, self.metrics)
         data_server = web.Server(
             ingress.handle,
             keepalive_timeout=self.settings.server.client_keepalive,
@@ -81,6 +98,7 @@ class Servegate:
             self.settings.server.admin_listen,
         )
         await self._probe.detect()
+        await self._start_health_checks()
         if origin_uses_unverified_tls(self.settings):
             log.warning(
                 "upstream.tls_verification_disabled",
@@ -113,11 +131,46 @@ class Servegate:
             raise StartupError(f"cannot listen on {address}: {reason}") from None
         return int(runner.addresses[0][1])
 
+    async def _start_health_checks(self) -> None:
+        # Separate one-shot connections: a check must not take or keep a pooled connection.
+        self._checks = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                force_close=True, ssl=client_ssl_context(self.settings.upstream.tls)
+            ),
+            trust_env=False,
+        )
+        checks = self._checks
+
+        async def check() -> bool:
+            return await check_upstream(
+                checks, self._probe.host, self._probe.port, self._probe.speaking,
+                self.settings.health,
+            )  # fmt: skip
+
+        self.health.record_check(await check())  # known before the first request arrives
+        self._health_task = asyncio.create_task(self.health.run(check))
+
+    def _health_changed(self, was: Health, now: Health) -> None:
+        self.metrics.upstream_up.set(now is Health.UP)
+        self.metrics.crash_loop.set(now is Health.CRASH_LOOP)
+        if now is Health.UP:
+            self.circuit.signal(Signal.UP)
+        elif now is Health.DOWN:
+            self.circuit.signal(Signal.DOWN)
+
     async def stop(self) -> None:
         self.readiness.shutting_down = True
         for runner in self._runners:
             await runner.cleanup()
         self._runners = []
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        if self._checks is not None:
+            await self._checks.close()
+            self._checks = None
         if self._upstream is not None:
             await self._upstream.close()
             self._upstream = None
@@ -128,15 +181,39 @@ def origin_uses_unverified_tls(settings: Settings) -> bool:
     return may_speak_tls and not settings.upstream.tls.verify
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    gate = Servegate(settings)
-    await gate.start()
+async def serve(settings: Settings, command: tuple[str, ...] = ()) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully.
+
+    With a `command` (supervise mode) the model server is servegate's child: started first, so
+    it boots meanwhile, and stopped last, once servegate has stopped accepting and drained.
+    """
+    from proxy.supervise import Supervisor  # supervise mode only
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before the child exists: it is never orphaned
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    log.info("servegate.stopping", grace_s=settings.budget.seconds)
-    await gate.stop()
+    gate = Servegate(settings)
+    supervisor = None
+    if command:
+        supervisor = Supervisor(command, gate.health, gate.metrics, settings.budget.seconds)
+        try:
+            await supervisor.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot start the model server: {command[0]}: {exc.strerror or exc}"
+            ) from None
+    try:
+        if supervisor is not None:
+            origin = settings.upstream.origin
+            assert origin.host is not None  # checked by config
+            assert origin.port is not None
+            await supervisor.wait_listening(origin.host, origin.port)
+        await gate.start()
+        await stop.wait()
+        log.info("servegate.stopping", grace_s=settings.budget.seconds)
+        await gate.stop()
+    finally:
+        if supervisor is not None:
+            await supervisor.stop()
     log.info("servegate.stopped")

@@ -70,6 +70,7 @@ class Spent:
     """Where a request's time went: the timeout hint and the access line tell the operator
     whether to look at the client, the network, or the model."""
 
+    queued: float = 0.0
     reading_request: float = 0.0
     connecting: float = 0.0
     waiting_for_model: float = 0.0

@@ -137,6 +137,54 @@ class RetrySettings(_Section):
     # Jittered exponential backoff for a refused connection (a restarting server).
     backoff_initial: Seconds = 0.05
     backoff_max: Seconds = 1.0
+    # Methods whose requests may be replayed after the model server dropped them mid-request
+    # (service/reset_during_request): only for inference that is safe to run twice. At most
+    # once per request, and never a request that was on two crashed workers already.
+    replay_after_reset: tuple[str, ...] = ()
+
+    @field_validator("replay_after_reset")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(method.upper() for method in value)
+
+
+class HealthSettings(_Section):
+    # GET this path and expect a 2xx; null: a TCP connect is the check.
+    path: str | None = None
+    interval: Seconds = 1.0  # a dead server is noticed within 2 intervals at the thresholds
+    timeout: Seconds = 1.0
+    unhealthy_threshold: int = Field(default=2, ge=1)
+    healthy_threshold: int = Field(default=1, ge=1)
+    # This many restarts within crash_loop_window seconds is a crash loop.
+    crash_loop_restarts: int = Field(default=3, ge=2)
+    crash_loop_window: Seconds = 60.0
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must start with /")
+        return value
+
+
+class CircuitSettings(_Section):
+    # Service failures in a row (refused, reset, timed-out connects) that open the circuit;
+    # health checks failing open it too.
+    failure_threshold: int = Field(default=5, ge=1)
+    # While open, a new request waits this long for the server to return, then fails fast.
+    wait: float = Field(default=2.0, ge=0)
+    # Open this long at least before requests try the server again (half-open).
+    open_seconds: Seconds = 5.0
+
+
+class AdmissionSettings(_Section):
+    # Requests sent to the model server at once; set it to what the model can take (for
+    # Gunicorn: workers x threads). 0: no limit.
+    max_concurrency: int = Field(default=0, ge=0)
+    # Requests waiting for a slot; beyond it, 429 at once. Waiting counts against the budget.
+    max_queue: int = Field(default=100, ge=0)
+    # Retry-After on a 429, in seconds.
+    retry_after: int = Field(default=1, ge=1)
 
 
 class LoggingSettings(_Section):
@@ -161,6 +209,9 @@ class Settings(_Section):
     upstream: UpstreamSettings = UpstreamSettings()
     budget: BudgetSettings = BudgetSettings()
     retry: RetrySettings = RetrySettings()
+    health: HealthSettings = HealthSettings()
+    circuit: CircuitSettings = CircuitSettings()
+    admission: AdmissionSettings = AdmissionSettings()
     logging: LoggingSettings = LoggingSettings()
 
 

@@ -32,6 +32,9 @@ class Cause(StrEnum):
     CONNECT_REFUSED = "connect_refused"
     CONNECT_TIMEOUT = "connect_timeout"
     RESET_DURING_REQUEST = "reset_during_request"
+    CRASH_LOOP = "crash_loop"
+    CIRCUIT_OPEN = "circuit_open"
+    OVERLOADED = "overloaded"
 
     @property
     def category(self) -> Category:
@@ -50,6 +53,9 @@ _CATEGORY_OF: dict[Cause, Category] = {
     Cause.CONNECT_REFUSED: Category.SERVICE,
     Cause.CONNECT_TIMEOUT: Category.SERVICE,
     Cause.RESET_DURING_REQUEST: Category.SERVICE,
+    Cause.CRASH_LOOP: Category.SERVICE,
+    Cause.CIRCUIT_OPEN: Category.SERVICE,
+    Cause.OVERLOADED: Category.SERVICE,
 }
 
 

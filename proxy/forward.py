@@ -17,8 +17,10 @@ import structlog
 
 from proxy.body import RequestBody
 from proxy.budget import REMAINING_HEADER, Budget, Spent
+from proxy.circuit import Circuit, Signal
 from proxy.config import RetrySettings
-from proxy.failures import AttemptFacts, Failure, classify
+from proxy.failures import AttemptFacts, Category, Failure, classify
+from proxy.health import HealthMonitor
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
 from proxy.retry import GiveUp, Outcome, RetryState, decide
@@ -44,12 +46,15 @@ class Forwarded:
     response: aiohttp.ClientResponse | None = None
     failure: Failure | None = None  # set when no response came
     give_up: GiveUp | None = None
+    retry_after: float | None = None  # when trying again makes sense, if servegate knows
 
 
 @dataclass(frozen=True)
 class Forwarder:
     upstream: Upstream
     probe: SchemeProbe
+    health: HealthMonitor
+    circuit: Circuit
     settings: RetrySettings
     metrics: Metrics
     rng: random.Random
@@ -69,15 +74,16 @@ class Forwarder:
                 self.metrics.record_retry(retrying.cause, outcome)
             if response is not None:
                 self.probe.observed_working()
+                self.circuit.signal(Signal.SUCCESS)
                 return Forwarded(attempt, facts, response=response)
             assert failure is not None
             spoke = self.probe.speaking
-            failure = await self.probe.confirm(failure, began, budget.remaining())
-            self.metrics.record_failed_attempt(failure)
+            failure = await self._observe(failure, began, budget)
             decision = decide(
                 failure,
                 state,
                 scheme_adopted=self.probe.speaking != spoke,
+                replay_after_reset=outbound.method in self.settings.replay_after_reset,
                 body_replayable=outbound.body is None or outbound.body.replayable,
                 remaining=budget.remaining(),
                 settings=self.settings,
@@ -98,12 +104,29 @@ class Forwarder:
             if not decision.retry:
                 if decision.give_up in (GiveUp.NOT_REPLAYABLE, GiveUp.NO_BUDGET):
                     self.metrics.record_retry(failure.cause, Outcome(decision.give_up.value))
-                return Forwarded(attempt, facts, failure=failure, give_up=decision.give_up)
+                failure = self.health.explain(failure)
+                retry_after = self.circuit.retry_after() or None
+                return Forwarded(
+                    attempt,
+                    facts,
+                    failure=failure,
+                    give_up=decision.give_up,
+                    retry_after=retry_after,
+                )
             state.record(failure.cause)
             fresh = decision.fresh_connection
             retrying = failure
             spent.backing_off += decision.delay
             await asyncio.sleep(decision.delay)
+
+    async def _observe(self, failure: Failure, began: float, budget: Budget) -> Failure:
+        """Confirm a protocol suspicion, then let metrics, health and the circuit see it."""
+        failure = await self.probe.confirm(failure, began, budget.remaining())
+        self.metrics.record_failed_attempt(failure)
+        if failure.category is Category.SERVICE:
+            self.health.record_failure(failure)
+            self.circuit.signal(Signal.SERVICE_FAILURE)
+        return failure
 
     async def _attempt(
         self,

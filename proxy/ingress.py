@@ -16,14 +16,17 @@ import structlog
 from aiohttp import web
 
 from proxy import answer
+from proxy.admission import Admission, QueueFull
 from proxy.body import RequestBody
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
+from proxy.circuit import Circuit
 from proxy.config import Settings
-from proxy.failures import Failure
+from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import decoded, request_headers
 from proxy.metrics import Metrics
 from proxy.relay import relay
+from proxy.retry import GiveUp
 
 access_log = structlog.get_logger("servegate.access")
 
@@ -68,9 +71,20 @@ class AccessLine:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """servegate answers instead of the model: why, and when trying again makes sense."""
+
+    failure: Failure
+    retry_after: float | None = None
+    give_up: GiveUp | None = None
+
+
+@dataclass(frozen=True)
 class Ingress:
     settings: Settings
     forwarder: Forwarder
+    admission: Admission
+    circuit: Circuit
     metrics: Metrics
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -105,8 +119,38 @@ class Ingress:
         except BadTimeoutHeader as exc:
             line.status = 400
             return answer.bad_request(str(exc), request_id)
+        refusal = await self._admit(budget, line)
+        if refusal is not None:
+            return self._refuse(refusal, request_id, budget, line)
+        try:
+            return await self._exchange(request, request_id, budget, line)
+        finally:
+            self.admission.leave()
+
+    async def _admit(self, budget: Budget, line: AccessLine) -> Refusal | None:
+        """The circuit, then a concurrency slot: both before the model server is asked."""
+        if not await self.circuit.admit(budget.remaining()):
+            self.metrics.shed.labels("circuit_open").inc()
+            detail = "the circuit is open: the model server is down"
+            return Refusal(Failure(Cause.CIRCUIT_OPEN, detail), self.circuit.retry_after())
+        queued_at = budget.elapsed()
+        try:
+            admitted = await self.admission.enter(budget.remaining())
+        except QueueFull:
+            detail = "every concurrency slot is taken and the queue is full"
+            return Refusal(Failure(Cause.OVERLOADED, detail), self.settings.admission.retry_after)
+        finally:
+            line.spent.queued = budget.elapsed() - queued_at
+        if not admitted:
+            detail = "the budget ran out while waiting for a concurrency slot"
+            return Refusal(Failure(Cause.DEADLINE_EXCEEDED, detail))
+        return None
+
+    async def _exchange(
+        self, request: web.BaseRequest, request_id: str, budget: Budget, line: AccessLine
+    ) -> web.StreamResponse:
         line.body = await self._read_body(request)
-        line.spent.reading_request = budget.elapsed()
+        line.spent.reading_request = budget.elapsed() - line.spent.queued
         outbound = Outbound(
             method=request.method,
             raw_path=request.raw_path if request.raw_path.startswith("/") else "/",
@@ -117,14 +161,8 @@ class Ingress:
         line.attempts, line.reused = forwarded.attempts, forwarded.facts.reused
         if forwarded.response is None:
             assert forwarded.failure is not None
-            line.failure = forwarded.failure
-            self.metrics.record_4503(forwarded.failure)
-            hint = answer.hint_for(
-                forwarded.failure, forwarded.give_up, budget=budget.total, spent=line.spent
-            )
-            response = answer.failure_response(forwarded.failure, request_id, hint)
-            line.status = response.status
-            return response
+            refusal = Refusal(forwarded.failure, forwarded.retry_after, forwarded.give_up)
+            return self._refuse(refusal, request_id, budget, line)
         line.status = forwarded.response.status
         relayed = await relay(
             request,
@@ -142,6 +180,17 @@ class Ingress:
         elif relayed.client_gone:
             line.status = CLIENT_CLOSED
         return relayed.response
+
+    def _refuse(
+        self, refusal: Refusal, request_id: str, budget: Budget, line: AccessLine
+    ) -> web.Response:
+        failure = refusal.failure
+        line.failure = failure
+        self.metrics.record_4503(failure)
+        hint = answer.hint_for(failure, refusal.give_up, budget=budget.total, spent=line.spent)
+        response = answer.failure_response(failure, request_id, hint, refusal.retry_after)
+        line.status = response.status
+        return response
 
     async def _read_body(self, request: web.BaseRequest) -> RequestBody | None:
         if not request.body_exists:

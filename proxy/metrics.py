@@ -20,6 +20,7 @@ RETRYABLE_CAUSES = (
     Cause.CONNECT_TIMEOUT,
     Cause.TLS_TO_PLAIN_SERVER,  # retried only with upstream.scheme: auto
     Cause.PLAIN_TO_TLS_SERVER,
+    Cause.RESET_DURING_REQUEST,  # retried only for methods in retry.replay_after_reset
 )
 
 
@@ -87,6 +88,38 @@ class Metrics:
         )
         for direction in Mismatch:
             self.listener_mismatches.labels(direction)
+        self.queue_depth = Gauge(
+            "servegate_queue_depth", "Requests waiting for a concurrency slot.", registry=registry
+        )
+        self.shed = Counter(
+            "servegate_shed_total",
+            "Requests refused to protect the model server.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("queue_full", "circuit_open"):
+            self.shed.labels(reason)
+        self.upstream_up = Gauge(
+            "servegate_upstream_up", "1 when the model server is healthy.", registry=registry
+        )
+        self.upstream_restarts = Counter(
+            "servegate_upstream_restarts",
+            "Restarts of the model server detected (health came back, or workers died).",
+            registry=registry,
+        )
+        self.crash_loop = Gauge(
+            "servegate_upstream_crash_loop",
+            "1 while the model server restarts again and again (a crash loop).",
+            registry=registry,
+        )
+        self.circuit_state = Gauge(
+            "servegate_circuit_state", "0 closed, 1 half-open, 2 open.", registry=registry
+        )
+        self.worker_restarts = Counter(
+            "servegate_upstream_worker_restarts",
+            "Worker processes the supervised model server booted after its first ones.",
+            registry=registry,
+        )
         for cause in Cause:
             self.answers_4503.labels(cause.category, cause)
             self.upstream_failures.labels(cause.category, cause)

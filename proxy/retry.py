@@ -19,6 +19,7 @@ from proxy.failures import Cause, Failure
 MAX_STALE_RETRIES = 1
 # Time kept for the connect attempt after a backoff: ample for loopback or a sidecar.
 LAST_ATTEMPT_RESERVE = 0.05
+MAX_RESET_REPLAYS = 1
 SCHEME_MISMATCHES = frozenset({Cause.TLS_TO_PLAIN_SERVER, Cause.PLAIN_TO_TLS_SERVER})
 
 
@@ -53,10 +54,13 @@ class RetryState:
     stale_retries: int = 0
     connect_retries: int = 0
     scheme_retries: int = 0
+    reset_retries: int = 0
 
     def record(self, cause: Cause) -> None:
         if cause is Cause.STALE_CONNECTION:
             self.stale_retries += 1
+        elif cause is Cause.RESET_DURING_REQUEST:
+            self.reset_retries += 1
         elif cause in SCHEME_MISMATCHES:
             self.scheme_retries += 1
         else:
@@ -68,6 +72,7 @@ def decide(
     state: RetryState,
     *,
     scheme_adopted: bool = False,
+    replay_after_reset: bool = False,
     body_replayable: bool,
     remaining: float,
     settings: RetrySettings,
@@ -86,6 +91,16 @@ def decide(
             return Decision(False, give_up=GiveUp.NO_BUDGET)
         delay = min(backoff(state.connect_retries, settings, rng), remaining - LAST_ATTEMPT_RESERVE)
         return Decision(True, delay=delay)
+    if failure.cause is Cause.RESET_DURING_REQUEST and replay_after_reset:
+        # The operator vouched that this method's inference may run twice. Twice at most: a
+        # request that was on two crashed workers may be what kills them (query of death).
+        # A stale retry also followed a drop after sending: a worker that crashed on a
+        # reused connection looks exactly like an idle close. Both count toward the guard.
+        if state.reset_retries + state.stale_retries >= MAX_RESET_REPLAYS:
+            return Decision(False, give_up=GiveUp.ATTEMPTS_EXHAUSTED)
+        if not body_replayable:
+            return Decision(False, give_up=GiveUp.NOT_REPLAYABLE)
+        return Decision(True, fresh_connection=True)
     if scheme_adopted and failure.cause in SCHEME_MISMATCHES:
         # The server could not read a word of the request; the same one goes out again in
         # the scheme it speaks (upstream.scheme: auto).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -53,14 +54,19 @@ async def test_readiness_follows_the_model_server_and_liveness_does_not(
     start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
 ) -> None:
     model = gunicorn()
-    gate = await start_gate(model.url)
+    gate = await start_gate(model.url, **{"health.interval": 0.5})
     admin = f"http://127.0.0.1:{gate.admin_port}"
     async with client.get(f"{admin}/readyz") as response:
         assert response.status == 200
     model.stop()
-    async with client.get(f"{admin}/readyz") as response:
-        assert response.status == 503
-        body = await response.json()
-    assert "unreachable" in body["reason"]
+    stopped = time.monotonic()
+    while True:  # bounded by 2 health intervals, asserted below
+        async with client.get(f"{admin}/readyz") as response:
+            if response.status == 503:
+                body = await response.json()
+                break
+        assert time.monotonic() - stopped < 1.0 + 0.3, "readyz still 200 after 2 intervals"
+        await asyncio.sleep(0.05)
+    assert "health checks fail" in body["reason"]
     async with client.get(f"{admin}/healthz") as response:
         assert response.status == 200

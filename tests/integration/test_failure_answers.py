@@ -31,7 +31,10 @@ async def test_connection_refused_for_the_whole_budget_is_a_service_failure_on_t
     start_gate: StartGate, client: aiohttp.ClientSession, log_capture: LogCapture
 ) -> None:
     nobody = f"http://127.0.0.1:{free_port()}"
-    gate = await start_gate(nobody, **{"budget.seconds": 1.5, "budget.margin": 0.5})
+    not_yet_known_down = {"health.unhealthy_threshold": 100, "circuit.failure_threshold": 1000}
+    gate = await start_gate(
+        nobody, **{"budget.seconds": 1.5, "budget.margin": 0.5, **not_yet_known_down}
+    )
     sent = time.monotonic()
     async with client.post(gate_url(gate, "/predict"), data=b"{}") as response:
         elapsed = time.monotonic() - sent

@@ -19,7 +19,8 @@ def test_every_cause_has_a_category_a_status_and_a_hint(cause: Cause) -> None:
     failure = Failure(cause, "detail")
     assert failure.category in Category
     response = answer.failure_response(failure, "rid", answer.hint_for(failure, budget=39))
-    assert response.status == (504 if failure.category is Category.TIMEOUT else 503)
+    expected = 504 if failure.category is Category.TIMEOUT else 503
+    assert response.status == (429 if cause is Cause.OVERLOADED else expected)
     assert response.headers["X-Servegate-Category"] == failure.category
     assert answer.hint_for(failure)
 

@@ -69,3 +69,17 @@ def test_a_refused_connection_backs_off_within_the_remaining_budget() -> None:
 def test_backoff_stays_between_half_the_first_wait_and_the_ceiling(retries: int, seed: int) -> None:
     delay = backoff(retries, SETTINGS, random.Random(seed))
     assert SETTINGS.backoff_initial / 2 <= delay <= SETTINGS.backoff_max
+
+
+def test_an_opted_in_reset_is_replayed_once_and_never_after_a_stale_retry() -> None:
+    def reset(state: RetryState) -> Decision:
+        return decide(
+            Failure(Cause.RESET_DURING_REQUEST, "x"), state, replay_after_reset=True,
+            body_replayable=True, remaining=30, settings=SETTINGS, rng=random.Random(1),
+        )  # fmt: skip
+
+    assert reset(RetryState()).retry
+    assert reset(RetryState(reset_retries=1)).give_up is GiveUp.ATTEMPTS_EXHAUSTED
+    # In flight on two crashed workers already (the first looked like a stale connection).
+    assert reset(RetryState(stale_retries=1)).give_up is GiveUp.ATTEMPTS_EXHAUSTED
+    assert decide_for(Cause.RESET_DURING_REQUEST).give_up is GiveUp.NOT_RETRYABLE

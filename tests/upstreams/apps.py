@@ -91,3 +91,29 @@ def recording_app(recorder: Recorder) -> web.Application:
     app.router.add_post("/sink", slow_sink)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
+
+
+@dataclass
+class Busy:
+    """Counts requests in progress at a slow model and keeps the peak."""
+
+    now: int = 0
+    peak: int = 0
+    served: int = 0
+
+
+def busy_app(busy: Busy, seconds: float) -> web.Application:
+    async def predict(request: web.Request) -> web.Response:
+        busy.now += 1
+        busy.peak = max(busy.peak, busy.now)
+        try:
+            await request.read()
+            await asyncio.sleep(seconds)
+        finally:
+            busy.now -= 1
+        busy.served += 1
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/predict", predict)
+    return app

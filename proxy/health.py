@@ -1,0 +1,177 @@
+"""Upstream health: active checks, restarts seen from outside, and crash loops.
+
+The state machine (unknown, up, down, crash_loop) is fed by health checks and by failures of
+real requests. A worker that dies mid-request is a restart even when the server never stops
+answering health checks (Gunicorn's master keeps listening while it boots a new worker), so
+passive evidence counts too. Restarts close together make a crash loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+
+import aiohttp
+import structlog
+from yarl import URL
+
+from proxy.config import HealthSettings
+from proxy.failures import Cause, Failure
+
+log = structlog.get_logger("servegate.health")
+
+# Workers reset every request they hold at once: resets this close together are one restart.
+SAME_RESTART_WINDOW = 0.5
+
+
+class Health(StrEnum):
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+    CRASH_LOOP = "crash_loop"
+
+
+class Event(StrEnum):
+    CHECKS_PASSED = "checks_passed"  # healthy_threshold checks in a row passed
+    CHECKS_FAILED = "checks_failed"  # unhealthy_threshold checks in a row failed
+    RESTARTS_CLUSTERED = "restarts_clustered"  # crash_loop_restarts within the window
+    QUIET = "quiet"  # no restart for a whole window
+
+
+# (state, event) -> next state; a pair missing from the table leaves the state unchanged.
+_TRANSITIONS: dict[tuple[Health, Event], Health] = {
+    (Health.UNKNOWN, Event.CHECKS_PASSED): Health.UP,
+    (Health.UNKNOWN, Event.CHECKS_FAILED): Health.DOWN,
+    (Health.DOWN, Event.CHECKS_PASSED): Health.UP,
+    (Health.UP, Event.CHECKS_FAILED): Health.DOWN,
+    (Health.UNKNOWN, Event.RESTARTS_CLUSTERED): Health.CRASH_LOOP,
+    (Health.UP, Event.RESTARTS_CLUSTERED): Health.CRASH_LOOP,
+    (Health.DOWN, Event.RESTARTS_CLUSTERED): Health.CRASH_LOOP,
+    (Health.CRASH_LOOP, Event.QUIET): Health.UNKNOWN,  # the next checks say up or down
+}
+
+CRASH_LOOP_ADVICE = (
+    "the model server keeps restarting: reduce the load (lower admission.max_concurrency, "
+    "or add instances) or debug the inference code; its log shows why workers exit"
+)
+
+
+class HealthMonitor:
+    def __init__(
+        self,
+        settings: HealthSettings,
+        on_change: Callable[[Health, Health], None],
+        on_restart: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.state = Health.UNKNOWN
+        self._on_change = on_change
+        self._on_restart = on_restart
+        self._clock = clock
+        self._passed = 0
+        self._failed = 0
+        self._ever_up = False
+        self._restarts: deque[float] = deque()
+        self._down_since_restart = False
+        # Set in supervise mode: the model server's own log counts restarts exactly, so
+        # failures of requests are no longer taken as evidence of one.
+        self.restarts_from_log = False
+
+    # Decisions: plain methods, no I/O.
+
+    def record_check(self, ok: bool) -> None:
+        self._expire_restarts()
+        self._passed, self._failed = (self._passed + 1, 0) if ok else (0, self._failed + 1)
+        if self._passed >= self.settings.healthy_threshold:
+            if self.state is Health.DOWN and self._ever_up:
+                self.record_restart("health checks passed again")
+            self._apply(Event.CHECKS_PASSED)
+        elif self._failed >= self.settings.unhealthy_threshold:
+            self._apply(Event.CHECKS_FAILED)
+
+    def record_failure(self, failure: Failure) -> None:
+        """Passive evidence from a real request."""
+        if self.restarts_from_log:
+            return
+        if failure.cause is Cause.RESET_DURING_REQUEST and failure.reused is False:
+            now = self._clock()
+            if not self._restarts or now - self._restarts[-1] > SAME_RESTART_WINDOW:
+                self.record_restart("a fresh connection was reset during a request")
+        elif (
+            failure.cause is Cause.CONNECT_REFUSED
+            and self.state is Health.UP
+            and not self._down_since_restart
+        ):
+            self._down_since_restart = True
+            self.record_restart("connections refused after the server was up")
+
+    def record_restart(self, evidence: str) -> None:
+        self._restarts.append(self._clock())
+        self._on_restart()
+        log.info("upstream.restarted", evidence=evidence)
+        self._expire_restarts()
+        if len(self._restarts) >= self.settings.crash_loop_restarts:
+            self._apply(Event.RESTARTS_CLUSTERED)
+
+    def _expire_restarts(self) -> None:
+        horizon = self._clock() - self.settings.crash_loop_window
+        while self._restarts and self._restarts[0] < horizon:
+            self._restarts.popleft()
+        if not self._restarts:
+            self._apply(Event.QUIET)
+
+    def _apply(self, event: Event) -> None:
+        state = _TRANSITIONS.get((self.state, event), self.state)
+        if state is self.state:
+            return
+        was, self.state = self.state, state
+        if state is Health.UP:
+            self._ever_up = True
+            self._down_since_restart = False
+        if state is Health.CRASH_LOOP:
+            log.error(
+                "upstream.crash_loop",
+                restarts=len(self._restarts),
+                window_s=self.settings.crash_loop_window,
+                advice=CRASH_LOOP_ADVICE,
+            )
+        else:
+            log.info(f"upstream.{state.value}", was=was.value)
+        self._on_change(was, state)
+
+    def explain(self, failure: Failure) -> Failure:
+        """A service failure during a crash loop is named for the loop, the thing to fix."""
+        if self.state is Health.CRASH_LOOP and failure.category == "service":
+            return failure.as_(Cause.CRASH_LOOP, f"{failure.detail}; {CRASH_LOOP_ADVICE}")
+        return failure
+
+    # I/O: the check loop.
+
+    async def run(self, check: Callable[[], Awaitable[bool]]) -> None:
+        """Check every interval (the first check is the caller's, before traffic starts)."""
+        while True:
+            await asyncio.sleep(self.settings.interval)
+            self.record_check(await check())
+
+
+async def check_upstream(
+    session: aiohttp.ClientSession, host: str, port: int, scheme: str, settings: HealthSettings
+) -> bool:
+    """One health check: GET the health path (2xx passes), or a TCP connect when none is set."""
+    try:
+        async with asyncio.timeout(settings.timeout):
+            if settings.path is None:
+                _, writer = await asyncio.open_connection(host, port)
+                writer.close()
+                await writer.wait_closed()
+                return True
+            url = URL.build(scheme=scheme, host=host, port=port, path=settings.path)
+            async with session.get(url) as response:
+                await response.read()
+                return 200 <= response.status < 300
+    except (aiohttp.ClientError, OSError):  # TimeoutError is an OSError
+        return False

@@ -1,0 +1,133 @@
+"""4503 service: shed load before the model falls over, fail fast while it is down, and let
+traffic flow again the moment it is back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import LogCapture, StartGate, gate_url, sample, scrape
+from tests.integration.test_failure_answers import assert_4503
+from tests.upstreams.apps import Busy, busy_app
+from tests.upstreams.gunicorn import Gunicorn
+
+PREDICTION = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
+
+
+async def test_beyond_concurrency_and_queue_requests_get_429_at_once_and_the_model_is_spared(
+    start_gate: StartGate, aiohttp_server: Any, client: aiohttp.ClientSession
+) -> None:
+    busy = Busy()
+    server = await aiohttp_server(busy_app(busy, seconds=0.5))
+    concurrency, queue = 4, 4
+    gate = await start_gate(
+        f"http://127.0.0.1:{server.port}",
+        **{"admission.max_concurrency": concurrency, "admission.max_queue": queue},
+    )
+
+    async def one() -> tuple[int, float, dict[str, str], Any]:
+        sent = time.monotonic()
+        async with client.post(gate_url(gate, "/predict"), json=PREDICTION) as response:
+            body = await response.json()
+            return response.status, time.monotonic() - sent, dict(response.headers), body
+
+    results = await asyncio.gather(*(one() for _ in range(10 * (concurrency + queue))))
+    served = [r for r in results if r[0] == 200]
+    shed = [r for r in results if r[0] == 429]
+    assert len(served) == concurrency + queue  # the queued ones were served too
+    assert len(shed) == 9 * (concurrency + queue)
+    assert busy.peak == concurrency
+    for _status, seconds, headers, body in shed:
+        assert seconds < 0.25  # at once, not after waiting
+        assert headers["Retry-After"] == "1"
+        assert (body["category"], body["cause"]) == ("service", "overloaded")
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_shed_total", reason="queue_full") == len(shed)
+    assert sample(samples, "servegate_queue_depth") == 0
+
+
+async def test_a_dead_model_fails_fast_and_a_restarted_one_gets_traffic_without_errors(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
+) -> None:
+    model = gunicorn()
+    interval = 0.5
+    gate = await start_gate(
+        model.url, **{"health.path": "/health", "health.interval": interval, "circuit.wait": 0.5}
+    )
+    admin = f"http://127.0.0.1:{gate.admin_port}"
+    model.stop()
+    killed = time.monotonic()
+    while await status_of(client, f"{admin}/readyz") != 503:
+        assert time.monotonic() - killed < 2 * interval + 0.3
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.6)  # past circuit.wait: from now on, no request waits
+    for _ in range(5):
+        sent = time.monotonic()
+        async with client.post(gate_url(gate, "/predict"), json=PREDICTION) as response:
+            await assert_4503(response, 503, "service", "circuit_open")
+            assert int(response.headers["Retry-After"]) >= 1
+        assert time.monotonic() - sent < 0.1
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_circuit_state") == 2
+    assert sample(samples, "servegate_upstream_up") == 0
+
+    gunicorn(port=model.port)
+    back = time.monotonic()
+    while await status_of(client, f"{admin}/readyz") != 200:
+        assert time.monotonic() - back < 2 * interval + 0.3
+        await asyncio.sleep(0.05)
+    for _ in range(20):
+        async with client.post(gate_url(gate, "/predict"), json=PREDICTION) as response:
+            assert response.status == 200
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_circuit_state") == 0
+    assert sample(samples, "servegate_upstream_up") == 1
+    assert sample(samples, "servegate_upstream_restarts_total") == 1
+    assert [line["event"] for line in log_capture.lines() if "circuit" in line["event"]] == [
+        "circuit.open", "circuit.half_open", "circuit.closed",
+    ]  # fmt: skip
+
+
+async def status_of(client: aiohttp.ClientSession, url: str) -> int:
+    async with client.get(url) as response:
+        return response.status
+
+
+async def test_a_query_of_death_is_tried_on_two_workers_at_most_even_when_opted_in(
+    start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
+) -> None:
+    model = gunicorn()
+    gate = await start_gate(model.url, **{"retry.replay_after_reset": ["POST"]})
+    async with client.post(gate_url(gate, "/predict?crash=1"), json=PREDICTION) as response:
+        await assert_4503(response, 503, "service", "reset_during_request")
+    for _ in range(60):  # up to 3 s: the master logs worker exits as it reaps them
+        if model.log().count("exited with code 1") >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    assert model.log().count("exited with code 1") == 2  # two workers, never a third
+    samples = await scrape(gate)
+    replayed = {"cause": "reset_during_request", "outcome": "failed"}
+    assert sample(samples, "servegate_retries_total", **replayed) == 1
+
+
+async def test_an_opted_in_method_rides_out_a_worker_that_dies_under_it(
+    start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
+) -> None:
+    model = gunicorn("--workers", "1", env={"DEMO_CRASH_EVERY": "2"})
+    gate = await start_gate(model.url, **{"retry.replay_after_reset": ["POST"]})
+    statuses = []
+    for _ in range(6):
+        async with client.post(gate_url(gate, "/predict"), json=PREDICTION) as response:
+            statuses.append(response.status)
+    assert statuses == [200] * 6
+    samples = await scrape(gate)
+    replayed = {"cause": "reset_during_request", "outcome": "succeeded"}
+    assert sample(samples, "servegate_retries_total", **replayed) >= 2

@@ -1,0 +1,75 @@
+"""Upstream health: thresholds, restarts from outside, crash loops and their end."""
+
+from __future__ import annotations
+
+from proxy.config import HealthSettings
+from proxy.failures import Cause, Failure
+from proxy.health import Health, HealthMonitor
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def monitor(clock: Clock) -> tuple[HealthMonitor, list[tuple[Health, Health]], list[int]]:
+    changes: list[tuple[Health, Health]] = []
+    restarts: list[int] = []
+    settings = HealthSettings(
+        unhealthy_threshold=2, healthy_threshold=1, crash_loop_restarts=3, crash_loop_window=60
+    )
+    health = HealthMonitor(
+        settings, lambda was, now: changes.append((was, now)), lambda: restarts.append(1), clock
+    )
+    return health, changes, restarts
+
+
+def test_down_takes_two_failed_checks_and_coming_back_is_a_restart() -> None:
+    clock = Clock()
+    health, changes, restarts = monitor(clock)
+    health.record_check(True)
+    health.record_check(False)
+    assert health.state is Health.UP
+    health.record_check(False)
+    assert health.state is Health.DOWN
+    health.record_check(True)
+    assert health.state is Health.UP
+    assert changes == [
+        (Health.UNKNOWN, Health.UP), (Health.UP, Health.DOWN), (Health.DOWN, Health.UP)
+    ]  # fmt: skip
+    assert len(restarts) == 1
+
+
+def test_resets_of_one_dying_worker_count_as_one_restart() -> None:
+    clock = Clock()
+    health, _, restarts = monitor(clock)
+    reset = Failure(Cause.RESET_DURING_REQUEST, "x", reused=False, request_sent=True)
+    for _ in range(4):  # four threads of one worker, reset at once
+        health.record_failure(reset)
+    assert len(restarts) == 1
+
+
+def test_restarts_close_together_are_a_crash_loop_that_ends_after_a_quiet_window() -> None:
+    clock = Clock()
+    health, _, _ = monitor(clock)
+    health.record_check(True)
+    for _ in range(3):
+        clock.now += 5
+        health.record_restart("test")
+    assert health.state is Health.CRASH_LOOP
+    crashed = health.explain(Failure(Cause.RESET_DURING_REQUEST, "reset", reused=False))
+    assert crashed.cause is Cause.CRASH_LOOP
+    clock.now += 61
+    health.record_check(True)  # the window passed with no restart
+    assert health.state is Health.UP
+
+
+def test_passive_evidence_is_ignored_when_the_log_counts_restarts() -> None:
+    clock = Clock()
+    health, _, restarts = monitor(clock)
+    health.restarts_from_log = True
+    health.record_failure(Failure(Cause.RESET_DURING_REQUEST, "x", reused=False))
+    assert restarts == []
