@@ -1,5 +1,8 @@
 """Entry points: `servegate run | check-config`. Builds the settings and calls the app; no logic.
 
+`servegate run [options] -- COMMAND...` is supervise mode: COMMAND is the model server, started
+and restarted by servegate. Everything after the first `--` belongs to it, unparsed.
+
 Exit codes: 0 done, 1 could not start, 2 invalid settings or usage.
 """
 
@@ -24,7 +27,13 @@ def _parser() -> argparse.ArgumentParser:
         description="A reverse proxy for model-inference servers that names every 4503.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="serve: forward the data port to the model server")
+    run = commands.add_parser(
+        "run",
+        help="serve: forward the data port to the model server",
+        usage="%(prog)s [options] [-- COMMAND ...]",
+        epilog="-- COMMAND ...: run the model server as servegate's child (supervise mode), "
+        "e.g. -- gunicorn demo.model:app --bind 127.0.0.1:8000",
+    )
     run.add_argument("--upstream", metavar="URL", help="model server, e.g. http://127.0.0.1:8000")
     run.add_argument("--listen", metavar="HOST:PORT", help="data port (default 0.0.0.0:8080)")
     run.add_argument("--admin-listen", metavar="HOST:PORT", help="admin port (default :9464)")
@@ -45,8 +54,20 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in flags.items() if value is not None}
 
 
+def split_command(argv: Sequence[str]) -> tuple[list[str], tuple[str, ...] | None]:
+    """servegate's own arguments, and the model server's command after the first `--`."""
+    if "--" not in argv:
+        return list(argv), None
+    at = list(argv).index("--")
+    return list(argv[:at]), tuple(argv[at + 1 :])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    own, command = split_command(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(own)
+    if command is not None and (args.command != "run" or not command):
+        parser.error("`-- COMMAND ...` starts the model server: only with `run`, and not empty")
     try:
         if args.command == "check-config":
             settings = config.load(args.file, os.environ)
@@ -59,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logs.configure(settings.logging)
     try:
-        _run(serve(settings))
+        _run(serve(settings, command or ()))
     except StartupError as exc:
         print(f"servegate: {exc}", file=sys.stderr)
         return 1
