@@ -1,13 +1,17 @@
 """The docker compose deployment, checked without a Docker engine.
 
-`docker-compose config` validates and normalises the file; promtool validates the scrape config.
-The rest checks that the pieces agree: the ports servegate publishes are the ones it listens on
-by default, Prometheus scrapes the servegate service on its admin port, the file Compose mounts
-into Prometheus is the one in the repo, and servegate's upstream is the model service.
+`docker-compose config` validates and normalises the file; promtool validates the scrape config
+and the alert rules it loads. The rest checks that the pieces agree: the ports servegate
+publishes are the ones it listens on by default, Prometheus scrapes the servegate service on its
+admin port, every file Compose mounts is in the repo (the alert rules beside the scrape config
+that names them), servegate's upstream is the model service, and Grafana's data source, dashboard
+provider and dashboard point at each other and at the Prometheus service.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -25,6 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 PROMETHEUS_FILE = REPO / "config" / "prometheus" / "prometheus.yml"
 PROMETHEUS_MOUNT = "/etc/prometheus/prometheus.yml"
+GRAFANA = REPO / "config" / "grafana"
+GRAFANA_PROVISIONING_MOUNT = "/etc/grafana/provisioning"  # the image's default provisioning dir
 
 
 def _tool(name: str) -> str:
@@ -80,6 +86,32 @@ def _published_ports(service: dict[str, Any]) -> list[tuple[int, int]]:
     return pairs
 
 
+def _mounts(service: dict[str, Any]) -> dict[str, tuple[Path, bool]]:
+    """Bind mounts by container path: (source on the host, read-only), from either syntax."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            source, target = volume["source"], volume["target"]
+            read_only = bool(volume.get("read_only"))
+        else:
+            source, target, *options = str(volume).split(":")
+            read_only = "ro" in ",".join(options).split(",")
+        mounts[target] = (Path(source), read_only)
+    return mounts
+
+
+def _mounted_from_repo(service: str, target: str) -> Path:
+    """The repo path Compose mounts read-only at `target` in `service`."""
+    mounts = _mounts(_service(service))
+    assert target in mounts, f"{target} is not mounted into {service}: {sorted(mounts)}"
+    source, read_only = mounts[target]
+    # A missing source would make Docker create an empty directory in its place.
+    assert source.exists(), f"{source} (mounted at {target}) does not exist"
+    assert source.resolve().is_relative_to(REPO), f"{source} is not in the repo"
+    assert read_only, f"{target} is mounted writable into {service}"
+    return source.resolve()
+
+
 def _scrape_targets(job: str) -> list[str]:
     scrape = yaml.safe_load(PROMETHEUS_FILE.read_text(encoding="utf-8"))
     jobs = {entry["job_name"]: entry for entry in scrape["scrape_configs"]}
@@ -91,7 +123,7 @@ def _scrape_targets(job: str) -> list[str]:
 def test_compose_file_is_accepted_by_docker_compose() -> None:
     config = _compose_config()
 
-    assert {"model", "servegate", "prometheus"} <= set(config["services"])
+    assert {"model", "servegate", "prometheus", "grafana"} <= set(config["services"])
 
 
 def test_servegate_publishes_its_default_data_and_admin_ports() -> None:
@@ -116,15 +148,19 @@ def test_prometheus_scrapes_the_servegate_service_on_its_admin_port() -> None:
 
 
 def test_prometheus_config_mounted_by_compose_exists_in_the_repo() -> None:
-    volumes = [str(volume) for volume in _service("prometheus").get("volumes", [])]
-    mounts = {volume.split(":")[1]: volume.split(":") for volume in volumes}
-    assert PROMETHEUS_MOUNT in mounts, f"{PROMETHEUS_MOUNT} is not mounted: {volumes}"
-    source, _, *options = mounts[PROMETHEUS_MOUNT]
+    assert _mounted_from_repo("prometheus", PROMETHEUS_MOUNT) == PROMETHEUS_FILE.resolve()
 
-    # A missing source would make Docker create an empty directory in its place.
-    assert Path(source).is_file(), f"{source} does not exist"
-    assert Path(source).resolve() == PROMETHEUS_FILE.resolve()
-    assert "ro" in options
+
+def test_the_alert_rules_prometheus_loads_are_mounted_beside_its_config() -> None:
+    rule_files = yaml.safe_load(PROMETHEUS_FILE.read_text(encoding="utf-8"))["rule_files"]
+    assert "alerts.yml" in rule_files
+
+    for rule_file in rule_files:
+        # Prometheus resolves rule_files against its config file's directory, in the container
+        # as in the repo, so the relative name must find the same file in both places.
+        in_container = Path(PROMETHEUS_MOUNT).parent / rule_file
+        in_repo = PROMETHEUS_FILE.parent / rule_file
+        assert _mounted_from_repo("prometheus", str(in_container)) == in_repo.resolve()
 
 
 def test_prometheus_config_is_accepted_by_promtool() -> None:
@@ -140,3 +176,65 @@ def test_servegate_forwards_to_the_model_service_on_its_bind_port() -> None:
 
     assert len(binds) == 1, f"the model service should bind once with --bind=: {model_argv}"
     assert (upstream.host, upstream.port) == ("model", split_address(binds[0])[1])
+
+
+def test_grafana_is_pinned_published_and_open_to_anonymous_viewers() -> None:
+    grafana = _service("grafana")
+    environment = grafana.get("environment", {})
+
+    assert re.fullmatch(r"grafana/grafana(-oss)?:\d+\.\d+\.\d+", grafana["image"]), grafana["image"]
+    assert _published_ports(grafana) == [(3000, 3000)]
+    assert environment.get("GF_AUTH_ANONYMOUS_ENABLED") == "true"
+    assert environment.get("GF_AUTH_ANONYMOUS_ORG_ROLE") == "Viewer"  # looking, not editing
+
+
+def test_grafana_provisions_the_prometheus_service_as_its_data_source() -> None:
+    provisioning = _mounted_from_repo("grafana", GRAFANA_PROVISIONING_MOUNT)
+    assert provisioning == (GRAFANA / "provisioning").resolve()
+    datasources = yaml.safe_load(
+        (provisioning / "datasources" / "prometheus.yml").read_text(encoding="utf-8")
+    )["datasources"]
+    prometheus_port = [target for _, target in _published_ports(_service("prometheus"))]
+
+    assert len(datasources) == 1
+    url = URL(datasources[0]["url"])
+    assert datasources[0]["type"] == "prometheus"
+    # The compose service name, on the port Prometheus listens on inside its container.
+    assert (url.host, [url.port]) == ("prometheus", prometheus_port)
+
+
+def test_grafana_loads_the_shipped_dashboard_from_its_mounted_directory() -> None:
+    providers = yaml.safe_load(
+        (GRAFANA / "provisioning" / "dashboards" / "servegate.yml").read_text(encoding="utf-8")
+    )["providers"]
+    assert [provider["type"] for provider in providers] == ["file"]
+    path = providers[0]["options"]["path"]
+
+    dashboards = _mounted_from_repo("grafana", path)
+
+    assert dashboards == (GRAFANA / "dashboards").resolve()
+    assert (dashboards / "servegate.json").is_file()
+    # Grafana opens on it: the home dashboard is the shipped one, read from the same mount.
+    home = Path(_service("grafana")["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert home.parent == Path(path)
+    assert (dashboards / home.name).is_file()
+
+
+def test_every_dashboard_query_uses_the_provisioned_data_source() -> None:
+    datasources = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text(encoding="utf-8")
+    )["datasources"]
+    dashboard = json.loads((GRAFANA / "dashboards" / "servegate.json").read_text(encoding="utf-8"))
+    provisioned = {source["uid"] for source in datasources}
+
+    referred = set()
+    for panel in dashboard["panels"]:
+        if "datasource" in panel:
+            referred.add(panel["datasource"]["uid"])
+        for target in panel.get("targets", []):
+            referred.add(target["datasource"]["uid"])
+    for variable in dashboard["templating"]["list"]:
+        if "datasource" in variable:
+            referred.add(variable["datasource"]["uid"])
+
+    assert referred == provisioned
