@@ -1,9 +1,10 @@
-"""Entry points: `servegate run | check-config`. Builds the settings and calls the app; no logic.
+"""Entry points: `servegate run | doctor | check-config`. Builds the settings, calls the app.
 
 `servegate run [options] -- COMMAND...` is supervise mode: COMMAND is the model server, started
 and restarted by servegate. Everything after the first `--` belongs to it, unparsed.
 
-Exit codes: 0 done, 1 could not start, 2 invalid settings or usage.
+Exit codes: 0 done, 1 could not start (doctor: something would cause a 4503), 2 invalid settings
+or usage.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy import config, logs
+from proxy import config, doctor, logs
 from proxy.app import StartupError, serve
 
 
@@ -39,17 +40,50 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--admin-listen", metavar="HOST:PORT", help="admin port (default :9464)")
     run.add_argument("--budget", metavar="SECONDS", type=float, help="end-to-end budget (40)")
     run.add_argument("--config", metavar="FILE", type=Path, help="YAML settings file")
+    diagnose = commands.add_parser(
+        "doctor",
+        help="probe a model server and say what would cause a 4503, per category",
+        epilog="Exit code: 0 when no check fails (warnings alone do not), 1 when one does, "
+        "2 for usage errors. Settings not given as flags come from --config and SERVEGATE_* "
+        "variables, as for run.",
+    )
+    diagnose.add_argument("--upstream", metavar="URL", help="model server (default as for run)")
+    diagnose.add_argument("--health-path", metavar="PATH", help="GET this path, expect 2xx")
+    diagnose.add_argument("--budget", metavar="SECONDS", type=float, help="end-to-end budget (40)")
+    diagnose.add_argument("--config", metavar="FILE", type=Path, help="YAML settings file")
+    diagnose.add_argument(
+        "--max-idle-wait",
+        metavar="SECONDS",
+        type=_positive,
+        default=30.0,
+        help="hold an idle connection open this long at most, to see the server close it (30)",
+    )
+    diagnose.add_argument(
+        "--sample-body",
+        metavar="JSON",
+        help="time POST /predict with this body, not the health GET",
+    )
+    diagnose.add_argument("--json", action="store_true", help="print the report as JSON")
     check = commands.add_parser("check-config", help="validate a settings file and print it")
     check.add_argument("file", type=Path)
     return parser
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    given = vars(args)  # each command has its own flags
     flags = {
-        "upstream.url": args.upstream,
-        "server.listen": args.listen,
-        "server.admin_listen": args.admin_listen,
-        "budget.seconds": args.budget,
+        "upstream.url": given.get("upstream"),
+        "server.listen": given.get("listen"),
+        "server.admin_listen": given.get("admin_listen"),
+        "budget.seconds": given.get("budget"),
+        "health.path": given.get("health_path"),
     }
     return {key: value for key, value in flags.items() if value is not None}
 
@@ -78,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"servegate: invalid setting: {problem}", file=sys.stderr)
         return 2
+    if args.command == "doctor":
+        return doctor.main(settings, args.max_idle_wait, args.sample_body, json_output=args.json)
     logs.configure(settings.logging)
     try:
         _run(serve(settings, command or ()))
