@@ -68,8 +68,7 @@ _HINT = {
     ),
     Cause.RESET_DURING_REQUEST: (
         "The model server dropped the connection while handling the request, as a crashing "
-        "worker does; it was not replayed because the model may have acted on it. Check the "
-        "model server's log for worker restarts."
+        "worker does: check its log for worker restarts."
     ),
     Cause.CRASH_LOOP: (
         "The model server keeps restarting (a crash loop): reduce the load (lower "
@@ -88,6 +87,16 @@ _HINT = {
 # Shed requests are the client's to slow down: 429, as rate limiters answer.
 _STATUS = {Cause.OVERLOADED: 429}
 
+# The client must know whether the model may have run its request, and how often.
+_ONCE = (
+    " The request was sent once and not replayed: the model may have acted on it "
+    "(retry.replay_after_reset opts a method in when its inference is safe to run twice)."
+)
+_AGAIN = (
+    " The request was sent {attempts} times and servegate stops there: a request that was "
+    "on two failed connections may be what kills the workers."
+)
+
 _NOT_REPLAYED = (
     " The request body was larger than retry.replay_buffer_bytes and had already been "
     "streamed, so it could not be replayed on a fresh connection."
@@ -98,10 +107,13 @@ def hint_for(
     failure: Failure,
     give_up: GiveUp | None = None,
     *,
+    attempts: int = 1,
     budget: float = 0.0,
     spent: Spent | None = None,
 ) -> str:
     hint = _HINT[failure.cause]
+    if failure.cause in (Cause.RESET_DURING_REQUEST, Cause.CRASH_LOOP):
+        hint += _ONCE if attempts == 1 else _AGAIN.format(attempts=attempts)
     if failure.cause in (Cause.TLS_CERTIFICATE, Cause.TLS_HANDSHAKE):
         hint = f"{hint} Reason: {failure.detail}."
     if failure.category is Category.TIMEOUT:

@@ -142,10 +142,15 @@ class Servegate:
         checks = self._checks
 
         async def check() -> bool:
-            return await check_upstream(
+            passed = await check_upstream(
                 checks, self._probe.host, self._probe.port, self._probe.speaking,
                 self.settings.health,
             )  # fmt: skip
+            if passed and self.health.state is Health.UP:
+                # The circuit may have opened on refusals the checks never saw (a restart
+                # between two checks): a passing check lets requests try again.
+                self.circuit.signal(Signal.UP)
+            return passed
 
         self.health.record_check(await check())  # known before the first request arrives
         self._health_task = asyncio.create_task(self.health.run(check))

@@ -19,7 +19,7 @@ from proxy.body import RequestBody
 from proxy.budget import REMAINING_HEADER, Budget, Spent
 from proxy.circuit import Circuit, Signal
 from proxy.config import RetrySettings
-from proxy.failures import AttemptFacts, Category, Failure, classify
+from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
 from proxy.health import HealthMonitor
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
@@ -27,6 +27,10 @@ from proxy.retry import GiveUp, Outcome, RetryState, decide
 from proxy.upstream import Upstream
 
 log = structlog.get_logger("servegate.forward")
+
+BUFFERED_ANSWER_MAX = 256 * 1024  # predictions are small; larger answers stream as they come
+UNREACHABLE = frozenset({Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT})
+RESTARTING = "(the model server restarted workers moments ago)"
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,19 @@ class Outbound:
     body: RequestBody | None
 
 
+@dataclass(frozen=True)
+class Answer:
+    """The model's response, with its body when it was small enough to read whole."""
+
+    response: aiohttp.ClientResponse
+    body: bytes | None
+
+
 @dataclass
 class Forwarded:
     attempts: int
     facts: AttemptFacts  # of the last attempt
-    response: aiohttp.ClientResponse | None = None
+    answer: Answer | None = None
     failure: Failure | None = None  # set when no response came
     give_up: GiveUp | None = None
     retry_after: float | None = None  # when trying again makes sense, if servegate knows
@@ -68,14 +80,14 @@ class Forwarder:
             attempt += 1
             facts = AttemptFacts()
             began = time.monotonic()
-            response, failure = await self._attempt(outbound, budget, facts, spent, fresh=fresh)
+            answer, failure = await self._attempt(outbound, budget, facts, spent, fresh=fresh)
             if retrying is not None:
-                outcome = Outcome.SUCCEEDED if response is not None else Outcome.FAILED
+                outcome = Outcome.SUCCEEDED if answer is not None else Outcome.FAILED
                 self.metrics.record_retry(retrying.cause, outcome)
-            if response is not None:
+            if answer is not None:
                 self.probe.observed_working()
                 self.circuit.signal(Signal.SUCCESS)
-                return Forwarded(attempt, facts, response=response)
+                return Forwarded(attempt, facts, answer=answer)
             assert failure is not None
             spoke = self.probe.speaking
             failure = await self._observe(failure, began, budget)
@@ -122,9 +134,17 @@ class Forwarder:
     async def _observe(self, failure: Failure, began: float, budget: Budget) -> Failure:
         """Confirm a protocol suspicion, then let metrics, health and the circuit see it."""
         failure = await self.probe.confirm(failure, began, budget.remaining())
+        if failure.cause is Cause.STALE_CONNECTION and self.health.restarted_recently():
+            # Workers are dying: a pooled connection dropped after the request went out is
+            # far more likely a crash than an idle close, and a crash is not replayed.
+            failure = failure.as_(Cause.RESET_DURING_REQUEST, f"{failure.detail} {RESTARTING}")
         self.metrics.record_failed_attempt(failure)
         if failure.category is Category.SERVICE:
             self.health.record_failure(failure)
+        if failure.cause in UNREACHABLE:
+            # Only a server that takes no connection opens the circuit: resets come from
+            # workers dying behind a master that still serves, and shedding all traffic
+            # then would fail requests the next worker could answer.
             self.circuit.signal(Signal.SERVICE_FAILURE)
         return failure
 
@@ -136,11 +156,12 @@ class Forwarder:
         spent: Spent,
         *,
         fresh: bool,
-    ) -> tuple[aiohttp.ClientResponse | None, Failure | None]:
+    ) -> tuple[Answer | None, Failure | None]:
         started = time.monotonic()
         headers = [*outbound.headers, (REMAINING_HEADER, budget.remaining_ms_header())]
         body = outbound.body.for_attempt() if outbound.body is not None else None
         deadline = asyncio.timeout(budget.remaining())
+        response: aiohttp.ClientResponse | None = None
         try:
             async with deadline:
                 response = await self.upstream.send(
@@ -152,7 +173,15 @@ class Forwarder:
                     scheme=self.probe.speaking,
                     fresh=fresh,
                 )
+                # A small answer of known length is read whole before the client sees a
+                # status, as nginx's proxy buffering does: a model that dies in the middle of
+                # it is then a clean 503 (and replayable when opted in), not a cut 200.
+                length = response.content_length
+                small = length is not None and length <= BUFFERED_ANSWER_MAX
+                complete = await response.read() if small and outbound.method != "HEAD" else None
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            if response is not None:
+                response.close()
             return None, classify(exc, facts, deadline_passed=deadline.expired())
         finally:
             elapsed = time.monotonic() - started
@@ -162,4 +191,4 @@ class Forwarder:
             else:
                 spent.connecting += facts.connect_seconds
                 spent.waiting_for_model += elapsed - facts.connect_seconds
-        return response, None
+        return Answer(response, complete), None

@@ -23,8 +23,11 @@ from proxy.failures import Cause, Failure
 
 log = structlog.get_logger("servegate.health")
 
-# Workers reset every request they hold at once: resets this close together are one restart.
-SAME_RESTART_WINDOW = 0.5
+# A dying worker resets every request it holds at the same instant: resets this close
+# together are one restart.
+SAME_RESTART_WINDOW = 0.05
+# After a restart, drops of pooled connections are taken for crashes for this long.
+RECENT_RESTART = 10.0
 
 
 class Health(StrEnum):
@@ -108,6 +111,9 @@ class HealthMonitor:
         ):
             self._down_since_restart = True
             self.record_restart("connections refused after the server was up")
+
+    def restarted_recently(self) -> bool:
+        return bool(self._restarts) and self._clock() - self._restarts[-1] < RECENT_RESTART
 
     def record_restart(self, evidence: str) -> None:
         self._restarts.append(self._clock())

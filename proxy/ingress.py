@@ -77,6 +77,7 @@ class Refusal:
     failure: Failure
     retry_after: float | None = None
     give_up: GiveUp | None = None
+    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,14 +160,16 @@ class Ingress:
         )
         forwarded = await self.forwarder.forward(outbound, budget, line.spent)
         line.attempts, line.reused = forwarded.attempts, forwarded.facts.reused
-        if forwarded.response is None:
+        if forwarded.answer is None:
             assert forwarded.failure is not None
-            refusal = Refusal(forwarded.failure, forwarded.retry_after, forwarded.give_up)
+            refusal = Refusal(
+                forwarded.failure, forwarded.retry_after, forwarded.give_up, forwarded.attempts
+            )
             return self._refuse(refusal, request_id, budget, line)
-        line.status = forwarded.response.status
+        line.status = forwarded.answer.response.status
         relayed = await relay(
             request,
-            forwarded.response,
+            forwarded.answer,
             budget if self.settings.budget.scope == "response" else None,
             forwarded.facts,
             {"X-Request-Id": request_id},
@@ -187,7 +190,13 @@ class Ingress:
         failure = refusal.failure
         line.failure = failure
         self.metrics.record_4503(failure)
-        hint = answer.hint_for(failure, refusal.give_up, budget=budget.total, spent=line.spent)
+        hint = answer.hint_for(
+            failure,
+            refusal.give_up,
+            attempts=refusal.attempts,
+            budget=budget.total,
+            spent=line.spent,
+        )
         response = answer.failure_response(failure, request_id, hint, refusal.retry_after)
         line.status = response.status
         return response

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from proxy.budget import Budget
 from proxy.failures import AttemptFacts, Failure, classify
+from proxy.forward import Answer
 from proxy.headers import decoded, response_headers
 
 # Statuses whose responses carry no body, whatever their headers say (RFC 9110 §6.4.1).
@@ -31,11 +32,12 @@ class Relayed:
 
 async def relay(
     request: web.BaseRequest,
-    upstream: aiohttp.ClientResponse,
+    answer: Answer,
     budget: Budget | None,
     facts: AttemptFacts,
     extra_headers: dict[str, str],
 ) -> Relayed:
+    upstream = answer.response
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     for name, value in response_headers(decoded(upstream.raw_headers)):
         response.headers.add(name, value)
@@ -44,7 +46,10 @@ async def relay(
     relayed = Relayed(response, 0)
     try:
         await response.prepare(request)
-        if has_body:
+        if has_body and answer.body is not None:
+            await response.write(answer.body)
+            relayed.bytes_out = len(answer.body)
+        elif has_body:
             # No budget: it covered only the first byte (budget.scope: first_byte).
             deadline = asyncio.timeout(budget.remaining() if budget is not None else None)
             try:

@@ -38,6 +38,12 @@ def expiry_for(announced: float) -> float:
     return announced / 2 if announced <= 2 else announced - 1
 
 
+def announced_idle_timeout(keep_alive: str) -> float | None:
+    """The N of a `Keep-Alive: timeout=N` header value, if there is one."""
+    match = _KEEP_ALIVE_TIMEOUT.search(keep_alive)
+    return float(match.group(1)) if match else None
+
+
 class Upstream:
     """Two sessions: a pool for normal traffic, and fresh one-shot connections for retries.
 
@@ -111,11 +117,11 @@ class Upstream:
         return response
 
     def _learn_idle_timeout(self, response: aiohttp.ClientResponse) -> None:
-        announced = response.headers.get("Keep-Alive")
-        match = _KEEP_ALIVE_TIMEOUT.search(announced) if announced else None
-        if match is None:
+        announced = response.headers.get("Keep-Alive", "")
+        seconds = announced_idle_timeout(announced)
+        if seconds is None:
             return
-        expiry = expiry_for(float(match.group(1)))
+        expiry = expiry_for(seconds)
         if expiry != self.idle_expiry:
             self.idle_expiry = expiry
             # aiohttp reads this attribute when it takes a connection from the pool and when it
