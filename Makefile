@@ -32,9 +32,11 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; }
 
-## bench: memory under 200 MiB bodies (run by hand; numbers go to docs/benchmarks.md)
+## bench: memory under 200 MiB bodies, and success under a crash-looping model against nginx
+## and HAProxy when installed (run by hand; numbers go to docs/benchmarks.md)
 bench: $(INSTALLED)
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/crash_loop.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -50,6 +50,11 @@ def split_address(address: str) -> tuple[str, int]:
 Seconds = Annotated[float, Field(gt=0)]
 
 
+def _certificate_with_key(cert_file: Path | None, key_file: Path | None) -> None:
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("cert_file and key_file must be set together")
+
+
 class ServerSettings(_Section):
     listen: Address = "0.0.0.0:8080"  # the port such platforms call by default
     admin_listen: Address = "0.0.0.0:9464"  # clear of Prometheus 9090, Pushgateway 9091
@@ -66,8 +71,7 @@ class ServerSettings(_Section):
 
     @model_validator(mode="after")
     def _tls_files(self) -> ServerSettings:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file must be set together")
+        _certificate_with_key(self.cert_file, self.key_file)
         if self.tls == "on" and self.cert_file is None:
             raise ValueError("tls: on needs cert_file and key_file (or use tls: auto)")
         return self
@@ -82,8 +86,7 @@ class UpstreamTLSSettings(_Section):
 
     @model_validator(mode="after")
     def _pair(self) -> UpstreamTLSSettings:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file must be set together")
+        _certificate_with_key(self.cert_file, self.key_file)
         return self
 
 
