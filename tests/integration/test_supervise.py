@@ -344,3 +344,28 @@ def test_nothing_after_the_separator_is_a_usage_error() -> None:
     result = subprocess.run([*SERVEGATE, "--"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "-- COMMAND" in result.stderr
+
+
+def test_a_crash_loop_is_declared_within_its_window_and_cleared_after_it(
+    supervised: Callable[..., Supervised],
+) -> None:
+    window = 3.0
+    gate = supervised(
+        env={
+            "SERVEGATE_HEALTH__CRASH_LOOP_WINDOW": str(window),
+            "SERVEGATE_HEALTH__INTERVAL": "0.2",
+        }
+    )
+    for _ in range(CRASHES):  # three restarts, well inside the window
+        assert gate.predict("?crash=1") == 503
+
+    def crash_loop() -> float:
+        return gate.metrics()["servegate_upstream_crash_loop"]
+
+    eventually(lambda: crash_loop() == 1, "crash loop declared")
+    declared = time.monotonic()
+    assert len(gate.events("upstream.crash_loop")) == 1
+    eventually(lambda: crash_loop() == 0, "crash loop cleared", limit=window + 2)
+    assert time.monotonic() - declared >= window - 1  # not before the window has passed
+    eventually(lambda: gate.metrics()["servegate_upstream_up"] == 1, "up again")
+    assert gate.predict() == 200
