@@ -142,10 +142,10 @@ def failure_response(
     return _json(status, body, headers)
 
 
-def bad_request(message: str, request_id: str) -> web.Response:
+def bad_request(message: str, request_id: str, status: int = 400) -> web.Response:
     """A client mistake servegate caught itself (not a 4503: the model was never asked)."""
     body = {"error_code": "servegate.bad_request", "error_msg": message, "request_id": request_id}
-    return _json(400, body, {"X-Request-Id": request_id})
+    return _json(status, body, {"X-Request-Id": request_id})
 
 
 def internal_error(request_id: str) -> web.Response:

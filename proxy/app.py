@@ -23,7 +23,7 @@ from proxy.circuit import Circuit, Signal
 from proxy.config import Settings, effective, split_address
 from proxy.forward import Forwarder
 from proxy.health import Health, HealthMonitor, check_upstream
-from proxy.ingress import Ingress
+from proxy.ingress import Ingress, JsonErrorServer
 from proxy.listener import CertificateError, SniffingSite
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
@@ -73,7 +73,7 @@ class Servegate:
             self._rng,
         )
         ingress = Ingress(self.settings, forwarder, self.admission, self.circuit, self.metrics)
-        data_server = web.Server(
+        data_server = JsonErrorServer(
             ingress.handle,
             keepalive_timeout=self.settings.server.client_keepalive,
             # A client that hangs up cancels its upstream request instead of leaving the model

@@ -10,10 +10,12 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from proxy import answer
 from proxy.admission import Admission, QueueFull
@@ -224,3 +226,29 @@ class Ingress:
         if body is not None and not body.buffered and request.content_length is not None:
             headers.append(("Content-Length", str(request.content_length)))
         return headers
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp answers a request it cannot parse (bad request line, oversized headers) before
+    servegate's handler runs, in plain text; this gives that answer the JSON body too."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        # A client's mistake, answered and logged as one (aiohttp logs it as a server error).
+        reason = message or HTTPStatus(status).phrase
+        access_log.info("request.rejected", status=status, reason=reason, client=request.remote)
+        response = answer.bad_request(reason, uuid.uuid4().hex, status)
+        response.force_close()  # the stream cannot be trusted after a parse error
+        return response
+
+
+class JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)

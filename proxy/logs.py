@@ -24,12 +24,15 @@ def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
     renderer: Any = (
         structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     )
+    shared = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        Redactor(settings.redact_headers),
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            Redactor(settings.redact_headers),
+            *shared,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -39,6 +42,21 @@ def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    # Libraries (aiohttp, asyncio) log through the standard library: the same JSON lines.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                *shared,
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(settings.level.upper())
 
 
 class Redactor:

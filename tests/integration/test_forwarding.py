@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -220,3 +221,32 @@ async def test_the_gunicorn_demo_model_answers_a_prediction_through_servegate(
         assert response.status == 200
         answer = await response.json()
     assert [p["label"] for p in answer["predictions"]] == ["setosa", "virginica"]
+
+
+async def test_a_request_aiohttp_cannot_parse_gets_a_json_400(start_gate: StartGate) -> None:
+    gate = await start_gate("http://127.0.0.1:9")  # never asked
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(b"GET /a b c HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"400"
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["error_code"] == "servegate.bad_request"
+
+
+async def test_credentials_never_reach_the_log(
+    start_gate: StartGate, upstream_url: str, client: aiohttp.ClientSession, log_capture: Any
+) -> None:
+    gate = await start_gate(upstream_url)
+    secrets = {"Authorization": "Bearer s3cret-1", "Cookie": "session=s3cret-2"}
+    async with client.get(gate_url(gate, "/private?x=1"), headers=secrets) as response:
+        assert response.status == 200
+    short = {"budget.seconds": 0.6, "budget.margin": 0.1}
+    failing = await start_gate("http://127.0.0.1:9", **short)
+    async with client.get(gate_url(failing, "/private"), headers=secrets) as response:
+        assert response.status == 503
+    assert len(log_capture.access()) == 2
+    assert "s3cret" not in log_capture.stream.getvalue()
