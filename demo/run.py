@@ -1,7 +1,8 @@
-"""`make run`: the demo model behind Gunicorn on 127.0.0.1:8000, servegate in front of it.
+"""`make run`: servegate on the default ports, running the demo model under Gunicorn on
+127.0.0.1:8000 as its child (supervise mode).
 
 Gunicorn keeps its default 2 s keep-alive on purpose: that is the setting behind the stale
-connections servegate exists to hide. Ctrl-C stops both processes.
+connections servegate exists to hide. Ctrl-C stops servegate, which stops the model.
 """
 
 from __future__ import annotations
@@ -26,20 +27,18 @@ servegate is in front of the demo model (Gunicorn on {MODEL}).
   metrics:  curl localhost:{ADMIN_PORT}/metrics
   ready:    curl localhost:{ADMIN_PORT}/readyz
 
-Ctrl-C stops both.
+Ctrl-C stops both (servegate first, then the model it supervises).
 """
 
 
 def main() -> int:
-    model = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--chdir", str(ROOT), "--bind", MODEL,
+    gate = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "run", "--upstream", f"http://{MODEL}", "--",
+         sys.executable, "-m", "gunicorn", "--chdir", str(ROOT), "--bind", MODEL,
          "--worker-class", "gthread", "--workers", "2", "--threads", "4",
          "--no-control-socket", "demo.model:app"],
-    )  # fmt: skip
-    gate = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "run", "--upstream", f"http://{MODEL}"],
         cwd=ROOT,
-    )
+    )  # fmt: skip
     stop_requested = False
 
     def request_stop(_signum: int, _frame: object) -> None:
@@ -48,20 +47,19 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    time.sleep(1.5)
-    if model.poll() is None and gate.poll() is None:
+    time.sleep(2)
+    if gate.poll() is None:
         print(BANNER, flush=True)
     try:
-        while not stop_requested and model.poll() is None and gate.poll() is None:
+        while not stop_requested and gate.poll() is None:
             time.sleep(0.2)
     finally:
-        for process in (gate, model):  # servegate first, so it drains before the model goes
-            if process.poll() is None:
-                process.terminate()
-            try:
-                process.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        if gate.poll() is None:
+            gate.terminate()  # servegate drains, then stops the model
+        try:
+            gate.wait(timeout=75)
+        except subprocess.TimeoutExpired:
+            gate.kill()
     return 0 if stop_requested else 1
 
 
