@@ -78,6 +78,10 @@ _HINT = {
         "The model server is down, so servegate is not sending it requests for now; "
         "try again after Retry-After. /readyz on the admin port says why."
     ),
+    Cause.UPSTREAM_UNHEALTHY: (
+        "The budget ran out while the model server was down or restarting: find out why it "
+        "restarts (its log), rather than raising the budget."
+    ),
     Cause.OVERLOADED: (
         "The model server is busy with as many requests as it can take and the queue is full: "
         "try again after Retry-After, or add instances."

@@ -144,7 +144,7 @@ class Servegate:
         async def check() -> bool:
             passed = await check_upstream(
                 checks, self._probe.host, self._probe.port, self._probe.speaking,
-                self.settings.health,
+                self.settings.health, self.settings.upstream.tls.server_name,
             )  # fmt: skip
             if passed and self.health.state is Health.UP:
                 # The circuit may have opened on refusals the checks never saw (a restart
@@ -152,7 +152,7 @@ class Servegate:
                 self.circuit.signal(Signal.UP)
             return passed
 
-        self.health.record_check(await check())  # known before the first request arrives
+        self.health.record_check(await check())  # known by the time start() returns
         self._health_task = asyncio.create_task(self.health.run(check))
 
     def _health_changed(self, was: Health, now: Health) -> None:

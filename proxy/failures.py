@@ -1,12 +1,14 @@
 """The one failure taxonomy: every failed attempt becomes a `Failure(category, cause, ...)`.
 
-`classify` is the only code that inspects aiohttp, `ssl` and `OSError` exceptions; retries,
-metrics, logs and error bodies all read the `Cause` it returns.
+`classify` is the only code that reads the exceptions of a request's attempt; retries, metrics,
+logs and error bodies all read the `Cause` it returns. (The TLS probe, the health checks and
+the doctor's raw exchange read only what their own yes-or-no question needs.)
 """
 
 from __future__ import annotations
 
 import ssl
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -35,6 +37,7 @@ class Cause(StrEnum):
     CRASH_LOOP = "crash_loop"
     CIRCUIT_OPEN = "circuit_open"
     OVERLOADED = "overloaded"
+    UPSTREAM_UNHEALTHY = "upstream_unhealthy"
 
     @property
     def category(self) -> Category:
@@ -56,6 +59,7 @@ _CATEGORY_OF: dict[Cause, Category] = {
     Cause.CRASH_LOOP: Category.SERVICE,
     Cause.CIRCUIT_OPEN: Category.SERVICE,
     Cause.OVERLOADED: Category.SERVICE,
+    Cause.UPSTREAM_UNHEALTHY: Category.SERVICE,
 }
 
 
@@ -63,8 +67,10 @@ _CATEGORY_OF: dict[Cause, Category] = {
 class AttemptFacts:
     """What the transport reported about one attempt (filled by aiohttp's trace signals)."""
 
+    scheme: str = "http"  # what the attempt spoke: the answer to a mismatch depends on it
     reused: bool | None = None  # None: no connection was obtained
     request_sent: bool = False  # the request headers left servegate
+    last_sent_at: float | None = None  # monotonic time the last request byte left
     response_started: bool = False  # the response's status line and headers arrived
     connect_started: float | None = None  # monotonic time a new connection was begun
     connect_seconds: float = 0.0  # time spent opening a new connection (0 when reused)
@@ -83,17 +89,6 @@ class Failure:
         return self.cause.category
 
     @property
-    def reached_application(self) -> bool:
-        """Whether the model's application may have seen the request.
-
-        A reused connection that fails before any response byte was closed by the server's
-        idle timer, not by the application; nothing before connecting reaches anything.
-        """
-        if self.cause in (Cause.STALE_CONNECTION, Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT):
-            return False
-        return self.request_sent and self.category is not Category.PROTOCOL
-
-    @property
     def protocol_suspect(self) -> bool:
         """A fresh plain connection dropped or answered with garbage: a TLS server looks so."""
         return (
@@ -110,12 +105,18 @@ class Failure:
         return Failure(cause, detail, self.reused, self.request_sent, self.response_started)
 
 
+# Loopback and sidecar round trips are well under a millisecond, a LAN's a few; 0.2 s leaves
+# room for a slow network and is far shorter than any model's work on a request.
+STALE_WINDOW = 0.2
+
 _DISCONNECTS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
 _PLAIN_PEER_MARKERS = ("wrong version number", "record layer failure", "packet length too long")
 
 
-def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) -> Failure:
-    """Translate one attempt's exception into the taxonomy."""
+def classify(
+    exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool, now: float | None = None
+) -> Failure:
+    """Translate one attempt's exception into the taxonomy (`now`: when it failed)."""
 
     def failure(cause: Cause, detail: str) -> Failure:
         return Failure(cause, detail, facts.reused, facts.request_sent, facts.response_started)
@@ -138,10 +139,20 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
     if isinstance(exc, aiohttp.ClientResponseError) and not facts.response_started:
         return failure(Cause.MALFORMED_RESPONSE, f"unparseable response head: {exc.message}")
     if isinstance(exc, (aiohttp.ClientPayloadError, *_DISCONNECTS)):
-        if facts.reused and not facts.response_started:
+        if facts.reused and not facts.response_started and _within_a_round_trip(facts, now):
             return failure(Cause.STALE_CONNECTION, "the pooled connection was closed by the server")
         return failure(Cause.RESET_DURING_REQUEST, _disconnect_reason(exc, facts))
-    raise exc
+    # Anything else is still a failure of this attempt; the detail names it for the log.
+    return failure(Cause.RESET_DURING_REQUEST, f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _within_a_round_trip(facts: AttemptFacts, now: float | None) -> bool:
+    """A server's idle close crossed the request: its FIN was on the way as the request left,
+    so the drop arrives within a round trip. A drop later than that came from a server that
+    had the request, and a request that may have reached the model is not replayed."""
+    if facts.last_sent_at is None:
+        return True  # failed while writing: the server never had the whole request
+    return (time.monotonic() if now is None else now) - facts.last_sent_at <= STALE_WINDOW
 
 
 def _ssl_reason(error: BaseException) -> str:

@@ -78,7 +78,7 @@ class Forwarder:
         attempt = 0
         while True:
             attempt += 1
-            facts = AttemptFacts()
+            facts = AttemptFacts(scheme=self.probe.speaking)
             began = time.monotonic()
             answer, failure = await self._attempt(outbound, budget, facts, spent, fresh=fresh)
             if retrying is not None:
@@ -89,12 +89,11 @@ class Forwarder:
                 self.circuit.signal(Signal.SUCCESS)
                 return Forwarded(attempt, facts, answer=answer)
             assert failure is not None
-            spoke = self.probe.speaking
-            failure = await self._observe(failure, began, budget)
+            failure = await self._observe(failure, facts.scheme, began, budget)
             decision = decide(
                 failure,
                 state,
-                scheme_adopted=self.probe.speaking != spoke,
+                scheme_adopted=self.probe.speaking != facts.scheme,
                 replay_after_reset=outbound.method in self.settings.replay_after_reset,
                 body_replayable=outbound.body is None or outbound.body.replayable,
                 remaining=budget.remaining(),
@@ -131,9 +130,9 @@ class Forwarder:
             spent.backing_off += decision.delay
             await asyncio.sleep(decision.delay)
 
-    async def _observe(self, failure: Failure, began: float, budget: Budget) -> Failure:
+    async def _observe(self, failure: Failure, spoke: str, began: float, budget: Budget) -> Failure:
         """Confirm a protocol suspicion, then let metrics, health and the circuit see it."""
-        failure = await self.probe.confirm(failure, began, budget.remaining())
+        failure = await self.probe.confirm(failure, spoke, began, budget.remaining())
         if failure.cause is Cause.STALE_CONNECTION and self.health.restarted_recently():
             # Workers are dying: a pooled connection dropped after the request went out is
             # far more likely a crash than an idle close, and a crash is not replayed.
@@ -170,7 +169,7 @@ class Forwarder:
                     headers,
                     body,
                     facts,
-                    scheme=self.probe.speaking,
+                    scheme=facts.scheme,
                     fresh=fresh,
                 )
                 # A small answer of known length is read whole before the client sees a

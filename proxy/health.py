@@ -19,7 +19,7 @@ import structlog
 from yarl import URL
 
 from proxy.config import HealthSettings
-from proxy.failures import Cause, Failure
+from proxy.failures import Category, Cause, Failure
 
 log = structlog.get_logger("servegate.health")
 
@@ -79,7 +79,9 @@ class HealthMonitor:
         self._failed = 0
         self._ever_up = False
         self._restarts: deque[float] = deque()
-        self._down_since_restart = False
+        # A restart of this outage is already counted (from the log, or from refusals): the
+        # checks passing again is the same restart, not another.
+        self._restart_seen = False
         # Set in supervise mode: the model server's own log counts restarts exactly, so
         # failures of requests are no longer taken as evidence of one.
         self.restarts_from_log = False
@@ -90,8 +92,10 @@ class HealthMonitor:
         self._expire_restarts()
         self._passed, self._failed = (self._passed + 1, 0) if ok else (0, self._failed + 1)
         if self._passed >= self.settings.healthy_threshold:
-            if self.state is Health.DOWN and self._ever_up:
+            if self.state is Health.DOWN and self._ever_up and not self._restart_seen:
                 self.record_restart("health checks passed again")
+            if self.state is Health.UP:
+                self._restart_seen = False  # up, and seen up since: the next outage is new
             self._apply(Event.CHECKS_PASSED)
         elif self._failed >= self.settings.unhealthy_threshold:
             self._apply(Event.CHECKS_FAILED)
@@ -107,15 +111,15 @@ class HealthMonitor:
         elif (
             failure.cause is Cause.CONNECT_REFUSED
             and self.state is Health.UP
-            and not self._down_since_restart
+            and not self._restart_seen
         ):
-            self._down_since_restart = True
             self.record_restart("connections refused after the server was up")
 
     def restarted_recently(self) -> bool:
         return bool(self._restarts) and self._clock() - self._restarts[-1] < RECENT_RESTART
 
     def record_restart(self, evidence: str) -> None:
+        self._restart_seen = True
         self._restarts.append(self._clock())
         self._on_restart()
         log.info("upstream.restarted", evidence=evidence)
@@ -137,7 +141,7 @@ class HealthMonitor:
         was, self.state = self.state, state
         if state is Health.UP:
             self._ever_up = True
-            self._down_since_restart = False
+            self._restart_seen = False
         if state is Health.CRASH_LOOP:
             log.error(
                 "upstream.crash_loop",
@@ -151,8 +155,14 @@ class HealthMonitor:
 
     def explain(self, failure: Failure) -> Failure:
         """A service failure during a crash loop is named for the loop, the thing to fix."""
-        if self.state is Health.CRASH_LOOP and failure.category == "service":
+        if self.state is Health.CRASH_LOOP and failure.category is not Category.PROTOCOL:
             return failure.as_(Cause.CRASH_LOOP, f"{failure.detail}; {CRASH_LOOP_ADVICE}")
+        if failure.category is Category.TIMEOUT and (
+            self.state is Health.DOWN or self.restarted_recently()
+        ):
+            # The budget ran out while the server was restarting: the restart is what to fix.
+            detail = f"{failure.detail} while the model server was down or restarting"
+            return failure.as_(Cause.UPSTREAM_UNHEALTHY, detail)
         return failure
 
     # I/O: the check loop.
@@ -165,7 +175,12 @@ class HealthMonitor:
 
 
 async def check_upstream(
-    session: aiohttp.ClientSession, host: str, port: int, scheme: str, settings: HealthSettings
+    session: aiohttp.ClientSession,
+    host: str,
+    port: int,
+    scheme: str,
+    settings: HealthSettings,
+    server_name: str | None = None,
 ) -> bool:
     """One health check: GET the health path (2xx passes), or a TCP connect when none is set."""
     try:
@@ -176,7 +191,7 @@ async def check_upstream(
                 await writer.wait_closed()
                 return True
             url = URL.build(scheme=scheme, host=host, port=port, path=settings.path)
-            async with session.get(url) as response:
+            async with session.get(url, server_hostname=server_name) as response:
                 await response.read()
                 return 200 <= response.status < 300
     except (aiohttp.ClientError, OSError):  # TimeoutError is an OSError

@@ -6,6 +6,7 @@ loop, then relays the answer or answers the failure, and counts and logs the res
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -16,6 +17,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from yarl import URL
 
 from proxy import answer
 from proxy.admission import Admission, QueueFull
@@ -72,6 +74,15 @@ class AccessLine:
         return line
 
 
+def origin_form(target: str) -> str:
+    """The path and query to send upstream, byte for byte; an absolute-form target
+    (`GET http://host/path`, as sent to proxies) keeps its path and query too."""
+    if target.startswith("/"):
+        return target
+    path = URL(target, encoded=True).raw_path_qs
+    return path if path.startswith("/") else "/"  # "*" (OPTIONS *) asks the server itself
+
+
 @dataclass(frozen=True)
 class Refusal:
     """servegate answers instead of the model: why, and when trying again makes sense."""
@@ -100,10 +111,15 @@ class Ingress:
         try:
             response = await self._serve(request, request_id, line)
         except Exception:
-            # A bug in servegate still gets a JSON answer and a traceback in the log.
+            # A bug in servegate still gets a JSON answer and a traceback in the log, unless
+            # the status line is already out: then only a cut connection can tell the client.
             access_log.exception("servegate.internal_error")
+            line.status = line.status or 500
+            if request.writer.output_size > 0:
+                if request.transport is not None:
+                    request.transport.close()
+                raise
             response = answer.internal_error(request_id)
-            line.status = response.status
         finally:
             # Without a status, the client hung up and the handler was cancelled.
             line.status = line.status or CLIENT_CLOSED
@@ -122,7 +138,17 @@ class Ingress:
         except BadTimeoutHeader as exc:
             line.status = 400
             return answer.bad_request(str(exc), request_id)
-        refusal = await self._admit(budget, line)
+        # Read before taking a slot: a slow client must not hold the model's capacity.
+        try:
+            async with asyncio.timeout(budget.remaining()):
+                line.body = await self._read_body(request)
+        except TimeoutError:
+            detail = "the budget ran out while the client was still sending its request"
+            refusal: Refusal | None = Refusal(Failure(Cause.DEADLINE_EXCEEDED, detail))
+        else:
+            refusal = await self._admit(budget, line)
+        finally:
+            line.spent.reading_request = budget.elapsed()
         if refusal is not None:
             return self._refuse(refusal, request_id, budget, line)
         try:
@@ -132,18 +158,18 @@ class Ingress:
 
     async def _admit(self, budget: Budget, line: AccessLine) -> Refusal | None:
         """The circuit, then a concurrency slot: both before the model server is asked."""
-        if not await self.circuit.admit(budget.remaining()):
-            self.metrics.shed.labels("circuit_open").inc()
-            detail = "the circuit is open: the model server is down"
-            return Refusal(Failure(Cause.CIRCUIT_OPEN, detail), self.circuit.retry_after())
-        queued_at = budget.elapsed()
+        arrived = budget.elapsed()
         try:
+            if not await self.circuit.admit(budget.remaining()):
+                self.metrics.shed.labels("circuit_open").inc()
+                detail = "the circuit is open: the model server is down"
+                return Refusal(Failure(Cause.CIRCUIT_OPEN, detail), self.circuit.retry_after())
             admitted = await self.admission.enter(budget.remaining())
         except QueueFull:
             detail = "every concurrency slot is taken and the queue is full"
             return Refusal(Failure(Cause.OVERLOADED, detail), self.settings.admission.retry_after)
         finally:
-            line.spent.queued = budget.elapsed() - queued_at
+            line.spent.queued = budget.elapsed() - arrived
         if not admitted:
             detail = "the budget ran out while waiting for a concurrency slot"
             return Refusal(Failure(Cause.DEADLINE_EXCEEDED, detail))
@@ -152,11 +178,9 @@ class Ingress:
     async def _exchange(
         self, request: web.BaseRequest, request_id: str, budget: Budget, line: AccessLine
     ) -> web.StreamResponse:
-        line.body = await self._read_body(request)
-        line.spent.reading_request = budget.elapsed() - line.spent.queued
         outbound = Outbound(
             method=request.method,
-            raw_path=request.raw_path if request.raw_path.startswith("/") else "/",
+            raw_path=origin_form(request.raw_path),
             headers=self._outbound_headers(request, request_id, line.body),
             body=line.body,
         )
@@ -168,7 +192,6 @@ class Ingress:
                 forwarded.failure, forwarded.retry_after, forwarded.give_up, forwarded.attempts
             )
             return self._refuse(refusal, request_id, budget, line)
-        line.status = forwarded.answer.response.status
         relayed = await relay(
             request,
             forwarded.answer,
@@ -177,6 +200,7 @@ class Ingress:
             {"X-Request-Id": request_id},
         )
         line.bytes_out = relayed.bytes_out
+        line.status = relayed.response.status  # set late: a cancelled relay logs 499
         if relayed.failure is not None:
             # The client already has the status line; the cut connection tells it the rest.
             line.failure = relayed.failure

@@ -53,7 +53,7 @@ async def speaks_tls(host: str, port: int, wait: float) -> bool | None:
 class SchemeProbe:
     """What servegate speaks to the model server, and what the server is found to speak.
 
-    The probe runs at start-up and again, at most every few seconds, whenever a failure
+    The probe runs at start-up and again, at most twice a second, whenever a failure
     suggests a mismatch. With `upstream.scheme: auto` servegate adopts what it finds, except
     that an https:// URL is never downgraded to plain HTTP.
     """
@@ -127,7 +127,9 @@ class SchemeProbe:
             "http:// upstream URL (upstream.scheme: auto never downgrades an https:// one)"
         )
 
-    async def confirm(self, failure: Failure, began: float, remaining: float) -> Failure:
+    async def confirm(
+        self, failure: Failure, spoke: str, began: float, remaining: float
+    ) -> Failure:
         """Ask the server when a failure looks like a mismatch; name the mismatch if it is one.
 
         `began` is when the failed attempt began: only a probe made since then can speak for it.
@@ -135,7 +137,6 @@ class SchemeProbe:
         suspect = failure.protocol_suspect or failure.cause in SCHEME_MISMATCHES
         if not suspect or remaining <= 0:
             return failure
-        spoke = self.speaking
         detected = await self.detect(min(PROBE_TIMEOUT, remaining), since=began)
         if spoke == "http" and detected == "https":
             return failure.as_(

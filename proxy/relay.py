@@ -8,6 +8,7 @@ filling servegate's memory.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -44,32 +45,49 @@ async def relay(
     response.headers.update(extra_headers)
     has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
     relayed = Relayed(response, 0)
+    # No budget: it covered only the first byte (budget.scope: first_byte).
+    deadline = asyncio.timeout(budget.remaining() if budget is not None else None)
     try:
-        await response.prepare(request)
-        if has_body and answer.body is not None:
-            await response.write(answer.body)
-            relayed.bytes_out = len(answer.body)
-        elif has_body:
-            # No budget: it covered only the first byte (budget.scope: first_byte).
-            deadline = asyncio.timeout(budget.remaining() if budget is not None else None)
-            try:
-                async with deadline:
-                    async for chunk in upstream.content.iter_any():
-                        await response.write(chunk)
-                        relayed.bytes_out += len(chunk)
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                relayed.failure = classify(exc, facts, deadline_passed=deadline.expired())
-                _abort(request)
-                return relayed
-        await response.write_eof()
-    except ConnectionResetError:
-        relayed.client_gone = True  # the client left; the upstream response is released below
+        async with deadline:
+            await response.prepare(request)
+            if has_body and answer.body is not None:
+                await response.write(answer.body)
+                relayed.bytes_out = len(answer.body)
+            elif has_body:
+                async for chunk in _from_model(upstream):
+                    await response.write(chunk)
+                    relayed.bytes_out += len(chunk)
+            await response.write_eof()
+    except _ModelBroke as broke:
+        relayed.failure = classify(broke.cause, facts, deadline_passed=False)
+    except TimeoutError:
+        relayed.failure = classify(TimeoutError(), facts, deadline_passed=True)
+    except ConnectionResetError:  # aiohttp's write error when the client has gone
+        relayed.client_gone = True
     finally:
         if relayed.failure is None and not relayed.client_gone:
             upstream.release()  # fully read: the connection goes back to the pool
         else:
             upstream.close()
+    if relayed.failure is not None:
+        _abort(request)
     return relayed
+
+
+class _ModelBroke(Exception):
+    """Reading the model's answer failed (as opposed to writing it to the client)."""
+
+    def __init__(self, cause: aiohttp.ClientError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+async def _from_model(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    except aiohttp.ClientError as exc:
+        raise _ModelBroke(exc) from exc
 
 
 def _abort(request: web.BaseRequest) -> None:

@@ -55,7 +55,10 @@ class Upstream:
         self.settings = settings
         origin = settings.origin
         # With upstream.scheme: auto either scheme may be spoken, so both are ready.
-        self._authority = f"{origin.raw_host}:{origin.port}"
+        # The port is always explicit: with upstream.scheme: auto the scheme may change, and
+        # the port must not change with it. An IPv6 host keeps its brackets.
+        host = f"[{origin.raw_host}]" if ":" in (origin.raw_host or "") else origin.raw_host
+        self._authority = f"{host}:{origin.port}"
         self.idle_expiry = settings.idle_expiry
         ssl_context = client_ssl_context(settings.tls)
         trace = _trace_config()
@@ -80,7 +83,9 @@ class Upstream:
             auto_decompress=False,  # bytes pass through exactly as the model sent them
             trust_env=False,  # an HTTP_PROXY in the container must not reroute model traffic
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout),
+            # sock_connect, not connect: waiting for a free pooled connection is queueing, not
+            # a server that cannot be reached; the request's budget bounds it.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout),
         )
         # aiohttp silently replays an idempotent request once after a disconnect; servegate's
         # attempt loop must be the only place that decides (and counts) a retry. aiohttp has no
@@ -159,11 +164,16 @@ def _trace_config() -> aiohttp.TraceConfig:
 
     async def headers_sent(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
         ctx.trace_request_ctx.request_sent = True
+        ctx.trace_request_ctx.last_sent_at = time.monotonic()
+
+    async def chunk_sent(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
+        ctx.trace_request_ctx.last_sent_at = time.monotonic()
 
     trace = aiohttp.TraceConfig()
     trace.on_connection_reuseconn.append(reused)
     trace.on_connection_create_start.append(creating)
     trace.on_connection_create_end.append(created)
     trace.on_request_headers_sent.append(headers_sent)
+    trace.on_request_chunk_sent.append(chunk_sent)
     trace.freeze()
     return trace

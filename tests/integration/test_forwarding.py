@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from tests.conftest import StartGate, gate_url
+from tests.conftest import StartGate, gate_url, sample, scrape
 from tests.upstreams.apps import Recorder, recording_app
 from tests.upstreams.gunicorn import Gunicorn
 
@@ -250,3 +250,47 @@ async def test_credentials_never_reach_the_log(
         assert response.status == 503
     assert len(log_capture.access()) == 2
     assert "s3cret" not in log_capture.stream.getvalue()
+
+
+async def test_an_ipv6_model_server_is_reached(
+    start_gate: StartGate, aiohttp_server: Any, recorder: Recorder, client: aiohttp.ClientSession
+) -> None:
+    server = await aiohttp_server(recording_app(recorder), host="::1")
+    gate = await start_gate(f"http://[::1]:{server.port}")
+    async with client.get(gate_url(gate, "/v6?x=1")) as response:
+        assert response.status == 200
+    assert recorder.last().raw_path == "/v6?x=1"
+
+
+async def test_an_absolute_form_target_keeps_its_path_and_query(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    gate = await start_gate(upstream_url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(b"GET http://model.local/predict?x=%41 HTTP/1.1\r\nHost: model.local\r\n\r\n")
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+    writer.close()
+    await writer.wait_closed()
+    assert recorder.last().raw_path == "/predict?x=%41"
+
+
+async def test_a_client_that_leaves_mid_stream_is_not_a_model_failure(
+    start_gate: StartGate, upstream_url: str, log_capture: Any
+) -> None:
+    gate = await start_gate(upstream_url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(b"GET /ticks?count=50&every=0.05 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"data: 1"), 5)
+    writer.close()  # the client gives up on the stream
+    await writer.wait_closed()
+    for _ in range(100):
+        if log_capture.access():
+            break
+        await asyncio.sleep(0.02)
+    assert log_capture.access()[-1]["status"] == 499
+    assert "cause" not in log_capture.access()[-1]
+    samples = await scrape(gate)
+    reset = {"category": "service", "cause": "reset_during_request"}
+    assert sample(samples, "servegate_4503_total", **reset) == 0

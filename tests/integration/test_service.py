@@ -131,3 +131,24 @@ async def test_an_opted_in_method_rides_out_a_worker_that_dies_under_it(
     samples = await scrape(gate)
     replayed = {"cause": "reset_during_request", "outcome": "succeeded"}
     assert sample(samples, "servegate_retries_total", **replayed) >= 2
+
+
+async def test_a_slow_client_is_cut_at_its_budget_without_holding_the_models_capacity(
+    start_gate: StartGate, aiohttp_server: Any, client: aiohttp.ClientSession
+) -> None:
+    busy = Busy()
+    server = await aiohttp_server(busy_app(busy, seconds=0.05))
+    gate = await start_gate(
+        f"http://127.0.0.1:{server.port}",
+        **{"admission.max_concurrency": 1, "budget.seconds": 1.5, "budget.margin": 0.5},
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+    await writer.drain()  # 10 of 100 bytes, then nothing
+    async with client.post(gate_url(gate, "/predict"), json=PREDICTION) as response:
+        assert response.status == 200  # the slot was free for a client that sends its body
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+    writer.close()
+    await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 504")
+    assert b"X-Servegate-Category: timeout" in head

@@ -226,3 +226,22 @@ async def start_naive_proxy(upstream: str) -> NaiveProxy:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     return NaiveProxy(runner, session, runner.addresses[0][1])
+
+
+async def test_a_reused_connection_dropped_after_the_model_worked_on_it_is_not_replayed(
+    start_gate: StartGate, client: aiohttp.ClientSession
+) -> None:
+    server = ClosesReusedConnections(close_delay=0.5)  # reads it, works on it, then dies
+    await server.start()
+    try:
+        gate = await start_gate(server.url, **{"upstream.idle_expiry": 30})
+        async with client.post(gate_url(gate, "/warm"), data=b"warm") as response:
+            assert response.status == 200
+        async with client.post(gate_url(gate, "/crash"), data=b"crash") as response:
+            assert response.status == 503
+            body = await response.json()
+    finally:
+        await server.stop()
+    assert (body["category"], body["cause"]) == ("service", "reset_during_request")
+    assert "sent once and not replayed" in body["hint"]
+    assert len(server.remaining_ms) == 2  # the model saw the second request exactly once

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from proxy import answer
-from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
+from proxy.failures import STALE_WINDOW, AttemptFacts, Category, Cause, Failure, classify
 
 KEY = ConnectionKey("127.0.0.1", 8000, False, True, None, None, None)
 
@@ -29,18 +29,24 @@ def test_every_category_has_causes() -> None:
     assert {cause.category for cause in Cause} == set(Category)
 
 
-def test_a_reused_connection_dropped_before_any_response_is_stale() -> None:
-    facts = AttemptFacts(reused=True, request_sent=True)
-    failure = classify(aiohttp.ServerDisconnectedError(), facts, deadline_passed=False)
+def test_a_reused_connection_dropped_within_a_round_trip_of_sending_is_stale() -> None:
+    facts = AttemptFacts(reused=True, request_sent=True, last_sent_at=10.0)
+    drop = aiohttp.ServerDisconnectedError()
+    failure = classify(drop, facts, deadline_passed=False, now=10.0 + STALE_WINDOW / 2)
     assert failure.cause is Cause.STALE_CONNECTION
-    assert not failure.reached_application
+
+
+def test_a_reused_connection_dropped_while_the_server_had_the_request_is_not_stale() -> None:
+    facts = AttemptFacts(reused=True, request_sent=True, last_sent_at=10.0)
+    drop = aiohttp.ServerDisconnectedError()
+    failure = classify(drop, facts, deadline_passed=False, now=12.0)  # the model worked on it
+    assert failure.cause is Cause.RESET_DURING_REQUEST
 
 
 def test_a_fresh_connection_dropped_after_sending_may_have_reached_the_model() -> None:
     facts = AttemptFacts(reused=False, request_sent=True)
     failure = classify(aiohttp.ServerDisconnectedError(), facts, deadline_passed=False)
     assert failure.cause is Cause.RESET_DURING_REQUEST
-    assert failure.reached_application
     assert failure.protocol_suspect
 
 
@@ -54,7 +60,6 @@ def test_refused_and_timed_out_connects_never_reached_the_model() -> None:
     refused = aiohttp.ClientConnectorError(KEY, ConnectionRefusedError(111, "Connection refused"))
     failure = classify(refused, AttemptFacts(), deadline_passed=False)
     assert failure.cause is Cause.CONNECT_REFUSED
-    assert not failure.reached_application
     timed_out = aiohttp.ConnectionTimeoutError("slow")
     assert classify(timed_out, AttemptFacts(), deadline_passed=False).cause is (
         Cause.CONNECT_TIMEOUT

@@ -73,3 +73,27 @@ def test_passive_evidence_is_ignored_when_the_log_counts_restarts() -> None:
     health.restarts_from_log = True
     health.record_failure(Failure(Cause.RESET_DURING_REQUEST, "x", reused=False))
     assert restarts == []
+
+
+def test_a_restart_the_log_counted_is_not_counted_again_when_checks_pass() -> None:
+    clock = Clock()
+    health, _, restarts = monitor(clock)
+    health.restarts_from_log = True
+    health.record_check(True)
+    health.record_restart("the supervised model server exited")
+    health.record_check(False)
+    health.record_check(False)
+    assert health.state is Health.DOWN
+    health.record_check(True)
+    assert health.state is Health.UP
+    assert len(restarts) == 1
+
+
+def test_a_timeout_while_the_server_is_down_is_a_service_failure() -> None:
+    clock = Clock()
+    health, _, _ = monitor(clock)
+    health.record_check(False)
+    health.record_check(False)
+    timed_out = health.explain(Failure(Cause.DEADLINE_EXCEEDED, "budget"))
+    assert timed_out.cause is Cause.UPSTREAM_UNHEALTHY
+    assert timed_out.category == "service"
