@@ -48,8 +48,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,15 +61,20 @@ from pathlib import Path
 from typing import IO
 
 import aiohttp
+from processes import (
+    HOST,
+    StartFailed,
+    free_ports,
+    stop,
+    tail,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 WORKERS = 2
 THREADS = 2
 BODY = json.dumps({"inputs": [[5.1, 3.5, 1.4, 0.2]]}).encode()
 CLIENT_TIMEOUT = 45.0  # seconds per request: longer than servegate's 40 s budget
 START_TIMEOUT = 20.0  # seconds for a process to answer GET /health
-STOP_TIMEOUT = 10.0  # seconds for a process to exit after SIGTERM (then SIGKILL)
 FRONTENDS = ("servegate", "servegate-replay", "nginx", "haproxy")
 # servegate's answers with these causes would mean a failure it exists to hide got through.
 HIDDEN_CAUSES = ("connect_refused", "stale_connection")
@@ -84,42 +87,8 @@ SERVEGATE_SERIES = (
 )
 
 
-class StartFailed(Exception):
-    pass
-
-
 # --------------------------------------------------------------------------------------------
 # Processes: started on free loopback ports, stopped by pid (and their orphans by pid).
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (held open together, released just before use)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((HOST, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-        return int(stat.rpartition(")")[2].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def children_of(pid: int) -> list[int]:
-    return [
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit() and parent_of(int(entry.name)) == pid
-    ]
 
 
 @dataclass
@@ -152,24 +121,6 @@ class Processes:
         self.files.clear()
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM by pid, wait, SIGKILL if it stays; then kill any child it left orphaned."""
-    if process.poll() is not None:
-        return
-    children = children_of(process.pid)  # Gunicorn workers, nginx workers
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=STOP_TIMEOUT)
-    for child in children:
-        if parent_of(child) not in (None, process.pid):  # still alive, re-parented: orphaned
-            with contextlib.suppress(OSError):
-                os.kill(child, signal.SIGKILL)
-
-
 def wait_healthy(process: subprocess.Popen[bytes], port: int, name: str, log: Path) -> None:
     """Until GET /health answers 200 through `port` (the model's route, not a prediction)."""
     deadline = time.monotonic() + START_TIMEOUT
@@ -191,14 +142,6 @@ def wait_healthy(process: subprocess.Popen[bytes], port: int, name: str, log: Pa
         time.sleep(0.1)
     raise StartFailed(f"{name} gave no 200 on {HOST}:{port}/health within {START_TIMEOUT:.0f} s"
                       f" ({last}); last log lines:\n{tail(log)}")  # fmt: skip
-
-
-def tail(log: Path, lines: int = 15) -> str:
-    try:
-        text = log.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
 
 def base_env() -> dict[str, str]:

@@ -48,15 +48,20 @@ from typing import IO, Any
 
 import aiohttp
 from aiohttp import web
+from processes import (
+    HOST,
+    StartFailed,
+    free_ports,
+    stop,
+    tail,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
 KiB = 1024
 MiB = 1024 * KiB
 CHUNK = 64 * KiB
 SAMPLE_INTERVAL = 0.020  # seconds between two VmRSS samples
 START_TIMEOUT = 20.0  # seconds for a subprocess to accept connections
-STOP_TIMEOUT = 10.0  # seconds for a subprocess to exit after SIGTERM (then SIGKILL)
 WARMUP_BYTES = 1 * MiB
 SETTLE_SECONDS = 0.5  # quiet time before the baseline is read
 LOG_PROBLEM_WORDS = ('"level": "warning"', '"level": "error"', '"level": "critical"', "Traceback")
@@ -129,24 +134,6 @@ def serve_upstream(port: int) -> int:
 # Processes: start on free loopback ports, wait until they accept, always stop by pid.
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (held open together, released just before use)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((HOST, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-class StartFailed(Exception):
-    pass
-
-
 def wait_accepting(process: subprocess.Popen[bytes], port: int, name: str, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -159,27 +146,6 @@ def wait_accepting(process: subprocess.Popen[bytes], port: int, name: str, log: 
             return
         time.sleep(0.05)
     raise StartFailed(f"{name} did not accept on {HOST}:{port} within {START_TIMEOUT:.0f} s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """Terminate by pid, wait, kill if it does not go."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=STOP_TIMEOUT)
-
-
-def tail(log: Path, lines: int = 15) -> str:
-    try:
-        text = log.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import config, logs
 from proxy.app import Servegate
+from tests.upstreams.apps import Recorder, recording_app
 from tests.upstreams.gunicorn import Gunicorn, start_gunicorn
 
 DEFAULT_TIME_LIMIT = 60
@@ -123,6 +124,18 @@ def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+@pytest.fixture
+async def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def upstream_url(aiohttp_server: Any, recorder: Recorder) -> str:
+    """An in-process aiohttp upstream that records what reached it (tests/upstreams/apps.py)."""
+    server = await aiohttp_server(recording_app(recorder))
+    return f"http://127.0.0.1:{server.port}"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import pytest
 
 from tests.conftest import LogCapture, StartGate, gate_url, sample, scrape
 from tests.integration.test_failure_answers import assert_4503
-from tests.upstreams.apps import Recorder, recording_app
 from tests.upstreams.gunicorn import Gunicorn
 from tests.upstreams.raw import ClosesReusedConnections, HoldsRequests
 
@@ -25,12 +24,6 @@ async def holds() -> AsyncIterator[HoldsRequests]:
     await server.start()
     yield server
     await server.stop()
-
-
-@pytest.fixture
-async def streaming_url(aiohttp_server: Any) -> str:
-    server = await aiohttp_server(recording_app(Recorder()))
-    return f"http://127.0.0.1:{server.port}"
 
 
 async def timed_post(client: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[float, Any]:
@@ -111,11 +104,11 @@ async def test_the_remaining_time_reaches_the_model_and_shrinks_across_retries(
 
 async def test_a_stream_that_outlives_the_budget_is_cut_at_the_deadline(
     start_gate: StartGate,
-    streaming_url: str,
+    upstream_url: str,
     client: aiohttp.ClientSession,
     log_capture: LogCapture,
 ) -> None:
-    gate = await start_gate(streaming_url, **{"budget.seconds": 1.5, "budget.margin": 0.5})
+    gate = await start_gate(upstream_url, **{"budget.seconds": 1.5, "budget.margin": 0.5})
     sent = time.monotonic()
     async with client.get(gate_url(gate, "/ticks?count=50&every=0.1")) as response:
         assert response.status == 200
@@ -132,10 +125,10 @@ async def test_a_stream_that_outlives_the_budget_is_cut_at_the_deadline(
 
 
 async def test_a_first_byte_budget_lets_a_started_stream_run_on(
-    start_gate: StartGate, streaming_url: str, client: aiohttp.ClientSession
+    start_gate: StartGate, upstream_url: str, client: aiohttp.ClientSession
 ) -> None:
     gate = await start_gate(
-        streaming_url,
+        upstream_url,
         **{"budget.seconds": 1.5, "budget.margin": 0.5, "budget.scope": "first_byte"},
     )
     async with client.get(gate_url(gate, "/ticks?count=15&every=0.1")) as response:

@@ -16,17 +16,6 @@ from tests.upstreams.apps import Recorder, recording_app
 from tests.upstreams.gunicorn import Gunicorn
 
 
-@pytest.fixture
-async def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-async def upstream_url(aiohttp_server: Any, recorder: Recorder) -> str:
-    server = await aiohttp_server(recording_app(recorder))
-    return f"http://127.0.0.1:{server.port}"
-
-
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE"])
 async def test_every_method_and_its_body_reach_the_model_server(
     method: str,

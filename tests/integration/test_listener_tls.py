@@ -32,20 +32,9 @@ from tests.conftest import (
     sample,
     scrape,
 )
-from tests.upstreams.apps import Recorder, recording_app
+from tests.upstreams.apps import Recorder
 
 MISMATCHES = "servegate_listener_protocol_mismatch_total"
-
-
-@pytest.fixture
-async def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-async def upstream_url(aiohttp_server: Any, recorder: Recorder) -> str:
-    server = await aiohttp_server(recording_app(recorder))
-    return f"http://127.0.0.1:{server.port}"
 
 
 @pytest.fixture
