@@ -23,7 +23,7 @@ from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
 from proxy.health import HealthMonitor
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
-from proxy.retry import GiveUp, Outcome, RetryState, decide
+from proxy.retry import Decision, GiveUp, Outcome, RetryState, decide
 from proxy.upstream import Upstream
 
 log = structlog.get_logger("servegate.forward")
@@ -90,28 +90,7 @@ class Forwarder:
                 return Forwarded(attempt, facts, answer=answer)
             assert failure is not None
             failure = await self._observe(failure, facts.scheme, began, budget)
-            decision = decide(
-                failure,
-                state,
-                scheme_adopted=self.probe.speaking != facts.scheme,
-                replay_after_reset=outbound.method in self.settings.replay_after_reset,
-                body_replayable=outbound.body is None or outbound.body.replayable,
-                remaining=budget.remaining(),
-                settings=self.settings,
-                rng=self.rng,
-            )
-            # Debug for a retried failure: the metrics count it, the access line tells the end.
-            log.log(
-                logging.DEBUG if decision.retry else logging.INFO,
-                "upstream.attempt_failed",
-                attempt=attempt,
-                category=failure.category,
-                cause=failure.cause,
-                reused=failure.reused,
-                detail=failure.detail,
-                retry=decision.retry,
-                give_up=decision.give_up,
-            )
+            decision = self._decide(outbound, failure, facts, state, budget, attempt)
             if not decision.retry:
                 if decision.give_up in (GiveUp.NOT_REPLAYABLE, GiveUp.NO_BUDGET):
                     self.metrics.record_retry(failure.cause, Outcome(decision.give_up.value))
@@ -129,6 +108,39 @@ class Forwarder:
             retrying = failure
             spent.backing_off += decision.delay
             await asyncio.sleep(decision.delay)
+
+    def _decide(
+        self,
+        outbound: Outbound,
+        failure: Failure,
+        facts: AttemptFacts,
+        state: RetryState,
+        budget: Budget,
+        attempt: int,
+    ) -> Decision:
+        decision = decide(
+            failure,
+            state,
+            scheme_adopted=self.probe.speaking != facts.scheme,
+            replay_after_reset=outbound.method in self.settings.replay_after_reset,
+            body_replayable=outbound.body is None or outbound.body.replayable,
+            remaining=budget.remaining(),
+            settings=self.settings,
+            rng=self.rng,
+        )
+        # Debug for a retried failure: the metrics count it, the access line tells the end.
+        log.log(
+            logging.DEBUG if decision.retry else logging.INFO,
+            "upstream.attempt_failed",
+            attempt=attempt,
+            category=failure.category,
+            cause=failure.cause,
+            reused=failure.reused,
+            detail=failure.detail,
+            retry=decision.retry,
+            give_up=decision.give_up,
+        )
+        return decision
 
     async def _observe(self, failure: Failure, spoke: str, began: float, budget: Budget) -> Failure:
         """Confirm a protocol suspicion, then let metrics, health and the circuit see it."""
