@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 
 from proxy.config import AdmissionSettings
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, ShedReason
 
 
 class QueueFull(Exception):
@@ -38,7 +38,7 @@ class Admission:
             self._busy += 1
             return True
         if len(self._waiters) >= self.settings.max_queue:
-            self._metrics.shed.labels("queue_full").inc()
+            self._metrics.shed.labels(ShedReason.QUEUE_FULL).inc()
             raise QueueFull
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)

@@ -28,7 +28,7 @@ from proxy.config import Settings
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import decoded, request_headers
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, ShedReason
 from proxy.relay import relay
 from proxy.retry import GiveUp
 
@@ -161,7 +161,7 @@ class Ingress:
         arrived = budget.elapsed()
         try:
             if not await self.circuit.admit(budget.remaining()):
-                self.metrics.shed.labels("circuit_open").inc()
+                self.metrics.shed.labels(ShedReason.CIRCUIT_OPEN).inc()
                 detail = "the circuit is open: the model server is down"
                 return Refusal(Failure(Cause.CIRCUIT_OPEN, detail), self.circuit.retry_after())
             admitted = await self.admission.enter(budget.remaining())

@@ -6,6 +6,8 @@ before the first failure.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy.failures import Cause, Failure
@@ -22,6 +24,13 @@ RETRYABLE_CAUSES = (
     Cause.PLAIN_TO_TLS_SERVER,
     Cause.RESET_DURING_REQUEST,  # retried only for methods in retry.replay_after_reset
 )
+
+
+class ShedReason(StrEnum):
+    """The `reason` label of servegate_shed_total."""
+
+    QUEUE_FULL = "queue_full"  # admission control: every slot and the queue taken
+    CIRCUIT_OPEN = "circuit_open"  # the model server is known to be down
 
 
 def duration_buckets(budget: float) -> tuple[float, ...]:
@@ -97,7 +106,7 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
-        for reason in ("queue_full", "circuit_open"):
+        for reason in ShedReason:
             self.shed.labels(reason)
         self.upstream_up = Gauge(
             "servegate_upstream_up", "1 when the model server is healthy.", registry=registry

@@ -10,7 +10,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import pytest
@@ -21,6 +21,7 @@ from proxy import config, logs
 from proxy.app import Servegate
 from tests.upstreams.apps import Recorder, recording_app
 from tests.upstreams.gunicorn import Gunicorn, start_gunicorn
+from tests.upstreams.raw import ClosesReusedConnections
 
 DEFAULT_TIME_LIMIT = 60
 
@@ -124,6 +125,34 @@ def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+class Startable(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Startable)
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[S], Awaitable[S]]]:
+    """Start a raw server or relay (tests/upstreams/raw.py); each is stopped afterwards."""
+    started: list[Startable] = []
+
+    async def start(server: S) -> S:
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        await server.stop()
+
+
+@pytest.fixture
+async def closes_reused(raw_server: Callable[..., Any]) -> ClosesReusedConnections:
+    return await raw_server(ClosesReusedConnections())
 
 
 @pytest.fixture

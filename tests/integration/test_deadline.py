@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -19,11 +19,8 @@ SHORT = {"budget.seconds": 3.0, "budget.margin": 0.5}
 
 
 @pytest.fixture
-async def holds() -> AsyncIterator[HoldsRequests]:
-    server = HoldsRequests()
-    await server.start()
-    yield server
-    await server.stop()
+async def holds(raw_server: Callable[..., Any]) -> HoldsRequests:
+    return await raw_server(HoldsRequests())
 
 
 async def timed_post(client: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[float, Any]:
@@ -86,17 +83,13 @@ async def test_a_client_may_shorten_its_budget_but_not_lengthen_it(
 
 
 async def test_the_remaining_time_reaches_the_model_and_shrinks_across_retries(
-    start_gate: StartGate, client: aiohttp.ClientSession
+    start_gate: StartGate, raw_server: Callable[..., Any], client: aiohttp.ClientSession
 ) -> None:
-    server = ClosesReusedConnections(close_delay=0.1)
-    await server.start()
-    try:
-        gate = await start_gate(server.url, **{"upstream.idle_expiry": 30, **SHORT})
-        for _ in range(2):  # the second one is retried after the server drops it
-            async with client.post(gate_url(gate, "/"), data=b"x") as response:
-                assert response.status == 200
-    finally:
-        await server.stop()
+    server = await raw_server(ClosesReusedConnections(close_delay=0.1))
+    gate = await start_gate(server.url, **{"upstream.idle_expiry": 30, **SHORT})
+    for _ in range(2):  # the second one is retried after the server drops it
+        async with client.post(gate_url(gate, "/"), data=b"x") as response:
+            assert response.status == 200
     first, dropped, retried = server.remaining_ms
     assert 2400 <= first <= 2500
     assert dropped - retried >= 100  # the retry was told about the time the drop cost

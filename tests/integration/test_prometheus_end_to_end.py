@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -125,14 +125,6 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
     finally:
         for server in started:
             server.stop()
-
-
-@pytest.fixture
-async def closes_reused() -> AsyncIterator[ClosesReusedConnections]:
-    server = ClosesReusedConnections()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def eventually(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool]) -> T:

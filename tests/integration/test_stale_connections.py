@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -21,26 +21,11 @@ STALE = {"category": "communication", "cause": "stale_connection"}
 
 
 @pytest.fixture
-async def closes_reused() -> AsyncIterator[ClosesReusedConnections]:
-    server = ClosesReusedConnections()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def relay_to() -> AsyncIterator[Callable[[int], Any]]:
-    relays: list[DelayRelay] = []
-
+def relay_to(raw_server: Callable[..., Any]) -> Callable[[int], Any]:
     async def start(port: int) -> DelayRelay:
-        relay = DelayRelay(port, delay=0.04)
-        await relay.start()
-        relays.append(relay)
-        return relay
+        return await raw_server(DelayRelay(port, delay=0.04))
 
-    yield start
-    for relay in relays:
-        await relay.stop()
+    return start
 
 
 async def bursts(
@@ -116,20 +101,16 @@ async def test_a_body_too_large_to_replay_gets_a_communication_error_that_says_s
 
 
 async def test_the_idle_timeout_a_server_announces_expires_pooled_connections_before_it(
-    start_gate: StartGate, client: aiohttp.ClientSession
+    start_gate: StartGate, raw_server: Callable[..., Any], client: aiohttp.ClientSession
 ) -> None:
-    server = AnnouncesKeepAlive(announced=1)
-    await server.start()
-    try:
-        gate = await start_gate(server.url)  # default idle expiry: 1 s
-        for pause in (0.1, 0.7, 0.1, 1.2):
-            async with client.get(gate_url(gate, "/")) as response:
-                assert response.status == 200
-            await asyncio.sleep(pause)
+    server = await raw_server(AnnouncesKeepAlive(announced=1))
+    gate = await start_gate(server.url)  # default idle expiry: 1 s
+    for pause in (0.1, 0.7, 0.1, 1.2):
         async with client.get(gate_url(gate, "/")) as response:
             assert response.status == 200
-    finally:
-        await server.stop()
+        await asyncio.sleep(pause)
+    async with client.get(gate_url(gate, "/")) as response:
+        assert response.status == 200
     # Learned from "Keep-Alive: timeout=1": connections idle 0.7 s or more were not reused.
     assert server.idle_before_reuse
     assert max(server.idle_before_reuse) < 0.5
@@ -229,19 +210,16 @@ async def start_naive_proxy(upstream: str) -> NaiveProxy:
 
 
 async def test_a_reused_connection_dropped_after_the_model_worked_on_it_is_not_replayed(
-    start_gate: StartGate, client: aiohttp.ClientSession
+    start_gate: StartGate, raw_server: Callable[..., Any], client: aiohttp.ClientSession
 ) -> None:
-    server = ClosesReusedConnections(close_delay=0.5)  # reads it, works on it, then dies
-    await server.start()
-    try:
-        gate = await start_gate(server.url, **{"upstream.idle_expiry": 30})
-        async with client.post(gate_url(gate, "/warm"), data=b"warm") as response:
-            assert response.status == 200
-        async with client.post(gate_url(gate, "/crash"), data=b"crash") as response:
-            assert response.status == 503
-            body = await response.json()
-    finally:
-        await server.stop()
+    # Reads the request, works on it, then dies.
+    server = await raw_server(ClosesReusedConnections(close_delay=0.5))
+    gate = await start_gate(server.url, **{"upstream.idle_expiry": 30})
+    async with client.post(gate_url(gate, "/warm"), data=b"warm") as response:
+        assert response.status == 200
+    async with client.post(gate_url(gate, "/crash"), data=b"crash") as response:
+        assert response.status == 503
+        body = await response.json()
     assert (body["category"], body["cause"]) == ("service", "reset_during_request")
     assert "sent once and not replayed" in body["hint"]
     assert len(server.remaining_ms) == 2  # the model saw the second request exactly once
