@@ -18,8 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from proxy import config, doctor, logs
 from proxy.app import StartupError, serve
+
+log = structlog.get_logger("servegate")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,23 +108,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("`-- COMMAND ...` starts the model server: only with `run`, and not empty")
     try:
         if args.command == "check-config":
-            settings = config.load(args.file, os.environ)
+            settings, ignored = config.load_with_warnings(args.file, os.environ)
+            _warn(ignored)
             print(json.dumps(config.effective(settings), indent=2))
             return 0
-        settings = config.load(args.config, os.environ, _flag_overrides(args))
+        settings, ignored = config.load_with_warnings(
+            args.config, os.environ, _flag_overrides(args)
+        )
     except config.SettingsError as exc:
         for problem in exc.problems:
             print(f"servegate: invalid setting: {problem}", file=sys.stderr)
         return 2
     if args.command == "doctor":
+        _warn(ignored)
         return doctor.main(settings, args.max_idle_wait, args.sample_body, json_output=args.json)
     logs.configure(settings.logging)
+    for variable in ignored:  # now that the log has its format: one warning line each
+        log.warning("config.variable_ignored", variable=variable.name, reason=variable.reason)
     try:
         _run(serve(settings, command or ()))
     except StartupError as exc:
         print(f"servegate: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _warn(ignored: Sequence[config.IgnoredVariable]) -> None:
+    """Commands that print a report rather than a log say it on stderr, one line each."""
+    for variable in ignored:
+        print(f"servegate: warning: {variable}", file=sys.stderr)
 
 
 def _run(main_coroutine: Any) -> None:

@@ -6,10 +6,13 @@ object (or one slice of it) explicitly.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -226,22 +229,61 @@ class SettingsError(Exception):
         self.problems = problems
 
 
+class Loaded(NamedTuple):
+    """The settings, and the `SERVEGATE_*` environment variables that were ignored."""
+
+    settings: Settings
+    ignored: tuple[IgnoredVariable, ...]
+
+
+@dataclass(frozen=True)
+class IgnoredVariable:
+    """An environment variable that starts with SERVEGATE_ but names no setting; never its value."""
+
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.reason}; ignored"
+
+
 def load(
     config_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Build the settings from every source, highest priority last."""
+    """Build the settings from every source, highest priority last.
+
+    Raises SettingsError for an invalid value, or an unknown key in the file or the overrides.
+    Ignored environment variables are not reported: callers with an operator to tell use
+    `load_with_warnings`.
+    """
+    return load_with_warnings(config_file, environ, overrides).settings
+
+
+def load_with_warnings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Loaded:
+    """As `load`, and the SERVEGATE_* variables that name no setting, for the caller to log.
+
+    The environment is shared with everything else in the container: Kubernetes alone adds
+    SERVEGATE_PORT, SERVEGATE_SERVICE_HOST... to every pod of a namespace with a Service named
+    servegate. So a variable that names no setting is a warning, never a refusal; the file and
+    the flags belong to servegate alone, and an unknown key there still stops start-up.
+    """
+    from_environ, ignored = _from_environ(os.environ if environ is None else environ)
     layers = [
         _read_yaml(config_file) if config_file else {},
-        _from_environ(os.environ if environ is None else environ),
+        from_environ,
         _nest(overrides or {}),
     ]
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = _merge(merged, layer)
     try:
-        return Settings.model_validate(merged)
+        return Loaded(Settings.model_validate(merged), tuple(ignored))
     except ValidationError as exc:
         raise SettingsError([_describe(error) for error in exc.errors()]) from None
 
@@ -260,18 +302,67 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
-    """SERVEGATE_UPSTREAM__URL=x -> {"upstream": {"url": x}}; values are read as YAML scalars."""
+def _from_environ(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[IgnoredVariable]]:
+    """SERVEGATE_UPSTREAM__URL=x -> {"upstream": {"url": x}}; values are read as YAML scalars.
+
+    A variable that names no setting is returned apart, with the reason, and not used.
+    """
     flat: dict[str, Any] = {}
-    for name, raw in environ.items():
+    ignored: list[IgnoredVariable] = []
+    for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
-        key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        reason = _names_no_setting(name, path)
+        if reason is not None:
+            ignored.append(IgnoredVariable(name, reason))
+            continue
         try:
-            flat[key] = yaml.safe_load(raw) if raw else raw
+            flat[".".join(path)] = yaml.safe_load(raw) if raw else raw
         except yaml.YAMLError:
-            flat[key] = raw
-    return _nest(flat)
+            flat[".".join(path)] = raw
+    return _nest(flat), ignored
+
+
+# Kubernetes gives every container <SERVICE>_SERVICE_HOST, <SERVICE>_SERVICE_PORT[_<NAME>],
+# <SERVICE>_PORT and <SERVICE>_PORT_<N>_<PROTO>[_ADDR|_PORT|_PROTO] for each Service in its
+# namespace (enableServiceLinks, on by default); a Service named servegate-x gives SERVEGATE_X_...
+_SERVICE_LINK = re.compile(
+    r"(?P<service>[A-Z0-9_]+?)_(?:SERVICE_HOST|SERVICE_PORT(?:_\w+)?"
+    r"|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_(?:ADDR|PORT|PROTO))?)?)"
+)
+
+
+def _names_no_setting(name: str, path: list[str]) -> str | None:
+    """Why SERVEGATE_<path> is not a setting, in a few words; None when it is one."""
+    model: type[BaseModel] = Settings
+    for depth, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None and depth == 0:
+            link = _SERVICE_LINK.fullmatch(name)
+            if link:
+                service = link["service"].lower().replace("_", "-")
+                return f"a Kubernetes service link (Service {service!r}), not a setting"
+            return (
+                "not a setting (those are SERVEGATE_<SECTION>__<KEY>, e.g. SERVEGATE_UPSTREAM__URL)"
+            )
+        section = ".".join(path[:depth])
+        if field is None:
+            known = [
+                f"{ENV_PREFIX}{'__'.join([*path[:depth], key]).upper()}"
+                for key in model.model_fields
+            ]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return f"section {section} has no setting {part!r}{hint}"
+        if depth + 1 == len(path):
+            break
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return f"{'.'.join(path[: depth + 1])} is a setting, not a section"
+        model = field.annotation
+    if len(path) == 1:
+        return f"names the section {path[0]}, not one of its settings ({name}__<KEY>)"
+    return None
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

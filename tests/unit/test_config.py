@@ -32,9 +32,9 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
 
 
 def test_every_problem_is_reported_on_its_own_line() -> None:
-    environ = {"SERVEGATE_UPSTREAM__URL": "model:8000", "SERVEGATE_SERVER__PORT": "1"}
+    environ = {"SERVEGATE_UPSTREAM__URL": "model:8000"}
     with pytest.raises(config.SettingsError) as caught:
-        config.load(None, environ, {"server.listen": "8080", "budget.margin": 50})
+        config.load(None, environ, {"server.listen": "8080", "budget.margin": 50, "server.port": 1})
     problems = caught.value.problems
     assert len(problems) == 4
     assert any(p.startswith("upstream.url:") and "'model:8000'" in p for p in problems)
@@ -65,3 +65,77 @@ def test_settings_are_frozen() -> None:
     settings = config.load(None, {})
     with pytest.raises(pydantic.ValidationError):
         settings.budget.seconds = 1  # type: ignore[misc]
+
+
+# What Kubernetes puts into every pod of a namespace that has a Service named servegate.
+SERVICE_LINKS = {
+    "SERVEGATE_SERVICE_HOST": "10.96.0.12",
+    "SERVEGATE_SERVICE_PORT": "8080",
+    "SERVEGATE_SERVICE_PORT_HTTP": "8080",
+    "SERVEGATE_PORT": "tcp://10.96.0.12:8080",
+    "SERVEGATE_PORT_8080_TCP": "tcp://10.96.0.12:8080",
+    "SERVEGATE_PORT_8080_TCP_PROTO": "tcp",
+    "SERVEGATE_PORT_8080_TCP_PORT": "8080",
+    "SERVEGATE_PORT_8080_TCP_ADDR": "10.96.0.12",
+}
+
+
+def test_kubernetes_service_links_are_ignored_with_one_warning_each() -> None:
+    loaded = config.load_with_warnings(None, {**SERVICE_LINKS, "SERVEGATE_BUDGET__SECONDS": "30"})
+    assert loaded.settings.budget.seconds == 30
+    assert loaded.settings.server.listen == "0.0.0.0:8080"
+    assert sorted(variable.name for variable in loaded.ignored) == sorted(SERVICE_LINKS)
+    for variable in loaded.ignored:
+        assert "Kubernetes service link (Service 'servegate')" in variable.reason
+        assert "\n" not in str(variable)
+
+
+def test_the_plain_load_accepts_service_links_too() -> None:
+    assert config.load(None, SERVICE_LINKS) == config.load(None, {})
+
+
+def test_a_misspelled_key_in_a_known_section_is_a_warning_that_names_the_setting_meant() -> None:
+    loaded = config.load_with_warnings(
+        None, {"SERVEGATE_UPSTREAM__URLL": "http://m:1", "SERVEGATE_UPSTREAM__TLS__VERIFYY": "0"}
+    )
+    assert loaded.settings.upstream.url == "http://127.0.0.1:8000"
+    assert [str(variable) for variable in loaded.ignored] == [
+        "SERVEGATE_UPSTREAM__TLS__VERIFYY: section upstream.tls has no setting 'verifyy' "
+        "(did you mean SERVEGATE_UPSTREAM__TLS__VERIFY?); ignored",
+        "SERVEGATE_UPSTREAM__URLL: section upstream has no setting 'urll' "
+        "(did you mean SERVEGATE_UPSTREAM__URL?); ignored",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("SERVEGATE_UPSTREAM", "names the section upstream"),
+        ("SERVEGATE_UPSTREAM__URL__HOST", "upstream.url is a setting, not a section"),
+        ("SERVEGATE_TOKEN", "not a setting (those are SERVEGATE_<SECTION>__<KEY>"),
+    ],
+)
+def test_a_variable_that_names_no_setting_is_ignored_with_the_reason(
+    name: str, reason: str
+) -> None:
+    loaded = config.load_with_warnings(None, {name: "s3cr3t-value"})
+    assert loaded.settings == config.load(None, {})
+    [variable] = loaded.ignored
+    assert variable.name == name
+    assert reason in variable.reason
+    assert "s3cr3t-value" not in str(variable)  # the environment may hold secrets
+
+
+def test_a_whole_nested_section_may_still_be_given_as_yaml() -> None:
+    loaded = config.load_with_warnings(None, {"SERVEGATE_UPSTREAM__TLS": "{verify: false}"})
+    assert loaded.settings.upstream.tls.verify is False
+    assert loaded.ignored == ()
+
+
+def test_a_misspelled_key_in_the_file_or_a_flag_still_stops_start_up(tmp_path: Path) -> None:
+    file = tmp_path / "s.yaml"
+    file.write_text("upstream:\n  urll: http://m:1\n")
+    with pytest.raises(config.SettingsError, match=r"upstream\.urll: unknown setting"):
+        config.load_with_warnings(file, {})
+    with pytest.raises(config.SettingsError, match=r"budget\.second: unknown setting"):
+        config.load_with_warnings(None, {}, {"budget.second": 3})
