@@ -16,6 +16,8 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
@@ -24,7 +26,7 @@ from proxy.admission import Admission, QueueFull
 from proxy.body import RequestBody
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
-from proxy.config import Settings
+from proxy.config import ServerSettings, Settings
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import decoded, request_headers
@@ -52,6 +54,12 @@ class AccessLine:
     bytes_out: int = 0
     spent: Spent = field(default_factory=Spent)
     failure: Failure | None = None
+
+    def count_sent(self, size: int) -> None:
+        self.bytes_out += size
+
+    def count_attempt(self, attempt: int) -> None:
+        self.attempts = attempt
 
     def fields(self, seconds: float) -> dict[str, Any]:
         line: dict[str, Any] = {
@@ -184,7 +192,9 @@ class Ingress:
             headers=self._outbound_headers(request, request_id, line.body),
             body=line.body,
         )
-        forwarded = await self.forwarder.forward(outbound, budget, line.spent)
+        forwarded = await self.forwarder.forward(
+            outbound, budget, line.spent, on_attempt=line.count_attempt
+        )
         line.attempts, line.reused = forwarded.attempts, forwarded.facts.reused
         if forwarded.answer is None:
             assert forwarded.failure is not None
@@ -198,8 +208,8 @@ class Ingress:
             budget if self.settings.budget.scope == "response" else None,
             forwarded.facts,
             {"X-Request-Id": request_id},
+            sent=line.count_sent,
         )
-        line.bytes_out = relayed.bytes_out
         line.status = relayed.response.status  # set late: a cancelled relay logs 499
         if relayed.failure is not None:
             # The client already has the status line; the cut connection tells it the rest.
@@ -230,8 +240,10 @@ class Ingress:
     async def _read_body(self, request: web.BaseRequest) -> RequestBody | None:
         if not request.body_exists:
             return None
-        if request.headers.get("Expect", "").lower() == "100-continue":
+        expects = request.headers.get("Expect", "").lower() == "100-continue"
+        if expects and request.version >= HttpVersion11:
             # servegate reads the body itself, so it invites it; the model sees no Expect.
+            # An HTTP/1.0 client is sent no 1xx at all (RFC 9110 §10.1.1, §15.2).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await RequestBody.read(
             request.content, self.settings.retry.replay_buffer_bytes, request.content_length
@@ -252,9 +264,51 @@ class Ingress:
         return headers
 
 
+def server_options(settings: ServerSettings) -> dict[str, Any]:
+    """aiohttp server options that keep requests as the client sent them, within the limits.
+
+    `auto_decompress=False`: a compressed body reaches the model byte for byte, still
+    labelled with its Content-Encoding (aiohttp decodes gzip, deflate and br by default).
+    """
+    return {
+        "auto_decompress": False,
+        "max_line_size": settings.max_request_line_bytes,
+        "max_field_size": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+    }
+
+
+_UNCARRIED_TARGET = (
+    "the request target has a byte servegate's HTTP parser (aiohttp's llhttp) refuses: raw "
+    "bytes outside ASCII, a space or a control byte; percent-encode them (RFC 3986 §2.1)"
+)
+
+
 class _JsonErrorHandler(RequestHandler):
     """aiohttp answers a request it cannot parse (bad request line, oversized headers) before
-    servegate's handler runs, in plain text; this gives that answer the JSON body too."""
+    servegate's handler runs, in plain text; this gives that answer the JSON body too, and the
+    status RFC 9110 and RFC 6585 give a too-long target (414) or header section (431)."""
+
+    def __init__(
+        self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **options: Any
+    ) -> None:
+        super().__init__(manager, loop=loop, **options)
+        self._max_line: int = options.get("max_line_size", 8190)
+        self._head_start = b""  # the first bytes of the request being parsed: its request line
+        self._target_too_long = False
+
+    def data_received(self, data: bytes) -> None:
+        # aiohttp reports a long request target and a long header line with the same
+        # exception; the request line's own length tells them apart.
+        requests_before = self._request_count
+        if b"\n" not in self._head_start:
+            self._head_start += data[: self._max_line + 64]
+            line = self._head_start.split(b"\n", 1)[0]
+            target = line.split(b" ", 1)[-1].rsplit(b" HTTP/", 1)[0]
+            self._target_too_long = len(target) > self._max_line
+        super().data_received(data)
+        if self._request_count != requests_before:
+            self._head_start = b""
 
     def handle_error(
         self,
@@ -267,6 +321,19 @@ class _JsonErrorHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         # A client's mistake, answered and logged as one (aiohttp logs it as a server error).
         reason = message or HTTPStatus(status).phrase
+        if isinstance(exc, LineTooLong) and self._target_too_long:
+            status = 414
+            reason = (
+                f"the request target is longer than server.max_request_line_bytes ({exc.args[1]})"
+            )
+        elif isinstance(exc, LineTooLong):
+            status = 431
+            reason = f"a header line is longer than server.max_header_bytes ({exc.args[1]})"
+        elif isinstance(exc, InvalidURLError):
+            reason = f"{_UNCARRIED_TARGET}: {reason}"
+        elif isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
+            status = 431
+            reason = "the request has more headers than server.max_headers allows"
         access_log.info("request.rejected", status=status, reason=reason, client=request.remote)
         response = answer.bad_request(reason, uuid.uuid4().hex, status)
         response.force_close()  # the stream cannot be trusted after a parse error
