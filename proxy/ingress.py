@@ -18,12 +18,12 @@ import structlog
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from yarl import URL
 
 from proxy import answer
 from proxy.admission import Admission, QueueFull
-from proxy.body import RequestBody
+from proxy.body import BodyTooLarge, RequestBody
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
 from proxy.config import ServerSettings, Settings
@@ -33,6 +33,7 @@ from proxy.headers import decoded, request_headers
 from proxy.metrics import Metrics, ShedReason
 from proxy.relay import relay
 from proxy.retry import GiveUp
+from proxy.upgrade import Upgrader, UpgradeRefused, wants_upgrade
 
 access_log = structlog.get_logger("servegate.access")
 
@@ -150,6 +151,12 @@ class Ingress:
         try:
             async with asyncio.timeout(budget.remaining()):
                 line.body = await self._read_body(request)
+        except BodyTooLarge as exc:
+            line.status = 413
+            return answer.bad_request(str(exc), request_id, 413)
+        except RequestPayloadError as exc:  # broken chunked framing, a body cut short
+            line.status = 400
+            return answer.bad_request(f"the request body could not be read: {exc}", request_id)
         except TimeoutError:
             detail = "the budget ran out while the client was still sending its request"
             refusal: Refusal | None = Refusal(Failure(Cause.DEADLINE_EXCEEDED, detail))
@@ -163,6 +170,8 @@ class Ingress:
             return await self._exchange(request, request_id, budget, line)
         finally:
             self.admission.leave()
+            if line.body is not None:
+                line.body.close()
 
     async def _admit(self, budget: Budget, line: AccessLine) -> Refusal | None:
         """The circuit, then a concurrency slot: both before the model server is asked."""
@@ -186,6 +195,8 @@ class Ingress:
     async def _exchange(
         self, request: web.BaseRequest, request_id: str, budget: Budget, line: AccessLine
     ) -> web.StreamResponse:
+        if self.settings.server.upgrades and wants_upgrade(request):
+            return await self._upgrade(request, request_id, budget, line)
         outbound = Outbound(
             method=request.method,
             raw_path=origin_form(request.raw_path),
@@ -220,6 +231,37 @@ class Ingress:
             line.status = CLIENT_CLOSED
         return relayed.response
 
+    async def _upgrade(
+        self, request: web.BaseRequest, request_id: str, budget: Budget, line: AccessLine
+    ) -> web.StreamResponse:
+        """The budget covers the handshake; server.upgrade_idle_timeout covers the session."""
+        upgrader = Upgrader(self.settings.server, self.settings.upstream, self.metrics)
+        headers = self._outbound_headers(request, request_id, line.body)
+        line.attempts = 1
+        try:
+            async with asyncio.timeout(budget.remaining()):
+                reader, writer, head = await upgrader.handshake(
+                    self.forwarder.probe.speaking,
+                    origin_form(request.raw_path),
+                    headers,
+                    request.headers["Upgrade"],
+                )
+        except TimeoutError:
+            failure = Failure(Cause.DEADLINE_EXCEEDED, "no answer to the upgrade request")
+            return self._refuse(Refusal(failure), request_id, budget, line)
+        except OSError as exc:
+            failure = Failure(Cause.CONNECT_REFUSED, exc.strerror or str(exc))
+            return self._refuse(Refusal(failure), request_id, budget, line)
+        except UpgradeRefused as exc:
+            failure = Failure(Cause.MALFORMED_RESPONSE, str(exc))
+            return self._refuse(Refusal(failure), request_id, budget, line)
+        line.status = int(head[9:12]) if head[9:12].isdigit() else 502
+        line.bytes_out = await upgrader.pipe(request, reader, writer, head)
+        # Everything was written on the transport itself; aiohttp's own answer finds it closed.
+        response = web.StreamResponse(status=line.status if line.status != 101 else 200)
+        response.force_close()
+        return response
+
     def _refuse(
         self, refusal: Refusal, request_id: str, budget: Budget, line: AccessLine
     ) -> web.Response:
@@ -246,7 +288,10 @@ class Ingress:
             # An HTTP/1.0 client is sent no 1xx at all (RFC 9110 §10.1.1, §15.2).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await RequestBody.read(
-            request.content, self.settings.retry.replay_buffer_bytes, request.content_length
+            request.content,
+            self.settings.retry.replay_buffer_bytes,
+            request.content_length,
+            self.settings.server.max_body_bytes,
         )
 
     def _outbound_headers(
@@ -259,7 +304,9 @@ class Ingress:
             host=request.host,
             request_id=request_id,
         )
-        if body is not None and not body.buffered and request.content_length is not None:
+        if body is not None and body.spooled_length is not None:
+            headers.append(("Content-Length", str(body.spooled_length)))
+        elif body is not None and not body.buffered and request.content_length is not None:
             headers.append(("Content-Length", str(request.content_length)))
         return headers
 

@@ -162,7 +162,7 @@ async def test_server_sent_events_reach_the_client_while_the_model_is_still_send
         assert await response.content.read() == b"data: second\n\n"
 
 
-async def test_a_large_chunked_upload_streams_to_the_model_before_it_ends(
+async def test_a_large_declared_upload_streams_to_the_model_before_it_ends(
     start_gate: StartGate, upstream_url: str, recorder: Recorder, client: aiohttp.ClientSession
 ) -> None:
     gate = await start_gate(upstream_url, **{"retry.replay_buffer_bytes": 1024})
@@ -174,9 +174,11 @@ async def test_a_large_chunked_upload_streams_to_the_model_before_it_ends(
         for _ in range(16):
             yield b"y" * 65536
 
-    async with client.post(gate_url(gate, "/sink"), data=upload()) as response:
+    size = 4096 + 16 * 65536
+    headers = {"Content-Length": str(size)}
+    async with client.post(gate_url(gate, "/sink"), data=upload(), headers=headers) as response:
         assert response.status == 200
-        assert await response.json() == {"received": 4096 + 16 * 65536}
+        assert await response.json() == {"received": size}
 
 
 async def test_expect_100_continue_is_answered_and_not_forwarded(
