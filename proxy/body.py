@@ -54,6 +54,8 @@ class RequestBody:
                 return cls(head, None)
             head.append(chunk)
             size += len(chunk)
+            if size > max_body:
+                raise BodyTooLarge(max_body)
         if content_length is not None:
             return cls(head, content)
         return await cls._spooled(head, size, content, max_body)
