@@ -25,12 +25,14 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check .
 
 # promtool and a real Prometheus for the metrics tests; docker-compose to validate the
-# compose file (no Docker engine is needed for `docker-compose config`).
+# compose file (no Docker engine is needed for `docker-compose config`); ab (apache2-utils) as
+# an HTTP/1.0 keep-alive client.
 system-deps:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
-		&& command -v docker-compose >/dev/null || { \
+		&& command -v docker-compose >/dev/null && command -v ab >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; }
+		apt-get install -y -qq --no-install-recommends prometheus docker-compose \
+		apache2-utils >/dev/null; }
 
 ## bench: memory under 200 MiB bodies, and success under a crash-looping model against nginx
 ## and HAProxy when installed (run by hand; numbers go to docs/benchmarks.md)
