@@ -50,7 +50,8 @@ Answer = Callable[[Seen], bytes]
 @dataclass
 class RecordingModel(RawServer):
     """Records every request; answers each with `answer(seen)` (default a 2-byte 200), keeps the
-    connection unless `close_after`, and counts connections."""
+    connection unless `close_after` or the request said `Connection: close`, and counts
+    connections."""
 
     answer: Answer = field(default=lambda _seen: OK)
     close_after: bool = False
@@ -78,7 +79,7 @@ class RecordingModel(RawServer):
             writer.write(self.answer(seen))
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
-            if self.close_after:
+            if self.close_after or seen.header(b"connection") == [b"close"]:
                 return
 
 
