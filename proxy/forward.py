@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -71,13 +72,22 @@ class Forwarder:
     metrics: Metrics
     rng: random.Random
 
-    async def forward(self, outbound: Outbound, budget: Budget, spent: Spent) -> Forwarded:
+    async def forward(
+        self,
+        outbound: Outbound,
+        budget: Budget,
+        spent: Spent,
+        on_attempt: Callable[[int], None] = lambda _attempt: None,
+    ) -> Forwarded:
+        """`on_attempt` hears each attempt's number as it starts (the access line's count
+        stays right when the client leaves mid-attempt)."""
         state = RetryState()
         fresh = False
         retrying: Failure | None = None  # the failure the current attempt is a retry of
         attempt = 0
         while True:
             attempt += 1
+            on_attempt(attempt)
             facts = AttemptFacts(scheme=self.probe.speaking)
             began = time.monotonic()
             answer, failure = await self._attempt(outbound, budget, facts, spent, fresh=fresh)

@@ -7,7 +7,10 @@ repeated headers included.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Mapping
+
+from aiohttp import http_writer
 
 HOP_BY_HOP = frozenset(
     {
@@ -28,7 +31,7 @@ _HANDLED_ON_REQUEST = frozenset({"expect", "content-length"})
 
 
 def _connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
-    named = set()
+    named: set[str] = set()
     for name, value in headers:
         if name.lower() == "connection":
             named.update(token.strip().lower() for token in value.split(","))
@@ -70,7 +73,10 @@ def request_headers(
 
 
 def decoded(raw: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[str, str]]:
-    """Raw header bytes as the sender spelled them (aiohttp's parsed view may respell names)."""
+    """Raw header bytes as the sender spelled them (aiohttp's parsed view may respell names).
+
+    Bytes that are not UTF-8 (obs-text, RFC 9110 §5.5) become lone surrogates, as aiohttp's
+    parsers carry them; `serialize_head` writes them back as the same bytes."""
     return (
         (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         for name, value in raw
@@ -80,3 +86,31 @@ def decoded(raw: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[str, str]]:
 def response_headers(headers: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
     """The model server's headers as the client should see them."""
     return _end_to_end(list(headers), frozenset())
+
+
+# RFC 9110 §5.5 and RFC 9112 §4: no control bytes but HTAB in a field or the start line.
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def serialize_head(start_line: str, headers: Mapping[str, str]) -> bytes:
+    """A message head as bytes, with each surrogate-escaped byte restored.
+
+    aiohttp encodes a head as UTF-8: its C writer silently drops a lone surrogate and its
+    Python writer raises, so obs-text in a header value or a reason phrase, and raw bytes in a
+    request target, would vanish. This writes the bytes the sender sent; for text without
+    escaped bytes the output is identical to aiohttp's. Raises ValueError on a control byte
+    (header injection), as aiohttp's writer does.
+    """
+    fields = [f"{name}: {value}" for name, value in headers.items()]
+    if _FORBIDDEN.search(start_line) or any(_FORBIDDEN.search(field) for field in fields):
+        raise ValueError("Forbidden control character detected in headers.")
+    return "\r\n".join([start_line, *fields, "", ""]).encode("utf-8", "surrogateescape")
+
+
+def install_byte_exact_writer() -> None:
+    """Make every aiohttp message head in this process go through `serialize_head`.
+
+    aiohttp offers no option for its header writer; its client and server both call this one
+    module-level function, so replacing it covers both directions.
+    """
+    http_writer._serialize_headers = serialize_head  # type: ignore[assignment]

@@ -16,21 +16,24 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from yarl import URL
 
 from proxy import answer
 from proxy.admission import Admission, QueueFull
-from proxy.body import RequestBody
+from proxy.body import BodyTooLarge, RequestBody
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
-from proxy.config import Settings
+from proxy.config import ServerSettings, Settings
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import decoded, request_headers
 from proxy.metrics import Metrics, ShedReason
 from proxy.relay import relay
 from proxy.retry import GiveUp
+from proxy.upgrade import Upgrader, UpgradeRefused, wants_upgrade
 
 access_log = structlog.get_logger("servegate.access")
 
@@ -52,6 +55,12 @@ class AccessLine:
     bytes_out: int = 0
     spent: Spent = field(default_factory=Spent)
     failure: Failure | None = None
+
+    def count_sent(self, size: int) -> None:
+        self.bytes_out += size
+
+    def count_attempt(self, attempt: int) -> None:
+        self.attempts = attempt
 
     def fields(self, seconds: float) -> dict[str, Any]:
         line: dict[str, Any] = {
@@ -142,6 +151,12 @@ class Ingress:
         try:
             async with asyncio.timeout(budget.remaining()):
                 line.body = await self._read_body(request)
+        except BodyTooLarge as exc:
+            line.status = 413
+            return answer.bad_request(str(exc), request_id, 413)
+        except RequestPayloadError as exc:  # broken chunked framing, a body cut short
+            line.status = 400
+            return answer.bad_request(f"the request body could not be read: {exc}", request_id)
         except TimeoutError:
             detail = "the budget ran out while the client was still sending its request"
             refusal: Refusal | None = Refusal(Failure(Cause.DEADLINE_EXCEEDED, detail))
@@ -155,6 +170,8 @@ class Ingress:
             return await self._exchange(request, request_id, budget, line)
         finally:
             self.admission.leave()
+            if line.body is not None:
+                line.body.close()
 
     async def _admit(self, budget: Budget, line: AccessLine) -> Refusal | None:
         """The circuit, then a concurrency slot: both before the model server is asked."""
@@ -178,13 +195,17 @@ class Ingress:
     async def _exchange(
         self, request: web.BaseRequest, request_id: str, budget: Budget, line: AccessLine
     ) -> web.StreamResponse:
+        if self.settings.server.upgrades and wants_upgrade(request):
+            return await self._upgrade(request, request_id, budget, line)
         outbound = Outbound(
             method=request.method,
             raw_path=origin_form(request.raw_path),
             headers=self._outbound_headers(request, request_id, line.body),
             body=line.body,
         )
-        forwarded = await self.forwarder.forward(outbound, budget, line.spent)
+        forwarded = await self.forwarder.forward(
+            outbound, budget, line.spent, on_attempt=line.count_attempt
+        )
         line.attempts, line.reused = forwarded.attempts, forwarded.facts.reused
         if forwarded.answer is None:
             assert forwarded.failure is not None
@@ -198,8 +219,8 @@ class Ingress:
             budget if self.settings.budget.scope == "response" else None,
             forwarded.facts,
             {"X-Request-Id": request_id},
+            sent=line.count_sent,
         )
-        line.bytes_out = relayed.bytes_out
         line.status = relayed.response.status  # set late: a cancelled relay logs 499
         if relayed.failure is not None:
             # The client already has the status line; the cut connection tells it the rest.
@@ -209,6 +230,37 @@ class Ingress:
         elif relayed.client_gone:
             line.status = CLIENT_CLOSED
         return relayed.response
+
+    async def _upgrade(
+        self, request: web.BaseRequest, request_id: str, budget: Budget, line: AccessLine
+    ) -> web.StreamResponse:
+        """The budget covers the handshake; server.upgrade_idle_timeout covers the session."""
+        upgrader = Upgrader(self.settings.server, self.settings.upstream, self.metrics)
+        headers = self._outbound_headers(request, request_id, line.body)
+        line.attempts = 1
+        try:
+            async with asyncio.timeout(budget.remaining()):
+                reader, writer, head = await upgrader.handshake(
+                    self.forwarder.probe.speaking,
+                    origin_form(request.raw_path),
+                    headers,
+                    request.headers["Upgrade"],
+                )
+        except TimeoutError:
+            failure = Failure(Cause.DEADLINE_EXCEEDED, "no answer to the upgrade request")
+            return self._refuse(Refusal(failure), request_id, budget, line)
+        except OSError as exc:
+            failure = Failure(Cause.CONNECT_REFUSED, exc.strerror or str(exc))
+            return self._refuse(Refusal(failure), request_id, budget, line)
+        except UpgradeRefused as exc:
+            failure = Failure(Cause.MALFORMED_RESPONSE, str(exc))
+            return self._refuse(Refusal(failure), request_id, budget, line)
+        line.status = int(head[9:12]) if head[9:12].isdigit() else 502
+        line.bytes_out = await upgrader.pipe(request, reader, writer, head)
+        # Everything was written on the transport itself; aiohttp's own answer finds it closed.
+        response = web.StreamResponse(status=line.status if line.status != 101 else 200)
+        response.force_close()
+        return response
 
     def _refuse(
         self, refusal: Refusal, request_id: str, budget: Budget, line: AccessLine
@@ -230,11 +282,16 @@ class Ingress:
     async def _read_body(self, request: web.BaseRequest) -> RequestBody | None:
         if not request.body_exists:
             return None
-        if request.headers.get("Expect", "").lower() == "100-continue":
+        expects = request.headers.get("Expect", "").lower() == "100-continue"
+        if expects and request.version >= HttpVersion11:
             # servegate reads the body itself, so it invites it; the model sees no Expect.
+            # An HTTP/1.0 client is sent no 1xx at all (RFC 9110 §10.1.1, §15.2).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await RequestBody.read(
-            request.content, self.settings.retry.replay_buffer_bytes, request.content_length
+            request.content,
+            self.settings.retry.replay_buffer_bytes,
+            request.content_length,
+            self.settings.server.max_body_bytes,
         )
 
     def _outbound_headers(
@@ -247,14 +304,58 @@ class Ingress:
             host=request.host,
             request_id=request_id,
         )
-        if body is not None and not body.buffered and request.content_length is not None:
+        if body is not None and body.spooled_length is not None:
+            headers.append(("Content-Length", str(body.spooled_length)))
+        elif body is not None and not body.buffered and request.content_length is not None:
             headers.append(("Content-Length", str(request.content_length)))
         return headers
 
 
+def server_options(settings: ServerSettings) -> dict[str, Any]:
+    """aiohttp server options that keep requests as the client sent them, within the limits.
+
+    `auto_decompress=False`: a compressed body reaches the model byte for byte, still
+    labelled with its Content-Encoding (aiohttp decodes gzip, deflate and br by default).
+    """
+    return {
+        "auto_decompress": False,
+        "max_line_size": settings.max_request_line_bytes,
+        "max_field_size": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+    }
+
+
+_UNCARRIED_TARGET = (
+    "the request target has a byte servegate's HTTP parser (aiohttp's llhttp) refuses: raw "
+    "bytes outside ASCII, a space or a control byte; percent-encode them (RFC 3986 §2.1)"
+)
+
+
 class _JsonErrorHandler(RequestHandler):
     """aiohttp answers a request it cannot parse (bad request line, oversized headers) before
-    servegate's handler runs, in plain text; this gives that answer the JSON body too."""
+    servegate's handler runs, in plain text; this gives that answer the JSON body too, and the
+    status RFC 9110 and RFC 6585 give a too-long target (414) or header section (431)."""
+
+    def __init__(
+        self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **options: Any
+    ) -> None:
+        super().__init__(manager, loop=loop, **options)
+        self._max_line: int = options.get("max_line_size", 8190)
+        self._head_start = b""  # the first bytes of the request being parsed: its request line
+        self._target_too_long = False
+
+    def data_received(self, data: bytes) -> None:
+        # aiohttp reports a long request target and a long header line with the same
+        # exception; the request line's own length tells them apart.
+        requests_before = self._request_count
+        if b"\n" not in self._head_start:
+            self._head_start += data[: self._max_line + 64]
+            line = self._head_start.split(b"\n", 1)[0]
+            target = line.split(b" ", 1)[-1].rsplit(b" HTTP/", 1)[0]
+            self._target_too_long = len(target) > self._max_line
+        super().data_received(data)
+        if self._request_count != requests_before:
+            self._head_start = b""
 
     def handle_error(
         self,
@@ -267,6 +368,19 @@ class _JsonErrorHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         # A client's mistake, answered and logged as one (aiohttp logs it as a server error).
         reason = message or HTTPStatus(status).phrase
+        if isinstance(exc, LineTooLong) and self._target_too_long:
+            status = 414
+            reason = (
+                f"the request target is longer than server.max_request_line_bytes ({exc.args[1]})"
+            )
+        elif isinstance(exc, LineTooLong):
+            status = 431
+            reason = f"a header line is longer than server.max_header_bytes ({exc.args[1]})"
+        elif isinstance(exc, InvalidURLError):
+            reason = f"{_UNCARRIED_TARGET}: {reason}"
+        elif isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
+            status = 431
+            reason = "the request has more headers than server.max_headers allows"
         access_log.info("request.rejected", status=status, reason=reason, client=request.remote)
         response = answer.bad_request(reason, uuid.uuid4().hex, status)
         response.force_close()  # the stream cannot be trusted after a parse error

@@ -129,6 +129,16 @@ class Metrics:
             "Worker processes the supervised model server booted after its first ones.",
             registry=registry,
         )
+        self.upgraded = Counter(
+            "servegate_upgraded_connections",
+            "Connections upgraded (WebSocket) after the model server's 101.",
+            registry=registry,
+        )
+        self.upgraded_inflight = Gauge(
+            "servegate_upgraded_connections_inflight",
+            "Upgraded connections open now.",
+            registry=registry,
+        )
         for cause in Cause:
             self.answers_4503.labels(cause.category, cause)
             self.upstream_failures.labels(cause.category, cause)

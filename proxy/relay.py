@@ -8,11 +8,12 @@ filling servegate's memory.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 
 from proxy.budget import Budget
 from proxy.failures import AttemptFacts, Failure, classify
@@ -21,6 +22,23 @@ from proxy.headers import decoded, response_headers
 
 # Statuses whose responses carry no body, whatever their headers say (RFC 9110 §6.4.1).
 _NO_BODY_STATUSES = frozenset({204, 304})
+# An HTTP/1.0 client cannot read chunked framing (RFC 9112 §7.1): an answer of unknown length
+# up to this size is read whole and sent with a Content-Length, so the connection can stay
+# open; a longer one is sent close-delimited and the connection closed (RFC 9112 §6.3).
+HTTP10_BUFFER_MAX = 1024 * 1024
+
+
+class _AsTheModelSent(web.StreamResponse):
+    """A response that adds no header the model did not send but the ones HTTP requires of a
+    proxy (Date, RFC 9110 §6.6.1; framing): aiohttp would add Server and a default
+    Content-Type."""
+
+    async def _prepare_headers(self) -> None:
+        model_sent = {name.lower() for name in self.headers}
+        await super()._prepare_headers()
+        for name in (hdrs.SERVER, hdrs.CONTENT_TYPE):
+            if name.lower() not in model_sent:
+                self.headers.popall(name, None)
 
 
 @dataclass
@@ -37,26 +55,39 @@ async def relay(
     budget: Budget | None,
     facts: AttemptFacts,
     extra_headers: dict[str, str],
+    sent: Callable[[int], None] = lambda _bytes: None,
 ) -> Relayed:
+    """Relay the model's answer; `sent` hears of every body byte written to the client, so
+    the access line is right even when the client leaves mid-stream."""
     upstream = answer.response
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response = _AsTheModelSent(status=upstream.status, reason=upstream.reason)
     for name, value in response_headers(decoded(upstream.raw_headers)):
         response.headers.add(name, value)
     response.headers.update(extra_headers)
     has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
     relayed = Relayed(response, 0)
+
+    async def write(chunk: bytes) -> None:
+        await response.write(chunk)
+        relayed.bytes_out += len(chunk)
+        sent(len(chunk))
+
     # No budget: it covered only the first byte (budget.scope: first_byte).
     deadline = asyncio.timeout(budget.remaining() if budget is not None else None)
     try:
         async with deadline:
+            body, read_ahead = answer.body, b""
+            if has_body and body is None and request.version < HttpVersion11:
+                read_ahead, whole = await _read_for_http10(upstream, response)
+                body = read_ahead if whole else None
             await response.prepare(request)
-            if has_body and answer.body is not None:
-                await response.write(answer.body)
-                relayed.bytes_out = len(answer.body)
+            if has_body and body is not None:
+                await write(body)
             elif has_body:
+                if read_ahead:
+                    await write(read_ahead)
                 async for chunk in _from_model(upstream):
-                    await response.write(chunk)
-                    relayed.bytes_out += len(chunk)
+                    await write(chunk)
             await response.write_eof()
     except _ModelBroke as broke:
         relayed.failure = classify(broke.cause, facts, deadline_passed=False)
@@ -80,6 +111,32 @@ class _ModelBroke(Exception):
     def __init__(self, cause: aiohttp.ClientError) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+async def _read_for_http10(
+    upstream: aiohttp.ClientResponse, response: web.StreamResponse
+) -> tuple[bytes, bool]:
+    """An answer of unknown length for an HTTP/1.0 client: read whole (True) and sent with its
+    length, or, beyond HTTP10_BUFFER_MAX, what was read so far (False): the rest then goes
+    close-delimited, and the connection ends with it."""
+    if upstream.content_length is not None:
+        return b"", False
+    parts: list[bytes] = []
+    size = 0
+    try:
+        while size <= HTTP10_BUFFER_MAX:
+            chunk = await upstream.content.readany()
+            if not chunk:
+                response.content_length = size
+                return b"".join(parts), True
+            parts.append(chunk)
+            size += len(chunk)
+    except aiohttp.ClientError as exc:
+        raise _ModelBroke(exc) from exc
+    # aiohttp leaves such an HTTP/1.0 connection open (so the client would wait for an end
+    # that never comes): it must close, since the close is what ends the body.
+    response.force_close()
+    return b"".join(parts), False
 
 
 async def _from_model(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

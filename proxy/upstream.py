@@ -82,6 +82,8 @@ class Upstream:
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
             auto_decompress=False,  # bytes pass through exactly as the model sent them
             trust_env=False,  # an HTTP_PROXY in the container must not reroute model traffic
+            max_line_size=self.settings.max_response_header_bytes,
+            max_field_size=self.settings.max_response_header_bytes,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             # sock_connect, not connect: waiting for a free pooled connection is queueing, not
             # a server that cannot be reached; the request's budget bounds it.
@@ -108,9 +110,9 @@ class Upstream:
         session = self._fresh if fresh else self._pooled
         response: aiohttp.ClientResponse = await session.request(
             method,
-            # Concatenated, not joined: the path and query go out byte for byte as the client
-            # sent them, dot segments and all.
-            URL(f"{scheme}://{self._authority}{raw_path}", encoded=True),
+            # The whole target as the path: yarl would drop an empty query ("/predict?") or a
+            # fragment; this way it goes out byte for byte, dot segments and all.
+            URL.build(scheme=scheme, authority=self._authority, path=raw_path, encoded=True),
             headers=CIMultiDict(headers),
             data=body,
             allow_redirects=False,

@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 from tests.conftest import StartGate, gate_url, sample, scrape
 from tests.upstreams.apps import Recorder, recording_app
 from tests.upstreams.gunicorn import Gunicorn
+from tests.upstreams.raw import HoldsRequests
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE"])
@@ -162,7 +163,7 @@ async def test_server_sent_events_reach_the_client_while_the_model_is_still_send
         assert await response.content.read() == b"data: second\n\n"
 
 
-async def test_a_large_chunked_upload_streams_to_the_model_before_it_ends(
+async def test_a_large_declared_upload_streams_to_the_model_before_it_ends(
     start_gate: StartGate, upstream_url: str, recorder: Recorder, client: aiohttp.ClientSession
 ) -> None:
     gate = await start_gate(upstream_url, **{"retry.replay_buffer_bytes": 1024})
@@ -174,9 +175,11 @@ async def test_a_large_chunked_upload_streams_to_the_model_before_it_ends(
         for _ in range(16):
             yield b"y" * 65536
 
-    async with client.post(gate_url(gate, "/sink"), data=upload()) as response:
+    size = 4096 + 16 * 65536
+    headers = {"Content-Length": str(size)}
+    async with client.post(gate_url(gate, "/sink"), data=upload(), headers=headers) as response:
         assert response.status == 200
-        assert await response.json() == {"received": 4096 + 16 * 65536}
+        assert await response.json() == {"received": size}
 
 
 async def test_expect_100_continue_is_answered_and_not_forwarded(
@@ -283,3 +286,43 @@ async def test_a_client_that_leaves_mid_stream_is_not_a_model_failure(
     samples = await scrape(gate)
     reset = {"category": "service", "cause": "reset_during_request"}
     assert sample(samples, "servegate_4503_total", **reset) == 0
+
+
+async def test_the_access_line_counts_bytes_sent_before_the_client_left(
+    start_gate: StartGate, upstream_url: str, log_capture: Any
+) -> None:
+    gate = await start_gate(upstream_url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(b"GET /ticks?count=50&every=0.05 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"data: 5"), 10)
+    writer.close()
+    await writer.wait_closed()
+    for _ in range(200):
+        if log_capture.access():
+            break
+        await asyncio.sleep(0.02)
+    line = log_capture.access()[-1]
+    assert line["status"] == 499
+    assert line["bytes_out"] >= 6 * len(b"data: 0\n\n")
+    assert line["attempts"] == 1
+
+
+async def test_the_access_line_counts_the_attempt_when_the_client_leaves_while_the_model_works(
+    start_gate: StartGate, raw_server: Any, log_capture: Any
+) -> None:
+    model = await raw_server(HoldsRequests())
+    gate = await start_gate(model.url)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.5)  # the request is with the model
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.wait_for(model.closed.wait(), 10)
+    for _ in range(200):
+        if log_capture.access():
+            break
+        await asyncio.sleep(0.02)
+    line = log_capture.access()[-1]
+    assert (line["status"], line["attempts"]) == (499, 1)

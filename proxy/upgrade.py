@@ -1,0 +1,183 @@
+"""Upgraded connections (WebSocket, RFC 9110 §7.8): the handshake goes to the model server on a
+connection of its own; after its 101 the bytes are piped both ways until either side closes
+or both stay silent for server.upgrade_idle_timeout.
+
+aiohttp's client pool cannot hand over a connection after a 101, so the handshake is written
+and read here, with the same byte-exact head writer as every other request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.config import ServerSettings, UpstreamSettings
+from proxy.headers import serialize_head
+from proxy.metrics import Metrics
+from proxy.upstream import client_ssl_context
+
+log = structlog.get_logger("servegate.upgrade")
+
+CHUNK = 64 * 1024
+
+
+def wants_upgrade(request: web.BaseRequest) -> bool:
+    """An Upgrade the client asked for, with `Connection: upgrade` (RFC 9110 §7.8)."""
+    tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
+    return "upgrade" in tokens and bool(request.headers.get("Upgrade"))
+
+
+class UpgradeRefused(Exception):
+    """The model server could not be reached or did not answer the handshake as HTTP."""
+
+
+@dataclass(frozen=True)
+class Upgrader:
+    server: ServerSettings
+    upstream: UpstreamSettings
+    metrics: Metrics
+
+    async def handshake(
+        self,
+        scheme: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        upgrade: str,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+        """Send the upgrade request; returns the connection and the model's response head.
+
+        Raises OSError when the model server cannot be reached, UpgradeRefused when its answer
+        is not an HTTP head within upstream.max_response_header_bytes."""
+        origin = self.upstream.origin
+        context: ssl.SSLContext | None = None
+        if scheme == "https":
+            context = client_ssl_context(self.upstream.tls)
+        reader, writer = await asyncio.open_connection(
+            origin.host,
+            origin.port,
+            ssl=context,
+            server_hostname=(self.upstream.tls.server_name or origin.host) if context else None,
+            limit=self.upstream.max_response_header_bytes * 4,
+        )
+        fields = CIMultiDict(headers)
+        fields["Connection"] = "Upgrade"
+        fields["Upgrade"] = upgrade
+        writer.write(serialize_head(f"GET {target} HTTP/1.1", fields))
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            writer.close()
+            raise UpgradeRefused(f"no HTTP answer to the upgrade request: {exc}") from None
+        if not head.startswith(b"HTTP/1."):
+            writer.close()
+            raise UpgradeRefused("the answer to the upgrade request is not HTTP")
+        return reader, writer, head
+
+    async def pipe(
+        self,
+        request: web.BaseRequest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        head: bytes,
+    ) -> int:
+        """Relay the model's answer head as it came, then both directions until one side
+        closes or both are idle for server.upgrade_idle_timeout; returns bytes to the client."""
+        transport = request.transport
+        assert transport is not None
+        inbound = _ClientBytes(transport)
+        # Bytes after the handshake come here; aiohttp takes any object with its parser's
+        # feed_data and feed_eof, as its own WebSocket support does.
+        request.protocol.set_parser(inbound)  # type: ignore[arg-type]
+        transport.write(head)
+        upgraded = head[9:12] == b"101"  # any other answer is relayed until the model closes
+        self.metrics.upgraded.inc(upgraded)
+        self.metrics.upgraded_inflight.inc(upgraded)
+        sent = len(head)
+        last = [time.monotonic()]
+
+        async def to_model() -> None:
+            while chunk := await inbound.read():
+                last[0] = time.monotonic()
+                writer.write(chunk)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+
+        async def to_client() -> None:
+            nonlocal sent
+            while chunk := await reader.read(CHUNK):
+                last[0] = time.monotonic()
+                transport.write(chunk)
+                sent += len(chunk)
+                await request.writer.drain()
+
+        pumps = {asyncio.create_task(to_model()), asyncio.create_task(to_client())}
+        try:
+            await self._until_done(pumps, last)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*pumps, return_exceptions=True)
+            writer.close()
+            transport.close()
+            self.metrics.upgraded_inflight.dec(upgraded)
+        return sent
+
+    async def _until_done(self, pumps: set[asyncio.Task[None]], last: list[float]) -> None:
+        idle = self.server.upgrade_idle_timeout
+        while True:
+            wait = last[0] + idle - time.monotonic()
+            if wait <= 0:
+                log.info("upgrade.idle_closed", idle_timeout_s=idle)
+                return
+            done, _ = await asyncio.wait(pumps, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                return
+
+
+class _ClientBytes:
+    """Stands in for aiohttp's parser after the 101: keeps the client's bytes for the pump,
+    and stops reading from the client while the model is slower than the client."""
+
+    LIMIT = 4 * CHUNK
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._eof = False
+        self._ready = asyncio.Event()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > self.LIMIT and isinstance(self._transport, asyncio.ReadTransport):
+            self._transport.pause_reading()
+        self._ready.set()
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._ready.set()
+
+    async def read(self) -> bytes:
+        """The client's next bytes; b"" once it has closed."""
+        while not self._chunks and not self._eof:
+            self._ready.clear()
+            await self._ready.wait()
+        if not self._chunks:
+            return b""
+        data = b"".join(self._chunks)
+        self._chunks, self._size = [], 0
+        if isinstance(self._transport, asyncio.ReadTransport):
+            self._transport.resume_reading()
+        return data

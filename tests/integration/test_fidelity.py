@@ -1,0 +1,259 @@
+"""What passes through servegate arrives as it was sent: a raw-socket model records the exact
+bytes, and each case compares them with what the client sent (and what it got back)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import zlib
+from typing import Any
+
+import pytest
+
+from tests.conftest import LogCapture, StartGate
+from tests.upstreams.recording import RecordingModel, Seen
+
+# Headers servegate adds on the way in (DESIGN.md §4), and the framing it may set.
+ADDED = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id",
+         b"x-servegate-remaining-ms", b"content-length"}  # fmt: skip
+
+
+async def exchange(port: int, data: bytes, limit: float = 10) -> bytes:
+    """Send raw bytes, read until servegate closes (requests say Connection: close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        async with asyncio.timeout(limit):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+def request(target: bytes, *fields: bytes, body: bytes = b"", method: bytes = b"POST") -> bytes:
+    head = [method + b" " + target + b" HTTP/1.1", b"Host: model", *fields]
+    if body:
+        head.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join([*head, b"Connection: close", b"", b""]) + body
+
+
+def end_to_end(seen: Seen) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, value in seen.headers if name.lower() not in ADDED]
+
+
+def answer(*fields: bytes, body: bytes = b"ok", status: bytes = b"200 OK") -> Any:
+    head = b"\r\n".join([b"HTTP/1.1 " + status, *fields, b"Content-Length: %d" % len(body)])
+    return lambda _seen: head + b"\r\n\r\n" + body
+
+
+def json_body(raw: bytes) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    return parsed
+
+
+PAYLOAD = json.dumps({"inputs": [[5.1, 3.5, 1.4, 0.2]] * 50}).encode()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        (b"gzip", gzip.compress(PAYLOAD)),
+        (b"deflate", zlib.compress(PAYLOAD)),
+        (b"br", os.urandom(300)),  # not valid brotli: servegate must not even look
+        (b"zstd", os.urandom(300)),
+        (b"x-unknown", b"\x00\x01 not decodable \xff"),
+        (b"gzip, identity", gzip.compress(PAYLOAD)),
+    ],
+)
+async def test_compressed_request_bodies_reach_the_model_byte_for_byte(
+    encoding: bytes, body: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/v2/infer", b"Content-Encoding: " + encoding,
+                                                 body=body))  # fmt: skip
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert model.last().body == body
+    assert model.last().header(b"content-encoding") == [encoding]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/predict?", b"/?", b"/a?b?c", b"//x//y?", b"/a/./b/../c?", b"/%7E%zz?q=%41&q=",
+     b"/caf%C3%A9;v=1?x=%20+", b"/p?a=b#", b"/p?'!$&()*+,;=:@~"],
+)  # fmt: skip
+async def test_the_request_target_reaches_the_model_byte_for_byte(
+    target: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(target, method=b"GET"))
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert model.last().target == target
+
+
+@pytest.mark.parametrize("target", [b"/caf\xc3\xa9", b"/x?q=\xe9", b"/\xff\xfe"])
+async def test_a_target_with_raw_non_ascii_bytes_gets_a_clear_400_and_a_log_line(
+    target: bytes, start_gate: StartGate, raw_server: Any, log_capture: LogCapture
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(target, method=b"GET"))
+    assert raw.split(b"\r\n")[0].endswith(b"400 Bad Request")
+    assert "percent-encode" in json_body(raw)["error_msg"]
+    assert log_capture.events("request.rejected")[-1]["status"] == 400
+    assert model.seen == []
+
+
+@pytest.mark.parametrize(
+    "value", [b"Jos\xe9", b"\x80\xff\xfe", b"caf\xc3\xa9 and \xe9", b"a\tb  c", b"\xe2\x82\xac"]
+)
+async def test_obs_text_header_values_pass_byte_for_byte_both_ways(
+    value: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel(answer=answer(
+        b"Content-Disposition: attachment; filename=\"r" + value + b".pdf\"",
+        b"X-Echo: " + value, status=b"200 \xc9t\xe9 OK")))  # fmt: skip
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/u", b"X-User: " + value, method=b"GET"))
+    assert model.last().header(b"x-user") == [value]
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 200 \xc9t\xe9 OK"
+    assert b'Content-Disposition: attachment; filename="r' + value + b'.pdf"' in head
+    assert b"X-Echo: " + value in head
+
+
+async def test_header_names_order_repeats_and_case_reach_the_model_as_sent(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    fields = [b"x-lower: 1", b"X-UPPER: 2", b"X-Mixed-Case: 3", b"x-lower: 4", b"Accept: */*"]
+    await exchange(gate.data_port, request(b"/h", *fields, method=b"GET"))
+    assert end_to_end(model.last()) == [(b"Host", b"model")] + [
+        tuple(field.split(b": "))
+        for field in fields  # type: ignore[misc]
+    ]
+
+
+async def test_the_answer_gets_no_header_the_model_did_not_send(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel(answer=answer(b"X-Only: this")))
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/a", method=b"GET"))
+    names = [line.split(b":")[0].lower() for line in raw.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]]
+    assert b"server" not in names
+    assert b"content-type" not in names
+    assert b"x-only" in names
+    assert b"date" in names  # a proxy with a clock adds it (RFC 9110 §6.6.1)
+
+
+async def test_a_large_chunked_upload_reaches_the_model_with_its_length(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url, **{"retry.replay_buffer_bytes": 64 * 1024})
+    body = os.urandom(1024 * 1024 + 17)
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 50_000]), body[i : i + 50_000])
+                      for i in range(0, len(body), 50_000))  # fmt: skip
+    raw = await exchange(gate.data_port, request(b"/up", b"Transfer-Encoding: chunked")
+                         + chunks + b"0\r\n\r\n")  # fmt: skip
+    assert raw.startswith(b"HTTP/1.1 200")
+    seen = model.last()
+    assert seen.framing == "length"
+    assert seen.header(b"content-length") == [str(len(body)).encode()]
+    assert seen.body == body
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+async def test_a_body_over_max_body_bytes_is_a_413(
+    chunked: bool, start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(
+        model.url, **{"retry.replay_buffer_bytes": 1024, "server.max_body_bytes": 4096}
+    )
+    body = b"x" * 5000
+    if chunked:
+        data = (
+            request(b"/up", b"Transfer-Encoding: chunked") + b"1388\r\n" + body + b"\r\n0\r\n\r\n"
+        )
+    else:
+        data = request(b"/up", body=body)
+    raw = await exchange(gate.data_port, data)
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 413 Request Entity Too Large"
+    assert "server.max_body_bytes" in json_body(raw)["error_msg"]
+    assert model.seen == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "status"),
+    [
+        ([], 414),  # the target itself is long
+        ([b"X-Big: " + b"a" * 9000], 431),
+        ([b"X-%d: v" % n for n in range(200)], 431),
+    ],
+)
+async def test_oversized_request_heads_get_414_or_431_with_the_json_body(
+    fields: list[bytes], status: int, start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    target = b"/" + b"t" * 12_000 if status == 414 else b"/"
+    raw = await exchange(gate.data_port, request(target, *fields, method=b"GET"))
+    assert raw.split(b"\r\n")[0].split(b" ")[1] == str(status).encode()
+    assert json_body(raw)["error_code"] == "servegate.bad_request"
+    assert model.seen == []
+
+
+async def test_request_head_limits_are_settings(start_gate: StartGate, raw_server: Any) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url, **{"server.max_request_line_bytes": 16_000,
+                                          "server.max_header_bytes": 16_000})  # fmt: skip
+    target = b"/" + b"t" * 12_000
+    raw = await exchange(gate.data_port, request(target, b"X-Big: " + b"a" * 9000, method=b"GET"))
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert model.last().target == target
+
+
+@pytest.mark.parametrize("size", [9000, 20_000])
+async def test_a_response_header_too_large_has_its_own_cause_and_setting(
+    size: int, start_gate: StartGate, raw_server: Any
+) -> None:
+    cookie = b"Set-Cookie: s=" + b"c" * size
+    model = await raw_server(RecordingModel(answer=answer(cookie)))
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/c", method=b"GET"))
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 502 Bad Gateway"
+    body = json_body(raw)
+    assert (body["category"], body["cause"]) == ("protocol", "response_header_too_large")
+    assert "upstream.max_response_header_bytes" in body["hint"]
+    assert "port" not in body["hint"]
+    raised = await start_gate(model.url, **{"upstream.max_response_header_bytes": 32_000})
+    raw = await exchange(raised.data_port, request(b"/c", method=b"GET"))
+    assert cookie in raw.split(b"\r\n")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1x\r\n\r\nhello",
+    ],
+)  # fmt: skip
+async def test_an_answer_with_contradictory_framing_is_named_and_never_blames_the_port(
+    head: bytes, start_gate: StartGate, raw_server: Any, log_capture: LogCapture
+) -> None:
+    model = await raw_server(RecordingModel(answer=lambda _seen: head))
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/f", method=b"GET"))
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 502 Bad Gateway"
+    body = json_body(raw)
+    assert (body["category"], body["cause"]) == ("protocol", "response_framing")
+    assert "port" not in body["hint"]
+    assert log_capture.access()[-1]["cause"] == "response_framing"

@@ -1,0 +1,74 @@
+"""Upgrades (RFC 9110 §7.8): a WebSocket passes through servegate, counted, and can be switched
+off."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from tests.conftest import StartGate, gate_url, sample, scrape
+from tests.upstreams.recording import RecordingModel
+
+
+def echo_app() -> web.Application:
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"echo: {message.data}")
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(message.data[::-1])
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    return app
+
+
+async def test_a_websocket_echo_works_through_servegate_and_is_counted(
+    start_gate: StartGate, aiohttp_server: Any, client: aiohttp.ClientSession
+) -> None:
+    model = await aiohttp_server(echo_app())
+    gate = await start_gate(f"http://127.0.0.1:{model.port}")
+    async with client.ws_connect(gate_url(gate, "/ws")) as ws:
+        during = await scrape(gate)
+        for text in ("hello", "caf\u00e9", "x" * 100_000):
+            await ws.send_str(text)
+            assert await ws.receive_str(timeout=10) == f"echo: {text}"
+        await ws.send_bytes(b"\x00\x01\xff")
+        assert await ws.receive_bytes(timeout=10) == b"\xff\x01\x00"
+    assert sample(during, "servegate_upgraded_connections_inflight") == 1
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_upgraded_connections_total") == 1
+
+
+async def test_upgrades_switched_off_reach_the_model_as_plain_http(
+    start_gate: StartGate, raw_server: Any, client: aiohttp.ClientSession
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url, **{"server.upgrades": False})
+    headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Key": "k"}
+    async with client.get(gate_url(gate, "/ws"), headers=headers) as response:
+        assert response.status == 200
+        assert await response.read() == b"ok"
+    seen = model.last()
+    assert seen.header(b"upgrade") == []
+    assert seen.header(b"connection") == []
+    assert seen.header(b"sec-websocket-key") == [b"k"]
+
+
+async def test_a_refused_handshake_is_relayed_as_the_model_answered(
+    start_gate: StartGate, raw_server: Any, client: aiohttp.ClientSession
+) -> None:
+    refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno"
+    model = await raw_server(RecordingModel(answer=lambda _seen: refusal, close_after=True))
+    gate = await start_gate(model.url)
+    headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Key": "k"}
+    async with client.get(gate_url(gate, "/ws"), headers=headers) as response:
+        assert response.status == 403
+        assert await response.read() == b"no"
+    assert model.last().header(b"upgrade") == [b"websocket"]
+    assert sample(await scrape(gate), "servegate_upgraded_connections_total") == 0
