@@ -30,7 +30,6 @@ log = structlog.get_logger("servegate.forward")
 
 BUFFERED_ANSWER_MAX = 256 * 1024  # predictions are small; larger answers stream as they come
 UNREACHABLE = frozenset({Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT})
-RESTARTING = "(the model server restarted workers moments ago)"
 
 
 @dataclass(frozen=True)
@@ -145,10 +144,6 @@ class Forwarder:
     async def _observe(self, failure: Failure, spoke: str, began: float, budget: Budget) -> Failure:
         """Confirm a protocol suspicion, then let metrics, health and the circuit see it."""
         failure = await self.probe.confirm(failure, spoke, began, budget.remaining())
-        if failure.cause is Cause.STALE_CONNECTION and self.health.restarted_recently():
-            # Workers are dying: a pooled connection dropped after the request went out is
-            # far more likely a crash than an idle close, and a crash is not replayed.
-            failure = failure.as_(Cause.RESET_DURING_REQUEST, f"{failure.detail} {RESTARTING}")
         self.metrics.record_failed_attempt(failure)
         if failure.category is Category.SERVICE:
             self.health.record_failure(failure)
