@@ -69,8 +69,8 @@ class AttemptFacts:
     scheme: str = "http"  # what the attempt spoke: the answer to a mismatch depends on it
     reused: bool | None = None  # None: no connection was obtained
     request_sent: bool = False  # the request headers left servegate
-    # Bytes of this request the peer's TCP acknowledged on a reused connection (proxy/acked.py);
-    # None when not reused or where the kernel does not tell.
+    # Bytes of this request the peer's TCP acknowledged (proxy/acked.py); None where the
+    # kernel does not tell.
     request_bytes_acked: int | None = None
     response_started: bool = False  # the response's status line and headers arrived
     connect_started: float | None = None  # monotonic time a new connection was begun
@@ -127,6 +127,12 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
         if any(marker in str(exc.os_error).lower() for marker in _PLAIN_PEER_MARKERS):
             return failure(Cause.TLS_TO_PLAIN_SERVER, reason)
         return failure(Cause.TLS_HANDSHAKE, reason)
+    if isinstance(exc, ssl.SSLCertVerificationError):  # a handshake made without aiohttp
+        return failure(Cause.TLS_CERTIFICATE, _ssl_reason(exc))
+    if isinstance(exc, ssl.SSLError):
+        if any(marker in str(exc).lower() for marker in _PLAIN_PEER_MARKERS):
+            return failure(Cause.TLS_TO_PLAIN_SERVER, _ssl_reason(exc))
+        return failure(Cause.TLS_HANDSHAKE, _ssl_reason(exc))
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return failure(Cause.CONNECT_TIMEOUT, "no TCP connection within the connect timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -134,7 +140,10 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
     if isinstance(exc, aiohttp.ClientResponseError) and not facts.response_started:
         return failure(Cause.MALFORMED_RESPONSE, f"unparseable response head: {exc.message}")
     if isinstance(exc, (aiohttp.ClientPayloadError, *_DISCONNECTS)):
-        if facts.reused and not facts.response_started and _never_read(facts):
+        # A fresh connection counts only with the kernel's proof: without it, a fresh one
+        # dropped after sending is a TLS server's answer to plain HTTP as often as not.
+        proven = facts.reused or facts.request_bytes_acked == 0
+        if proven and not facts.response_started and _never_read(facts):
             return failure(Cause.STALE_CONNECTION, _stale_reason(facts))
         return failure(Cause.RESET_DURING_REQUEST, _disconnect_reason(exc, facts))
     # Anything else is still a failure of this attempt; the detail names it for the log.
@@ -152,9 +161,10 @@ def _never_read(facts: AttemptFacts) -> bool:
 
 
 def _stale_reason(facts: AttemptFacts) -> str:
+    which = "pooled" if facts.reused else "new"
     if facts.request_bytes_acked is not None:
-        return "the server closed the pooled connection; its TCP acknowledged none of the request"
-    return "the server closed the pooled connection before the request was sent"
+        return f"the server closed the {which} connection; its TCP acknowledged none of the request"
+    return f"the server closed the {which} connection before the request was sent"
 
 
 def _ssl_reason(error: BaseException) -> str:

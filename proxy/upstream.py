@@ -80,7 +80,7 @@ class Upstream:
             trace,
         )
         self._fresh = self._session(
-            aiohttp.TCPConnector(limit=settings.max_connections, force_close=True, ssl=ssl_context),
+            _WatchingConnector(limit=settings.max_connections, force_close=True, ssl=ssl_context),
             trace,
         )
 
@@ -155,7 +155,7 @@ class Upstream:
 
 
 class _Attempt:
-    """One attempt's facts, and the acknowledgement count of the pooled connection it reused."""
+    """One attempt's facts, and the acknowledgement count of the connection it used."""
 
     def __init__(self, facts: AttemptFacts) -> None:
         self.facts = facts
@@ -169,8 +169,8 @@ class _Attempt:
 
 
 class _WatchingConnector(aiohttp.TCPConnector):
-    """The pool's connector: starts counting the server's acknowledgements on a reused
-    connection after it leaves the pool and before the request is written to it."""
+    """Starts counting the server's acknowledgements on a connection once it is taken from
+    the pool or opened, before the request is written to it."""
 
     async def connect(
         self,
@@ -180,7 +180,7 @@ class _WatchingConnector(aiohttp.TCPConnector):
     ) -> Connection:
         connection = await super().connect(req, traces, timeout)
         attempt = _ATTEMPT.get()
-        if attempt is not None and attempt.facts.reused:
+        if attempt is not None:
             attempt.watch = AckWatch.start(connection.transport)
         return connection
 
