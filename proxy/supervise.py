@@ -235,6 +235,14 @@ class Supervisor:
             reader.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
 
+    def kill(self) -> None:
+        """SIGKILL to every process group of the model server: for an exit that cannot wait."""
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+        for run in [*self._exited, *([self._run] if self._run else [])]:
+            _signal_group(run.process.pid, signal.SIGKILL)
+
     async def _spawn(self) -> _Run:
         process = await asyncio.create_subprocess_exec(
             *self.command,
