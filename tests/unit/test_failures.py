@@ -54,6 +54,14 @@ def test_without_the_kernels_count_a_drop_after_the_request_left_is_never_stale(
     assert classify(drop, unsent, deadline_passed=False).cause is Cause.STALE_CONNECTION
 
 
+def test_a_fresh_connection_closed_with_none_of_the_request_acknowledged_is_stale() -> None:
+    facts = AttemptFacts(reused=False, request_sent=True, request_bytes_acked=0)
+    failure = classify(aiohttp.ServerDisconnectedError(), facts, deadline_passed=False)
+    assert failure.cause is Cause.STALE_CONNECTION
+    assert "new connection" in failure.detail
+    assert not failure.protocol_suspect
+
+
 def test_a_fresh_connection_dropped_after_sending_may_have_reached_the_model() -> None:
     facts = AttemptFacts(reused=False, request_sent=True)
     failure = classify(aiohttp.ServerDisconnectedError(), facts, deadline_passed=False)
