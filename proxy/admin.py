@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from proxy.answer import hint_for
 from proxy.health import CRASH_LOOP_ADVICE, Health, HealthMonitor
 from proxy.probe import SchemeProbe
 
@@ -31,6 +32,11 @@ class Readiness:
         where = f"{self.scheme.host}:{self.scheme.port}"
         if self.health.state is Health.CRASH_LOOP:
             return f"the model server at {where} is in a crash loop: {CRASH_LOOP_ADVICE}"
+        if (finding := self.health.finding) is not None:  # it answers, in a way that fails
+            named = f"{finding.category}/{finding.cause}"
+            return f"the model server at {where} fails health checks with {named}: " + hint_for(
+                finding
+            )
         if self.health.state is not Health.UP:
             return f"the model server at {where} is {self.health.state}: health checks fail"
         if self.scheme.mismatch():  # a fixed server is ready again within seconds

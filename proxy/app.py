@@ -1,5 +1,6 @@
 """Composition root: builds the request path's stages in order, binds the ports, and stops
-gracefully (not ready at once, stop accepting, let in-flight requests finish within the budget).
+gracefully: not ready at once, still serving for server.shutdown_quiet seconds so load balancers
+see it, then no longer accepting, and in-flight requests finish within the budget.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import contextlib
 import errno
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
+from typing import Any
 
 import aiohttp
 import structlog
@@ -21,6 +23,7 @@ from proxy.admin import Readiness, admin_app
 from proxy.admission import Admission
 from proxy.circuit import Circuit, Signal
 from proxy.config import Settings, effective, split_address
+from proxy.failures import Failure
 from proxy.forward import Forwarder
 from proxy.headers import install_byte_exact_writer
 from proxy.health import Health, HealthMonitor, check_upstream
@@ -136,26 +139,24 @@ class Servegate:
 
     async def _start_health_checks(self) -> None:
         # Separate one-shot connections: a check must not take or keep a pooled connection.
+        tls = client_ssl_context(self.settings.upstream.tls)
         self._checks = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                force_close=True, ssl=client_ssl_context(self.settings.upstream.tls)
-            ),
-            trust_env=False,
+            connector=aiohttp.TCPConnector(force_close=True, ssl=tls), trust_env=False
         )
         checks = self._checks
 
-        async def check() -> bool:
-            passed = await check_upstream(
+        async def check() -> Failure | None:
+            failed = await check_upstream(
                 checks, self._probe.host, self._probe.port, self._probe.speaking,
-                self.settings.health, self.settings.upstream.tls.server_name,
+                self.settings.health, tls, self.settings.upstream.tls.server_name,
             )  # fmt: skip
-            if passed and self.health.state is Health.UP:
+            if failed is None and self.health.state is Health.UP:
                 # The circuit may have opened on refusals the checks never saw (a restart
                 # between two checks): a passing check lets requests try again.
                 self.circuit.signal(Signal.UP)
-            return passed
+            return failed
 
-        self.health.record_check(await check())  # known by the time start() returns
+        self.health.record_check_result(await check())  # known by the time start() returns
         self._health_task = asyncio.create_task(self.health.run(check))
 
     def _health_changed(self, was: Health, now: Health) -> None:
@@ -166,8 +167,12 @@ class Servegate:
         elif now is Health.DOWN:
             self.circuit.signal(Signal.DOWN)
 
-    async def stop(self) -> None:
+    async def stop(self, quiet: float = 0.0) -> None:
+        """Fail /readyz, keep serving for `quiet` seconds, then stop accepting and drain."""
         self.readiness.shutting_down = True
+        if quiet > 0:
+            log.info("servegate.quiet_period", quiet_s=quiet)
+            await asyncio.sleep(quiet)
         for runner in self._runners:
             await runner.cleanup()
         self._runners = []
@@ -197,10 +202,14 @@ async def serve(settings: Settings, command: tuple[str, ...] = ()) -> None:
     """
     from proxy.supervise import Supervisor  # supervise mode only
 
-    stop = asyncio.Event()
+    stop, at_once = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:  # a second signal: the operator will not wait for the drain
+        (at_once if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):  # before the child exists: it is never orphaned
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     gate = Servegate(settings)
     supervisor = None
     if command:
@@ -219,9 +228,30 @@ async def serve(settings: Settings, command: tuple[str, ...] = ()) -> None:
             await supervisor.wait_listening(origin.host, origin.port)
         await gate.start()
         await stop.wait()
-        log.info("servegate.stopping", grace_s=settings.budget.seconds)
-        await gate.stop()
-    finally:
+        quiet = settings.server.shutdown_quiet
+        log.info("servegate.stopping", quiet_s=quiet, grace_s=settings.budget.seconds)
+        await _stop_unless_hurried(gate.stop(quiet), at_once)
+    except _Hurried:
+        log.warning("servegate.stopped_at_once", reason="a second stop signal", exit_code=1)
         if supervisor is not None:
+            supervisor.kill()
+        raise SystemExit(1) from None
+    finally:
+        if supervisor is not None and not at_once.is_set():
             await supervisor.stop()
     log.info("servegate.stopped")
+
+
+class _Hurried(Exception):
+    """A second stop signal arrived while servegate was stopping gracefully."""
+
+
+async def _stop_unless_hurried(stopping: Coroutine[Any, Any, None], at_once: asyncio.Event) -> None:
+    graceful = asyncio.ensure_future(stopping)
+    hurried = asyncio.ensure_future(at_once.wait())
+    await asyncio.wait((graceful, hurried), return_when=asyncio.FIRST_COMPLETED)
+    if not graceful.done():
+        graceful.cancel()
+        raise _Hurried
+    hurried.cancel()
+    graceful.result()

@@ -1,13 +1,16 @@
 """The circuit breaker: stop sending requests to a model server that is known to be down.
 
-Closed: traffic flows. Open: the server is down (health checks say so, or service failures came
-one after another); new requests wait briefly for it to return, then fail fast. Half-open: the
-server looks back; the first request to finish decides between closed and open again.
+Closed: traffic flows. Open: the server is down (health checks say so, or refused connects came
+one after another); every request fails fast, including those already backing off between
+attempts, unless circuit.wait lets new ones wait briefly. Half-open: the server may be back (or
+the cool-down ended); a request that tries it decides between closed and open again, and one
+that fails reopens the circuit, so that trial makes one attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from enum import IntEnum
@@ -108,6 +111,19 @@ class Circuit:
             except TimeoutError:
                 pass
         return True
+
+    @property
+    def open(self) -> bool:
+        """Open now (a cool-down that ended is noticed only by the next `admits`)."""
+        return self.state is CircuitState.OPEN
+
+    async def opens_within(self, seconds: float) -> bool:
+        """A backoff: sleep `seconds`, or less when the circuit opens; True when it is open."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while not self.open:
+                    await self._changed.wait()
+        return self.open
 
     def retry_after(self) -> float:
         """Seconds until an open circuit lets requests try again (for Retry-After)."""

@@ -89,6 +89,10 @@ class ServerSettings(_Section):
     # Seconds an upgraded connection may stay silent in both directions before servegate
     # closes it; 600 s matches the idle timeout of common cloud load balancers.
     upgrade_idle_timeout: Seconds = 600.0
+    # On SIGTERM, /readyz fails at once but the data port keeps serving this long, so load
+    # balancers see the failed probe before connections are refused (Knative's drainer does
+    # the same); then in-flight requests drain within the budget. 0: stop accepting at once.
+    shutdown_quiet: float = Field(default=5.0, ge=0)
 
     @model_validator(mode="after")
     def _tls_files(self) -> ServerSettings:
@@ -164,6 +168,13 @@ class RetrySettings(_Section):
     # Jittered exponential backoff for a refused connection (a restarting server).
     backoff_initial: Seconds = 0.05
     backoff_max: Seconds = 1.0
+    # How long refused (or timed-out) connects are retried for one request: long enough to
+    # ride out a model server's master restarting (a Gunicorn boots in about a second), short
+    # enough that a server that is down answers in seconds, not at the end of the budget.
+    connect_wait: Seconds = 3.0
+    # The same while the supervised model server is known to be booting (supervise mode
+    # only): its start-up, loading a model, can take longer; the budget still bounds it.
+    boot_wait: Seconds = 20.0
     # Methods whose requests may be replayed after the model server dropped them mid-request
     # (service/reset_during_request): only for inference that is safe to run twice. At most
     # once per request, and never a request that was on two crashed workers already.
@@ -199,7 +210,8 @@ class CircuitSettings(_Section):
     # health checks failing open it too.
     failure_threshold: int = Field(default=5, ge=1)
     # While open, a new request waits this long for the server to return, then fails fast.
-    wait: float = Field(default=2.0, ge=0)
+    # 0: fail fast at once (restarts are ridden out by retry.connect_wait before it opens).
+    wait: float = Field(default=0.0, ge=0)
     # Open this long at least before requests try the server again (half-open).
     open_seconds: Seconds = 5.0
 

@@ -8,7 +8,6 @@ the doctor's raw exchange read only what their own yes-or-no question needs.)
 from __future__ import annotations
 
 import ssl
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -76,7 +75,9 @@ class AttemptFacts:
     scheme: str = "http"  # what the attempt spoke: the answer to a mismatch depends on it
     reused: bool | None = None  # None: no connection was obtained
     request_sent: bool = False  # the request headers left servegate
-    last_sent_at: float | None = None  # monotonic time the last request byte left
+    # Bytes of this request the peer's TCP acknowledged (proxy/acked.py); None where the
+    # kernel does not tell.
+    request_bytes_acked: int | None = None
     response_started: bool = False  # the response's status line and headers arrived
     connect_started: float | None = None  # monotonic time a new connection was begun
     connect_seconds: float = 0.0  # time spent opening a new connection (0 when reused)
@@ -111,18 +112,12 @@ class Failure:
         return Failure(cause, detail, self.reused, self.request_sent, self.response_started)
 
 
-# Loopback and sidecar round trips are well under a millisecond, a LAN's a few; 0.2 s leaves
-# room for a slow network and is far shorter than any model's work on a request.
-STALE_WINDOW = 0.2
-
 _DISCONNECTS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
 _PLAIN_PEER_MARKERS = ("wrong version number", "record layer failure", "packet length too long")
 
 
-def classify(
-    exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool, now: float | None = None
-) -> Failure:
-    """Translate one attempt's exception into the taxonomy (`now`: when it failed)."""
+def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) -> Failure:
+    """Translate one attempt's exception into the taxonomy."""
 
     def failure(cause: Cause, detail: str) -> Failure:
         return Failure(cause, detail, facts.reused, facts.request_sent, facts.response_started)
@@ -138,6 +133,12 @@ def classify(
         if any(marker in str(exc.os_error).lower() for marker in _PLAIN_PEER_MARKERS):
             return failure(Cause.TLS_TO_PLAIN_SERVER, reason)
         return failure(Cause.TLS_HANDSHAKE, reason)
+    if isinstance(exc, ssl.SSLCertVerificationError):  # a handshake made without aiohttp
+        return failure(Cause.TLS_CERTIFICATE, _ssl_reason(exc))
+    if isinstance(exc, ssl.SSLError):
+        if any(marker in str(exc).lower() for marker in _PLAIN_PEER_MARKERS):
+            return failure(Cause.TLS_TO_PLAIN_SERVER, _ssl_reason(exc))
+        return failure(Cause.TLS_HANDSHAKE, _ssl_reason(exc))
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return failure(Cause.CONNECT_TIMEOUT, "no TCP connection within the connect timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -145,20 +146,31 @@ def classify(
     if isinstance(exc, aiohttp.ClientResponseError) and not facts.response_started:
         return _unparseable_head(exc.message, failure)
     if isinstance(exc, (aiohttp.ClientPayloadError, *_DISCONNECTS)):
-        if facts.reused and not facts.response_started and _within_a_round_trip(facts, now):
-            return failure(Cause.STALE_CONNECTION, "the pooled connection was closed by the server")
+        # A fresh connection counts only with the kernel's proof: without it, a fresh one
+        # dropped after sending is a TLS server's answer to plain HTTP as often as not.
+        proven = facts.reused or facts.request_bytes_acked == 0
+        if proven and not facts.response_started and _never_read(facts):
+            return failure(Cause.STALE_CONNECTION, _stale_reason(facts))
         return failure(Cause.RESET_DURING_REQUEST, _disconnect_reason(exc, facts))
     # Anything else is still a failure of this attempt; the detail names it for the log.
     return failure(Cause.RESET_DURING_REQUEST, f"unexpected {type(exc).__name__}: {exc}")
 
 
-def _within_a_round_trip(facts: AttemptFacts, now: float | None) -> bool:
-    """A server's idle close crossed the request: its FIN was on the way as the request left,
-    so the drop arrives within a round trip. A drop later than that came from a server that
-    had the request, and a request that may have reached the model is not replayed."""
-    if facts.last_sent_at is None:
-        return True  # failed while writing: the server never had the whole request
-    return (time.monotonic() if now is None else now) - facts.last_sent_at <= STALE_WINDOW
+def _never_read(facts: AttemptFacts) -> bool:
+    """Proof that the model's process read none of the request, whatever the timing: its TCP
+    acknowledged none of the request's bytes (proxy/acked.py). Without that count only a
+    request that never left servegate is provably unread, so a drop after the request went
+    out is then never taken for an idle close."""
+    if facts.request_bytes_acked is not None:
+        return facts.request_bytes_acked == 0
+    return not facts.request_sent
+
+
+def _stale_reason(facts: AttemptFacts) -> str:
+    which = "pooled" if facts.reused else "new"
+    if facts.request_bytes_acked is not None:
+        return f"the server closed the {which} connection; its TCP acknowledged none of the request"
+    return f"the server closed the {which} connection before the request was sent"
 
 
 def _ssl_reason(error: BaseException) -> str:
@@ -172,6 +184,11 @@ def _ssl_reason(error: BaseException) -> str:
 def _disconnect_reason(exc: BaseException, facts: AttemptFacts) -> str:
     if facts.response_started:
         return "the server closed the connection in the middle of its response"
+    if facts.request_bytes_acked:
+        return (
+            f"the server closed the connection after its TCP acknowledged "
+            f"{facts.request_bytes_acked} bytes of the request, before answering"
+        )
     if facts.request_sent:
         return "the server closed the connection after receiving the request, before answering"
     return f"the connection failed while sending the request ({type(exc).__name__})"

@@ -22,7 +22,7 @@ from proxy.circuit import Circuit, Signal
 from proxy.config import RetrySettings
 from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
 from proxy.health import HealthMonitor
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, ShedReason
 from proxy.probe import SchemeProbe
 from proxy.retry import Decision, GiveUp, Outcome, RetryState, decide
 from proxy.upstream import Upstream
@@ -31,7 +31,6 @@ log = structlog.get_logger("servegate.forward")
 
 BUFFERED_ANSWER_MAX = 256 * 1024  # predictions are small; larger answers stream as they come
 UNREACHABLE = frozenset({Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT})
-RESTARTING = "(the model server restarted workers moments ago)"
 
 
 @dataclass(frozen=True)
@@ -84,6 +83,7 @@ class Forwarder:
         state = RetryState()
         fresh = False
         retrying: Failure | None = None  # the failure the current attempt is a retry of
+        connects_until: float | None = None  # refused connects are retried until then
         attempt = 0
         while True:
             attempt += 1
@@ -100,7 +100,13 @@ class Forwarder:
                 return Forwarded(attempt, facts, answer=answer)
             assert failure is not None
             failure = await self._observe(failure, facts.scheme, began, budget)
-            decision = self._decide(outbound, failure, facts, state, budget, attempt)
+            if failure.cause in UNREACHABLE and connects_until is None:
+                connects_until = time.monotonic() + self._connect_wait()
+            if self.circuit.open:  # opened by this failure or by another request's
+                return self._refused_by_circuit(attempt, facts)
+            decision = self._decide(
+                outbound, failure, facts, state, budget, attempt, connects_until
+            )
             if not decision.retry:
                 if decision.give_up in (GiveUp.NOT_REPLAYABLE, GiveUp.NO_BUDGET):
                     self.metrics.record_retry(failure.cause, Outcome(decision.give_up.value))
@@ -116,8 +122,26 @@ class Forwarder:
             state.record(failure.cause)
             fresh = decision.fresh_connection
             retrying = failure
-            spent.backing_off += decision.delay
-            await asyncio.sleep(decision.delay)
+            backoff_began = time.monotonic()
+            opened = await self.circuit.opens_within(decision.delay)
+            spent.backing_off += time.monotonic() - backoff_began
+            if opened:
+                return self._refused_by_circuit(attempt, facts)
+
+    def _connect_wait(self) -> float:
+        """How long one request rides out refused connects: longer while the model boots."""
+        return self.settings.boot_wait if self.health.booting else self.settings.connect_wait
+
+    def _refused_by_circuit(self, attempts: int, facts: AttemptFacts) -> Forwarded:
+        """The circuit opened while this request was trying: it fails fast, as new ones do."""
+        self.metrics.shed.labels(ShedReason.CIRCUIT_OPEN).inc()
+        failure = Failure(Cause.CIRCUIT_OPEN, "the circuit opened: the model server is down")
+        return Forwarded(
+            attempts,
+            facts,
+            failure=self.health.explain(failure),
+            retry_after=self.circuit.retry_after(),
+        )
 
     def _decide(
         self,
@@ -127,14 +151,18 @@ class Forwarder:
         state: RetryState,
         budget: Budget,
         attempt: int,
+        connects_until: float | None,
     ) -> Decision:
+        remaining = budget.remaining()
+        if failure.cause in UNREACHABLE and connects_until is not None:
+            remaining = min(remaining, connects_until - time.monotonic())
         decision = decide(
             failure,
             state,
             scheme_adopted=self.probe.speaking != facts.scheme,
             replay_after_reset=outbound.method in self.settings.replay_after_reset,
             body_replayable=outbound.body is None or outbound.body.replayable,
-            remaining=budget.remaining(),
+            remaining=remaining,
             settings=self.settings,
             rng=self.rng,
         )
@@ -155,10 +183,6 @@ class Forwarder:
     async def _observe(self, failure: Failure, spoke: str, began: float, budget: Budget) -> Failure:
         """Confirm a protocol suspicion, then let metrics, health and the circuit see it."""
         failure = await self.probe.confirm(failure, spoke, began, budget.remaining())
-        if failure.cause is Cause.STALE_CONNECTION and self.health.restarted_recently():
-            # Workers are dying: a pooled connection dropped after the request went out is
-            # far more likely a crash than an idle close, and a crash is not replayed.
-            failure = failure.as_(Cause.RESET_DURING_REQUEST, f"{failure.detail} {RESTARTING}")
         self.metrics.record_failed_attempt(failure)
         if failure.category is Category.SERVICE:
             self.health.record_failure(failure)

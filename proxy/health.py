@@ -9,6 +9,7 @@ passive evidence counts too. Restarts close together make a crash loop.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -19,14 +20,14 @@ import structlog
 from yarl import URL
 
 from proxy.config import HealthSettings
-from proxy.failures import Category, Cause, Failure
+from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
 
 log = structlog.get_logger("servegate.health")
 
 # A dying worker resets every request it holds at the same instant: resets this close
 # together are one restart.
 SAME_RESTART_WINDOW = 0.05
-# After a restart, drops of pooled connections are taken for crashes for this long.
+# A budget that ran out this soon after a restart is named for the restart.
 RECENT_RESTART = 10.0
 
 
@@ -85,10 +86,25 @@ class HealthMonitor:
         # Set in supervise mode: the model server's own log counts restarts exactly, so
         # failures of requests are no longer taken as evidence of one.
         self.restarts_from_log = False
+        # Set in supervise mode while the model server is (re)starting, until a check passes:
+        # refused connections are then a boot in progress, worth a longer wait.
+        self.booting = False
+        # What the last check found wrong in how the server speaks (a certificate servegate
+        # cannot verify, a failed handshake): it answers, so it is not down, and not ready.
+        self.finding: Failure | None = None
 
     # Decisions: plain methods, no I/O.
 
+    def record_check_result(self, failed: Failure | None) -> None:
+        """A check's outcome (None: passed). A protocol failure is a finding, not an outage:
+        the server answered, so for up and down the check counts as passed."""
+        protocol = failed is not None and failed.category is Category.PROTOCOL
+        self.finding = failed if protocol else None
+        self.record_check(failed is None or protocol)
+
     def record_check(self, ok: bool) -> None:
+        if ok:
+            self.booting = False
         self._expire_restarts()
         self._passed, self._failed = (self._passed + 1, 0) if ok else (0, self._failed + 1)
         if self._passed >= self.settings.healthy_threshold:
@@ -167,11 +183,11 @@ class HealthMonitor:
 
     # I/O: the check loop.
 
-    async def run(self, check: Callable[[], Awaitable[bool]]) -> None:
+    async def run(self, check: Callable[[], Awaitable[Failure | None]]) -> None:
         """Check every interval (the first check is the caller's, before traffic starts)."""
         while True:
             await asyncio.sleep(self.settings.interval)
-            self.record_check(await check())
+            self.record_check_result(await check())
 
 
 async def check_upstream(
@@ -180,19 +196,33 @@ async def check_upstream(
     port: int,
     scheme: str,
     settings: HealthSettings,
+    tls: ssl.SSLContext,
     server_name: str | None = None,
-) -> bool:
-    """One health check: GET the health path (2xx passes), or a TCP connect when none is set."""
+) -> Failure | None:
+    """One health check; None when it passed, else the failure, classified.
+
+    GET the health path (2xx passes), or, with none set, open a connection as requests do:
+    TCP, plus the TLS handshake with servegate's verification when it speaks HTTPS, so a
+    certificate it cannot verify is found before the first request.
+    """
+    facts = AttemptFacts(scheme=scheme)
     try:
         async with asyncio.timeout(settings.timeout):
             if settings.path is None:
-                _, writer = await asyncio.open_connection(host, port)
+                context = tls if scheme == "https" else None
+                hostname = (server_name or host) if context else None
+                _, writer = await asyncio.open_connection(
+                    host, port, ssl=context, server_hostname=hostname
+                )
                 writer.close()
                 await writer.wait_closed()
-                return True
+                return None
             url = URL.build(scheme=scheme, host=host, port=port, path=settings.path)
             async with session.get(url, server_hostname=server_name) as response:
                 await response.read()
-                return 200 <= response.status < 300
-    except (aiohttp.ClientError, OSError):  # TimeoutError is an OSError
-        return False
+                if 200 <= response.status < 300:
+                    return None
+                detail = f"{settings.path} answered {response.status}"
+                return Failure(Cause.UPSTREAM_UNHEALTHY, detail)
+    except (aiohttp.ClientError, OSError) as exc:  # TimeoutError and ssl.SSLError are OSErrors
+        return classify(exc, facts, deadline_passed=False)

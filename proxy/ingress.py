@@ -180,7 +180,8 @@ class Ingress:
             if not await self.circuit.admit(budget.remaining()):
                 self.metrics.shed.labels(ShedReason.CIRCUIT_OPEN).inc()
                 detail = "the circuit is open: the model server is down"
-                return Refusal(Failure(Cause.CIRCUIT_OPEN, detail), self.circuit.retry_after())
+                failure = self.forwarder.health.explain(Failure(Cause.CIRCUIT_OPEN, detail))
+                return Refusal(failure, self.circuit.retry_after())
             admitted = await self.admission.enter(budget.remaining())
         except QueueFull:
             detail = "every concurrency slot is taken and the queue is full"

@@ -41,6 +41,7 @@ class Kind(StrEnum):
     BOOT = "boot"
     EXIT = "exit"
     TIMEOUT = "timeout"  # the master is about to kill the worker: its exit
+    PLANNED = "planned"  # the worker announced it will exit on purpose (max requests reached)
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,35 @@ _PATTERNS: tuple[tuple[re.Pattern[str], Kind, str], ...] = (
     (re.compile(r"Worker \(pid:(\d+)\) (?:exited with code|was sent) "), Kind.EXIT, "Gunicorn"),
     (re.compile(r"Worker with pid (\d+) was terminated due to signal"), Kind.EXIT, "Gunicorn"),
     (re.compile(r"(?<!DIRTY )WORKER TIMEOUT \(pid:(\d+)\)"), Kind.TIMEOUT, "Gunicorn"),
+    # A recycle the server announces (Gunicorn's --max-requests, Uvicorn's
+    # --limit-max-requests): its worker's exit is planned, not a restart. Gunicorn's log prefix
+    # names the pid; Uvicorn's own log does not (pid 0: its next exit line is the planned one).
+    (
+        re.compile(r"\[(\d+)\] \[INFO\] Autorestarting worker after current request"),
+        Kind.PLANNED,
+        "Gunicorn",
+    ),
+    (
+        re.compile(r"(?:\[(\d+)\] \[INFO\] )?Maximum request limit of \d+ exceeded\. Terminating"),
+        Kind.PLANNED,
+        "Uvicorn",
+    ),
     (re.compile(r"Started server process \[(\d+)\]"), Kind.BOOT, "Uvicorn"),
     (re.compile(r"Finished server process \[(\d+)\]"), Kind.EXIT, "Uvicorn"),
     (re.compile(r"Child process \[(\d+)\] died"), Kind.EXIT, "Uvicorn"),
 )
 
 
+_MARKERS = ("pid", "process [", "Autorestarting", "Maximum request limit")
+
+
 def parse_line(line: str) -> WorkerEvent | None:
     """The worker event a line of the model server's log reports, if any."""
-    if "pid" not in line and "process [" not in line:  # most lines: one cheap test
+    if not any(marker in line for marker in _MARKERS):  # most lines: cheap tests
         return None
     for pattern, kind, server in _PATTERNS:
         if match := pattern.search(line):
-            return WorkerEvent(kind, int(match[1]), server)
+            return WorkerEvent(kind, int(match[1] or 0), server)
     return None
 
 
@@ -89,9 +106,19 @@ class WorkerCounter:
         self._alive: set[int] = set()
         self._gone: dict[int, None] = {}  # an ordered set, oldest first
         self._unreplaced = 0
+        self._planned: set[int] = set()  # workers that announced a planned exit
+        self._announced = 0  # planned exits announced without a pid
+        self._recycled = 0  # planned exits not yet replaced: their successors are no restart
 
     def observe(self, event: WorkerEvent) -> bool:
-        """Record the event; True when it is the boot of a worker replacing one that exited."""
+        """Record the event; True when it is the boot of a worker replacing one that exited
+        unplanned (a recycle the server announced is no restart)."""
+        if event.kind is Kind.PLANNED:
+            if event.pid:
+                self._planned.add(event.pid)
+            else:
+                self._announced += 1
+            return False
         if event.kind is Kind.BOOT:
             if event.pid in self._alive:
                 return False
@@ -100,13 +127,26 @@ class WorkerCounter:
             if self._unreplaced:
                 self._unreplaced -= 1
                 return True
+            self._recycled = max(0, self._recycled - 1)
             return False
         if event.pid not in self._gone:
             self._alive.discard(event.pid)
             self._gone[event.pid] = None
             if len(self._gone) > RECENT_PIDS:
                 del self._gone[next(iter(self._gone))]
-            self._unreplaced += 1
+            if self._claims_planned(event):
+                self._recycled += 1
+            else:
+                self._unreplaced += 1
+        return False
+
+    def _claims_planned(self, event: WorkerEvent) -> bool:
+        if event.pid in self._planned:
+            self._planned.discard(event.pid)
+            return True
+        if event.kind is Kind.EXIT and self._announced:
+            self._announced -= 1
+            return True
         return False
 
 
@@ -163,6 +203,7 @@ class Supervisor:
     async def start(self) -> None:
         """Start the model server; OSError when its command cannot be run at all."""
         self._health.restarts_from_log = True
+        self._health.booting = True
         self._run = await self._spawn()
         self._task = asyncio.create_task(self._supervise())
 
@@ -193,6 +234,14 @@ class Supervisor:
         for reader in unfinished:  # a grandchild that left the group still holds a pipe
             reader.cancel()
         await asyncio.gather(*unfinished, return_exceptions=True)
+
+    def kill(self) -> None:
+        """SIGKILL to every process group of the model server: for an exit that cannot wait."""
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+        for run in [*self._exited, *([self._run] if self._run else [])]:
+            _signal_group(run.process.pid, signal.SIGKILL)
 
     async def _spawn(self) -> _Run:
         process = await asyncio.create_subprocess_exec(
@@ -228,6 +277,7 @@ class Supervisor:
             reason = exit_reason(exited.result())
             log.warning("model.exited", pid=run.process.pid, reason=reason, ran_s=round(ran_for, 1))
             self._health.record_restart(f"the supervised model server exited with {reason}")
+            self._health.booting = True  # until a health check passes again
             # Its orphaned workers still hold the port: they are asked to finish and go.
             _signal_group(run.process.pid, signal.SIGTERM)
             self._exited = [old for old in self._exited if old.output_open] + [run]

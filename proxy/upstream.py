@@ -1,7 +1,8 @@
 """The connection pool to the model server and one attempt on it.
 
 Each attempt reports, through aiohttp's trace signals, whether it used a pooled (reused) or a
-fresh connection and whether its request left servegate: the facts `failures.classify` needs.
+fresh connection and whether its request left servegate, and on a reused connection how much of
+the request the server's TCP acknowledged (proxy/acked.py): the facts `failures.classify` needs.
 Idle pooled connections are expired before the server's own idle timer can close them.
 """
 
@@ -11,14 +12,19 @@ import re
 import ssl
 import time
 from collections.abc import AsyncIterable, Iterable
+from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.acked import AckWatch
 from proxy.config import UpstreamSettings, UpstreamTLSSettings
 from proxy.failures import AttemptFacts
 
@@ -27,6 +33,9 @@ log = structlog.get_logger("servegate.upstream")
 _KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,\s])timeout\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 Body = bytes | AsyncIterable[bytes] | None
+
+# The attempt a connector is connecting for: `send` sets it, `_WatchingConnector` reads it.
+_ATTEMPT: ContextVar[_Attempt | None] = ContextVar("servegate_attempt", default=None)
 
 
 def expiry_for(announced: float) -> float:
@@ -63,7 +72,7 @@ class Upstream:
         ssl_context = client_ssl_context(settings.tls)
         trace = _trace_config()
         self._pooled = self._session(
-            aiohttp.TCPConnector(
+            _WatchingConnector(
                 limit=settings.max_connections,
                 keepalive_timeout=settings.idle_expiry,
                 ssl=ssl_context,
@@ -71,7 +80,7 @@ class Upstream:
             trace,
         )
         self._fresh = self._session(
-            aiohttp.TCPConnector(limit=settings.max_connections, force_close=True, ssl=ssl_context),
+            _WatchingConnector(limit=settings.max_connections, force_close=True, ssl=ssl_context),
             trace,
         )
 
@@ -108,17 +117,23 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         """One attempt: returns once the response head has arrived; the body is read later."""
         session = self._fresh if fresh else self._pooled
-        response: aiohttp.ClientResponse = await session.request(
-            method,
-            # The whole target as the path: yarl would drop an empty query ("/predict?") or a
-            # fragment; this way it goes out byte for byte, dot segments and all.
-            URL.build(scheme=scheme, authority=self._authority, path=raw_path, encoded=True),
-            headers=CIMultiDict(headers),
-            data=body,
-            allow_redirects=False,
-            server_hostname=self.settings.tls.server_name,
-            trace_request_ctx=facts,
-        )
+        attempt = _Attempt(facts)
+        token = _ATTEMPT.set(attempt)
+        try:
+            response: aiohttp.ClientResponse = await session.request(
+                method,
+                # The whole target as the path: yarl would drop an empty query ("/predict?")
+                # or a fragment; this way it goes out byte for byte, dot segments and all.
+                URL.build(scheme=scheme, authority=self._authority, path=raw_path, encoded=True),
+                headers=CIMultiDict(headers),
+                data=body,
+                allow_redirects=False,
+                server_hostname=self.settings.tls.server_name,
+                trace_request_ctx=facts,
+            )
+        finally:
+            _ATTEMPT.reset(token)
+            attempt.finish()
         facts.response_started = True
         self._learn_idle_timeout(response)
         return response
@@ -139,6 +154,37 @@ class Upstream:
     async def close(self) -> None:
         await self._pooled.close()
         await self._fresh.close()
+
+
+class _Attempt:
+    """One attempt's facts, and the acknowledgement count of the connection it used."""
+
+    def __init__(self, facts: AttemptFacts) -> None:
+        self.facts = facts
+        self.watch: AckWatch | None = None
+
+    def finish(self) -> None:
+        """Called once the attempt's request is out and answered, or has failed."""
+        if self.watch is not None:
+            self.facts.request_bytes_acked = self.watch.finish()
+            self.watch = None
+
+
+class _WatchingConnector(aiohttp.TCPConnector):
+    """Starts counting the server's acknowledgements on a connection once it is taken from
+    the pool or opened, before the request is written to it."""
+
+    async def connect(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        attempt = _ATTEMPT.get()
+        if attempt is not None:
+            attempt.watch = AckWatch.start(connection.transport)
+        return connection
 
 
 def client_ssl_context(tls: UpstreamTLSSettings) -> ssl.SSLContext:
@@ -166,16 +212,11 @@ def _trace_config() -> aiohttp.TraceConfig:
 
     async def headers_sent(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
         ctx.trace_request_ctx.request_sent = True
-        ctx.trace_request_ctx.last_sent_at = time.monotonic()
-
-    async def chunk_sent(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
-        ctx.trace_request_ctx.last_sent_at = time.monotonic()
 
     trace = aiohttp.TraceConfig()
     trace.on_connection_reuseconn.append(reused)
     trace.on_connection_create_start.append(creating)
     trace.on_connection_create_end.append(created)
     trace.on_request_headers_sent.append(headers_sent)
-    trace.on_request_chunk_sent.append(chunk_sent)
     trace.freeze()
     return trace

@@ -21,7 +21,7 @@ from proxy import config, logs
 from proxy.app import Servegate
 from tests.upstreams.apps import Recorder, recording_app
 from tests.upstreams.gunicorn import Gunicorn, start_gunicorn
-from tests.upstreams.raw import ClosesReusedConnections
+from tests.upstreams.raw import ClosesAsRequestArrives
 
 DEFAULT_TIME_LIMIT = 60
 
@@ -151,8 +151,8 @@ async def raw_server() -> AsyncIterator[Callable[[S], Awaitable[S]]]:
 
 
 @pytest.fixture
-async def closes_reused(raw_server: Callable[..., Any]) -> ClosesReusedConnections:
-    return await raw_server(ClosesReusedConnections())
+async def closes_as_request_arrives(raw_server: Callable[..., Any]) -> ClosesAsRequestArrives:
+    return await raw_server(ClosesAsRequestArrives())
 
 
 @pytest.fixture

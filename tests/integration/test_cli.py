@@ -115,12 +115,15 @@ def test_an_invalid_flag_value_exits_2_naming_the_key() -> None:
 def test_sigterm_fails_readiness_at_once_and_lets_in_flight_requests_finish(
     gunicorn: Callable[..., Gunicorn],
     servegate_process: Callable[..., subprocess.Popen[str]],
+    tmp_path: Path,
 ) -> None:
     model = gunicorn()
     data, admin = free_port(), free_port()
+    no_quiet_period = tmp_path / "servegate.yaml"  # test_shutdown.py covers the quiet period
+    no_quiet_period.write_text("server:\n  shutdown_quiet: 0\n")
     process = servegate_process(
         "--upstream", model.url, "--listen", f"127.0.0.1:{data}", "--admin-listen",
-        f"127.0.0.1:{admin}",
+        f"127.0.0.1:{admin}", "--config", str(no_quiet_period),
     )  # fmt: skip
     wait_for_port(data, process)  # type: ignore[arg-type]
     wait_for_port(admin, process)  # type: ignore[arg-type]

@@ -86,7 +86,8 @@ async def test_the_remaining_time_reaches_the_model_and_shrinks_across_retries(
     start_gate: StartGate, raw_server: Callable[..., Any], client: aiohttp.ClientSession
 ) -> None:
     server = await raw_server(ClosesReusedConnections(close_delay=0.1))
-    gate = await start_gate(server.url, **{"upstream.idle_expiry": 30, **SHORT})
+    replay = {"retry.replay_after_reset": ["POST"]}  # the server read it: opted in
+    gate = await start_gate(server.url, **{"upstream.idle_expiry": 30, **SHORT, **replay})
     for _ in range(2):  # the second one is retried after the server drops it
         async with client.post(gate_url(gate, "/"), data=b"x") as response:
             assert response.status == 200

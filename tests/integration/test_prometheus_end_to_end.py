@@ -28,7 +28,7 @@ from proxy.app import Servegate
 from proxy.failures import Category
 from tests.conftest import StartGate, gate_url, require_tool
 from tests.upstreams.gunicorn import Gunicorn, free_port
-from tests.upstreams.raw import ClosesReusedConnections
+from tests.upstreams.raw import ClosesAsRequestArrives
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "config" / "prometheus"
@@ -152,7 +152,7 @@ async def provoke(
         # whose body is larger than the replay buffer, so servegate cannot hide it.
         async with client.post(gate_url(gate, "/small"), data=b"x") as response:
             assert response.status == 200
-        request = client.post(gate_url(gate, "/big"), data=b"y" * (1024 * 1024))
+        request = client.post(gate_url(gate, "/big"), data=b"y" * 4096)
     elif category is Category.PROTOCOL:
         request = client.get(gate_url(gate, "/health"))  # HTTPS to a plain Gunicorn
     elif category is Category.TIMEOUT:
@@ -165,7 +165,7 @@ async def provoke(
 
 
 async def start_gates(
-    start_gate: StartGate, model: Gunicorn, closes_reused: ClosesReusedConnections
+    start_gate: StartGate, model: Gunicorn, closes_reused: ClosesAsRequestArrives
 ) -> dict[Category, Servegate]:
     """One servegate per category, each in front of an upstream that provokes only that one."""
     return {
@@ -193,11 +193,11 @@ async def start_gates(
 async def test_prometheus_sees_a_4503_in_exactly_the_categories_that_were_provoked(
     start_gate: StartGate,
     gunicorn: Callable[..., Gunicorn],
-    closes_reused: ClosesReusedConnections,
+    closes_as_request_arrives: ClosesAsRequestArrives,
     prometheus: Callable[[list[str]], Prometheus],
     client: aiohttp.ClientSession,
 ) -> None:
-    gates = await start_gates(start_gate, gunicorn(), closes_reused)
+    gates = await start_gates(start_gate, gunicorn(), closes_as_request_arrives)
     targets = sorted(instance(gate) for gate in gates.values())
     server = prometheus(targets)
     await server.wait_ready(client)

@@ -14,7 +14,12 @@ from aiohttp import web
 
 from tests.conftest import LogCapture, StartGate, gate_url, sample, scrape
 from tests.upstreams.gunicorn import Gunicorn
-from tests.upstreams.raw import AnnouncesKeepAlive, ClosesReusedConnections, DelayRelay
+from tests.upstreams.raw import (
+    AnnouncesKeepAlive,
+    ClosesAsRequestArrives,
+    ClosesReusedConnections,
+    DelayRelay,
+)
 
 PREDICTION = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
 STALE = {"category": "communication", "cause": "stale_connection"}
@@ -52,11 +57,12 @@ async def bursts(
 
 async def test_a_reused_connection_closed_before_its_response_is_retried_on_a_fresh_one(
     start_gate: StartGate,
-    closes_reused: ClosesReusedConnections,
+    closes_as_request_arrives: ClosesAsRequestArrives,
     client: aiohttp.ClientSession,
     log_capture: LogCapture,
 ) -> None:
-    gate = await start_gate(closes_reused.url, **{"upstream.idle_expiry": 30})
+    server = closes_as_request_arrives
+    gate = await start_gate(server.url, **{"upstream.idle_expiry": 30})
 
     async def one(index: int) -> int:
         async with client.post(gate_url(gate, f"/p/{index}"), data=b"payload") as response:
@@ -64,30 +70,35 @@ async def test_a_reused_connection_closed_before_its_response_is_retried_on_a_fr
             return response.status
 
     statuses: list[int] = []
-    for start in range(0, 1000, 10):
+    for start in range(0, 300, 10):
         statuses += await asyncio.gather(*(one(i) for i in range(start, start + 10)))
-    assert statuses == [200] * 1000
-    assert closes_reused.stale_hits > 100  # the race really happened, many times
+    assert statuses == [200] * 300
+    assert server.closed_unread > 50  # the race really happened, many times
+    assert server.answered == 300  # and no request was read twice
     samples = await scrape(gate)
-    assert sample(samples, "servegate_upstream_failures_total", **STALE) == closes_reused.stale_hits
+    assert sample(samples, "servegate_upstream_failures_total", **STALE) == server.closed_unread
     recovered = {"cause": "stale_connection", "outcome": "succeeded"}
-    assert sample(samples, "servegate_retries_total", **recovered) == closes_reused.stale_hits
+    assert sample(samples, "servegate_retries_total", **recovered) == server.closed_unread
     assert sample(samples, "servegate_4503_total", **STALE) == 0
     retried = [line for line in log_capture.access() if line["attempts"] == 2]
-    assert len(retried) == closes_reused.stale_hits
+    assert len(retried) == server.closed_unread
     assert all(line["reused"] is False for line in retried)  # the retry ran on a fresh one
 
 
 async def test_a_body_too_large_to_replay_gets_a_communication_error_that_says_so(
-    start_gate: StartGate, closes_reused: ClosesReusedConnections, client: aiohttp.ClientSession
+    start_gate: StartGate,
+    closes_as_request_arrives: ClosesAsRequestArrives,
+    client: aiohttp.ClientSession,
 ) -> None:
     gate = await start_gate(
-        closes_reused.url,
+        closes_as_request_arrives.url,
         **{"upstream.idle_expiry": 30, "retry.replay_buffer_bytes": 1024},
     )
     async with client.post(gate_url(gate, "/small"), data=b"x") as response:
         assert response.status == 200  # this leaves a pooled connection for the next one
-    big = b"y" * (1024 * 1024)
+    # Larger than the replay buffer, small enough that the server's TCP has not acknowledged
+    # any of it when the close crosses it: provably unread, but already streamed.
+    big = b"y" * 4096
     async with asyncio.timeout(10):  # nothing hangs
         async with client.post(gate_url(gate, "/big"), data=big) as response:
             assert response.status == 503
@@ -118,9 +129,9 @@ async def test_the_idle_timeout_a_server_announces_expires_pooled_connections_be
 
 
 async def test_servegate_keeps_idle_client_connections_open_longer_than_gunicorn_would(
-    start_gate: StartGate, closes_reused: ClosesReusedConnections
+    start_gate: StartGate, closes_as_request_arrives: ClosesAsRequestArrives
 ) -> None:
-    gate = await start_gate(closes_reused.url)
+    gate = await start_gate(closes_as_request_arrives.url)
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
     try:
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -157,19 +168,28 @@ async def test_bursts_on_gunicorns_keep_alive_boundary_through_a_real_network_ne
     # (about half of these requests when measured).
     assert naive_errors >= len(naive_statuses) // 5, naive_errors
 
-    # servegate, defaults first (idle expiry prevents the race), then with the pool kept as
-    # long as aiohttp's default 15 s, so every stale connection must be caught by a retry.
-    for idle_expiry, count in ((1.0, 20), (15.0, 6)):
-        relay = await relay_to(model.port)
-        gate = await start_gate(relay.url, **{"upstream.idle_expiry": idle_expiry})
-        statuses = await bursts(client, gate_url(gate, "/predict"), count=count, size=50, rng=rng)
-        assert statuses == [200] * (count * 50), f"idle_expiry={idle_expiry}"
-        samples = await scrape(gate)
-        stale = sample(samples, "servegate_upstream_failures_total", **STALE)
-        recovered = {"cause": "stale_connection", "outcome": "succeeded"}
-        assert sample(samples, "servegate_retries_total", **recovered) == stale
-        if idle_expiry > 2:
-            assert stale > 0  # the race happened and was hidden
+    # servegate with its defaults: the idle expiry keeps every pooled connection clear of
+    # Gunicorn's close, so the race never happens.
+    relay = await relay_to(model.port)
+    gate = await start_gate(relay.url)
+    statuses = await bursts(client, gate_url(gate, "/predict"), count=20, size=50, rng=rng)
+    assert statuses == [200] * (20 * 50)
+
+    # With the pool kept as long as aiohttp's default 15 s the race happens. The relay's TCP
+    # acknowledges what it takes, so an acknowledgement no longer proves that the model did
+    # not read a request: such a drop is answered once, never replayed (README).
+    relay = await relay_to(model.port)
+    gate = await start_gate(relay.url, **{"upstream.idle_expiry": 15.0})
+    statuses = await bursts(client, gate_url(gate, "/predict"), count=6, size=50, rng=rng)
+    samples = await scrape(gate)
+    stale = sample(samples, "servegate_upstream_failures_total", **STALE)
+    recovered = {"cause": "stale_connection", "outcome": "succeeded"}
+    assert sample(samples, "servegate_retries_total", **recovered) == stale
+    reset = {"category": "service", "cause": "reset_during_request"}
+    assert sum(status != 200 for status in statuses) == sample(
+        samples, "servegate_4503_total", **reset
+    )
+    assert set(statuses) <= {200, 503}
 
 
 class NaiveProxy:

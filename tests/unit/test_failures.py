@@ -9,7 +9,7 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from proxy import answer
-from proxy.failures import STALE_WINDOW, AttemptFacts, Category, Cause, Failure, classify
+from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
 
 KEY = ConnectionKey("127.0.0.1", 8000, False, True, None, None, None)
 
@@ -34,18 +34,37 @@ def test_every_category_has_causes() -> None:
     assert {cause.category for cause in Cause} == set(Category)
 
 
-def test_a_reused_connection_dropped_within_a_round_trip_of_sending_is_stale() -> None:
-    facts = AttemptFacts(reused=True, request_sent=True, last_sent_at=10.0)
-    drop = aiohttp.ServerDisconnectedError()
-    failure = classify(drop, facts, deadline_passed=False, now=10.0 + STALE_WINDOW / 2)
+@pytest.mark.parametrize("exc", [aiohttp.ServerDisconnectedError(), ConnectionResetError()])
+def test_a_reused_connection_whose_peer_acknowledged_none_of_the_request_is_stale(
+    exc: Exception,
+) -> None:
+    facts = AttemptFacts(reused=True, request_sent=True, request_bytes_acked=0)
+    failure = classify(exc, facts, deadline_passed=False)
     assert failure.cause is Cause.STALE_CONNECTION
+    assert "acknowledged none" in failure.detail
 
 
-def test_a_reused_connection_dropped_while_the_server_had_the_request_is_not_stale() -> None:
-    facts = AttemptFacts(reused=True, request_sent=True, last_sent_at=10.0)
-    drop = aiohttp.ServerDisconnectedError()
-    failure = classify(drop, facts, deadline_passed=False, now=12.0)  # the model worked on it
+def test_a_reused_connection_whose_peer_acknowledged_any_of_the_request_is_not_stale() -> None:
+    facts = AttemptFacts(reused=True, request_sent=True, request_bytes_acked=1)
+    failure = classify(aiohttp.ServerDisconnectedError(), facts, deadline_passed=False)
     assert failure.cause is Cause.RESET_DURING_REQUEST
+    assert "acknowledged 1 bytes" in failure.detail
+
+
+def test_without_the_kernels_count_a_drop_after_the_request_left_is_never_stale() -> None:
+    sent = AttemptFacts(reused=True, request_sent=True)
+    drop = aiohttp.ServerDisconnectedError()
+    assert classify(drop, sent, deadline_passed=False).cause is Cause.RESET_DURING_REQUEST
+    unsent = AttemptFacts(reused=True, request_sent=False)
+    assert classify(drop, unsent, deadline_passed=False).cause is Cause.STALE_CONNECTION
+
+
+def test_a_fresh_connection_closed_with_none_of_the_request_acknowledged_is_stale() -> None:
+    facts = AttemptFacts(reused=False, request_sent=True, request_bytes_acked=0)
+    failure = classify(aiohttp.ServerDisconnectedError(), facts, deadline_passed=False)
+    assert failure.cause is Cause.STALE_CONNECTION
+    assert "new connection" in failure.detail
+    assert not failure.protocol_suspect
 
 
 def test_a_fresh_connection_dropped_after_sending_may_have_reached_the_model() -> None:

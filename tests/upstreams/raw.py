@@ -7,8 +7,13 @@ network does, so a request can be in flight while the server's close is too.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
+import select
+import socket
+import termios
 import time
 from dataclasses import dataclass, field
 
@@ -160,6 +165,7 @@ class DelayRelay:
     port: int = 0
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _handlers: set[asyncio.Task[None]] = field(default_factory=set)  # close both sides on stop
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -170,6 +176,10 @@ class DelayRelay:
         return f"http://127.0.0.1:{self.port}"
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
         try:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -180,12 +190,14 @@ class DelayRelay:
             asyncio.create_task(self._toward_client(server_r, client_w)),
         ]
         self._tasks.update(pumps)
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for pump in pumps:
-            pump.cancel()
-            self._tasks.discard(pump)
-        for writer in (client_w, server_w):
-            writer.close()
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+                self._tasks.discard(pump)
+            for writer in (client_w, server_w):
+                writer.close()
 
     async def _toward_server(
         self, client_r: asyncio.StreamReader, server_w: asyncio.StreamWriter
@@ -226,4 +238,38 @@ class DelayRelay:
             self._server.close()
             for task in list(self._tasks):
                 task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
+
+
+@dataclass
+class ClosesAsRequestArrives(RawServer):
+    """Answers the first request on each connection; when the next one arrives, closes the
+    connection without reading a byte of it: an idle timer that fired as the request crossed it.
+
+    Its kernel is told to delay acknowledgements (TCP_QUICKACK off, as during a request/response
+    exchange), so the close goes out before any acknowledgement of the unread request, as it
+    does when the close was already on its way. `answered` counts the requests it read."""
+
+    answered: int = 0
+    closed_unread: int = 0
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if await read_request(reader) is None:
+            return
+        writer.write(OK)
+        await writer.drain()
+        self.answered += 1
+        writer.transport.pause_reading()  # what arrives next stays in the kernel, unread
+        sock = writer.get_extra_info("socket")
+        while True:  # ends when the request arrives or the test stops the server
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:  # a request, or servegate closing the connection
+                waiting = array.array("i", [0])
+                fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting)
+                self.closed_unread += waiting[0] > 0
+                return  # RawServer closes the connection: a reset, as the data is unread
+            await asyncio.sleep(0.001)

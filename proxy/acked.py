@@ -1,0 +1,87 @@
+"""What the model server's TCP acknowledged of one attempt: the proof that it never read it.
+
+A process can only read bytes its kernel has received, and Linux acknowledges received bytes
+before or together with the segment that ends the connection (a FIN carries the ACK). So when
+a reused connection fails and the peer acknowledged none of the bytes sent for this request,
+the model's process never read any of them, however fast it crashed or closed: the request can
+be sent again on a fresh connection. Measured on loopback: an idle close that crossed the
+request acknowledged 0 of its bytes (the peer answered with a reset); a server that read the
+request and then closed acknowledged all of them.
+
+The count comes from `getsockopt(IPPROTO_TCP, TCP_INFO)`; Python has no parser for it, so the
+one field is read at its offset in `struct tcp_info` (include/uapi/linux/tcp.h):
+8 bytes of u8 fields, 24 u32 fields (tcpi_rto .. tcpi_total_retrans), tcpi_pacing_rate and
+tcpi_max_pacing_rate (u64), then tcpi_bytes_acked (u64, RFC 4898's tcpEStatsAppHCThruOctetsAcked)
+at byte 120. Linux has had it since 4.1. Elsewhere the count is unknown (None), and the caller
+falls back to what it can prove without it.
+
+What it cannot prove: a relay or load balancer between servegate and the model acknowledges
+bytes the model never read, so there an acknowledgement proves nothing; a drop with bytes
+acknowledged is then never replayed, which is the safe side. None acknowledged still proves
+that even the relay did not take them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import sys
+from typing import Any
+
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_BYTES_ACKED = struct.Struct("=Q")
+_BYTES_ACKED_OFFSET = 120
+_TCP_INFO_LENGTH = 256  # the kernel copies min(its size, this); 6.x fills 248 or so
+
+
+def bytes_acked(sock: socket.socket) -> int | None:
+    """tcpi_bytes_acked of a connected TCP socket; None where the kernel does not report it."""
+    if _TCP_INFO is None or not sys.platform.startswith("linux"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
+    except OSError:
+        return None
+    if len(raw) < _BYTES_ACKED_OFFSET + _BYTES_ACKED.size:  # a kernel older than 4.1
+        return None
+    return int(_BYTES_ACKED.unpack_from(raw, _BYTES_ACKED_OFFSET)[0])
+
+
+class AckWatch:
+    """Counts the peer's acknowledgements from now on, on a connection a library owns.
+
+    It holds a duplicate of the connection's descriptor: the library closes its own when the
+    connection fails, and the count is needed after that. `finish` must be called (it closes
+    the duplicate); until then the connection stays open in the kernel.
+    """
+
+    def __init__(self, sock: socket.socket, start: int) -> None:
+        self._sock = sock
+        self._start = start
+
+    @classmethod
+    def start(cls, transport: Any) -> AckWatch | None:
+        """Watch an asyncio transport's TCP socket; None when its count cannot be read."""
+        original = transport.get_extra_info("socket") if transport is not None else None
+        if original is None or _TCP_INFO is None:
+            return None
+        try:
+            duplicate = socket.socket(fileno=os.dup(original.fileno()))
+        except OSError:
+            return None
+        start = bytes_acked(duplicate)
+        if start is None:
+            duplicate.close()
+            return None
+        return cls(duplicate, start)
+
+    def finish(self) -> int | None:
+        """Bytes the peer acknowledged since `start`; closes the duplicate descriptor."""
+        try:
+            now = bytes_acked(self._sock)
+            return None if now is None else now - self._start
+        finally:
+            with contextlib.suppress(OSError):
+                self._sock.close()

@@ -1,0 +1,93 @@
+"""A model server that is down costs a client seconds, not the budget: refused connects are
+retried for retry.connect_wait, and once the circuit is open every request, including those
+backing off and the half-open trial, is answered at once with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from proxy.app import Servegate
+from proxy.circuit import CircuitState
+from tests.conftest import StartGate, gate_url, sample, scrape
+from tests.upstreams.gunicorn import free_port
+
+REFUSED = {"category": "service", "cause": "connect_refused"}
+# Behaviour bounds with ample headroom for a loaded machine, far below the 40 s budget.
+AT_ONCE = 0.5
+
+
+async def post(client: aiohttp.ClientSession, gate: Servegate) -> tuple[float, int, dict[str, str]]:
+    began = time.monotonic()
+    async with client.post(gate_url(gate, "/predict"), data=b"{}") as response:
+        body = await response.json()
+        body["retry_after"] = response.headers.get("Retry-After", "")
+        return time.monotonic() - began, response.status, body
+
+
+async def refused_attempts(gate: Servegate) -> float:
+    return sample(await scrape(gate), "servegate_upstream_failures_total", **REFUSED)
+
+
+async def test_a_dead_model_is_answered_within_the_connect_wait_then_at_once_and_tried_once(
+    start_gate: StartGate, client: aiohttp.ClientSession
+) -> None:
+    gate = await start_gate(f"http://127.0.0.1:{free_port()}")  # default settings
+    seconds, status, body = await post(client, gate)
+    assert status == 503
+    assert seconds < 5.0  # within retry.connect_wait (3 s), never the 40 s budget
+    assert gate.circuit.state is CircuitState.OPEN  # its own refusals opened the circuit
+    for _ in range(10):
+        seconds, status, body = await post(client, gate)
+        assert (status, body["cause"]) == (503, "circuit_open")
+        assert seconds < AT_ONCE
+        assert int(body["retry_after"]) >= 1
+    # The cool-down ends: the next request is the half-open trial, and makes one attempt.
+    await asyncio.sleep(gate.circuit.retry_after() + 0.05)
+    before = await refused_attempts(gate)
+    seconds, status, body = await post(client, gate)
+    assert (status, body["cause"]) == (503, "circuit_open")
+    assert seconds < AT_ONCE
+    assert await refused_attempts(gate) == before + 1
+    assert gate.circuit.state is CircuitState.OPEN
+
+
+async def test_requests_backing_off_get_circuit_open_as_soon_as_it_opens(
+    start_gate: StartGate, client: aiohttp.ClientSession
+) -> None:
+    gate = await start_gate(f"http://127.0.0.1:{free_port()}")
+    answers = await asyncio.gather(*(post(client, gate) for _ in range(4)))
+    assert [(status, body["cause"]) for _, status, body in answers] == [(503, "circuit_open")] * 4
+    assert max(seconds for seconds, _, _ in answers) < 3.0  # all stopped when it opened
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_shed_total", reason="circuit_open") == 4
+
+
+async def test_without_the_circuit_refused_connects_are_retried_for_the_connect_wait(
+    start_gate: StartGate, client: aiohttp.ClientSession
+) -> None:
+    gate = await start_gate(
+        f"http://127.0.0.1:{free_port()}",
+        **{"circuit.failure_threshold": 1000, "health.unhealthy_threshold": 100,
+           "retry.connect_wait": 1.5},
+    )  # fmt: skip
+    seconds, status, body = await post(client, gate)
+    assert (status, body["cause"]) == (503, "connect_refused")
+    assert 1.4 <= seconds < 4.0
+
+
+async def test_refusals_during_a_crash_loop_are_named_for_the_crash_loop(
+    start_gate: StartGate, client: aiohttp.ClientSession
+) -> None:
+    gate = await start_gate(f"http://127.0.0.1:{free_port()}")
+    for _ in range(3):  # restarts seen close together: a crash loop
+        gate.health.record_restart("a worker died")
+    await post(client, gate)  # its refusals open the circuit
+    assert gate.circuit.state is CircuitState.OPEN
+    seconds, status, body = await post(client, gate)
+    assert (status, body["category"], body["cause"]) == (503, "service", "crash_loop")
+    assert seconds < AT_ONCE
+    assert int(body["retry_after"]) >= 1
+    assert "keeps restarting" in body["hint"]

@@ -1,0 +1,157 @@
+"""A worker recycled on purpose is not a crash: Gunicorn's --max-requests and Uvicorn's
+--limit-max-requests under steady load in supervise mode count no restart, raise no crash loop,
+keep /readyz at 200 and cost no client a request."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from proxy.supervise import Kind, WorkerCounter, WorkerEvent, parse_line
+from tests.integration.test_supervise import SERVEGATE, Supervised, eventually
+from tests.upstreams.gunicorn import ROOT, free_port, wait_for_port
+
+GUNICORN_RECYCLE = (
+    "[2026-11-25 12:15:18 +0000] [16843] [INFO] Autorestarting worker after current request."
+)
+UVICORN_WORKER_RECYCLE = (
+    "[2026-11-25 12:15:18 +0000] [16843] [INFO] Maximum request limit of 22 exceeded. "
+    "Terminating process."
+)
+UVICORN_RECYCLE = "INFO:     Maximum request limit of 21 exceeded. Terminating process."
+
+
+@pytest.mark.parametrize(
+    ("line", "pid"),
+    [(GUNICORN_RECYCLE, 16843), (UVICORN_WORKER_RECYCLE, 16843), (UVICORN_RECYCLE, 0)],
+)
+def test_an_announced_recycle_is_read_as_planned(line: str, pid: int) -> None:
+    assert parse_line(line) == WorkerEvent(Kind.PLANNED, pid, parse_line(line).server)  # type: ignore[union-attr]
+
+
+def count(*events: tuple[Kind, int]) -> int:
+    counter = WorkerCounter()
+    return sum(counter.observe(WorkerEvent(kind, pid, "test")) for kind, pid in events)
+
+
+def test_a_recycled_workers_successor_is_no_restart_and_a_crash_still_is_one() -> None:
+    boots = [(Kind.BOOT, 1), (Kind.BOOT, 2)]
+    recycled = [(Kind.PLANNED, 1), (Kind.EXIT, 1), (Kind.BOOT, 3)]
+    assert count(*boots, *recycled) == 0
+    assert count(*boots, *recycled, (Kind.EXIT, 2), (Kind.BOOT, 4)) == 1
+
+
+def test_uvicorns_announcement_without_a_pid_claims_the_next_exit_only() -> None:
+    boots = [(Kind.BOOT, 1), (Kind.BOOT, 2)]
+    recycled = [(Kind.PLANNED, 0), (Kind.EXIT, 1), (Kind.EXIT, 1), (Kind.BOOT, 3)]
+    assert count(*boots, *recycled) == 0
+    assert count(*boots, *recycled, (Kind.EXIT, 2), (Kind.BOOT, 4)) == 1
+
+
+@pytest.fixture
+def supervise(tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
+    """servegate supervising `model_command` (a format string for the model's port)."""
+    started: list[Supervised] = []
+
+    def start(*model_command: str) -> Supervised:
+        data, admin, model = free_port(), free_port(), free_port()
+        log_path = tmp_path / f"servegate-{data}.log"
+        command = [
+            *SERVEGATE, "--listen", f"127.0.0.1:{data}", "--admin-listen", f"127.0.0.1:{admin}",
+            "--upstream", f"http://127.0.0.1:{model}", "--",
+            *(part.format(port=model) for part in model_command),
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        gate = Supervised(process, data, admin, model, log_path)
+        started.append(gate)
+        wait_for_port(data, process)  # type: ignore[arg-type]
+        wait_for_port(admin, process)  # type: ignore[arg-type]
+        wait_for_port(model, None)
+        return gate
+
+    yield start
+    for gate in started:
+        if gate.process.poll() is None:
+            gate.process.kill()
+        gate.process.wait(timeout=10)
+        for pid in gate.model_pids():  # each model server leads its own process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def ready(gate: Supervised) -> int:
+    try:
+        url = f"http://127.0.0.1:{gate.admin}/readyz"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        error.close()
+        return int(error.code)
+
+
+def steady_load(gate: Supervised, requests: int) -> tuple[list[int], list[int]]:
+    """`requests` predictions from 4 clients at once, and /readyz asked between them."""
+    readiness: list[int] = []
+
+    def client(index: int) -> list[int]:
+        statuses = []
+        for number in range(requests // 4):
+            statuses.append(gate.predict())
+            if index == 0 and number % 10 == 0:
+                readiness.append(ready(gate))
+        return statuses
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        statuses = [status for batch in pool.map(client, range(4)) for status in batch]
+    return statuses, readiness
+
+
+def assert_recycled_without_a_restart(gate: Supervised, announcement: str) -> None:
+    assert sum(announcement in line for line in gate.output()) >= 4  # it really recycled
+    metrics = gate.metrics()
+    assert metrics["servegate_upstream_worker_restarts_total"] == 0
+    assert metrics["servegate_upstream_restarts_total"] == 0
+    assert metrics["servegate_upstream_crash_loop"] == 0
+    assert not gate.events("upstream.crash_loop")
+    assert ready(gate) == 200
+
+
+@pytest.mark.time_limit(120)
+def test_gunicorn_max_requests_under_load_is_no_restart_and_no_client_error(
+    supervise: Callable[..., Supervised],
+) -> None:
+    gate = supervise(
+        sys.executable, "-m", "gunicorn", "--chdir", str(ROOT), "--bind", "127.0.0.1:{port}",
+        "--no-control-socket", "--workers", "2", "--worker-class", "gthread", "--threads", "2",
+        "--max-requests", "20", "--max-requests-jitter", "5", "demo.model:app",
+    )  # fmt: skip
+    eventually(lambda: ready(gate) == 200, "ready")
+    statuses, readiness = steady_load(gate, 240)
+    assert statuses == [200] * 240
+    assert set(readiness) == {200}
+    assert_recycled_without_a_restart(gate, "Autorestarting worker")
+
+
+@pytest.mark.time_limit(120)
+def test_uvicorn_limit_max_requests_under_load_is_no_restart_and_no_client_error(
+    supervise: Callable[..., Supervised],
+) -> None:
+    gate = supervise(
+        sys.executable, "-m", "uvicorn", "tests.upstreams.dies:app", "--host", "127.0.0.1",
+        "--port", "{port}", "--workers", "2", "--limit-max-requests", "20",
+    )  # fmt: skip
+    eventually(lambda: ready(gate) == 200, "ready")
+    statuses, readiness = steady_load(gate, 200)
+    assert statuses == [200] * 200
+    assert set(readiness) == {200}
+    assert_recycled_without_a_restart(gate, "Maximum request limit")

@@ -1,0 +1,108 @@
+"""On SIGTERM servegate fails /readyz at once, keeps serving through a quiet period so load
+balancers notice, then refuses connections, drains, and exits 0; a second signal exits at once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_cli import SERVEGATE, post_status
+from tests.upstreams.gunicorn import ROOT, Gunicorn, free_port, wait_for_port
+
+QUIET = 2.0
+
+
+@pytest.fixture
+def servegate(
+    tmp_path: Path,
+) -> Iterator[Callable[[str], tuple[subprocess.Popen[bytes], int, int]]]:
+    """`servegate run` with a 2 s quiet period; stopped by pid afterwards, also on failure."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(upstream: str) -> tuple[subprocess.Popen[bytes], int, int]:
+        config = tmp_path / "servegate.yaml"
+        config.write_text(f"server:\n  shutdown_quiet: {QUIET}\n")
+        data, admin = free_port(), free_port()
+        process = subprocess.Popen(
+            [*SERVEGATE, "run", "--upstream", upstream, "--config", str(config),
+             "--listen", f"127.0.0.1:{data}", "--admin-listen", f"127.0.0.1:{admin}"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        started.append(process)
+        wait_for_port(data, process)  # type: ignore[arg-type]
+        wait_for_port(admin, process)  # type: ignore[arg-type]
+        return process, data, admin
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+
+
+def readyz(admin: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as response:
+            return int(response.status), ""
+    except urllib.error.HTTPError as error:
+        with error:
+            return int(error.code), json.loads(error.read())["reason"]
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
+@pytest.mark.time_limit(60)
+def test_sigterm_fails_readiness_keeps_serving_through_the_quiet_period_then_refuses_and_exits_0(
+    gunicorn: Callable[..., Gunicorn],
+    servegate: Callable[[str], tuple[subprocess.Popen[bytes], int, int]],
+) -> None:
+    process, data, admin = servegate(gunicorn().url)
+    deadline = time.monotonic() + 10
+    while readyz(admin)[0] != 200:  # the first health check is on its way
+        assert time.monotonic() < deadline, readyz(admin)
+        time.sleep(0.05)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    assert readyz(admin) == (503, "servegate is shutting down")
+    served = 0
+    while time.monotonic() - signalled < QUIET - 0.5:  # new connections, still served
+        assert post_status(f"http://127.0.0.1:{data}/predict") == 200
+        served += 1
+    assert served >= 3
+    deadline = signalled + QUIET + 5
+    while accepts(data):  # the quiet period ends: no longer accepting
+        assert time.monotonic() < deadline, "still accepting long after the quiet period"
+        time.sleep(0.05)
+    assert time.monotonic() - signalled >= QUIET - 0.1
+    assert process.wait(timeout=10) == 0
+
+
+@pytest.mark.time_limit(30)
+def test_a_second_signal_exits_at_once_with_code_1(
+    gunicorn: Callable[..., Gunicorn],
+    servegate: Callable[[str], tuple[subprocess.Popen[bytes], int, int]],
+) -> None:
+    process, data, _ = servegate(gunicorn().url)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert accepts(data)  # in its quiet period
+    second = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=5) == 1
+    assert time.monotonic() - second < QUIET  # did not wait for the quiet period to end
