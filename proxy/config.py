@@ -68,6 +68,20 @@ class ServerSettings(_Section):
     tls: Literal["off", "on", "auto"] = "off"
     cert_file: Path | None = None
     key_file: Path | None = None
+    # A request whose headers have not all arrived this long after their first byte is
+    # answered 408 and closed (nginx's client_header_timeout, 60 s by default, is the same
+    # idea; a gateway sends its headers in one packet, so 10 s is ample and frees a slowloris
+    # client's connection six times sooner). It applies to every request of a connection.
+    header_timeout: Seconds = 10.0
+    # Client connections open at once; beyond it a new one is closed at once (counted, and
+    # logged at most every 10 s). "auto": half the open-file limit left after 64 descriptors
+    # for servegate itself, since every client connection may hold one to the model too, as
+    # HAProxy sizes its maxconn from `ulimit -n`.
+    max_connections: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # A request body declared larger than this (Content-Length) is answered 413 before a byte
+    # of it is read. 1 GiB: far above any prediction payload (the platform itself stops at
+    # 12 MB), low enough that a runaway upload is refused instead of occupying the model.
+    max_body_bytes: int = Field(default=1024 * MiB, ge=1)
 
     @model_validator(mode="after")
     def _tls_files(self) -> ServerSettings:
