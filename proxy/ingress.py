@@ -28,7 +28,7 @@ from proxy.config import Settings
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import decoded, request_headers
-from proxy.metrics import Metrics, ShedReason
+from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason
 from proxy.relay import relay
 from proxy.retry import GiveUp
 
@@ -83,6 +83,11 @@ def origin_form(target: str) -> str:
     return path if path.startswith("/") else "/"  # "*" (OPTIONS *) asks the server itself
 
 
+def target_authority(target: str) -> str:
+    """The authority of an absolute-form target (`GET http://host:81/x`), else ""."""
+    return "" if target.startswith("/") else URL(target, encoded=True).raw_authority
+
+
 @dataclass(frozen=True)
 class Refusal:
     """servegate answers instead of the model: why, and when trying again makes sense."""
@@ -133,6 +138,9 @@ class Ingress:
     async def _serve(
         self, request: web.BaseRequest, request_id: str, line: AccessLine
     ) -> web.StreamResponse:
+        if (refused := self._refuse_on_sight(request, request_id)) is not None:
+            line.status = refused.status
+            return refused
         try:
             budget = Budget.start(self.settings.budget, request.headers.get(TIMEOUT_HEADER))
         except BadTimeoutHeader as exc:
@@ -155,6 +163,21 @@ class Ingress:
             return await self._exchange(request, request_id, budget, line)
         finally:
             self.admission.leave()
+
+    def _refuse_on_sight(self, request: web.BaseRequest, request_id: str) -> web.Response | None:
+        """Requests answered from their head alone; the connection is closed after them."""
+        if request.method == "CONNECT":  # servegate is no tunnel and no open proxy
+            refused = answer.bad_request("CONNECT is not served", request_id, 405)
+            refused.headers["Allow"] = ", ".join(sorted(KNOWN_METHODS))
+        elif (request.content_length or 0) > self.settings.server.max_body_bytes:
+            limit = self.settings.server.max_body_bytes
+            refused = answer.bad_request(
+                f"body over server.max_body_bytes ({limit})", request_id, 413
+            )
+        else:
+            return None
+        refused.force_close()
+        return refused
 
     async def _admit(self, budget: Budget, line: AccessLine) -> Refusal | None:
         """The circuit, then a concurrency slot: both before the model server is asked."""
@@ -247,6 +270,10 @@ class Ingress:
             host=request.host,
             request_id=request_id,
         )
+        # RFC 9112 §3.2.2: an absolute-form target's authority replaces Host; it never picks
+        # where the request goes, which is always the configured upstream.
+        if authority := target_authority(request.raw_path):
+            headers = [("Host", authority), *((n, v) for n, v in headers if n.lower() != "host")]
         if body is not None and not body.buffered and request.content_length is not None:
             headers.append(("Content-Length", str(request.content_length)))
         return headers
