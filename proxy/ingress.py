@@ -28,6 +28,7 @@ from proxy.config import Settings
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import decoded, request_headers
+from proxy.logs import without_client_bytes
 from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason
 from proxy.relay import relay
 from proxy.retry import GiveUp
@@ -293,7 +294,7 @@ class _JsonErrorHandler(RequestHandler):
         if status >= 500 or request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
         # A client's mistake, answered and logged as one (aiohttp logs it as a server error).
-        reason = message or HTTPStatus(status).phrase
+        reason = without_client_bytes(message) if message else HTTPStatus(status).phrase
         access_log.info("request.rejected", status=status, reason=reason, client=request.remote)
         response = answer.bad_request(reason, uuid.uuid4().hex, status)
         response.force_close()  # the stream cannot be trusted after a parse error
