@@ -123,18 +123,27 @@ class ClientConnection(asyncio.Protocol):
 def _awaits_request(handler: RequestHandler) -> bool:
     """Whether aiohttp's handler is idle, waiting for the next request's head.
 
-    aiohttp (3.14, web_protocol.RequestHandler.start) keeps that wait as the future `_waiter`,
-    pending while no request is queued or handled; no public attribute tells it. This is the
-    only place servegate reads it, and `check_aiohttp` fails start-up if it is gone.
+    aiohttp (3.14, web_protocol.RequestHandler) keeps that wait as the future `_waiter`,
+    pending while no request is queued or handled, and counts the heads parsed in
+    `_request_count`; before its task first runs (asyncio < 3.12 starts tasks lazily, and a
+    TLS connection's first bytes can arrive with its handshake) there is no waiter yet. No
+    public attribute tells either; this is the only place servegate reads them, and
+    `check_aiohttp` fails start-up if they are gone.
     """
     waiter = handler._waiter
-    return waiter is not None and not waiter.done()
+    if waiter is None:
+        return handler._request_count == 0
+    return not waiter.done()
+
+
+_PRIVATE = ("_waiter", "_request_count")
 
 
 def check_aiohttp() -> None:
-    """Fail loudly at start-up if the aiohttp attribute the header deadline reads is gone."""
-    if "_waiter" not in getattr(RequestHandler, "__slots__", ()):
+    """Fail loudly at start-up if an aiohttp attribute the header deadline reads is gone."""
+    missing = [name for name in _PRIVATE if name not in getattr(RequestHandler, "__slots__", ())]
+    if missing:
         raise RuntimeError(
-            "this aiohttp has no RequestHandler._waiter: server.header_timeout cannot work; "
-            "install the aiohttp version servegate pins"
+            f"this aiohttp's RequestHandler has no {', '.join(missing)}: server.header_timeout "
+            "cannot work; install the aiohttp version servegate pins"
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 from proxy import listener
 from proxy.app import Servegate
-from tests.conftest import LogCapture, StartGate, gate_url, sample, scrape
+from tests.conftest import Certificates, LogCapture, StartGate, gate_url, sample, scrape
 from tests.upstreams.apps import Recorder
 
 
@@ -223,6 +224,38 @@ async def test_the_header_timeout_applies_to_every_request_of_a_keep_alive_conne
     assert [seen.raw_path for seen in recorder.seen] == ["/first", "/first"]
     metrics = await scrape(gate)
     assert sample(metrics, "servegate_client_timeouts_total", phase="headers") == 1
+
+
+@pytest.mark.time_limit(30)
+async def test_over_https_an_unfinished_handshake_or_head_is_closed_at_the_header_timeout(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder, certificates: Certificates
+) -> None:
+    gate = await start_gate(
+        upstream_url,
+        **{
+            "server.header_timeout": 1.0,
+            "server.tls": "auto",
+            "server.cert_file": str(certificates.cert_file),
+            "server.key_file": str(certificates.key_file),
+        },
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(b"\x16\x03\x01\x00\x05")  # a handshake record that never completes
+    began = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    assert time.monotonic() - began < 5
+    writer.close()
+    trusting = ssl.create_default_context(cafile=str(certificates.ca_file))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port, ssl=trusting)
+    writer.write(b"GET /tls HTTP/1.1\r\nHost: model\r\n")  # at once with the handshake's end
+    try:
+        answer = await read_answer(reader)
+    finally:
+        writer.close()
+    assert answer.status == 408
+    assert recorder.seen == []
+    assert sample(await scrape(gate), "servegate_client_timeouts_total", phase="headers") == 1
+    await wait_for_gauge(gate, "servegate_client_connections", 0)
 
 
 @pytest.mark.time_limit(30)
