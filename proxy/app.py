@@ -28,9 +28,10 @@ from proxy.forward import Forwarder
 from proxy.headers import install_byte_exact_writer
 from proxy.health import Health, HealthMonitor, check_upstream
 from proxy.ingress import Ingress, JsonErrorServer, server_options
-from proxy.listener import CertificateError, SniffingSite
+from proxy.listener import SniffingSite
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
+from proxy.tls import CertificateError
 from proxy.upstream import Upstream, client_ssl_context
 
 log = structlog.get_logger("servegate")
@@ -92,11 +93,7 @@ class Servegate:
             web.ServerRunner(data_server, shutdown_timeout=grace),
             self.settings.server.listen,
             # Always sniffed, even with tls off: a plain port can then name an HTTPS client.
-            partial(
-                SniffingSite,
-                settings=self.settings.server,
-                on_mismatch=self.metrics.record_listener_mismatch,
-            ),
+            partial(SniffingSite, settings=self.settings.server, metrics=self.metrics),
         )
         admin = admin_app(self.registry, self.readiness)
         self.admin_port = await self._bind(
@@ -121,13 +118,14 @@ class Servegate:
         self,
         runner: web.BaseRunner,
         address: str,
-        site: Callable[[web.BaseRunner, str, int], web.BaseSite] = web.TCPSite,
+        site: Callable[[web.BaseRunner, str, int], web.TCPSite | SniffingSite] = web.TCPSite,
     ) -> int:
         host, port = split_address(address)
         await runner.setup()
         self._runners.append(runner)
+        bound = site(runner, host, port)
         try:
-            await site(runner, host, port).start()
+            await bound.start()
         except CertificateError as exc:
             await self.stop()
             raise StartupError(str(exc)) from None
@@ -135,7 +133,7 @@ class Servegate:
             await self.stop()
             reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
             raise StartupError(f"cannot listen on {address}: {reason}") from None
-        return int(runner.addresses[0][1])
+        return bound.port
 
     async def _start_health_checks(self) -> None:
         # Separate one-shot connections: a check must not take or keep a pooled connection.

@@ -77,11 +77,6 @@ class ServerSettings(_Section):
     max_request_line_bytes: int = Field(default=8190, ge=256)
     max_header_bytes: int = Field(default=8190, ge=256)
     max_headers: int = Field(default=128, ge=8)
-    # Largest request body, answered 413. A chunked body larger than the replay buffer is
-    # spooled to a temporary file (as nginx's proxy_request_buffering does) so the model gets
-    # a Content-Length; this bounds that file. 1 GiB: far above inference payloads (the
-    # platform stops at 12 MB), small enough for a container's writable layer.
-    max_body_bytes: int = Field(default=1024 * MiB, ge=0)
     # Pass `Upgrade` requests (WebSocket) to the model server and pipe both directions after
     # its 101. false: the Upgrade header is dropped and the request goes on as plain HTTP, as
     # nginx does without `proxy_set_header Upgrade`.
@@ -93,6 +88,22 @@ class ServerSettings(_Section):
     # balancers see the failed probe before connections are refused (Knative's drainer does
     # the same); then in-flight requests drain within the budget. 0: stop accepting at once.
     shutdown_quiet: float = Field(default=5.0, ge=0)
+    # A request whose headers have not all arrived this long after their first byte is
+    # answered 408 and closed (nginx's client_header_timeout, 60 s by default, is the same
+    # idea; a gateway sends its headers in one packet, so 10 s is ample and frees a slowloris
+    # client's connection six times sooner). It applies to every request of a connection.
+    header_timeout: Seconds = 10.0
+    # Client connections open at once; beyond it a new one is closed at once (counted, and
+    # logged at most every 10 s). "auto": half the open-file limit left after 64 descriptors
+    # for servegate itself, since every client connection may hold one to the model too, as
+    # HAProxy sizes its maxconn from `ulimit -n`.
+    max_connections: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # Largest request body, answered 413: before a byte of it is read when Content-Length
+    # declares more, else when a chunked body grows past it. A chunked body larger than the
+    # replay buffer is spooled to a temporary file (as nginx's proxy_request_buffering does)
+    # so the model gets a Content-Length; this bounds that file. 1 GiB: far above any
+    # prediction payload (the platform stops at 12 MB), small enough for a container's disk.
+    max_body_bytes: int = Field(default=1024 * MiB, ge=1)
 
     @model_validator(mode="after")
     def _tls_files(self) -> ServerSettings:

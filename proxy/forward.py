@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,6 +219,11 @@ class Forwarder:
                     scheme=facts.scheme,
                     fresh=fresh,
                 )
+                if _unrelayable(response):
+                    response.close()
+                    detail = "a header or the reason phrase holds a control character"
+                    failure = Failure(Cause.MALFORMED_RESPONSE, detail, facts.reused, True)
+                    return None, failure
                 # A small answer of known length is read whole before the client sees a
                 # status, as nginx's proxy buffering does: a model that dies in the middle of
                 # it is then a clean 503 (and replayable when opted in), not a cut 200.
@@ -237,3 +243,13 @@ class Forwarder:
                 spent.connecting += facts.connect_seconds
                 spent.waiting_for_model += elapsed - facts.connect_seconds
         return Answer(response, complete), None
+
+
+# aiohttp will not send a header holding a control character (RFC 9110 §5.5): a model that
+# sends one has a framing fault, to be answered as one, not as servegate's own error.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _unrelayable(response: aiohttp.ClientResponse) -> bool:
+    texts = (response.reason or "", *(f"{n}{v}" for n, v in response.headers.items()))
+    return any(_CONTROL.search(text) for text in texts)

@@ -30,7 +30,8 @@ from proxy.config import ServerSettings, Settings
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import decoded, request_headers
-from proxy.metrics import Metrics, ShedReason
+from proxy.logs import without_client_bytes
+from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason
 from proxy.relay import relay
 from proxy.retry import GiveUp
 from proxy.upgrade import Upgrader, UpgradeRefused, wants_upgrade
@@ -92,6 +93,11 @@ def origin_form(target: str) -> str:
     return path if path.startswith("/") else "/"  # "*" (OPTIONS *) asks the server itself
 
 
+def target_authority(target: str) -> str:
+    """The authority of an absolute-form target (`GET http://host:81/x`), else ""."""
+    return "" if target.startswith("/") else URL(target, encoded=True).raw_authority
+
+
 @dataclass(frozen=True)
 class Refusal:
     """servegate answers instead of the model: why, and when trying again makes sense."""
@@ -142,6 +148,9 @@ class Ingress:
     async def _serve(
         self, request: web.BaseRequest, request_id: str, line: AccessLine
     ) -> web.StreamResponse:
+        if (refused := self._refuse_on_sight(request, request_id)) is not None:
+            line.status = refused.status
+            return refused
         try:
             budget = Budget.start(self.settings.budget, request.headers.get(TIMEOUT_HEADER))
         except BadTimeoutHeader as exc:
@@ -172,6 +181,21 @@ class Ingress:
             self.admission.leave()
             if line.body is not None:
                 line.body.close()
+
+    def _refuse_on_sight(self, request: web.BaseRequest, request_id: str) -> web.Response | None:
+        """Requests answered from their head alone; the connection is closed after them."""
+        if request.method == "CONNECT":  # servegate is no tunnel and no open proxy
+            refused = answer.bad_request("CONNECT is not served", request_id, 405)
+            refused.headers["Allow"] = ", ".join(sorted(KNOWN_METHODS))
+        elif (request.content_length or 0) > self.settings.server.max_body_bytes:
+            limit = self.settings.server.max_body_bytes
+            refused = answer.bad_request(
+                f"body over server.max_body_bytes ({limit})", request_id, 413
+            )
+        else:
+            return None
+        refused.force_close()
+        return refused
 
     async def _admit(self, budget: Budget, line: AccessLine) -> Refusal | None:
         """The circuit, then a concurrency slot: both before the model server is asked."""
@@ -305,6 +329,10 @@ class Ingress:
             host=request.host,
             request_id=request_id,
         )
+        # RFC 9112 §3.2.2: an absolute-form target's authority replaces Host; it never picks
+        # where the request goes, which is always the configured upstream.
+        if authority := target_authority(request.raw_path):
+            headers = [("Host", authority), *((n, v) for n, v in headers if n.lower() != "host")]
         if body is not None and body.spooled_length is not None:
             headers.append(("Content-Length", str(body.spooled_length)))
         elif body is not None and not body.buffered and request.content_length is not None:
@@ -368,7 +396,7 @@ class _JsonErrorHandler(RequestHandler):
         if status >= 500 or request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
         # A client's mistake, answered and logged as one (aiohttp logs it as a server error).
-        reason = message or HTTPStatus(status).phrase
+        reason = without_client_bytes(message) if message else HTTPStatus(status).phrase
         if isinstance(exc, LineTooLong) and self._target_too_long:
             status = 414
             reason = (

@@ -1,34 +1,35 @@
-"""The data port's listener: it reads the first byte of every connection (without consuming it)
-and hands the connection to aiohttp as HTTPS or plain HTTP, so one port can serve both, and a
-client speaking the other protocol is told so instead of failing obscurely.
+"""The data port's listener: it owns the accept loop and every client connection's limits.
+
+It reads the first byte of every connection (without consuming it) and hands the connection to
+aiohttp as HTTPS or plain HTTP, so one port can serve both, and a client speaking the other
+protocol is told so. It caps the connections open at once (server.max_connections) and gives
+each request's headers a deadline (server.header_timeout), so a slow or hoarding client costs
+others nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import secrets
+import resource
 import socket
 import ssl
-import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import partial
-from ipaddress import ip_address
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, Protocol
 
 import structlog
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client import Counter, Gauge
 from yarl import URL
 
 from proxy.config import ServerSettings
+from proxy.connection import ClientConnection, TimeoutPhase, check_aiohttp
+from proxy.tls import server_tls_context
 
 log = structlog.get_logger("servegate.listener")
 
@@ -42,12 +43,15 @@ BACKLOG = 128  # asyncio's and aiohttp's default
 # Out of descriptors (EMFILE) the pending connection stays queued and the socket stays
 # readable: wait before accepting again instead of spinning, as asyncio's own loop does.
 ACCEPT_RETRY_DELAY = 1.0
-# After the 400 answer, read what the client still sends for this long: closing with unread
-# bytes sends a TCP reset, which can destroy the answer before the client reads it (nginx's
-# lingering close).
+# After an answer servegate closes on, read what the client still sends for this long:
+# closing with unread bytes sends a TCP reset, which can destroy the answer before the client
+# reads it (nginx's lingering close).
 LINGER = 2.0
 REMEMBERED_CLIENTS = 1024  # addresses already warned about; a scan cannot grow this set
-SELF_SIGNED_VALIDITY = timedelta(days=365)
+# Descriptors kept for servegate itself (listening and admin sockets, health checks, probes,
+# logs, a supervised model's pipes) when server.max_connections is auto.
+RESERVED_DESCRIPTORS = 64
+LIMIT_LOG_INTERVAL = 10.0  # one line per interval, whatever a flood of connections does
 
 Mode = Literal["off", "on", "auto"]
 
@@ -59,8 +63,15 @@ class Mismatch(StrEnum):
     PLAIN_ON_TLS_PORT = "plain_on_tls_port"
 
 
-class CertificateError(Exception):
-    """The data port's certificate cannot be loaded; the message is the line to show."""
+class ListenerMetrics(Protocol):
+    """The series the listener feeds (proxy.metrics.Metrics has them)."""
+
+    client_connections: Gauge
+    client_connections_limit: Gauge
+    client_connections_refused: Counter
+
+    def record_listener_mismatch(self, direction: Mismatch) -> None: ...
+    def record_client_timeout(self, phase: TimeoutPhase) -> None: ...
 
 
 BAD_REQUEST_BODY = json.dumps(
@@ -91,83 +102,23 @@ def route(first_byte: int, mode: Mode) -> Literal["tls", "plain"] | Mismatch:
     return Mismatch.PLAIN_ON_TLS_PORT if mode == "on" else "plain"
 
 
-def server_tls_context(settings: ServerSettings) -> ssl.SSLContext | None:
-    """The data port's TLS context: from cert_file/key_file, or self-signed for `auto`."""
-    if settings.tls == "off":
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    # aiohttp speaks HTTP/1.1 only; saying so spares an h2-capable client a guess.
-    context.set_alpn_protocols(["http/1.1"])
-    if settings.cert_file is not None and settings.key_file is not None:
-        try:
-            context.load_cert_chain(
-                settings.cert_file, settings.key_file, partial(_no_password, settings.key_file)
-            )
-        except OSError as exc:  # missing file, unreadable, not PEM, key not matching
-            raise CertificateError(
-                f"cannot load server.cert_file {settings.cert_file} with server.key_file "
-                f"{settings.key_file}: {exc.strerror or exc} (both must be PEM, and the key "
-                "must be the certificate's)"
-            ) from None
-        return context
-    _load_self_signed(context)
-    return context
-
-
-def _no_password(key_file: Path) -> bytes:
-    # Without a callback OpenSSL would prompt on the terminal and hang start-up.
-    raise CertificateError(f"server.key_file {key_file} is encrypted: servegate needs it plain")
-
-
-def _load_self_signed(context: ssl.SSLContext) -> None:
-    key, certificate = _self_signed()
-    # The ssl module loads keys only from files. The file is private (mode 0600), exists only
-    # while it is loaded, and holds the key encrypted with a password that never leaves memory.
-    password = secrets.token_bytes(32)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(password),
-    ) + certificate.public_bytes(serialization.Encoding.PEM)
-    with tempfile.NamedTemporaryFile(suffix=".pem") as file:
-        file.write(pem)
-        file.flush()
-        context.load_cert_chain(file.name, password=password)
-    log.warning(
-        "listener.self_signed_certificate",
-        message="server.tls is auto and no cert_file is set: made a self-signed certificate "
-        "for this run; HTTPS clients must skip verification or trust this fingerprint",
-        sha256=certificate.fingerprint(hashes.SHA256()).hex(":").upper(),
-        valid_until=certificate.not_valid_after_utc.isoformat(),
-    )
-
-
-def _self_signed() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """EC P-256, CN servegate, for localhost and the loopback addresses, valid one year."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "servegate")])
-    now = datetime.now(UTC)
-    names = [x509.DNSName("localhost")] + [
-        x509.IPAddress(ip_address(ip)) for ip in ("127.0.0.1", "::1")
-    ]
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))  # a client's clock may be a little behind
-        .not_valid_after(now + SELF_SIGNED_VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, certificate
+def connection_limit(configured: int | Literal["auto"]) -> int:
+    """server.max_connections in force: `auto` is half the open-file limit (RLIMIT_NOFILE)
+    left after RESERVED_DESCRIPTORS, since a client connection may hold one to the model too."""
+    if configured != "auto":
+        return configured
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20  # Linux's default nr_open: the real ceiling
+    return max(1, (soft - RESERVED_DESCRIPTORS) // 2)
 
 
 class SniffingSite(web.BaseSite):
-    """A site for aiohttp's runner that serves HTTP, HTTPS or both on one address."""
+    """A site for aiohttp's runner that serves HTTP, HTTPS or both on one address.
+
+    The runner stops it (`stop`) before it lets in-flight requests finish; the accept loop and
+    the sockets are this site's own, so nothing of BaseSite's internals is touched.
+    """
 
     def __init__(
         self,
@@ -176,32 +127,40 @@ class SniffingSite(web.BaseSite):
         port: int,
         *,
         settings: ServerSettings,
-        on_mismatch: Callable[[Mismatch], None],
+        metrics: ListenerMetrics,
     ) -> None:
         super().__init__(runner, backlog=BACKLOG)
+        assert runner.server is not None  # BaseSite checked that the runner is set up
+        self._handler_factory: Callable[[], RequestHandler] = runner.server
         self._host, self._port = host, port
         self._settings = settings
-        self._on_mismatch = on_mismatch
+        self._metrics = metrics
+        self._acceptor: _Acceptor | None = None
 
     @property
     def name(self) -> str:
         scheme = "https" if self._settings.tls == "on" else "http"
-        return str(URL.build(scheme=scheme, host=self._host, port=self._port))
+        return str(URL.build(scheme=scheme, host=self._host, port=self.port))
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (the one asked for, 0 included, before)."""
+        return self._acceptor.port if self._acceptor is not None else self._port
 
     async def start(self) -> None:
         tls = server_tls_context(self._settings)  # before binding: a bad file binds nothing
-        sockets = await _listen(self._host, self._port, self._backlog)
+        check_aiohttp()
+        sockets = await _listen(self._host, self._port, BACKLOG)
         await super().start()
-        assert self._runner.server is not None  # set up before any site is made
-        self._server = _Acceptor(
-            sockets, self._runner.server, self._settings.tls, tls, self._on_mismatch
+        self._acceptor = _Acceptor(
+            sockets, self._handler_factory, tls, self._settings, self._metrics
         )
 
     async def stop(self) -> None:
-        acceptor = self._server
-        await super().stop()  # stops accepting; the runner then lets in-flight requests finish
-        if isinstance(acceptor, _Acceptor):
-            await acceptor.wait_closed()
+        if self._acceptor is not None:
+            self._acceptor.close()  # stops accepting; the runner then lets requests finish
+            await self._acceptor.wait_closed()
+        await super().stop()
 
 
 async def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
@@ -226,34 +185,31 @@ async def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
     return sockets
 
 
-class _Acceptor(asyncio.AbstractServer):
-    """The accept loops and the connections still being sniffed; the runner sees its sockets."""
+class _Acceptor:
+    """The accept loops, the connections open (sniffed or served), and their limit."""
 
     def __init__(
         self,
         sockets: list[socket.socket],
-        protocol: Callable[[], Any],
-        mode: Mode,
+        handler: Callable[[], RequestHandler],
         tls: ssl.SSLContext | None,
-        on_mismatch: Callable[[Mismatch], None],
+        settings: ServerSettings,
+        metrics: ListenerMetrics,
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._sockets = tuple(sockets)
-        self._protocol, self._mode, self._tls = protocol, mode, tls
-        self._on_mismatch = on_mismatch
+        self.port = int(sockets[0].getsockname()[1])
+        self._handler, self._tls = handler, tls
+        self._mode: Mode = settings.tls
+        self._header_timeout = settings.header_timeout
+        self._metrics = metrics
+        self._limit = connection_limit(settings.max_connections)
+        metrics.client_connections_limit.set(self._limit)
+        self._open = 0
+        self._refused_unlogged = 0
+        self._limit_logged_at: float | None = None
         self._warned: OrderedDict[str, None] = OrderedDict()
         self._pending: set[asyncio.Task[None]] = set()
         self._accepting = [self._loop.create_task(self._accept(sock)) for sock in sockets]
-
-    @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        return self._sockets if self.is_serving() else ()
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def is_serving(self) -> bool:
-        return any(not task.done() for task in self._accepting)
 
     def close(self) -> None:
         # Connections not yet handed to aiohttp have sent no complete request: drop them, as
@@ -279,19 +235,54 @@ class _Acceptor(asyncio.AbstractServer):
                     )
                     await asyncio.sleep(ACCEPT_RETRY_DELAY)
                     continue
+                if self._open >= self._limit:
+                    sock.close()
+                    self._refuse_over_limit()
+                    continue
+                self._opened()
                 task = self._loop.create_task(self._serve(sock, str(peer[0])))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
         finally:
             listening.close()
 
+    def _opened(self) -> None:
+        self._open += 1
+        self._metrics.client_connections.set(self._open)
+
+    def _closed(self) -> None:
+        self._open -= 1
+        self._metrics.client_connections.set(self._open)
+
+    def _refuse_over_limit(self) -> None:
+        """Count every refusal; log the first, then at most one line per interval."""
+        self._metrics.client_connections_refused.inc()
+        self._refused_unlogged += 1
+        now = time.monotonic()
+        if self._limit_logged_at is not None and now - self._limit_logged_at < LIMIT_LOG_INTERVAL:
+            return
+        log.warning(
+            "listener.connection_limit_reached",
+            message=f"{self._limit} client connections are open (server.max_connections): "
+            "new connections are closed at once until some end",
+            limit=self._limit,
+            refused=self._refused_unlogged,
+            note=f"logged at most every {LIMIT_LOG_INTERVAL:g} s; "
+            "servegate_client_connections_refused_total counts every one",
+        )
+        self._limit_logged_at, self._refused_unlogged = now, 0
+
     async def _serve(self, sock: socket.socket, client: str) -> None:
         """One connection: peek, then hand it to aiohttp or refuse it. `sock` is always closed
         here unless aiohttp's transport took it."""
         handed_over = False
         try:
-            async with asyncio.timeout(PEEK_TIMEOUT):
-                first = await _peek(sock)
+            try:
+                async with asyncio.timeout(PEEK_TIMEOUT):
+                    first = await _peek(sock)
+            except TimeoutError:
+                self._metrics.record_client_timeout(TimeoutPhase.IDLE)
+                raise
             if not first:
                 return  # the client closed without sending anything
             decision = route(first[0], self._mode)
@@ -301,16 +292,28 @@ class _Acceptor(asyncio.AbstractServer):
                     await _answer_bad_request(sock)
                 return
             tls = self._tls if decision == "tls" else None
-            await self._loop.connect_accepted_socket(self._protocol, sock, ssl=tls)
+            await self._loop.connect_accepted_socket(
+                lambda: ClientConnection(
+                    self._handler(),
+                    self._header_timeout,
+                    on_timeout=partial(self._header_timed_out, client),
+                    on_closed=self._closed,
+                ),
+                sock,
+                ssl=tls,
+                # A handshake is part of the request's head: the same deadline (nginx).
+                ssl_handshake_timeout=self._header_timeout if tls else None,
+            )
             handed_over = True
         except OSError as exc:  # silent, reset, or a failed TLS handshake (TimeoutError too)
             log.debug("listener.connection_dropped", client=client, error=repr(exc))
         finally:
             if not handed_over:
                 sock.close()
+                self._closed()
 
     def _refused(self, mismatch: Mismatch, client: str) -> None:
-        self._on_mismatch(mismatch)
+        self._metrics.record_listener_mismatch(mismatch)
         if client in self._warned:  # one line per client: a retrying client must not flood
             self._warned.move_to_end(client)
             return
@@ -322,6 +325,16 @@ class _Acceptor(asyncio.AbstractServer):
             message=WARNINGS[mismatch].format(client=client),
             client=client,
             note="logged once per client address; the metric counts every connection",
+        )
+
+    def _header_timed_out(self, client: str) -> None:
+        self._metrics.record_client_timeout(TimeoutPhase.HEADERS)
+        log.info(
+            "request.rejected",
+            status=408,
+            reason=f"headers not complete within server.header_timeout "
+            f"({self._header_timeout:g} s)",
+            client=client,
         )
 
 
@@ -338,7 +351,7 @@ async def _peek(sock: socket.socket) -> bytes:
 async def _readable(sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     readable = loop.create_future()
-    loop.add_reader(sock, lambda: readable.done() or readable.set_result(None))
+    loop.add_reader(sock, lambda: None if readable.done() else readable.set_result(None))
     try:
         await readable
     finally:

@@ -10,6 +10,7 @@ from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from proxy.connection import TimeoutPhase
 from proxy.failures import Cause, Failure
 from proxy.listener import Mismatch
 from proxy.retry import Outcome
@@ -97,6 +98,31 @@ class Metrics:
         )
         for direction in Mismatch:
             self.listener_mismatches.labels(direction)
+        # Client-side limits (server.header_timeout, server.max_connections); not in DESIGN.md.
+        self.client_connections = Gauge(
+            "servegate_client_connections",
+            "Client connections open on the data port.",
+            registry=registry,
+        )
+        self.client_connections_limit = Gauge(
+            "servegate_client_connections_limit",
+            "server.max_connections in force: client connections beyond it are closed.",
+            registry=registry,
+        )
+        self.client_connections_refused = Counter(
+            "servegate_client_connections_refused",
+            "Client connections closed at once because server.max_connections were open.",
+            registry=registry,
+        )
+        self.client_timeouts = Counter(
+            "servegate_client_timeouts",
+            "Client connections closed for being too slow: headers not complete within "
+            "server.header_timeout, or nothing sent at all (idle).",
+            ["phase"],
+            registry=registry,
+        )
+        for phase in TimeoutPhase:
+            self.client_timeouts.labels(phase)
         self.queue_depth = Gauge(
             "servegate_queue_depth", "Requests waiting for a concurrency slot.", registry=registry
         )
@@ -162,3 +188,6 @@ class Metrics:
 
     def record_listener_mismatch(self, direction: Mismatch) -> None:
         self.listener_mismatches.labels(direction).inc()
+
+    def record_client_timeout(self, phase: TimeoutPhase) -> None:
+        self.client_timeouts.labels(phase).inc()

@@ -1,0 +1,149 @@
+"""One client connection once the listener has handed it to aiohttp: aiohttp's request
+handler, plus a deadline on each request's head (server.header_timeout).
+
+A client that trickles its headers (slowloris) holds a connection and a descriptor for as long
+as it likes unless something times the head; aiohttp times only idle keep-alive connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable
+from enum import StrEnum
+from typing import cast
+
+from aiohttp.web_protocol import RequestHandler
+
+# After the 408, read what the client still sends for this long before closing: closing with
+# unread bytes sends a TCP reset, which can destroy the answer before the client reads it
+# (nginx's lingering close).
+LINGER = 2.0
+
+
+class TimeoutPhase(StrEnum):
+    """The `phase` label of servegate_client_timeouts_total."""
+
+    HEADERS = "headers"  # a request's headers did not all arrive within server.header_timeout
+    IDLE = "idle"  # a new connection sent nothing at all (the listener's PEEK_TIMEOUT)
+
+
+def header_timeout_answer(seconds: float) -> bytes:
+    """The 408 for a request whose headers did not arrive in time, in servegate's JSON shape."""
+    request_id = uuid.uuid4().hex
+    body = json.dumps(
+        {
+            "error_code": "servegate.header_timeout",
+            "error_msg": f"the request's headers did not arrive within {seconds:g} s "
+            "(server.header_timeout)",
+            "request_id": request_id,
+        }
+    ).encode()
+    return (
+        b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+        b"X-Request-Id: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (request_id.encode(), len(body), body)
+    )
+
+
+class ClientConnection(asyncio.Protocol):
+    """aiohttp's handler for one served connection, plus a deadline on each request's head.
+
+    The deadline starts with the first byte of a request's head, on every request of a
+    keep-alive connection (idle time between requests is the keep-alive's), and ends when
+    aiohttp has parsed the head; the body then draws on the request's budget. When it passes,
+    the client gets a 408 and the connection is closed.
+    """
+
+    def __init__(
+        self,
+        handler: RequestHandler,
+        timeout: float,
+        *,
+        on_timeout: Callable[[], None],
+        on_closed: Callable[[], None],
+    ) -> None:
+        self._handler, self._timeout = handler, timeout
+        self._on_timeout, self._on_closed = on_timeout, on_closed
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._expired:
+            return  # answered 408: what still comes is read and dropped until the close
+        waiting = _awaits_request(self._handler)
+        self._handler.data_received(data)
+        if not waiting:
+            return  # a request is being handled: its body is the budget's business
+        if not _awaits_request(self._handler):
+            self._disarm()  # the head is complete (or unparseable, and answered so)
+        elif data and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+
+    def eof_received(self) -> None:
+        self._handler.eof_received()  # None: the transport closes once the client half-closed
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._handler.connection_lost(exc)
+        self._on_closed()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing() or not _awaits_request(self._handler):
+            return
+        self._expired = True
+        self._on_timeout()
+        transport.write(header_timeout_answer(self._timeout))
+        if transport.can_write_eof():  # plain TCP: half-close, then linger before closing
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(LINGER, transport.close)
+        else:
+            transport.close()
+
+
+def _awaits_request(handler: RequestHandler) -> bool:
+    """Whether aiohttp's handler is idle, waiting for the next request's head.
+
+    aiohttp (3.14, web_protocol.RequestHandler) keeps that wait as the future `_waiter`,
+    pending while no request is queued or handled, and counts the heads parsed in
+    `_request_count`; before its task first runs (asyncio < 3.12 starts tasks lazily, and a
+    TLS connection's first bytes can arrive with its handshake) there is no waiter yet. No
+    public attribute tells either; this is the only place servegate reads them, and
+    `check_aiohttp` fails start-up if they are gone.
+    """
+    waiter = handler._waiter
+    if waiter is None:
+        return handler._request_count == 0
+    return not waiter.done()
+
+
+_PRIVATE = ("_waiter", "_request_count")
+
+
+def check_aiohttp() -> None:
+    """Fail loudly at start-up if an aiohttp attribute the header deadline reads is gone."""
+    missing = [name for name in _PRIVATE if name not in getattr(RequestHandler, "__slots__", ())]
+    if missing:
+        raise RuntimeError(
+            f"this aiohttp's RequestHandler has no {', '.join(missing)}: server.header_timeout "
+            "cannot work; install the aiohttp version servegate pins"
+        )

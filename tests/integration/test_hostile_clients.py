@@ -1,0 +1,357 @@
+"""Hostile or broken clients, over raw sockets: each gets a clear 4xx with the JSON body (or a
+closed connection where no answer fits), the model never sees it, and a normal request still
+succeeds afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy import listener
+from proxy.app import Servegate
+from tests.conftest import Certificates, LogCapture, StartGate, gate_url, sample, scrape
+from tests.upstreams.apps import Recorder
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict[str, Any]:
+        assert self.headers["content-type"].startswith("application/json")
+        parsed: dict[str, Any] = json.loads(self.body)
+        return parsed
+
+
+async def read_answer(reader: asyncio.StreamReader) -> Answer:
+    """One response with a Content-Length body, as a client reads it off the socket."""
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return Answer(int(status_line.split()[1]), headers, body)
+
+
+async def send_raw(gate: Servegate, data: bytes) -> Answer:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await read_answer(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def assert_still_serves(gate: Servegate, recorder: Recorder) -> None:
+    seen = len(recorder.seen)
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(gate_url(gate, "/after"), data=b"fine") as response,
+    ):
+        assert response.status == 200
+        assert await response.read() == b"fine"
+    assert len(recorder.seen) == seen + 1
+
+
+HEAD = b"POST /predict HTTP/1.1\r\nHost: model\r\n"
+SMUGGLING_AND_GARBAGE = {
+    "content_length_with_transfer_encoding": (
+        HEAD + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        {400},
+    ),
+    "conflicting_content_lengths": (
+        HEAD + b"Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        {400},
+    ),
+    "duplicate_content_lengths": (
+        HEAD + b"Content-Length: 4\r\nContent-Length: 4\r\n\r\nabcd",
+        {400},
+    ),
+    "garbage_request_line": (b"\x01\x02 hello there\r\n\r\n", {400}),
+    "request_line_with_a_bare_lf_and_two_targets": (b"GET /a /b HTTP/1.1\nHost: m\n\n", {400}),
+    "control_byte_in_header_value": (HEAD + b"X-Bad: a\x00b\r\nContent-Length: 0\r\n\r\n", {400}),
+    "space_in_header_name": (HEAD + b"X Bad: value\r\nContent-Length: 0\r\n\r\n", {400}),
+    # Another developer answers oversized heads with 431; either is a clear refusal.
+    "a_200_kb_header": (HEAD + b"X-Big: " + b"a" * 200_000 + b"\r\n\r\n", {400, 431}),
+    "five_thousand_headers": (
+        HEAD + b"".join(b"X-H%d: v\r\n" % i for i in range(5000)) + b"\r\n",
+        {400, 431},
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", SMUGGLING_AND_GARBAGE)
+async def test_smuggling_shapes_and_garbage_get_a_json_4xx_and_never_reach_the_model(
+    shape: str, start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    data, statuses = SMUGGLING_AND_GARBAGE[shape]
+    gate = await start_gate(upstream_url)
+    answer = await send_raw(gate, data)
+    assert answer.status in statuses
+    assert answer.json()["error_code"] == "servegate.bad_request"
+    assert answer.json()["error_msg"]
+    assert recorder.seen == []
+    await assert_still_serves(gate, recorder)
+
+
+async def test_connect_is_answered_405_with_allow_and_never_forwarded(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder, log_capture: LogCapture
+) -> None:
+    gate = await start_gate(upstream_url)
+    answer = await send_raw(
+        gate, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+    )
+    assert answer.status == 405
+    assert answer.headers["allow"] == "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+    assert answer.headers["connection"] == "close"
+    body = answer.json()
+    assert body["error_code"] == "servegate.bad_request"
+    assert body["error_msg"] == "CONNECT is not served"
+    assert body["request_id"] == answer.headers["x-request-id"]
+    assert recorder.seen == []
+    [line] = log_capture.access()
+    assert (line["method"], line["status"]) == ("CONNECT", 405)
+    await assert_still_serves(gate, recorder)
+
+
+async def test_an_absolute_form_target_goes_to_the_configured_upstream_with_its_host(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    """RFC 9112 §3.2.2: accepted, and its authority becomes Host; it never picks the server."""
+    gate = await start_gate(upstream_url)
+    answer = await send_raw(
+        gate,
+        b"GET http://other-host:81/x?q=1 HTTP/1.1\r\nHost: mine\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.status == 200
+    [seen] = recorder.seen
+    assert seen.raw_path == "/x?q=1"
+    hosts = [value for name, value in seen.headers if name.lower() == "host"]
+    assert hosts == ["other-host:81"]
+
+
+async def test_a_body_declared_over_max_body_bytes_is_answered_413_before_it_is_sent(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    gate = await start_gate(upstream_url, **{"server.max_body_bytes": 1000})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(HEAD + b"Content-Length: 1001\r\n\r\n")  # the head only: no body byte sent
+    answer = await read_answer(reader)
+    writer.close()
+    await writer.wait_closed()
+    assert answer.status == 413
+    assert answer.json()["error_msg"] == "body over server.max_body_bytes (1000)"
+    assert answer.headers["connection"] == "close"
+    assert recorder.seen == []
+    # At the limit is still served.
+    exact = await send_raw(gate, HEAD + b"Content-Length: 1000\r\n\r\n" + b"x" * 1000)
+    assert exact.status == 200
+    await assert_still_serves(gate, recorder)
+
+
+async def trickle(writer: asyncio.StreamWriter, lines: int, every: float) -> None:
+    """A slowloris head: one header line per `every` seconds, never the blank line."""
+    for number in range(lines):
+        writer.write(b"X-Slow-%d: still coming\r\n" % number)
+        await writer.drain()
+        await asyncio.sleep(every)
+
+
+@pytest.mark.time_limit(30)
+async def test_slowloris_headers_get_a_408_within_the_header_timeout_and_are_counted(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder, log_capture: LogCapture
+) -> None:
+    gate = await start_gate(upstream_url, **{"server.header_timeout": 1.0})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    began = time.monotonic()
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: model\r\n")
+    dripping = asyncio.create_task(trickle(writer, lines=60, every=0.2))
+    try:
+        answer = await read_answer(reader)
+        elapsed = time.monotonic() - began
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # and the connection closed
+    finally:
+        dripping.cancel()
+        writer.close()
+    assert answer.status == 408
+    assert answer.json()["error_code"] == "servegate.header_timeout"
+    assert answer.json()["request_id"] == answer.headers["x-request-id"]
+    assert 0.9 <= elapsed < 5  # the timeout, with room for a loaded machine
+    assert recorder.seen == []
+    metrics = await scrape(gate)
+    assert sample(metrics, "servegate_client_timeouts_total", phase="headers") == 1
+    [line] = log_capture.events("request.rejected")
+    assert line["status"] == 408
+    assert "server.header_timeout" in line["reason"]
+    await assert_still_serves(gate, recorder)
+
+
+@pytest.mark.time_limit(30)
+async def test_the_header_timeout_applies_to_every_request_of_a_keep_alive_connection(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    gate = await start_gate(upstream_url, **{"server.header_timeout": 1.0})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        for _ in range(2):  # idle time between requests is the keep-alive's, not the head's
+            writer.write(b"GET /first HTTP/1.1\r\nHost: model\r\n\r\n")
+            assert (await read_answer(reader)).status == 200
+            await asyncio.sleep(1.5)
+        writer.write(b"GET /second HTTP/1.1\r\nHost: model\r\n")
+        began = time.monotonic()
+        dripping = asyncio.create_task(trickle(writer, lines=60, every=0.2))
+        answer = await read_answer(reader)
+        assert time.monotonic() - began < 5
+        dripping.cancel()
+    finally:
+        writer.close()
+    assert answer.status == 408
+    assert [seen.raw_path for seen in recorder.seen] == ["/first", "/first"]
+    metrics = await scrape(gate)
+    assert sample(metrics, "servegate_client_timeouts_total", phase="headers") == 1
+
+
+@pytest.mark.time_limit(30)
+async def test_over_https_an_unfinished_handshake_or_head_is_closed_at_the_header_timeout(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder, certificates: Certificates
+) -> None:
+    gate = await start_gate(
+        upstream_url,
+        **{
+            "server.header_timeout": 1.0,
+            "server.tls": "auto",
+            "server.cert_file": str(certificates.cert_file),
+            "server.key_file": str(certificates.key_file),
+        },
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(b"\x16\x03\x01\x00\x05")  # a handshake record that never completes
+    began = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    assert time.monotonic() - began < 5
+    writer.close()
+    trusting = ssl.create_default_context(cafile=str(certificates.ca_file))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port, ssl=trusting)
+    writer.write(b"GET /tls HTTP/1.1\r\nHost: model\r\n")  # at once with the handshake's end
+    try:
+        answer = await read_answer(reader)
+    finally:
+        writer.close()
+    assert answer.status == 408
+    assert recorder.seen == []
+    assert sample(await scrape(gate), "servegate_client_timeouts_total", phase="headers") == 1
+    await wait_for_gauge(gate, "servegate_client_connections", 0)
+
+
+@pytest.mark.time_limit(30)
+async def test_a_trickling_body_draws_on_the_request_budget(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    gate = await start_gate(upstream_url, **{"server.header_timeout": 1.0})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    began = time.monotonic()
+    writer.write(HEAD + b"X-Servegate-Timeout-Ms: 2000\r\nContent-Length: 100\r\n\r\n")
+
+    async def drip_body() -> None:
+        for _ in range(100):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+
+    dripping = asyncio.create_task(drip_body())
+    try:
+        answer = await read_answer(reader)
+    finally:
+        dripping.cancel()
+        writer.close()
+    assert answer.status == 504
+    body = answer.json()
+    assert (body["category"], body["cause"]) == ("timeout", "deadline_exceeded")
+    assert 1.9 <= time.monotonic() - began < 6  # the budget, not the header timeout
+    assert recorder.seen == []
+    await assert_still_serves(gate, recorder)
+
+
+async def test_a_silent_connection_closed_at_the_peek_timeout_is_counted_as_idle(
+    start_gate: StartGate, upstream_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(listener, "PEEK_TIMEOUT", 0.3)
+    gate = await start_gate(upstream_url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    await writer.wait_closed()
+    metrics = await scrape(gate)
+    assert sample(metrics, "servegate_client_timeouts_total", phase="idle") == 1
+
+
+async def open_idle(gate: Servegate, count: int) -> list[asyncio.StreamWriter]:
+    connections = [await asyncio.open_connection("127.0.0.1", gate.data_port) for _ in range(count)]
+    return [writer for _, writer in connections]
+
+
+async def wait_for_gauge(gate: Servegate, name: str, value: float) -> None:
+    for _ in range(100):
+        if sample(await scrape(gate), name) == value:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} never reached {value}")
+
+
+@pytest.mark.time_limit(60)
+async def test_thousands_of_idle_connections_meet_the_connection_limit_not_fd_exhaustion(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder, log_capture: LogCapture
+) -> None:
+    gate = await start_gate(upstream_url, **{"server.max_connections": 200})
+    idle = await open_idle(gate, 200)
+    await wait_for_gauge(gate, "servegate_client_connections", 200)
+    flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        # In waves below the listen backlog (128): a larger burst would wait on the kernel's
+        # SYN retries, which is the client's problem, not what this test is about.
+        for _ in range(10):
+            wave = await asyncio.gather(
+                *(asyncio.open_connection("127.0.0.1", gate.data_port) for _ in range(100))
+            )
+            flood.extend(wave)
+            for reader, _ in wave:  # each is closed at once, without an answer
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+        metrics = await scrape(gate)
+        assert sample(metrics, "servegate_client_connections_refused_total") == 1000
+        assert sample(metrics, "servegate_client_connections_limit") == 200
+        [line] = log_capture.events("listener.connection_limit_reached")  # one, not a thousand
+        assert line["level"] == "warning"
+        assert line["limit"] == 200
+        assert "server.max_connections" in line["message"]
+        idle[0].close()  # one slot frees up: the next client is served
+        await wait_for_gauge(gate, "servegate_client_connections", 199)
+        await assert_still_serves(gate, recorder)
+    finally:
+        for _, writer in flood:
+            writer.close()
+        for writer in idle:
+            writer.close()
+
+
+async def test_the_connection_limit_is_sized_from_the_open_file_limit_by_default(
+    start_gate: StartGate, upstream_url: str
+) -> None:
+    gate = await start_gate(upstream_url)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    expected = (soft - listener.RESERVED_DESCRIPTORS) // 2
+    assert sample(await scrape(gate), "servegate_client_connections_limit") == expected

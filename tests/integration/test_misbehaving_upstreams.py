@@ -1,0 +1,194 @@
+"""Model servers that break HTTP: what the client gets (a JSON answer, or a connection cut
+within the budget, never a hang), and how the metrics and the access line classify it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from proxy.app import Servegate
+from tests.conftest import LogCapture, StartGate, sample, scrape
+from tests.upstreams.misbehaving import (
+    AnswersWith,
+    CutsBody,
+    EndlessInterim,
+    NeverReads,
+    Trickles,
+)
+
+RawStart = Callable[[Any], Awaitable[Any]]
+TIMEOUT_MS = "X-Servegate-Timeout-Ms"
+
+
+async def exchange(gate: Servegate, head: bytes, body: bytes = b"") -> tuple[bytes, bytes, float]:
+    """Send a request over a raw socket; return the answer's head, every body byte that came
+    before servegate closed the connection, and how long that took."""
+    began = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        writer.write(head + body)
+        async with asyncio.timeout(20):  # a hang fails here
+            answer_head = await reader.readuntil(b"\r\n\r\n")
+            rest = await reader.read()
+    finally:
+        writer.close()
+    return answer_head, rest, time.monotonic() - began
+
+
+def status_of(head: bytes) -> int:
+    return int(head.split(b" ")[1])
+
+
+async def assert_classified(
+    gate: Servegate, log_capture: LogCapture, category: str, cause: str, status: int
+) -> None:
+    metrics = await scrape(gate)
+    assert sample(metrics, "servegate_4503_total", category=category, cause=cause) == 1
+    assert sample(metrics, "servegate_upstream_failures_total", category=category, cause=cause) == 1
+    [line] = log_capture.access()
+    assert (line["category"], line["cause"], line["status"]) == (category, cause, status)
+
+
+def json_body(rest: bytes) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads(rest)
+    return parsed
+
+
+GET = b"GET /predict HTTP/1.1\r\nHost: model\r\nConnection: close\r\n"
+
+MALFORMED = {
+    "status_line": b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok",
+    "not_http_at_all": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    "header_without_colon": b"HTTP/1.1 200 OK\r\nX Bad Header\r\nContent-Length: 2\r\n\r\nok",
+    "content_length_not_a_number": b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nok",
+    "control_byte_in_a_header": b"HTTP/1.1 200 OK\r\nX-Trace: a\x01b\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("shape", MALFORMED)
+async def test_a_malformed_answer_is_a_protocol_503_that_keeps_the_model_s_bytes_out(
+    shape: str, start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    model = await raw_server(AnswersWith(answer=MALFORMED[shape]))
+    gate = await start_gate(model.url)
+    head, rest, _ = await exchange(gate, GET + b"\r\n")
+    assert status_of(head) == 503
+    body = json_body(rest)
+    assert (body["category"], body["cause"]) == ("protocol", "malformed_response")
+    for internal in (b"2OO", b"OpenSSH", b"X Bad", b"abc", b"a\x01b"):
+        assert internal not in rest  # the model's bytes stay in the log's detail
+    assert model.paths == [b"/predict"]  # sent once: a framing fault is not retried
+    await assert_classified(gate, log_capture, "protocol", "malformed_response", 503)
+
+
+async def test_a_small_body_cut_mid_way_is_a_503_and_not_replayed(
+    start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    model = await raw_server(CutsBody(declared=1000, sent=100))
+    gate = await start_gate(model.url)
+    head, rest, _ = await exchange(gate, GET + b"\r\n")
+    assert status_of(head) == 503  # small answers are read whole before the client sees one
+    body = json_body(rest)
+    assert (body["category"], body["cause"]) == ("service", "reset_during_request")
+    assert "not replayed" in body["hint"]
+    assert model.paths == [b"/predict"]
+    await assert_classified(gate, log_capture, "service", "reset_during_request", 503)
+
+
+async def test_a_large_body_cut_mid_way_aborts_the_client_connection_at_once(
+    start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    declared, sent = 10_000_000, 300_000  # streamed: larger than what is read whole
+    model = await raw_server(CutsBody(declared=declared, sent=sent))
+    gate = await start_gate(model.url)
+    head, rest, seconds = await exchange(gate, GET + b"\r\n")
+    assert status_of(head) == 200
+    assert b"Content-Length: %d" % declared in head
+    assert len(rest) == sent < declared  # cut, as the model cut it: never a silent success
+    assert seconds < 5  # aborted, not left hanging until some timeout
+    await assert_classified(gate, log_capture, "service", "reset_during_request", 200)
+
+
+@pytest.mark.time_limit(30)
+async def test_endless_interim_answers_end_in_a_504_at_the_budget(
+    start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    model = await raw_server(EndlessInterim())
+    gate = await start_gate(model.url)
+    head, rest, seconds = await exchange(gate, GET + b"%s: 1500\r\n\r\n" % TIMEOUT_MS.encode())
+    assert status_of(head) == 504  # no 102 reached the client: it waited for a final answer
+    body = json_body(rest)
+    assert (body["category"], body["cause"]) == ("timeout", "deadline_exceeded")
+    assert 1.4 <= seconds < 6
+    assert model.interim_sent > 5
+    await assert_classified(gate, log_capture, "timeout", "deadline_exceeded", 504)
+
+
+@pytest.mark.time_limit(30)
+async def test_a_streamed_answer_trickling_past_the_deadline_is_cut_at_the_budget(
+    start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    model = await raw_server(Trickles(every=0.1))
+    gate = await start_gate(model.url)
+    head, rest, seconds = await exchange(gate, GET + b"%s: 1500\r\n\r\n" % TIMEOUT_MS.encode())
+    assert status_of(head) == 200
+    assert b"Transfer-Encoding: chunked" in head
+    assert not rest.endswith(b"0\r\n\r\n")  # no final chunk: the client can tell it was cut
+    assert 1.4 <= seconds < 6
+    await assert_classified(gate, log_capture, "timeout", "deadline_during_stream", 200)
+
+
+@pytest.mark.time_limit(30)
+async def test_a_small_answer_trickling_past_the_deadline_is_a_504(
+    start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    model = await raw_server(Trickles(every=0.1, content_length=100))
+    gate = await start_gate(model.url)
+    head, rest, seconds = await exchange(gate, GET + b"%s: 1500\r\n\r\n" % TIMEOUT_MS.encode())
+    assert status_of(head) == 504
+    body = json_body(rest)
+    assert (body["category"], body["cause"]) == ("timeout", "deadline_during_stream")
+    assert 1.4 <= seconds < 6
+    await assert_classified(gate, log_capture, "timeout", "deadline_during_stream", 504)
+
+
+@pytest.mark.time_limit(40)
+async def test_a_server_that_never_reads_a_large_upload_gets_it_answered_504_at_the_budget(
+    start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    model = await raw_server(NeverReads())
+    gate = await start_gate(model.url)
+    size = 64 * 1024 * 1024  # far beyond the replay buffer and every socket buffer
+    head = b"POST /predict HTTP/1.1\r\nHost: model\r\n%s: 2000\r\nContent-Length: %d\r\n\r\n" % (
+        TIMEOUT_MS.encode(),
+        size,
+    )
+    began = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+
+    async def upload() -> None:
+        writer.write(head)
+        for _ in range(size // 65536):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+
+    uploading = asyncio.create_task(upload())
+    try:
+        async with asyncio.timeout(20):
+            answer_head = await reader.readuntil(b"\r\n\r\n")
+        seconds = time.monotonic() - began
+        length = int(answer_head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        body = json.loads(await reader.readexactly(length))
+    finally:
+        uploading.cancel()
+        writer.close()
+    assert status_of(answer_head) == 504
+    assert (body["category"], body["cause"]) == ("timeout", "deadline_exceeded")
+    assert 1.9 <= seconds < 8
+    assert model.accepted == 1
+    await assert_classified(gate, log_capture, "timeout", "deadline_exceeded", 504)

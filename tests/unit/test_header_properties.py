@@ -1,0 +1,111 @@
+"""Properties of header handling over generated header lists, in any case and order: hop-by-hop
+and Connection-named headers never cross, everything else crosses unchanged, and the
+X-Forwarded-* chain is extended, never rewritten."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.headers import HOP_BY_HOP, request_headers, response_headers
+
+FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
+KNOWN = sorted(HOP_BY_HOP) + list(FORWARDED) + ["x-request-id", "host", "content-type", "accept"]
+
+
+@st.composite
+def header_name(draw: st.DrawFn) -> str:
+    name = draw(st.sampled_from(KNOWN) | st.from_regex(r"X-[A-Za-z0-9]{1,8}", fullmatch=True))
+    # Case never matters to the rules (RFC 9110 §5.1): spell each letter either way.
+    flips = draw(st.lists(st.booleans(), min_size=len(name), max_size=len(name)))
+    return "".join(c.upper() if flip else c.lower() for c, flip in zip(name, flips, strict=True))
+
+
+VALUE = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20)
+
+
+@st.composite
+def connection_value(draw: st.DrawFn) -> str:
+    """A Connection header's token list, with the spacing clients really send."""
+    tokens = draw(st.lists(header_name() | st.sampled_from(["close", "keep-alive"]), max_size=4))
+    return draw(st.sampled_from([",", ", ", " ,  "])).join(tokens)
+
+
+HEADER = st.tuples(header_name(), VALUE) | st.tuples(st.just("Connection"), connection_value())
+HEADERS = st.lists(HEADER, max_size=12)
+IP = st.from_regex(r"(\d{1,3}\.){3}\d{1,3}", fullmatch=True)
+
+
+def named_by_connection(headers: list[tuple[str, str]]) -> set[str]:
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+
+
+def outbound(headers: list[tuple[str, str]], client_ip: str) -> list[tuple[str, str]]:
+    return request_headers(
+        headers, client_ip=client_ip, scheme="https", host="model.example", request_id="rid-1"
+    )
+
+
+@given(HEADERS, IP)
+def test_no_hop_by_hop_or_connection_named_header_reaches_the_model(
+    headers: list[tuple[str, str]], client_ip: str
+) -> None:
+    stopped = HOP_BY_HOP | named_by_connection(headers)
+    added = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
+    for name, _ in outbound(headers, client_ip):
+        assert name.lower() not in stopped - added
+
+
+@given(HEADERS, IP)
+def test_every_end_to_end_header_reaches_the_model_unchanged_in_order(
+    headers: list[tuple[str, str]], client_ip: str
+) -> None:
+    dropped = HOP_BY_HOP | named_by_connection(headers) | {"x-request-id", "x-forwarded-for"}
+    dropped |= {"content-length", "expect"}  # servegate frames the body and answers Expect
+    expected = [(n, v) for n, v in headers if n.lower() not in dropped]
+    got = [(n, v) for n, v in outbound(headers, client_ip) if n.lower() not in dropped]
+    assert got[: len(expected)] == expected
+
+
+@given(HEADERS, IP)
+def test_x_forwarded_for_extends_the_chain_with_the_client_once(
+    headers: list[tuple[str, str]], client_ip: str
+) -> None:
+    stopped = HOP_BY_HOP | named_by_connection(headers)
+    prior = [v for n, v in headers if n.lower() == "x-forwarded-for" and n.lower() not in stopped]
+    chains = [v for n, v in outbound(headers, client_ip) if n.lower() == "x-forwarded-for"]
+    assert chains == [", ".join([*prior, client_ip])]
+
+
+@given(HEADERS, IP)
+def test_a_gateway_s_forwarded_proto_and_host_win_else_servegate_sets_them(
+    headers: list[tuple[str, str]], client_ip: str
+) -> None:
+    stopped = HOP_BY_HOP | named_by_connection(headers)
+    out = outbound(headers, client_ip)
+    for name, own in (("x-forwarded-proto", "https"), ("x-forwarded-host", "model.example")):
+        sent = [v for n, v in headers if n.lower() == name and name not in stopped]
+        assert [v for n, v in out if n.lower() == name] == (sent or [own])
+
+
+@given(HEADERS, IP)
+def test_the_model_sees_exactly_one_request_id_servegate_s(
+    headers: list[tuple[str, str]], client_ip: str
+) -> None:
+    ids = [v for n, v in outbound(headers, client_ip) if n.lower() == "x-request-id"]
+    assert ids == ["rid-1"]
+
+
+@given(HEADERS)
+def test_the_client_sees_every_end_to_end_response_header_and_no_hop_by_hop_one(
+    headers: list[tuple[str, str]],
+) -> None:
+    stopped = HOP_BY_HOP | named_by_connection(headers)
+    assert list(response_headers(headers)) == [
+        (n, v) for n, v in headers if n.lower() not in stopped
+    ]

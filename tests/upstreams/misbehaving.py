@@ -1,0 +1,130 @@
+"""Raw model servers that break HTTP on purpose: garbage heads, bodies cut short, endless
+interim answers, answers that trickle, and a server that accepts but never reads."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from tests.upstreams.raw import RawServer
+
+TLS_HANDSHAKE_RECORD = b"\x16"
+
+
+async def next_request(reader: asyncio.StreamReader) -> bytes | None:
+    """The next request head (its Content-Length body read and dropped), or None: end of
+    stream, or a TLS handshake (servegate's scheme probe), which these plain servers refuse by
+    closing at once."""
+    try:
+        first = await reader.readexactly(1)
+        if first == TLS_HANDSHAKE_RECORD:
+            return None
+        head = first + await reader.readuntil(b"\r\n\r\n")
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                await reader.readexactly(int(value))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    return head
+
+
+@dataclass
+class Misbehaving(RawServer):
+    """Base: records the paths of the requests that reached it."""
+
+    paths: list[bytes] = field(default_factory=list)
+
+    async def _request(self, reader: asyncio.StreamReader) -> bool:
+        head = await next_request(reader)
+        if head is None:
+            return False
+        self.paths.append(head.split(b" ")[1])
+        return True
+
+
+@dataclass
+class AnswersWith(Misbehaving):
+    """Answers every request with `answer`, whatever it is, then closes."""
+
+    answer: bytes = b""
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if await self._request(reader):
+            writer.write(self.answer)
+            await writer.drain()
+
+
+@dataclass
+class CutsBody(Misbehaving):
+    """Declares `declared` body bytes, sends `sent`, and closes: a worker dying mid-answer."""
+
+    declared: int = 0
+    sent: int = 0
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if await self._request(reader):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.declared)
+            writer.write(b"x" * self.sent)
+            await writer.drain()
+
+
+@dataclass
+class EndlessInterim(Misbehaving):
+    """Sends `102 Processing` every `every` seconds and never a final answer."""
+
+    every: float = 0.05
+    interim_sent: int = 0
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if not await self._request(reader):
+            return
+        while not writer.is_closing():
+            writer.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+            await writer.drain()
+            self.interim_sent += 1
+            await asyncio.sleep(self.every)
+
+
+@dataclass
+class Trickles(Misbehaving):
+    """A 200 whose body comes one byte every `every` seconds, chunked or with a length."""
+
+    every: float = 0.1
+    content_length: int | None = None
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if not await self._request(reader):
+            return
+        if self.content_length is None:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.content_length)
+        for _ in range(self.content_length or 10_000):
+            writer.write(b"1\r\nx\r\n" if self.content_length is None else b"x")
+            await writer.drain()
+            await asyncio.sleep(self.every)
+
+
+@dataclass
+class NeverReads(Misbehaving):
+    """Accepts connections and never reads from them (beyond what asyncio buffers itself)."""
+
+    accepted: int = 0
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        first = await reader.read(1)
+        if first in (b"", TLS_HANDSHAKE_RECORD):
+            return  # a health check's connect, or the scheme probe
+        self.accepted += 1
+        await asyncio.Event().wait()  # until the test stops the server
