@@ -62,7 +62,7 @@ class Servegate:
         self.admin_port = 0
 
     async def start(self) -> None:
-        self._upstream = Upstream(self.settings.upstream)
+        self._upstream = Upstream(self.settings.upstream, self.settings.admission.max_concurrency)
         forwarder = Forwarder(
             self._upstream,
             self._probe,

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from proxy import config, doctor, logs
+from proxy import config, doctor, limits, logs
 from proxy.app import StartupError, serve
 
 
@@ -115,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "doctor":
         return doctor.main(settings, args.max_idle_wait, args.sample_body, json_output=args.json)
     logs.configure(settings.logging)
+    limits.apply(settings.server.backlog)
     try:
         _run(serve(settings, command or ()))
     except StartupError as exc:

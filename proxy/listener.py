@@ -38,7 +38,6 @@ TLS_HANDSHAKE_RECORD = 0x16
 # How long a new connection may stay silent: nginx's client_header_timeout (60 s) allows a
 # client as long to start its request. It bounds the descriptors idle connections can hold.
 PEEK_TIMEOUT = 60.0
-BACKLOG = 128  # asyncio's and aiohttp's default
 # Out of descriptors (EMFILE) the pending connection stays queued and the socket stays
 # readable: wait before accepting again instead of spinning, as asyncio's own loop does.
 ACCEPT_RETRY_DELAY = 1.0
@@ -178,7 +177,7 @@ class SniffingSite(web.BaseSite):
         settings: ServerSettings,
         on_mismatch: Callable[[Mismatch], None],
     ) -> None:
-        super().__init__(runner, backlog=BACKLOG)
+        super().__init__(runner, backlog=settings.backlog)
         self._host, self._port = host, port
         self._settings = settings
         self._on_mismatch = on_mismatch
