@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
-from proxy import answer
+from proxy import answer, logs
 from proxy.admission import Admission, QueueFull
 from proxy.body import RequestBody
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
@@ -126,7 +126,7 @@ class Ingress:
             seconds = time.monotonic() - arrived
             self.metrics.inflight.dec()
             self.metrics.record_answer(request.method, line.status, seconds)
-            access_log.info("request", **line.fields(seconds))
+            logs.access(line.fields(seconds), request_id)
             structlog.contextvars.unbind_contextvars("request_id")
         return response
 
