@@ -7,6 +7,7 @@ before the first failure.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -135,11 +136,18 @@ class Metrics:
         for cause in RETRYABLE_CAUSES:
             for outcome in Outcome:
                 self.retries.labels(cause, outcome)
+        self._answers: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def record_answer(self, method: str, code: int, seconds: float) -> None:
-        label = method if method in KNOWN_METHODS else "other"
-        self.requests.labels(label, str(code)).inc()
-        self.request_duration.labels(label).observe(seconds)
+        # `labels()` hashes, locks and looks up on every call; a request's pair is bound once.
+        children = self._answers.get((method, code))
+        if children is None:
+            label = method if method in KNOWN_METHODS else "other"
+            children = (self.requests.labels(label, str(code)), self.request_duration.labels(label))
+            if method in KNOWN_METHODS:  # other methods are many: not worth keeping
+                self._answers[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def record_4503(self, failure: Failure) -> None:
         self.answers_4503.labels(failure.category, failure.cause).inc()
