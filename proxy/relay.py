@@ -40,6 +40,9 @@ async def relay(
 ) -> Relayed:
     upstream = answer.response
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    if answer.body is not None:
+        # The head waits for the body read whole: both leave in one write, as web.Response's do.
+        response._send_headers_immediately = False
     for name, value in response_headers(decoded(upstream.raw_headers)):
         response.headers.add(name, value)
     response.headers.update(extra_headers)
