@@ -186,7 +186,11 @@ def origin_uses_unverified_tls(settings: Settings) -> bool:
     return may_speak_tls and not settings.upstream.tls.verify
 
 
-async def serve(settings: Settings, command: tuple[str, ...] = ()) -> None:
+async def serve(
+    settings: Settings,
+    command: tuple[str, ...] = (),
+    on_started: Callable[[Servegate], None] | None = None,
+) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully.
 
     With a `command` (supervise mode) the model server is servegate's child: started first, so
@@ -215,6 +219,8 @@ async def serve(settings: Settings, command: tuple[str, ...] = ()) -> None:
             assert origin.port is not None
             await supervisor.wait_listening(origin.host, origin.port)
         await gate.start()
+        if on_started is not None:  # a worker tells its parent (proxy/workers.py) where it is
+            on_started(gate)
         await stop.wait()
         log.info("servegate.stopping", grace_s=settings.budget.seconds)
         await gate.stop()

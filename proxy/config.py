@@ -72,6 +72,9 @@ class ServerSettings(_Section):
     # net.core.somaxconn (4096 since Linux 5.4), and start-up logs the effective value; asyncio's
     # 100 and nginx's 511 drop connection bursts that a model's clients do send.
     backlog: int = Field(default=4096, ge=1)
+    # Share the data port with other processes (SO_REUSEPORT), each accepting its own
+    # connections. `servegate run --workers N` sets it for its workers.
+    reuse_port: bool = False
 
     @model_validator(mode="after")
     def _tls_files(self) -> ServerSettings:

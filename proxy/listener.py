@@ -189,7 +189,7 @@ class SniffingSite(web.BaseSite):
 
     async def start(self) -> None:
         tls = server_tls_context(self._settings)  # before binding: a bad file binds nothing
-        sockets = await _listen(self._host, self._port, self._backlog)
+        sockets = await _listen(self._host, self._port, self._backlog, self._settings.reuse_port)
         await super().start()
         assert self._runner.server is not None  # set up before any site is made
         self._server = _Acceptor(
@@ -203,7 +203,7 @@ class SniffingSite(web.BaseSite):
             await acceptor.wait_closed()
 
 
-async def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+async def _listen(host: str, port: int, backlog: int, reuse_port: bool) -> list[socket.socket]:
     """Listening sockets for every address the host names, bound as asyncio would bind them."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -213,6 +213,8 @@ async def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # servegate run --workers: the kernel spreads connections over them
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:  # "::" means IPv6 only, as it did with aiohttp's site
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)

@@ -104,6 +104,7 @@ class _Access:
 
     lines: Lines | None = None
     enabled = True
+    worker: int | None = None
     timestamps = _Timestamps()
     logger: Any = structlog.get_logger("servegate.access")
 
@@ -123,12 +124,17 @@ def access(fields: dict[str, Any], request_id: str) -> None:
         return
     fields["event"] = "request"
     fields["request_id"] = request_id
+    if _Access.worker is not None:
+        fields["worker"] = _Access.worker
     fields["level"] = "info"
     fields["timestamp"] = _Access.timestamps.now()
     _Access.lines.write(orjson.dumps(fields).decode())
 
 
-def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
+def configure(
+    settings: LoggingSettings, stream: TextIO | None = None, worker: int | None = None
+) -> None:
+    """`worker`: the pid of a worker process (servegate run --workers), added to every line."""
     stream = stream or sys.stdout
     console = settings.format == "console" or (settings.format == "auto" and stream.isatty())
     renderer: Any = (
@@ -137,7 +143,9 @@ def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
     lines = None if console else Lines(stream)
     _Access.lines = lines
     _Access.enabled = settings.level in ("debug", "info")
+    _Access.worker = worker
     shared: list[Any] = [
+        *([_Tag("worker", worker)] if worker is not None else []),
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         Redactor(settings.redact_headers),
@@ -170,6 +178,19 @@ def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(settings.level.upper())
+
+
+class _Tag:
+    """Adds one fixed field to every line."""
+
+    def __init__(self, name: str, value: object) -> None:
+        self.name, self.value = name, value
+
+    def __call__(
+        self, _logger: Any, _method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event[self.name] = self.value
+        return event
 
 
 class Redactor:
