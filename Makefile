@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint bench system-deps k8s-rules clean
+.PHONY: run test lint bench bench-deps system-deps k8s-rules clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,11 +41,17 @@ system-deps: $(INSTALLED)
 k8s-rules: $(INSTALLED)
 	$(BIN)/python deploy/kubernetes/render_rules.py
 
-## bench: memory under 200 MiB bodies, and success under a crash-looping model against nginx
-## and HAProxy when installed (run by hand; numbers go to docs/benchmarks.md)
-bench: $(INSTALLED)
-	$(BIN)/python bench/memory.py
+## bench: servegate against nginx and a plain aiohttp proxy (throughput, latency, held
+## requests, --workers, first byte, 200 MiB bodies), rewriting docs/benchmarks.md; then the
+## crash-loop benchmark. Run by hand: it takes about ten minutes.
+bench: $(INSTALLED) bench-deps
+	$(BIN)/python bench/run.py --write-docs
 	$(BIN)/python bench/crash_loop.py
+
+bench-deps:
+	@command -v nginx >/dev/null && command -v wrk >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends nginx wrk >/dev/null; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -68,7 +68,7 @@ class Servegate:
 
     async def start(self) -> None:
         install_byte_exact_writer()  # obs-text and raw target bytes pass byte for byte
-        self._upstream = Upstream(self.settings.upstream)
+        self._upstream = Upstream(self.settings.upstream, self.settings.admission.max_concurrency)
         forwarder = Forwarder(
             self._upstream,
             self._probe,
@@ -192,7 +192,11 @@ def origin_uses_unverified_tls(settings: Settings) -> bool:
     return may_speak_tls and not settings.upstream.tls.verify
 
 
-async def serve(settings: Settings, command: tuple[str, ...] = ()) -> None:
+async def serve(
+    settings: Settings,
+    command: tuple[str, ...] = (),
+    on_started: Callable[[Servegate], None] | None = None,
+) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully.
 
     With a `command` (supervise mode) the model server is servegate's child: started first, so
@@ -225,6 +229,8 @@ async def serve(settings: Settings, command: tuple[str, ...] = ()) -> None:
             assert origin.port is not None
             await supervisor.wait_listening(origin.host, origin.port)
         await gate.start()
+        if on_started is not None:  # a worker tells its parent (proxy/workers.py) where it is
+            on_started(gate)
         await stop.wait()
         quiet = settings.server.shutdown_quiet
         log.info("servegate.stopping", quiet_s=quiet, grace_s=settings.budget.seconds)

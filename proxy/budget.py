@@ -78,11 +78,20 @@ class Spent:
 
     def describe(self) -> str:
         parts = [
-            f"{getattr(self, f.name):.1f} s {f.name.replace('_', ' ')}"
-            for f in fields(self)
-            if getattr(self, f.name) >= 0.05
+            f"{getattr(self, name):.1f} s {name.replace('_', ' ')}"
+            for name in _SPENT
+            if getattr(self, name) >= 0.05
         ]
         return ", ".join(parts) or "no measurable time"
 
     def as_log(self) -> dict[str, float]:
-        return {f.name: round(getattr(self, f.name), 4) for f in fields(self)}
+        return {
+            "queued": round(self.queued, 4),
+            "reading_request": round(self.reading_request, 4),
+            "connecting": round(self.connecting, 4),
+            "waiting_for_model": round(self.waiting_for_model, 4),
+            "backing_off": round(self.backing_off, 4),
+        }
+
+
+_SPENT = tuple(f.name for f in fields(Spent))

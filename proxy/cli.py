@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from proxy import config, doctor, logs
+from proxy import config, doctor, limits, logs, workers
 from proxy.app import StartupError, serve
 
 log = structlog.get_logger("servegate")
@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--admin-listen", metavar="HOST:PORT", help="admin port (default :9464)")
     run.add_argument("--budget", metavar="SECONDS", type=float, help="end-to-end budget (40)")
     run.add_argument("--config", metavar="FILE", type=Path, help="YAML settings file")
+    run.add_argument(
+        "--workers",
+        metavar="N",
+        default="1",
+        help="worker processes sharing the data port (default 1; auto: one per CPU)",
+    )
+    run.add_argument(workers.WORKER_FLAG, metavar="DIR", type=Path, help=argparse.SUPPRESS)
     diagnose = commands.add_parser(
         "doctor",
         help="probe a model server and say what would cause a 4503, per category",
@@ -82,13 +89,15 @@ def _positive(text: str) -> float:
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     given = vars(args)  # each command has its own flags
-    flags = {
+    flags: dict[str, Any] = {
         "upstream.url": given.get("upstream"),
         "server.listen": given.get("listen"),
         "server.admin_listen": given.get("admin_listen"),
         "budget.seconds": given.get("budget"),
         "health.path": given.get("health_path"),
     }
+    if given.get("worker_of") is not None:  # the parent serves the admin port
+        flags |= {"server.admin_listen": "127.0.0.1:0", "server.reuse_port": True}
     return {key: value for key, value in flags.items() if value is not None}
 
 
@@ -122,11 +131,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "doctor":
         _warn(ignored)
         return doctor.main(settings, args.max_idle_wait, args.sample_body, json_output=args.json)
-    logs.configure(settings.logging)
+    logs.configure(settings.logging, worker=os.getpid() if args.worker_of else None)
     for variable in ignored:  # now that the log has its format: one warning line each
         log.warning("config.variable_ignored", variable=variable.name, reason=variable.reason)
     try:
-        _run(serve(settings, command or ()))
+        size = workers.count(args.workers)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.worker_of is None:  # a worker inherits its parent's limits
+        limits.apply(settings.server.backlog)
+    try:
+        if args.worker_of is not None:
+            _run(serve(settings, (), on_started=workers.announce(args.worker_of)))
+        elif size > 1:
+            own_args = _without_option(own, "--workers")
+            _run(workers.run(settings, size, own_args, command or ()))
+        else:
+            _run(serve(settings, command or ()))
     except StartupError as exc:
         print(f"servegate: {exc}", file=sys.stderr)
         return 1
@@ -137,6 +158,20 @@ def _warn(ignored: Sequence[config.IgnoredVariable]) -> None:
     """Commands that print a report rather than a log say it on stderr, one line each."""
     for variable in ignored:
         print(f"servegate: warning: {variable}", file=sys.stderr)
+
+
+def _without_option(args: list[str], option: str) -> list[str]:
+    """`args` less `option VALUE` and `option=VALUE`."""
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            kept.append(arg)
+    return kept
 
 
 def _run(main_coroutine: Any) -> None:

@@ -104,6 +104,13 @@ class ServerSettings(_Section):
     # so the model gets a Content-Length; this bounds that file. 1 GiB: far above any
     # prediction payload (the platform stops at 12 MB), small enough for a container's disk.
     max_body_bytes: int = Field(default=1024 * MiB, ge=1)
+    # Connections the kernel queues for accept() on the data port. Linux caps it at
+    # net.core.somaxconn (4096 since Linux 5.4), and start-up logs the effective value; asyncio's
+    # 100 and nginx's 511 drop connection bursts that a model's clients do send.
+    backlog: int = Field(default=4096, ge=1)
+    # Share the data port with other processes (SO_REUSEPORT), each accepting its own
+    # connections. `servegate run --workers N` sets it for its workers.
+    reuse_port: bool = False
 
     @model_validator(mode="after")
     def _tls_files(self) -> ServerSettings:
@@ -135,7 +142,6 @@ class UpstreamSettings(_Section):
     connect_timeout: Seconds = 2.0
     # Used until the server announces `Keep-Alive: timeout=N`: safely under Gunicorn's 2 s.
     idle_expiry: Seconds = 1.0
-    max_connections: int = Field(default=100, ge=1)
     # Longest response status line or header line accepted from the model server; a longer
     # one is a 502 protocol/response_header_too_large. 8190 bytes is aiohttp's default.
     max_response_header_bytes: int = Field(default=8190, ge=256)
@@ -232,7 +238,8 @@ class AdmissionSettings(_Section):
     # Gunicorn: workers x threads). 0: no limit.
     max_concurrency: int = Field(default=0, ge=0)
     # Requests waiting for a slot; beyond it, 429 at once. Waiting counts against the budget.
-    max_queue: int = Field(default=100, ge=0)
+    # Envoy's default for pending requests per cluster (max_pending_requests) is 1024.
+    max_queue: int = Field(default=1024, ge=0)
     # Retry-After on a 429, in seconds.
     retry_after: int = Field(default=1, ge=1)
 
@@ -263,6 +270,15 @@ class Settings(_Section):
     circuit: CircuitSettings = CircuitSettings()
     admission: AdmissionSettings = AdmissionSettings()
     logging: LoggingSettings = LoggingSettings()
+
+
+# Settings that no longer exist, and what took their place: an old file that sets one stops
+# start-up with this line instead of silently losing the limit its operator meant.
+REMOVED = {
+    "upstream.max_connections": "removed: the connection pool no longer queues requests out "
+    "of sight; to limit requests at the model server set admission.max_concurrency (the wait "
+    "then shows in servegate_queue_depth and draws on the budget)",
+}
 
 
 class SettingsError(Exception):
@@ -326,10 +342,14 @@ def load_with_warnings(
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = _merge(merged, layer)
+    problems = [f"{key}: {why}" for key, why in REMOVED.items() if _pop(merged, key)]
     try:
-        return Loaded(Settings.model_validate(merged), tuple(ignored))
+        settings = Settings.model_validate(merged)
     except ValidationError as exc:
-        raise SettingsError([_describe(error) for error in exc.errors()]) from None
+        problems += [_describe(error) for error in exc.errors()]
+    if problems:
+        raise SettingsError(problems)
+    return Loaded(settings, tuple(ignored))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -418,6 +438,18 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return nested
+
+
+def _pop(nested: dict[str, Any], dotted: str) -> bool:
+    """Remove a dotted key from merged settings (whose sections are fresh dicts); True if set."""
+    *parents, leaf = dotted.split(".")
+    node: Any = nested
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or leaf not in node:
+        return False
+    del node[leaf]
+    return True
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

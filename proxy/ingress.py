@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from yarl import URL
 
-from proxy import answer
+from proxy import answer, logs
 from proxy.admission import Admission, QueueFull
 from proxy.body import BodyTooLarge, RequestBody
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
@@ -141,7 +141,7 @@ class Ingress:
             seconds = time.monotonic() - arrived
             self.metrics.inflight.dec()
             self.metrics.record_answer(request.method, line.status, seconds)
-            access_log.info("request", **line.fields(seconds))
+            logs.access(line.fields(seconds), request_id)
             structlog.contextvars.unbind_contextvars("request_id")
         return response
 

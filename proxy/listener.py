@@ -39,7 +39,6 @@ TLS_HANDSHAKE_RECORD = 0x16
 # How long a new connection may stay silent: nginx's client_header_timeout (60 s) allows a
 # client as long to start its request. It bounds the descriptors idle connections can hold.
 PEEK_TIMEOUT = 60.0
-BACKLOG = 128  # asyncio's and aiohttp's default
 # Out of descriptors (EMFILE) the pending connection stays queued and the socket stays
 # readable: wait before accepting again instead of spinning, as asyncio's own loop does.
 ACCEPT_RETRY_DELAY = 1.0
@@ -129,7 +128,7 @@ class SniffingSite(web.BaseSite):
         settings: ServerSettings,
         metrics: ListenerMetrics,
     ) -> None:
-        super().__init__(runner, backlog=BACKLOG)
+        super().__init__(runner, backlog=settings.backlog)
         assert runner.server is not None  # BaseSite checked that the runner is set up
         self._handler_factory: Callable[[], RequestHandler] = runner.server
         self._host, self._port = host, port
@@ -150,7 +149,7 @@ class SniffingSite(web.BaseSite):
     async def start(self) -> None:
         tls = server_tls_context(self._settings)  # before binding: a bad file binds nothing
         check_aiohttp()
-        sockets = await _listen(self._host, self._port, BACKLOG)
+        sockets = await _listen(self._host, self._port, self._backlog, self._settings.reuse_port)
         await super().start()
         self._acceptor = _Acceptor(
             sockets, self._handler_factory, tls, self._settings, self._metrics
@@ -163,7 +162,7 @@ class SniffingSite(web.BaseSite):
         await super().stop()
 
 
-async def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+async def _listen(host: str, port: int, backlog: int, reuse_port: bool) -> list[socket.socket]:
     """Listening sockets for every address the host names, bound as asyncio would bind them."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -173,6 +172,8 @@ async def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # servegate run --workers: the kernel spreads connections over them
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:  # "::" means IPv6 only, as it did with aiohttp's site
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)

@@ -2,31 +2,152 @@
 
 JSON lines on stdout (a console renderer on a terminal). The request id is bound once per
 request through contextvars, so every line about a request carries it.
+
+The access line is written on every request, so it skips structlog's processor chain: its
+fields are known, it holds no headers to redact, and orjson renders it in a tenth of the time
+of the standard library's encoder. JSON lines are gathered while the event loop runs one step
+and written together after it, one system call for many requests instead of one each.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import datetime
 import logging
 import re
 import sys
+import time
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 from structlog.typing import Processor
 
 from proxy.config import LoggingSettings
 
 REDACTED = "[redacted]"
+# A write to a pipe of at most PIPE_BUF bytes (4096 on Linux, POSIX's minimum is 512) is never
+# interleaved with another writer's: with several workers on one stdout, lines stay whole.
+PIPE_BUF = 4096
 
 
-def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
+class Lines:
+    """JSON lines written once per event-loop step, in order, in whole lines."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._pending: list[str] = []
+
+    def write(self, line: str) -> None:
+        if not self._pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop in this thread: write at once
+                self._stream.write(line + "\n")
+                self._stream.flush()
+                return
+        self._pending.append(line)
+
+    def flush(self) -> None:
+        lines, self._pending = self._pending, []
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) + 1 > PIPE_BUF:
+                self._write(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line) + 1
+        if chunk:
+            self._write(chunk)
+
+    def logger(self, *_args: Any) -> _LinesLogger:
+        """A structlog logger factory."""
+        return _LinesLogger(self)
+
+    def _write(self, chunk: list[str]) -> None:
+        self._stream.write("\n".join(chunk) + "\n")
+        self._stream.flush()
+
+
+class _LinesLogger:
+    """structlog's PrintLogger, writing through `Lines`."""
+
+    def __init__(self, lines: Lines) -> None:
+        self._lines = lines
+
+    def msg(self, message: str) -> None:
+        self._lines.write(message)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = msg
+
+
+class _Timestamps:
+    """structlog's ISO 8601 UTC timestamp, with the date and time formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
+            self._prefix = moment.strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+
+
+class _Access:
+    """Where access lines go: rendered here (JSON), or through structlog (console, tests)."""
+
+    lines: Lines | None = None
+    enabled = True
+    worker: int | None = None
+    timestamps = _Timestamps()
+    logger: Any = structlog.get_logger("servegate.access")
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    if _Access.lines is not None:
+        _Access.lines.flush()
+
+
+def access(fields: dict[str, Any], request_id: str) -> None:
+    """The one access line of a request: `fields`, the event name `request` and the id."""
+    if not _Access.enabled:
+        return
+    if _Access.lines is None:
+        _Access.logger.info("request", **fields)
+        return
+    fields["event"] = "request"
+    fields["request_id"] = request_id
+    if _Access.worker is not None:
+        fields["worker"] = _Access.worker
+    fields["level"] = "info"
+    fields["timestamp"] = _Access.timestamps.now()
+    _Access.lines.write(orjson.dumps(fields).decode())
+
+
+def configure(
+    settings: LoggingSettings, stream: TextIO | None = None, worker: int | None = None
+) -> None:
+    """`worker`: the pid of a worker process (servegate run --workers), added to every line."""
     stream = stream or sys.stdout
     console = settings.format == "console" or (settings.format == "auto" and stream.isatty())
     renderer: Processor = (
         structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     )
+    lines = None if console else Lines(stream)
+    _Access.lines = lines
+    _Access.enabled = settings.level in ("debug", "info")
+    _Access.worker = worker
     shared: list[Processor] = [
+        *([_Tag("worker", worker)] if worker is not None else []),
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -43,7 +164,7 @@ def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[settings.level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(stream) if lines is None else lines.logger,
         cache_logger_on_first_use=False,
     )
     # Libraries (aiohttp, asyncio) log through the standard library: the same JSON lines.
@@ -80,6 +201,19 @@ ALWAYS_SECRET = frozenset(
 # A bytes literal in a traceback is wire data (aiohttp quotes the offending request line in
 # its parse errors), and may be a secret's value without its name.
 _BYTES_LITERAL = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
+
+
+class _Tag:
+    """Adds one fixed field to every line."""
+
+    def __init__(self, name: str, value: object) -> None:
+        self.name, self.value = name, value
+
+    def __call__(
+        self, _logger: Any, _method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event[self.name] = self.value
+        return event
 
 
 class Redactor:

@@ -7,8 +7,9 @@ before the first failure.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
 from proxy.connection import TimeoutPhase
 from proxy.failures import Cause, Failure
@@ -25,6 +26,14 @@ RETRYABLE_CAUSES = (
     Cause.PLAIN_TO_TLS_SERVER,
     Cause.RESET_DURING_REQUEST,  # retried only for methods in retry.replay_after_reset
 )
+
+
+# How a gauge of several worker processes (servegate run --workers N) becomes one number:
+# amounts add up over the live workers; states take the highest value a live worker reports
+# (an open circuit, a crash loop, a server seen up). A dead worker's gauges drop out. A process
+# that never sets a gauge reports 0, which neither a sum nor a maximum is changed by.
+SUMMED: Final = "livesum"
+HIGHEST: Final = "livemax"
 
 
 class ShedReason(StrEnum):
@@ -82,13 +91,17 @@ class Metrics:
             registry=registry,
         )
         self.inflight = Gauge(
-            "servegate_inflight_requests", "Requests being served.", registry=registry
+            "servegate_inflight_requests",
+            "Requests being served.",
+            registry=registry,
+            multiprocess_mode=SUMMED,
         )
         self.scheme_info = Gauge(
             "servegate_upstream_scheme_info",
             "1 for the scheme configured (http, https or auto) and the one the server speaks.",
             ["configured", "detected"],
             registry=registry,
+            multiprocess_mode=HIGHEST,
         )
         self.listener_mismatches = Counter(
             "servegate_listener_protocol_mismatch_total",
@@ -124,7 +137,10 @@ class Metrics:
         for phase in TimeoutPhase:
             self.client_timeouts.labels(phase)
         self.queue_depth = Gauge(
-            "servegate_queue_depth", "Requests waiting for a concurrency slot.", registry=registry
+            "servegate_queue_depth",
+            "Requests waiting for a concurrency slot.",
+            registry=registry,
+            multiprocess_mode=SUMMED,
         )
         self.shed = Counter(
             "servegate_shed_total",
@@ -135,7 +151,10 @@ class Metrics:
         for reason in ShedReason:
             self.shed.labels(reason)
         self.upstream_up = Gauge(
-            "servegate_upstream_up", "1 when the model server is healthy.", registry=registry
+            "servegate_upstream_up",
+            "1 when the model server is healthy.",
+            registry=registry,
+            multiprocess_mode=HIGHEST,
         )
         self.upstream_restarts = Counter(
             "servegate_upstream_restarts",
@@ -146,9 +165,13 @@ class Metrics:
             "servegate_upstream_crash_loop",
             "1 while the model server restarts again and again (a crash loop).",
             registry=registry,
+            multiprocess_mode=HIGHEST,
         )
         self.circuit_state = Gauge(
-            "servegate_circuit_state", "0 closed, 1 half-open, 2 open.", registry=registry
+            "servegate_circuit_state",
+            "0 closed, 1 half-open, 2 open.",
+            registry=registry,
+            multiprocess_mode=HIGHEST,
         )
         self.worker_restarts = Counter(
             "servegate_upstream_worker_restarts",
@@ -171,11 +194,29 @@ class Metrics:
         for cause in RETRYABLE_CAUSES:
             for outcome in Outcome:
                 self.retries.labels(cause, outcome)
+        self._answers: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._schemes: set[tuple[str, str]] = set()
 
     def record_answer(self, method: str, code: int, seconds: float) -> None:
-        label = method if method in KNOWN_METHODS else "other"
-        self.requests.labels(label, str(code)).inc()
-        self.request_duration.labels(label).observe(seconds)
+        # `labels()` hashes, locks and looks up on every call; a request's pair is bound once.
+        children = self._answers.get((method, code))
+        if children is None:
+            label = method if method in KNOWN_METHODS else "other"
+            children = (self.requests.labels(label, str(code)), self.request_duration.labels(label))
+            if method in KNOWN_METHODS:  # other methods are many: not worth keeping
+                self._answers[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def record_scheme(self, configured: str, detected: str) -> None:
+        """The one `servegate_upstream_scheme_info` series: the configured and detected scheme."""
+        if values.ValueClass is values.MutexValue:
+            self.scheme_info.clear()
+        else:  # worker processes cannot remove a series: 0 marks it gone (workers.py drops it)
+            for labels in self._schemes:
+                self.scheme_info.labels(*labels).set(0)
+            self._schemes.add((configured, detected))
+        self.scheme_info.labels(configured, detected).set(1)
 
     def record_4503(self, failure: Failure) -> None:
         self.answers_4503.labels(failure.category, failure.cause).inc()

@@ -146,5 +146,4 @@ class SchemeProbe:
         return failure
 
     def _publish(self) -> None:
-        self._metrics.scheme_info.clear()
-        self._metrics.scheme_info.labels(self.configured, self.detected or "unknown").set(1)
+        self._metrics.record_scheme(self.configured, self.detected or "unknown")

@@ -61,6 +61,9 @@ async def relay(
     the access line is right even when the client leaves mid-stream."""
     upstream = answer.response
     response = _AsTheModelSent(status=upstream.status, reason=upstream.reason)
+    if answer.body is not None:
+        # The head waits for the body read whole: both leave in one write, as web.Response's do.
+        response._send_headers_immediately = False
     for name, value in response_headers(decoded(upstream.raw_headers)):
         response.headers.add(name, value)
     response.headers.update(extra_headers)

@@ -60,7 +60,8 @@ class Upstream:
     stale connection must not draw from the pool again.
     """
 
-    def __init__(self, settings: UpstreamSettings) -> None:
+    def __init__(self, settings: UpstreamSettings, max_concurrency: int = 0) -> None:
+        """`max_concurrency`: admission's limit (0: none), which sizes both pools."""
         self.settings = settings
         origin = settings.origin
         # With upstream.scheme: auto either scheme may be spoken, so both are ready.
@@ -71,16 +72,24 @@ class Upstream:
         self.idle_expiry = settings.idle_expiry
         ssl_context = client_ssl_context(settings.tls)
         trace = _trace_config()
+        # A pool limit would be a queue no metric shows and no budget sees (aiohttp waits for
+        # a free connection without end), so the pools never limit on their own: admission
+        # does, in the open. A request holds one connection at a time (its retry's fresh one
+        # only after the pooled one is closed), so with admission set neither pool can ever
+        # wait for a connection.
         self._pooled = self._session(
             _WatchingConnector(
-                limit=settings.max_connections,
+                limit=max_concurrency,
+                limit_per_host=0,
                 keepalive_timeout=settings.idle_expiry,
                 ssl=ssl_context,
             ),
             trace,
         )
         self._fresh = self._session(
-            _WatchingConnector(limit=settings.max_connections, force_close=True, ssl=ssl_context),
+            _WatchingConnector(
+                limit=max_concurrency, limit_per_host=0, force_close=True, ssl=ssl_context
+            ),
             trace,
         )
 

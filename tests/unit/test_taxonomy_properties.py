@@ -81,7 +81,8 @@ def test_every_symptom_maps_to_one_cause_and_its_category_the_same_way_every_tim
     if first.cause is Cause.STALE_CONNECTION:  # only with proof that nothing was read
         assert not facts.response_started
         if facts.request_bytes_acked is None:
-            assert facts.reused and not facts.request_sent
+            assert facts.reused
+            assert not facts.request_sent
         else:
             assert facts.request_bytes_acked == 0
 

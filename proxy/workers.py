@@ -1,0 +1,300 @@
+"""`servegate run --workers N`: N worker processes share the data port, one parent runs them.
+
+Each worker is a whole servegate (`servegate run ... --worker-of DIR`) that binds the data port
+with SO_REUSEPORT, so the kernel spreads new connections over them, as nginx's `reuseport` and
+Envoy's listeners do. The parent restarts a worker that dies (counted and logged), serves the
+admin port, and in supervise mode alone runs the model server. Workers write their metrics to
+files in a private directory (prometheus-client's multiprocess mode), so one scrape of the
+parent's /metrics covers them all. Health and circuit state are per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, values
+from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+
+from proxy.app import Servegate, StartupError
+from proxy.config import Settings, split_address
+from proxy.health import HealthMonitor
+from proxy.metrics import Metrics
+from proxy.supervise import Supervisor
+
+log = structlog.get_logger("servegate.workers")
+
+WORKER_FLAG = "--worker-of"
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
+STARTUP_WAIT = 30.0  # seconds for every first worker to serve
+RESTART_DELAY = 0.5  # doubling for a worker that dies within STABLE_RUN of its start, to 30 s
+MAX_RESTART_DELAY = 30.0
+STABLE_RUN = 60.0
+
+
+def count(text: str) -> int:
+    """`--workers`: a whole number >= 1, or `auto` for the CPUs this process may run on."""
+    if text == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--workers must be a whole number >= 1 or auto, got {text!r}")
+    return int(text)
+
+
+def announce(directory: Path) -> Callable[[Servegate], None]:
+    """For a worker: once serving, tell the parent which admin port answers its /readyz."""
+
+    def started(gate: Servegate) -> None:
+        path = directory / f"admin-{os.getpid()}.port"
+        path.with_suffix(".tmp").write_text(str(gate.admin_port), encoding="ascii")
+        path.with_suffix(".tmp").rename(path)  # atomic: the parent never reads half a number
+
+    return started
+
+
+class Pool:
+    """The worker processes: started, watched, restarted, stopped."""
+
+    def __init__(self, argv: list[str], size: int, directory: Path, grace: float) -> None:
+        self._argv, self._size, self._directory, self._grace = argv, size, directory, grace
+        self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+        registry = CollectorRegistry()  # values go to the shared files; this one is not read
+        self.restarts = Counter(
+            "servegate_worker_restarts",
+            "servegate worker processes that died and were started again.",
+            registry=registry,
+        )
+        self.alive = Gauge(
+            "servegate_workers",
+            "servegate worker processes running.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes.values() if p.returncode is None]
+
+    async def start(self) -> None:
+        first = [await self._spawn(index) for index in range(self._size)]
+        deadline = time.monotonic() + STARTUP_WAIT
+        while not all(self._announced(p.pid) for p in first):
+            dead = [p for p in first if p.returncode is not None]
+            if dead or time.monotonic() > deadline:
+                await self.stop()
+                why = f"exited with {dead[0].returncode}" if dead else "did not start in time"
+                raise StartupError(f"a worker {why}; its log lines above say why")
+            await asyncio.sleep(0.05)
+        self._watchers = [asyncio.create_task(self._watch(i)) for i in range(self._size)]
+
+    def _announced(self, pid: int) -> bool:
+        return (self._directory / f"admin-{pid}.port").exists()
+
+    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
+        process = await asyncio.create_subprocess_exec(
+            *self._argv, stdin=asyncio.subprocess.DEVNULL
+        )
+        self._processes[index] = process
+        self.alive.set(len(self.pids()))
+        return process
+
+    async def _watch(self, index: int) -> None:
+        delay = RESTART_DELAY
+        while True:
+            process = self._processes[index]
+            started = time.monotonic()
+            code = await process.wait()
+            prometheus_multiprocess.mark_process_dead(process.pid, str(self._directory))  # type: ignore[no-untyped-call]
+            with contextlib.suppress(FileNotFoundError):
+                (self._directory / f"admin-{process.pid}.port").unlink()
+            self.alive.set(len(self.pids()))
+            if self._stopping:
+                return
+            delay = RESTART_DELAY if time.monotonic() - started > STABLE_RUN else delay
+            self.restarts.inc()
+            log.error("workers.worker_died", worker=index, pid=process.pid, exit_code=code,
+                      restart_in_s=delay)  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RESTART_DELAY)
+            if self._stopping:
+                return
+            process = await self._spawn(index)
+            log.info("workers.worker_restarted", worker=index, pid=process.pid)
+
+    def readiness_ports(self) -> list[int]:
+        ports = []
+        for pid in self.pids():
+            with contextlib.suppress(OSError, ValueError):
+                path = self._directory / f"admin-{pid}.port"
+                ports.append(int(path.read_text(encoding="ascii")))
+        return ports
+
+    async def stop(self) -> None:
+        """SIGTERM to every worker (each drains within the budget), SIGKILL after the grace."""
+        self._stopping = True
+        for process in self._processes.values():
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+        for process in self._processes.values():
+            try:
+                await asyncio.wait_for(process.wait(), self._grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+
+
+def _data_port(settings: Settings) -> int:
+    """The data port, checked free (a port 0 becomes a real one every worker can share)."""
+    host, port = split_address(settings.server.listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise StartupError(f"cannot listen on {settings.server.listen}: {reason}") from None
+        return int(probe.getsockname()[1])
+
+
+def _admin(pool: Pool, directory: Path, stopping: asyncio.Event) -> web.Application:
+    async def metrics(_request: web.Request) -> web.Response:
+        registry = CollectorRegistry()
+        registry.register(_Present(directory))
+        response = web.Response(body=generate_latest(registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        """A worker's own answer: each checks the same model server on the same schedule."""
+        reason = "servegate is shutting down" if stopping.is_set() else "no worker is serving"
+        for port in [] if stopping.is_set() else pool.readiness_ports():
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                    session.get(f"http://127.0.0.1:{port}/readyz") as answer,
+                ):
+                    body = await answer.read()
+                    return web.Response(
+                        status=answer.status, body=body, content_type="application/json"
+                    )
+        return web.json_response({"status": "not_ready", "reason": reason}, status=503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+class _Present:
+    """Every worker's series, less info series set to 0: a worker's way of removing one."""
+
+    def __init__(self, directory: Path) -> None:
+        self._files = prometheus_multiprocess.MultiProcessCollector(None, path=str(directory))  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._files.collect():  # type: ignore[no-untyped-call]
+            if metric.name.endswith("_info"):
+                metric.samples = [s for s in metric.samples if s.value != 0]
+            yield metric
+
+
+def worker_argv(own_args: list[str], listen: str, port: int, directory: Path) -> list[str]:
+    """A worker's command line: the parent's own (a later flag wins), on the resolved port."""
+    host, _ = split_address(listen)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return [sys.executable, "-m", "proxy", *own_args, "--listen", address,
+            WORKER_FLAG, str(directory)]  # fmt: skip
+
+
+async def run(settings: Settings, size: int, own_args: list[str], command: tuple[str, ...]) -> None:
+    """The parent: until SIGTERM or SIGINT, then the workers drain and the model stops last."""
+    directory = Path(tempfile.mkdtemp(prefix="servegate-metrics-"))
+    os.environ[METRICS_DIR] = str(directory)  # inherited by every worker
+    # The parent's own series (worker restarts, supervise mode's) go to the files too.
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    try:
+        await _run(settings, size, own_args, command, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _run(
+    settings: Settings,
+    size: int,
+    own_args: list[str],
+    command: tuple[str, ...],
+    directory: Path,
+) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    port = _data_port(settings)
+    argv = worker_argv(own_args, settings.server.listen, port, directory)
+    pool = Pool(argv, size, directory, settings.budget.seconds)
+    supervisor: Supervisor | None = None
+    if command:
+        metrics = Metrics(CollectorRegistry(), settings.budget.seconds)
+        health = HealthMonitor(settings.health, _ignore, metrics.upstream_restarts.inc)
+        supervisor = Supervisor(command, health, metrics, settings.budget.seconds)
+        await _start_model(supervisor, settings)
+    runner = web.AppRunner(_admin(pool, directory, stopping), access_log=None)
+    try:
+        await pool.start()
+        await runner.setup()
+        host, admin_port = split_address(settings.server.admin_listen)
+        try:
+            await web.TCPSite(runner, host, admin_port).start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {settings.server.admin_listen}: {exc}") from None
+        log.info("workers.started", workers=size, pids=pool.pids(), data_port=port,
+                 admin_port=runner.addresses[0][1])  # fmt: skip
+        await stopping.wait()
+        log.info("servegate.stopping", grace_s=settings.budget.seconds)
+    finally:
+        await pool.stop()
+        await runner.cleanup()
+        if supervisor is not None:
+            await supervisor.stop()
+    log.info("servegate.stopped")
+
+
+def _ignore(*_args: Any) -> None:
+    """The parent's health view only counts restarts; each worker checks health itself."""
+
+
+async def _start_model(supervisor: Supervisor, settings: Settings) -> None:
+    try:
+        await supervisor.start()
+    except OSError as exc:
+        raise StartupError(f"cannot start the model server: {exc.strerror or exc}") from None
+    origin = settings.upstream.origin
+    assert origin.host is not None  # checked by config
+    assert origin.port is not None
+    await supervisor.wait_listening(origin.host, origin.port)

@@ -1,0 +1,89 @@
+"""No hidden cap: with default settings servegate passes on as many requests at once as its
+clients send, and a setting that used to cap them out of sight is refused by name."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy import config, limits
+from proxy.upstream import Upstream
+from tests.conftest import StartGate, gate_url, sample, scrape
+from tests.upstreams.apps import Busy, busy_app
+
+AT_ONCE = 300  # three times aiohttp's default pool limit (100), which servegate once had
+HOLD = 5.0  # seconds the model holds each request: long enough for all to overlap
+
+
+@pytest.mark.time_limit(120)
+async def test_300_requests_held_by_the_model_all_reach_it_at_once_with_default_settings(
+    start_gate: StartGate, aiohttp_server: Any
+) -> None:
+    limits.raise_open_files()  # four descriptors per request in this one process
+    busy = Busy()
+    server = await aiohttp_server(busy_app(busy, seconds=HOLD))
+    gate = await start_gate(f"http://127.0.0.1:{server.port}")
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as clients:
+
+        async def one() -> int:
+            async with clients.post(gate_url(gate, "/predict"), json={"x": 1}) as response:
+                await response.read()
+                return response.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(AT_ONCE)))
+
+    assert statuses == [200] * AT_ONCE
+    assert busy.peak == AT_ONCE  # the model saw every one of them at the same time
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_requests_total", method="POST", code="200") == AT_ONCE
+    assert sample(samples, "servegate_shed_total", reason="queue_full") == 0
+    assert sample(samples, "servegate_queue_depth") == 0
+
+
+def test_a_file_that_still_sets_upstream_max_connections_is_refused_with_what_replaced_it(
+    tmp_path: Any,
+) -> None:
+    file = tmp_path / "old.yaml"
+    file.write_text("upstream: {max_connections: 100}\nbudget: {seconds: -1}\n")
+    with pytest.raises(config.SettingsError) as caught:
+        config.load(file, environ={})
+    removed, *others = caught.value.problems
+    assert removed.startswith("upstream.max_connections: removed")
+    assert "admission.max_concurrency" in removed
+    assert [p.split(":")[0] for p in others] == ["budget.seconds"]  # the rest is still checked
+
+
+def test_the_environment_cannot_set_the_removed_setting_either() -> None:
+    with pytest.raises(config.SettingsError, match=r"upstream\.max_connections: removed"):
+        config.load(None, environ={"SERVEGATE_UPSTREAM__MAX_CONNECTIONS": "100"})
+
+
+def test_open_files_are_raised_to_the_hard_limit() -> None:
+    files = limits.raise_open_files()
+    assert files.soft == files.hard or files.hard < files.before
+    assert files.soft >= files.before
+
+
+def test_the_listen_backlog_is_a_setting_and_the_admission_queue_is_envoy_sized() -> None:
+    settings = config.load(None, environ={}, overrides={"server.backlog": 511})
+    assert settings.server.backlog == 511
+    defaults = config.load(None, environ={})
+    assert defaults.server.backlog == 4096
+    assert defaults.admission.max_queue == 1024
+
+
+async def test_the_pools_are_unlimited_by_default_and_sized_by_admission_when_it_is_set() -> None:
+    settings = config.UpstreamSettings()
+    unlimited, sized = Upstream(settings), Upstream(settings, max_concurrency=8)
+    try:
+        for session in (unlimited._pooled, unlimited._fresh):
+            assert (session.connector.limit, session.connector.limit_per_host) == (0, 0)
+        for session in (sized._pooled, sized._fresh):
+            assert (session.connector.limit, session.connector.limit_per_host) == (8, 0)
+    finally:
+        await unlimited.close()
+        await sized.close()
