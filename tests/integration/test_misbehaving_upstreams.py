@@ -61,29 +61,43 @@ def json_body(rest: bytes) -> dict[str, Any]:
 
 GET = b"GET /predict HTTP/1.1\r\nHost: model\r\nConnection: close\r\n"
 
-MALFORMED = {
-    "status_line": b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok",
-    "not_http_at_all": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
-    "header_without_colon": b"HTTP/1.1 200 OK\r\nX Bad Header\r\nContent-Length: 2\r\n\r\nok",
-    "content_length_not_a_number": b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nok",
-    "control_byte_in_a_header": b"HTTP/1.1 200 OK\r\nX-Trace: a\x01b\r\nContent-Length: 0\r\n\r\n",
+MALFORMED = {  # the model's bytes, and the cause and status the client gets for them
+    "status_line": (b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok", "malformed_response", 503),
+    "not_http_at_all": (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "malformed_response", 503),
+    "header_without_colon": (
+        b"HTTP/1.1 200 OK\r\nX Bad Header\r\nContent-Length: 2\r\n\r\nok",
+        "malformed_response",
+        503,
+    ),
+    # HTTP, but framed so that no length can be trusted: its own cause, and a 502.
+    "content_length_not_a_number": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nok",
+        "response_framing",
+        502,
+    ),
+    "control_byte_in_a_header": (
+        b"HTTP/1.1 200 OK\r\nX-Trace: a\x01b\r\nContent-Length: 0\r\n\r\n",
+        "malformed_response",
+        503,
+    ),
 }
 
 
 @pytest.mark.parametrize("shape", MALFORMED)
-async def test_a_malformed_answer_is_a_protocol_503_that_keeps_the_model_s_bytes_out(
+async def test_a_malformed_answer_is_a_precise_protocol_error_that_keeps_the_model_s_bytes_out(
     shape: str, start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
 ) -> None:
-    model = await raw_server(AnswersWith(answer=MALFORMED[shape]))
+    answer, cause, status = MALFORMED[shape]
+    model = await raw_server(AnswersWith(answer=answer))
     gate = await start_gate(model.url)
     head, rest, _ = await exchange(gate, GET + b"\r\n")
-    assert status_of(head) == 503
+    assert status_of(head) == status
     body = json_body(rest)
-    assert (body["category"], body["cause"]) == ("protocol", "malformed_response")
+    assert (body["category"], body["cause"]) == ("protocol", cause)
     for internal in (b"2OO", b"OpenSSH", b"X Bad", b"abc", b"a\x01b"):
         assert internal not in rest  # the model's bytes stay in the log's detail
     assert model.paths == [b"/predict"]  # sent once: a framing fault is not retried
-    await assert_classified(gate, log_capture, "protocol", "malformed_response", 503)
+    await assert_classified(gate, log_capture, "protocol", cause, status)
 
 
 async def test_a_small_body_cut_mid_way_is_a_503_and_not_replayed(
