@@ -201,9 +201,11 @@ class Forwarder:
                 small = length is not None and length <= BUFFERED_ANSWER_MAX
                 complete = await response.read() if small and outbound.method != "HEAD" else None
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            failure = classify(exc, facts, deadline_passed=deadline.expired())
             if response is not None:
                 response.close()
-            return None, classify(exc, facts, deadline_passed=deadline.expired())
+                failure = cut_short(failure, response)
+            return None, failure
         finally:
             elapsed = time.monotonic() - started
             self.metrics.attempt_duration.observe(elapsed)
@@ -213,3 +215,15 @@ class Forwarder:
                 spent.connecting += facts.connect_seconds
                 spent.waiting_for_model += elapsed - facts.connect_seconds
         return Answer(response, complete), None
+
+
+def cut_short(failure: Failure, response: aiohttp.ClientResponse) -> Failure:
+    """Name a body that ended before its Content-Length did (RFC 9112 §8: an incomplete
+    message): the model closed the connection or died mid-answer, which the bytes alone cannot
+    tell apart, so the cause stays the one `classify` gave."""
+    declared = response.content_length
+    received = response.content.total_bytes
+    if failure.cause is not Cause.RESET_DURING_REQUEST or declared is None or received >= declared:
+        return failure
+    detail = f"{failure.detail} ({received} of the {declared} bytes its Content-Length declared)"
+    return failure.as_(failure.cause, detail)

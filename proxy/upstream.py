@@ -7,20 +7,24 @@ Idle pooled connections are expired before the server's own idle timer can close
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
 import ssl
 import time
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import UpstreamSettings, UpstreamTLSSettings
-from proxy.failures import AttemptFacts
+from proxy.failures import AttemptFacts, Failure
+from proxy.framing import FramedResponseHandler, OnFault, report
 
 log = structlog.get_logger("servegate.upstream")
 
@@ -51,7 +55,12 @@ class Upstream:
     stale connection must not draw from the pool again.
     """
 
-    def __init__(self, settings: UpstreamSettings) -> None:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        on_failure: Callable[[Failure], None] = lambda _failure: None,
+    ) -> None:
+        """`on_failure` hears of faults in answers that were still relayed (proxy/framing.py)."""
         self.settings = settings
         origin = settings.origin
         # With upstream.scheme: auto either scheme may be spoken, so both are ready.
@@ -62,6 +71,7 @@ class Upstream:
         self.idle_expiry = settings.idle_expiry
         ssl_context = client_ssl_context(settings.tls)
         trace = _trace_config()
+        self._on_fault = report(on_failure)
         self._pooled = self._session(
             aiohttp.TCPConnector(
                 limit=settings.max_connections,
@@ -77,7 +87,7 @@ class Upstream:
 
     def _session(self, connector: aiohttp.TCPConnector, trace: aiohttp.TraceConfig) -> Any:
         session = aiohttp.ClientSession(
-            connector=connector,
+            connector=_framed(connector, self._on_fault),
             trace_configs=[trace],
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
             auto_decompress=False,  # bytes pass through exactly as the model sent them
@@ -139,6 +149,18 @@ class Upstream:
     async def close(self) -> None:
         await self._pooled.close()
         await self._fresh.close()
+
+
+def _framed(connector: aiohttp.TCPConnector, on_fault: OnFault) -> aiohttp.TCPConnector:
+    """Each connection's protocol holds answers to their framing (proxy/framing.py).
+
+    aiohttp builds the protocol with the connector's private `_factory` (a partial of
+    `ResponseHandler`, aiohttp 3.14 connector.py) and offers no public hook to replace it.
+    """
+    loop = asyncio.get_running_loop()
+    factory: Callable[..., ResponseHandler] = FramedResponseHandler
+    connector._factory = functools.partial(factory, loop=loop, on_fault=on_fault)
+    return connector
 
 
 def client_ssl_context(tls: UpstreamTLSSettings) -> ssl.SSLContext:
