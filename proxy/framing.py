@@ -117,19 +117,32 @@ class _FramedParser:
     def _split(self, data: bytes) -> tuple[bytes, bytes]:
         """The next piece the parser may see, and the rest."""
         if self._stage is _Stage.HEAD:
-            probe = self._head_carry + data
-            ends = [i + len(end) for end in _HEAD_ENDS if (i := probe.find(end)) >= 0]
-            if not ends:
-                self._head_carry = probe[-2:]
+            cut = self._head_end(data)
+            if cut < 0:
+                self._head_carry = (self._head_carry + data)[-2:]
                 return data, b""
             self._head_carry = b""
-            cut = min(ends) - (len(probe) - len(data))
             return data[:cut], data[cut:]
         if self._stage is _Stage.LENGTH:
             piece = data[: self._remaining]
             self._remaining -= len(piece)
             return piece, data[len(piece) :]
         return data, b""
+
+    def _head_end(self, data: bytes) -> int:
+        """How many bytes of `data` complete the head, or -1 if it goes on past them."""
+        carry = self._head_carry
+        if carry:  # the end may straddle this read and the last one
+            joint = carry + data[:2]
+            ends = [i + len(end) for end in _HEAD_ENDS if (i := joint.find(end)) >= 0]
+            if ends:
+                return min(ends) - len(carry)
+        crlf = data.find(b"\n\r\n")
+        # A bare-LF end counts only before the first CRLF one: the body is not searched.
+        lf = data.find(b"\n\n", 0, crlf + 1 if crlf >= 0 else len(data))
+        if lf >= 0:
+            return lf + 2
+        return crlf + 3 if crlf >= 0 else -1
 
     def _begin_body(self, message: Any, payload: Any) -> None:
         self._status = message.code

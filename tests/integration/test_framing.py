@@ -61,6 +61,11 @@ CASES = {
         b"HTTP/1.1 200 OK", b"ok",
         "bytes_after_content_length", "Content-Length: 2", 43,
     ),
+    "head_end_split_across_reads": (
+        b"GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r", b"\nokmore"],
+        b"HTTP/1.1 200 OK", b"ok",
+        "bytes_after_content_length", "Content-Length: 2", 4,
+    ),
     "surplus_arriving_after_the_answer": (
         b"GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"late bytes"],
         b"HTTP/1.1 200 OK", b"ok",
@@ -113,12 +118,13 @@ async def test_an_answer_is_relayed_as_its_framing_says_and_its_connection_is_dr
     assert log_capture.access()[1]["reused"] is False
 
 
-async def test_a_well_framed_answer_keeps_its_connection(
-    start_gate: StartGate, raw_server: Any, log_capture: LogCapture
+@pytest.mark.parametrize("cut", [30, 44, 45, 46, 47])  # in the head and around its end
+async def test_a_well_framed_answer_keeps_its_connection_however_it_is_split(
+    cut: int, start_gate: StartGate, raw_server: Any, log_capture: LogCapture
 ) -> None:
-    """The guard costs nothing to a correct model: its connection is reused."""
+    """A correct model loses nothing to the guard: its answer and its connection are kept."""
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-    model = await raw_server(MisframedModel(first=[chunked[:30], chunked[30:]], pause=0.05))
+    model = await raw_server(MisframedModel(first=[chunked[:cut], chunked[cut:]], pause=0.05))
     gate = await start_gate(model.url)
     first = await exchange(gate.data_port, request(b"/a", method=b"GET"))
     assert first.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
