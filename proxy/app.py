@@ -68,7 +68,11 @@ class Servegate:
 
     async def start(self) -> None:
         install_byte_exact_writer()  # obs-text and raw target bytes pass byte for byte
-        self._upstream = Upstream(self.settings.upstream, self.settings.admission.max_concurrency)
+        self._upstream = Upstream(
+            self.settings.upstream,
+            self.settings.admission.max_concurrency,
+            self.metrics.record_failed_attempt,
+        )
         forwarder = Forwarder(
             self._upstream,
             self._probe,

@@ -231,9 +231,11 @@ class Forwarder:
                 small = length is not None and length <= BUFFERED_ANSWER_MAX
                 complete = await response.read() if small and outbound.method != "HEAD" else None
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+            failure = classify(exc, facts, deadline_passed=deadline.expired())
             if response is not None:
                 response.close()
-            return None, classify(exc, facts, deadline_passed=deadline.expired())
+                failure = cut_short(failure, response)
+            return None, failure
         finally:
             elapsed = time.monotonic() - started
             self.metrics.attempt_duration.observe(elapsed)
@@ -253,3 +255,15 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 def _unrelayable(response: aiohttp.ClientResponse) -> bool:
     texts = (response.reason or "", *(f"{n}{v}" for n, v in response.headers.items()))
     return any(_CONTROL.search(text) for text in texts)
+
+
+def cut_short(failure: Failure, response: aiohttp.ClientResponse) -> Failure:
+    """Name a body that ended before its Content-Length did (RFC 9112 §8: an incomplete
+    message): the model closed the connection or died mid-answer, which the bytes alone cannot
+    tell apart, so the cause stays the one `classify` gave."""
+    declared = response.content_length
+    received = response.content.total_bytes
+    if failure.cause is not Cause.RESET_DURING_REQUEST or declared is None or received >= declared:
+        return failure
+    detail = f"{failure.detail} ({received} of the {declared} bytes its Content-Length declared)"
+    return failure.as_(failure.cause, detail)

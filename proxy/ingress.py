@@ -16,8 +16,11 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from aiohttp.http import HttpVersion11
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import ERROR as PARSE_ERROR
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from yarl import URL
 
@@ -372,6 +375,11 @@ class _JsonErrorHandler(RequestHandler):
         self._max_line: int = options.get("max_line_size", 8190)
         self._head_start = b""  # the first bytes of the request being parsed: its request line
         self._target_too_long = False
+        # The version an unparseable request's answer is written in. RFC 9110 §2.5: the
+        # highest one servegate conforms to with the request's major version, 1.1 for any
+        # HTTP/1.x client, also when the request line was too long to reach its version;
+        # 1.0 only for a client that said so, as aiohttp answers a well-formed 1.0 request.
+        self.spoke = HttpVersion11
 
     def data_received(self, data: bytes) -> None:
         # aiohttp reports a long request target and a long header line with the same
@@ -382,6 +390,8 @@ class _JsonErrorHandler(RequestHandler):
             line = self._head_start.split(b"\n", 1)[0]
             target = line.split(b" ", 1)[-1].rsplit(b" HTTP/", 1)[0]
             self._target_too_long = len(target) > self._max_line
+            ended = b"\n" in self._head_start and line.rstrip(b"\r").endswith(b" HTTP/1.0")
+            self.spoke = HttpVersion10 if ended else HttpVersion11
         super().data_received(data)
         if self._request_count != requests_before:
             self._head_start = b""
@@ -417,5 +427,23 @@ class _JsonErrorHandler(RequestHandler):
 
 
 class JsonErrorServer(web.Server):
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, request_factory=self._request, **kwargs)
+
     def __call__(self) -> RequestHandler:
         return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+    def _request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        """aiohttp gives an unparseable request a stand-in message (`web_protocol.ERROR`) that
+        says HTTP/1.0, and its answer's status line says the same; it gets the version the
+        client spoke instead."""
+        if message is PARSE_ERROR and isinstance(protocol, _JsonErrorHandler):
+            message = message._replace(version=protocol.spoke)
+        return web.BaseRequest(message, payload, protocol, writer, task, self._loop)

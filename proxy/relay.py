@@ -17,7 +17,7 @@ from aiohttp.http import HttpVersion11
 
 from proxy.budget import Budget
 from proxy.failures import AttemptFacts, Failure, classify
-from proxy.forward import Answer
+from proxy.forward import Answer, cut_short
 from proxy.headers import decoded, response_headers
 
 # Statuses whose responses carry no body, whatever their headers say (RFC 9110 §6.4.1).
@@ -93,7 +93,7 @@ async def relay(
                     await write(chunk)
             await response.write_eof()
     except _ModelBroke as broke:
-        relayed.failure = classify(broke.cause, facts, deadline_passed=False)
+        relayed.failure = cut_short(classify(broke.cause, facts, deadline_passed=False), upstream)
     except TimeoutError:
         relayed.failure = classify(TimeoutError(), facts, deadline_passed=True)
     except ConnectionResetError:  # aiohttp's write error when the client has gone

@@ -8,16 +8,19 @@ Idle pooled connections are expired before the server's own idle timer can close
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
 import ssl
 import time
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
@@ -26,7 +29,8 @@ from yarl import URL
 
 from proxy.acked import AckWatch
 from proxy.config import UpstreamSettings, UpstreamTLSSettings
-from proxy.failures import AttemptFacts
+from proxy.failures import AttemptFacts, Failure
+from proxy.framing import FramedResponseHandler, OnFault, report
 
 log = structlog.get_logger("servegate.upstream")
 
@@ -60,8 +64,14 @@ class Upstream:
     stale connection must not draw from the pool again.
     """
 
-    def __init__(self, settings: UpstreamSettings, max_concurrency: int = 0) -> None:
-        """`max_concurrency`: admission's limit (0: none), which sizes both pools."""
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        max_concurrency: int = 0,
+        on_failure: Callable[[Failure], None] = lambda _failure: None,
+    ) -> None:
+        """`max_concurrency`: admission's limit (0: none), which sizes both pools.
+        `on_failure` hears of faults in answers that were still relayed (proxy/framing.py)."""
         self.settings = settings
         origin = settings.origin
         # With upstream.scheme: auto either scheme may be spoken, so both are ready.
@@ -77,6 +87,7 @@ class Upstream:
         # does, in the open. A request holds one connection at a time (its retry's fresh one
         # only after the pooled one is closed), so with admission set neither pool can ever
         # wait for a connection.
+        self._on_fault = report(on_failure)
         self._pooled = self._session(
             _WatchingConnector(
                 limit=max_concurrency,
@@ -95,7 +106,7 @@ class Upstream:
 
     def _session(self, connector: aiohttp.TCPConnector, trace: aiohttp.TraceConfig) -> Any:
         session = aiohttp.ClientSession(
-            connector=connector,
+            connector=_framed(connector, self._on_fault),
             trace_configs=[trace],
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
             auto_decompress=False,  # bytes pass through exactly as the model sent them
@@ -194,6 +205,18 @@ class _WatchingConnector(aiohttp.TCPConnector):
         if attempt is not None:
             attempt.watch = AckWatch.start(connection.transport)
         return connection
+
+
+def _framed(connector: aiohttp.TCPConnector, on_fault: OnFault) -> aiohttp.TCPConnector:
+    """Each connection's protocol holds answers to their framing (proxy/framing.py).
+
+    aiohttp builds the protocol with the connector's private `_factory` (a partial of
+    `ResponseHandler`, aiohttp 3.14 connector.py) and offers no public hook to replace it.
+    """
+    loop = asyncio.get_running_loop()
+    factory: Callable[..., ResponseHandler] = FramedResponseHandler
+    connector._factory = functools.partial(factory, loop=loop, on_fault=on_fault)
+    return connector
 
 
 def client_ssl_context(tls: UpstreamTLSSettings) -> ssl.SSLContext:

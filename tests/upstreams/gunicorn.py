@@ -67,6 +67,7 @@ def start_gunicorn(
     certfile: Path | None = None,
     keyfile: Path | None = None,
     port: int | None = None,
+    app: str = "demo.model:app",
 ) -> Gunicorn:
     port = port or free_port()
     log_path = log_dir / f"gunicorn-{port}.log"
@@ -78,7 +79,7 @@ def start_gunicorn(
     ]  # fmt: skip
     if certfile and keyfile:
         command += ["--certfile", str(certfile), "--keyfile", str(keyfile)]
-    command.append("demo.model:app")
+    command.append(app)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}

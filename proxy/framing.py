@@ -1,0 +1,240 @@
+"""Keeps each answer from the model to its own framing (RFC 9112 §6.3): the declared length, no
+body where none is allowed, nothing after the last chunk.
+
+aiohttp's client parses every byte that arrives on a connection as HTTP. Bytes beyond an
+answer's framing (a Content-Length that counted characters, a body after a 204) are parsed as
+the start of a next answer; the parser raises and the answer already received is lost. Here
+the parser is fed the answer's head, then exactly its framed body; anything after that is
+surplus: discarded, named in an `upstream.framing_fault` warning, counted, and the connection
+is closed instead of going back to the pool, since its next bytes can no longer be trusted.
+
+This is built on aiohttp 3.14's `ResponseHandler` and its response parser
+(`aiohttp/client_proto.py`), which are not public API; tests/integration/test_framing.py fails
+if they change.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import Any, cast
+
+import structlog
+from aiohttp.client_proto import ResponseHandler
+
+from proxy.failures import Cause, Failure
+
+log = structlog.get_logger("servegate.upstream")
+
+# The end of a response head: CRLF CRLF, or a bare LF where aiohttp's lenient parser takes one.
+_HEAD_ENDS = (b"\n\r\n", b"\n\n")
+_NO_BODY_STATUSES = frozenset({204, 304})  # RFC 9110 §15.3.5, §15.4.5
+
+
+class Fault(StrEnum):
+    BYTES_AFTER_LENGTH = "bytes_after_content_length"
+    BYTES_AFTER_LAST_CHUNK = "bytes_after_last_chunk"
+    BODY_ON_BODILESS_ANSWER = "body_on_bodiless_answer"  # a 1xx, 204, 304 or an answer to HEAD
+
+
+@dataclass(frozen=True)
+class FramingFault:
+    """Bytes the model sent beyond its answer's framing. `surplus_bytes` is None when aiohttp's
+    parser took them in before refusing them (after a last chunk), so the count is unknown."""
+
+    fault: Fault
+    status: int
+    declared: str  # what the framing allowed: "Content-Length: 17", "chunked", "no body (204)"
+    surplus_bytes: int | None
+
+    def describe(self) -> str:
+        seen = "more bytes" if self.surplus_bytes is None else f"{self.surplus_bytes} more bytes"
+        return (
+            f"the model's {self.status} answer was framed as {self.declared}, and {seen} "
+            "followed it; servegate relayed what the framing covers and closed that connection"
+        )
+
+
+class _Stage(Enum):
+    HEAD = "head"  # reading a status line and headers (again after a 1xx)
+    LENGTH = "length"  # a body of declared length
+    CHUNKED = "chunked"  # a chunked body, until its last chunk
+    UNTIL_CLOSE = "until_close"  # no framing: the body ends when the connection does
+    DONE = "done"  # the answer is complete: every further byte is surplus
+
+
+class _FramedParser:
+    """Stands in for aiohttp's response parser on one exchange, feeding it only what the
+    answer's framing covers."""
+
+    def __init__(self, parser: Any, handler: FramedResponseHandler, skip_payload: bool) -> None:
+        self._parser = parser
+        self._handler = handler
+        self._skip_payload = skip_payload  # the request was HEAD
+        self._stage = _Stage.HEAD
+        self._head_carry = b""  # the last bytes of the head so far: its end may straddle reads
+        self._remaining = 0
+        self._declared = ""
+        self._status = 0
+        self._payload: Any = None
+        self._parser_failed = False
+
+    def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
+        messages: list[Any] = []
+        while True:
+            if self._stage is _Stage.DONE:
+                if data:
+                    self._surplus(len(data))
+                elif not self._parser_failed:
+                    self._parser.feed_data(data)  # a paused body resuming (flow control)
+                return messages, False, b""
+            piece, data = self._split(data)
+            try:
+                parsed, upgraded, tail = self._parser.feed_data(piece)
+            except Exception:
+                if self._stage is not _Stage.CHUNKED or not self._payload.is_eof():
+                    raise
+                # The last chunk ended the body; what followed it could not be parsed.
+                self._parser_failed = True
+                self._stage = _Stage.DONE
+                self._surplus(None)
+                return messages, False, b""
+            for message, payload in parsed:
+                if self._stage is _Stage.HEAD:
+                    messages.append((message, payload))
+                    self._begin_body(message, payload)
+                else:  # a whole second answer to one request: surplus as well
+                    self._stage = _Stage.DONE
+                    self._surplus(None)
+            if upgraded:  # 101: the bytes that follow belong to the new protocol
+                return messages, upgraded, tail
+            self._check_complete()
+            if not data:
+                return messages, False, b""
+
+    def _split(self, data: bytes) -> tuple[bytes, bytes]:
+        """The next piece the parser may see, and the rest."""
+        if self._stage is _Stage.HEAD:
+            cut = self._head_end(data)
+            if cut < 0:
+                self._head_carry = (self._head_carry + data)[-2:]
+                return data, b""
+            self._head_carry = b""
+            return data[:cut], data[cut:]
+        if self._stage is _Stage.LENGTH:
+            piece = data[: self._remaining]
+            self._remaining -= len(piece)
+            return piece, data[len(piece) :]
+        return data, b""
+
+    def _head_end(self, data: bytes) -> int:
+        """How many bytes of `data` complete the head, or -1 if it goes on past them."""
+        carry = self._head_carry
+        if carry:  # the end may straddle this read and the last one
+            joint = carry + data[:2]
+            ends = [i + len(end) for end in _HEAD_ENDS if (i := joint.find(end)) >= 0]
+            if ends:
+                return min(ends) - len(carry)
+        crlf = data.find(b"\n\r\n")
+        # A bare-LF end counts only before the first CRLF one: the body is not searched.
+        lf = data.find(b"\n\n", 0, crlf + 1 if crlf >= 0 else len(data))
+        if lf >= 0:
+            return lf + 2
+        return crlf + 3 if crlf >= 0 else -1
+
+    def _begin_body(self, message: Any, payload: Any) -> None:
+        self._status = message.code
+        if 100 <= message.code < 200 and message.code != 101:
+            return  # an interim answer: the final one's head follows
+        self._payload = payload
+        length = message.headers.get("Content-Length")
+        if self._skip_payload or message.code in _NO_BODY_STATUSES:
+            why = "answer to HEAD" if self._skip_payload else str(message.code)
+            self._stage, self._declared = _Stage.DONE, f"no body ({why})"
+        elif message.chunked:
+            self._stage, self._declared = _Stage.CHUNKED, "chunked"
+        elif length is not None:  # the parser has refused a malformed or repeated one
+            self._stage, self._declared = _Stage.LENGTH, f"Content-Length: {length}"
+            self._remaining = int(length)
+        else:
+            self._stage = _Stage.UNTIL_CLOSE
+
+    def _check_complete(self) -> None:
+        if (self._stage is _Stage.LENGTH and self._remaining == 0) or (
+            self._stage is _Stage.CHUNKED and self._payload.is_eof()
+        ):
+            self._stage = _Stage.DONE
+
+    def _surplus(self, size: int | None) -> None:
+        if self._declared.startswith("Content-Length"):
+            fault = Fault.BYTES_AFTER_LENGTH
+        elif self._declared == "chunked":
+            fault = Fault.BYTES_AFTER_LAST_CHUNK
+        else:
+            fault = Fault.BODY_ON_BODILESS_ANSWER
+        self._handler.framing_fault(FramingFault(fault, self._status, self._declared, size))
+
+    @property
+    def complete(self) -> bool:
+        """The whole framed answer has reached the payload (nothing left in the parser)."""
+        return self._stage is _Stage.DONE and (self._payload is None or self._payload.is_eof())
+
+    def feed_eof(self) -> Any:
+        if self._parser_failed or self._stage is _Stage.DONE:
+            return None  # the answer was complete: the close ends nothing
+        return self._parser.feed_eof()
+
+    def pause_reading(self) -> None:
+        self._parser.pause_reading()
+
+
+OnFault = Callable[[FramingFault], None]
+
+
+class FramedResponseHandler(ResponseHandler):
+    """aiohttp's client protocol, with each answer held to its framing. `on_fault` hears of
+    each fault once, in the context of the request that got the answer (its log fields)."""
+
+    def __init__(self, loop: Any, on_fault: OnFault) -> None:
+        super().__init__(loop)
+        self._on_fault = on_fault
+        self._context = contextvars.copy_context()
+        self._faulted = False
+
+    def set_response_params(self, **params: Any) -> None:
+        self._context = contextvars.copy_context()
+        early, self._tail = self._tail, b""  # bytes that came before the request was sent
+        super().set_response_params(**params)
+        framed = _FramedParser(self._parser, self, params.get("skip_payload", False))
+        self._parser = cast(Any, framed)  # it answers every call the protocol makes of a parser
+        if early:
+            self.data_received(early)
+
+    def framing_fault(self, fault: FramingFault) -> None:
+        self.force_close()  # never back to the pool: the stream's next bytes mean nothing
+        parser = self._parser
+        if isinstance(parser, _FramedParser) and parser.complete and self.transport is not None:
+            self.transport.close()  # stop reading; the answer is whole in its payload
+        if not self._faulted:
+            self._faulted = True
+            self._context.run(self._on_fault, fault)
+
+
+def report(on_failure: Callable[[Failure], None]) -> OnFault:
+    """A fault handler that logs `upstream.framing_fault` and counts the fault as a
+    `protocol/response_framing` failure, though the client got the framed answer."""
+
+    def on_fault(fault: FramingFault) -> None:
+        log.warning(
+            "upstream.framing_fault",
+            fault=fault.fault,
+            status=fault.status,
+            declared=fault.declared,
+            surplus_bytes=fault.surplus_bytes,
+            detail=fault.describe(),
+        )
+        on_failure(Failure(Cause.RESPONSE_FRAMING, fault.describe()))
+
+    return on_fault
