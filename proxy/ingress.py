@@ -10,6 +10,7 @@ import asyncio
 import re
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import ERROR as PARSE_ERROR
@@ -363,6 +364,28 @@ _UNCARRIED_TARGET = (
 )
 
 
+@dataclass(frozen=True)
+class _Head:
+    """What a request's first line says, for answering a head aiohttp could not parse.
+
+    aiohttp reports a long target and a long header line with the same exception; the request
+    line's own length tells them apart. `spoke` is the version the answer is written in: RFC
+    9110 §2.5, the highest one servegate conforms to within the request's major version, so
+    HTTP/1.1 for any HTTP/1.x client, also when the line was too long to reach its version,
+    and HTTP/1.0 only for a client that said so (as aiohttp answers a well-formed 1.0 request).
+    """
+
+    target_too_long: bool = False
+    spoke: HttpVersion = HttpVersion11
+
+    @classmethod
+    def of(cls, head_start: bytes, max_line: int) -> _Head:
+        line = head_start.split(b"\n", 1)[0]
+        target = line.split(b" ", 1)[-1].rsplit(b" HTTP/", 1)[0]
+        ended = b"\n" in head_start and line.rstrip(b"\r").endswith(b" HTTP/1.0")
+        return cls(len(target) > max_line, HttpVersion10 if ended else HttpVersion11)
+
+
 class _JsonErrorHandler(RequestHandler):
     """aiohttp answers a request it cannot parse (bad request line, oversized headers) before
     servegate's handler runs, in plain text; this gives that answer the JSON body too, and the
@@ -373,28 +396,27 @@ class _JsonErrorHandler(RequestHandler):
     ) -> None:
         super().__init__(manager, loop=loop, **options)
         self._max_line: int = options.get("max_line_size", 8190)
-        self._head_start = b""  # the first bytes of the request being parsed: its request line
-        self._target_too_long = False
-        # The version an unparseable request's answer is written in. RFC 9110 §2.5: the
-        # highest one servegate conforms to with the request's major version, 1.1 for any
-        # HTTP/1.x client, also when the request line was too long to reach its version;
-        # 1.0 only for a client that said so, as aiohttp answers a well-formed 1.0 request.
-        self.spoke = HttpVersion11
+        self._head_start = b""  # the first bytes of the head being parsed: its request line
+        # What the request line said, one entry per head aiohttp has queued, taken in order by
+        # `JsonErrorServer._request` as each is handled. Decided when aiohttp queues the head
+        # (or its parse error): bytes that arrive before an error is answered belong to no
+        # request and must not change the verdict on it.
+        self._heads: deque[_Head] = deque()
+        self.head = _Head()  # that of the request being handled
 
     def data_received(self, data: bytes) -> None:
-        # aiohttp reports a long request target and a long header line with the same
-        # exception; the request line's own length tells them apart.
         requests_before = self._request_count
         if b"\n" not in self._head_start:
             self._head_start += data[: self._max_line + 64]
-            line = self._head_start.split(b"\n", 1)[0]
-            target = line.split(b" ", 1)[-1].rsplit(b" HTTP/", 1)[0]
-            self._target_too_long = len(target) > self._max_line
-            ended = b"\n" in self._head_start and line.rstrip(b"\r").endswith(b" HTTP/1.0")
-            self.spoke = HttpVersion10 if ended else HttpVersion11
         super().data_received(data)
         if self._request_count != requests_before:
+            head = _Head.of(self._head_start, self._max_line)
+            self._heads.extend([head] * (self._request_count - requests_before))
             self._head_start = b""
+
+    def next_head(self) -> _Head:
+        self.head = self._heads.popleft() if self._heads else _Head()
+        return self.head
 
     def handle_error(
         self,
@@ -407,7 +429,7 @@ class _JsonErrorHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         # A client's mistake, answered and logged as one (aiohttp logs it as a server error).
         reason = without_client_bytes(message) if message else HTTPStatus(status).phrase
-        if isinstance(exc, LineTooLong) and self._target_too_long:
+        if isinstance(exc, LineTooLong) and self.head.target_too_long:
             status = 414
             reason = (
                 f"the request target is longer than server.max_request_line_bytes ({exc.args[1]})"
@@ -444,6 +466,8 @@ class JsonErrorServer(web.Server):
         """aiohttp gives an unparseable request a stand-in message (`web_protocol.ERROR`) that
         says HTTP/1.0, and its answer's status line says the same; it gets the version the
         client spoke instead."""
-        if message is PARSE_ERROR and isinstance(protocol, _JsonErrorHandler):
-            message = message._replace(version=protocol.spoke)
+        if isinstance(protocol, _JsonErrorHandler):
+            head = protocol.next_head()
+            if message is PARSE_ERROR:
+                message = message._replace(version=head.spoke)
         return web.BaseRequest(message, payload, protocol, writer, task, self._loop)

@@ -112,7 +112,9 @@ class _Access:
 
 
 @atexit.register
-def _flush_at_exit() -> None:
+def flush() -> None:
+    """Write the lines still waiting for the end of this event-loop step (at exit, and for a
+    reader of the log that cannot wait for the loop)."""
     if _Access.lines is not None:
         _Access.lines.flush()
 

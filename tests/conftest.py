@@ -64,6 +64,7 @@ class LogCapture:
     stream: io.StringIO
 
     def lines(self) -> list[dict[str, Any]]:
+        logs.flush()  # lines are written once per event-loop step
         return [json.loads(line) for line in self.stream.getvalue().splitlines() if line]
 
     def events(self, name: str) -> list[dict[str, Any]]:
