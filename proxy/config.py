@@ -377,7 +377,8 @@ def _from_environ(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[Igno
         if not name.startswith(ENV_PREFIX):
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
-        reason = _names_no_setting(name, path)
+        # A removed setting is refused wherever it comes from: whoever set it meant it.
+        reason = None if ".".join(path) in REMOVED else _names_no_setting(name, path)
         if reason is not None:
             ignored.append(IgnoredVariable(name, reason))
             continue
