@@ -1,12 +1,15 @@
 """Shared fixtures: settings factory, servegate on free loopback ports, log capture, metrics
-reading, trustme certificates, the Gunicorn demo model, and a per-test time limit."""
+reading, trustme certificates, the Gunicorn demo model, a per-test time limit, and a leak check
+that fails the test which left a socket, transport or session open."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import shutil
 import signal
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,23 @@ def _time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """After every fixture of the test is gone (its event loop too), collect garbage and fail the
+    test if that finds a socket, transport, session or process it left open.
+
+    Without this, a leak surfaces as a ResourceWarning whenever the garbage collector happens to
+    run: in a later test, or at the end of the session, where it fails the whole run and names
+    no culprit."""
+    yield
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    leaks = sorted({str(w.message) for w in caught if issubclass(w.category, ResourceWarning)})
+    if leaks:
+        pytest.fail(f"{item.nodeid} left resources open: " + "; ".join(leaks), pytrace=False)
 
 
 def require_tool(name: str) -> str:

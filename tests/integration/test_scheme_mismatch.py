@@ -29,7 +29,7 @@ async def test_https_to_a_plain_server_is_named_quickly_with_both_schemes(
         sent = time.monotonic()
         async with client.get(gate_url(gate, "/health")) as response:
             body = await assert_4503(response, 503, "protocol", "tls_to_plain_server")
-        assert time.monotonic() - sent < 1.0  # no retry storm
+        assert time.monotonic() - sent < 3.0  # no retry storm: that would last the 40 s budget
     assert "HTTPS" in body["hint"]
     assert "plain HTTP" in body["hint"]
     samples = await scrape(gate)
@@ -51,7 +51,7 @@ async def test_plain_http_to_a_tls_server_is_confirmed_by_a_probe_and_fails_read
     sent = time.monotonic()
     async with client.get(gate_url(gate, "/health")) as response:
         body = await assert_4503(response, 503, "protocol", "plain_to_tls_server")
-    assert time.monotonic() - sent < 1.0
+    assert time.monotonic() - sent < 3.0  # one probe, not the 40 s budget
     assert "https://" in body["hint"]
     assert "upstream.scheme: auto" in body["hint"]
     async with client.get(f"http://127.0.0.1:{gate.admin_port}/readyz") as response:

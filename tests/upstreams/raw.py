@@ -54,9 +54,7 @@ class RawServer:
         try:
             await self.serve_connection(reader, writer)
         finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            await _close_and_wait(writer)
             self._tasks.discard(task)
 
     async def serve_connection(
@@ -67,9 +65,24 @@ class RawServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
+            await _cancel_and_wait(self._tasks)
             await self._server.wait_closed()
+
+
+async def _close_and_wait(writer: asyncio.StreamWriter) -> None:
+    """Close a connection and wait until its transport is gone: a transport still closing when
+    the test's event loop ends is reported as leaked (ResourceWarning)."""
+    writer.close()
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.wait_closed()
+
+
+async def _cancel_and_wait(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel connection tasks and wait for them: each closes its own sockets as it ends."""
+    pending = list(tasks)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 @dataclass
@@ -153,11 +166,15 @@ class AnnouncesKeepAlive(RawServer):
 @dataclass
 class DelayRelay:
     """A TCP relay to `target_port` that delays every byte toward the server, and the server's
-    close toward the client, by `delay` seconds."""
+    close toward the client, by `delay` seconds.
+
+    `idle_closes` records, for each connection the server closed, how long after its last
+    answer byte it did: where a server's keep-alive boundary really lies on this machine."""
 
     target_port: int
     delay: float = 0.03
     port: int = 0
+    idle_closes: list[float] = field(default_factory=list)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -169,23 +186,32 @@ class DelayRelay:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._tasks)
+
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        server_w: asyncio.StreamWriter | None = None
         try:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            pumps = {
+                asyncio.create_task(self._toward_server(client_r, server_w)),
+                asyncio.create_task(self._toward_client(server_r, client_w)),
+            }
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                await _cancel_and_wait(pumps)
         except OSError:
-            client_w.close()
-            return
-        pumps = [
-            asyncio.create_task(self._toward_server(client_r, server_w)),
-            asyncio.create_task(self._toward_client(server_r, client_w)),
-        ]
-        self._tasks.update(pumps)
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for pump in pumps:
-            pump.cancel()
-            self._tasks.discard(pump)
-        for writer in (client_w, server_w):
-            writer.close()
+            pass  # the target refused: the client sees its connection closed
+        finally:
+            for writer in (client_w, server_w):
+                if writer is not None:
+                    await _close_and_wait(writer)
+            self._tasks.discard(task)
 
     async def _toward_server(
         self, client_r: asyncio.StreamReader, server_w: asyncio.StreamWriter
@@ -210,20 +236,23 @@ class DelayRelay:
         except (ConnectionError, OSError):
             pass
         finally:
-            delivery.cancel()
+            await _cancel_and_wait({delivery})
 
     async def _toward_client(
         self, server_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
     ) -> None:
+        last_byte: float | None = None
         with contextlib.suppress(ConnectionError, OSError):
             while chunk := await server_r.read(65536):
                 client_w.write(chunk)
                 await client_w.drain()
+                last_byte = time.monotonic()
+            if last_byte is not None:
+                self.idle_closes.append(time.monotonic() - last_byte)
         await asyncio.sleep(self.delay)  # the server's close crosses the network too
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
+            await _cancel_and_wait(self._tasks)
             await self._server.wait_closed()
