@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy import aiohttp_internals
 from proxy.admin import Readiness, admin_app
 from proxy.admission import Admission
 from proxy.circuit import Circuit, Signal
@@ -62,6 +63,10 @@ class Servegate:
         self.admin_port = 0
 
     async def start(self) -> None:
+        try:
+            await aiohttp_internals.check()
+        except aiohttp_internals.MissingInternal as exc:
+            raise StartupError(str(exc)) from None
         self._upstream = Upstream(self.settings.upstream)
         forwarder = Forwarder(
             self._upstream,

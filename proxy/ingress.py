@@ -21,6 +21,7 @@ from yarl import URL
 
 from proxy import answer
 from proxy.admission import Admission, QueueFull
+from proxy.aiohttp_internals import HandlerServer
 from proxy.body import RequestBody
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
@@ -273,6 +274,6 @@ class _JsonErrorHandler(RequestHandler):
         return response
 
 
-class JsonErrorServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+class JsonErrorServer(HandlerServer):
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, handler_class=_JsonErrorHandler, **kwargs)

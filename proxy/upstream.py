@@ -19,6 +19,7 @@ import structlog
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy import aiohttp_internals
 from proxy.config import UpstreamSettings, UpstreamTLSSettings
 from proxy.failures import AttemptFacts
 
@@ -62,20 +63,18 @@ class Upstream:
         self.idle_expiry = settings.idle_expiry
         ssl_context = client_ssl_context(settings.tls)
         trace = _trace_config()
-        self._pooled = self._session(
-            aiohttp.TCPConnector(
-                limit=settings.max_connections,
-                keepalive_timeout=settings.idle_expiry,
-                ssl=ssl_context,
-            ),
-            trace,
+        self._pool = aiohttp.TCPConnector(
+            limit=settings.max_connections, keepalive_timeout=settings.idle_expiry, ssl=ssl_context
         )
+        self._pooled = self._session(self._pool, trace)
         self._fresh = self._session(
             aiohttp.TCPConnector(limit=settings.max_connections, force_close=True, ssl=ssl_context),
             trace,
         )
 
-    def _session(self, connector: aiohttp.TCPConnector, trace: aiohttp.TraceConfig) -> Any:
+    def _session(
+        self, connector: aiohttp.TCPConnector, trace: aiohttp.TraceConfig
+    ) -> aiohttp.ClientSession:
         session = aiohttp.ClientSession(
             connector=connector,
             trace_configs=[trace],
@@ -88,9 +87,8 @@ class Upstream:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout),
         )
         # aiohttp silently replays an idempotent request once after a disconnect; servegate's
-        # attempt loop must be the only place that decides (and counts) a retry. aiohttp has no
-        # public switch for this; its own test client sets the same attribute.
-        session._retry_connection = False
+        # attempt loop must be the only place that decides (and counts) a retry.
+        aiohttp_internals.disable_hidden_retry(session)
         return session
 
     async def send(
@@ -129,9 +127,7 @@ class Upstream:
         expiry = expiry_for(seconds)
         if expiry != self.idle_expiry:
             self.idle_expiry = expiry
-            # aiohttp reads this attribute when it takes a connection from the pool and when it
-            # sweeps idle ones; it offers no public setter.
-            self._pooled.connector._keepalive_timeout = expiry
+            aiohttp_internals.set_keepalive_timeout(self._pool, expiry)
             log.info("upstream.idle_expiry_learned", keep_alive=announced, idle_expiry_s=expiry)
 
     async def close(self) -> None:
