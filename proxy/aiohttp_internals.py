@@ -47,11 +47,6 @@ def disable_hidden_retry(session: aiohttp.ClientSession) -> None:
     setattr(session, _RETRY_SWITCH, False)
 
 
-def hidden_retry_enabled(session: aiohttp.ClientSession) -> bool:
-    """Whether `session` would replay an idempotent request on its own (tests assert False)."""
-    return bool(getattr(session, _RETRY_SWITCH))
-
-
 def set_keepalive_timeout(connector: aiohttp.BaseConnector, seconds: float) -> None:
     """Expire `connector`'s idle pooled connections after `seconds` from now on.
 

@@ -98,6 +98,34 @@ async def test_a_reused_connection_closed_before_its_response_is_retried_on_a_fr
     assert all(line["reused"] is False for line in retried)  # the retry ran on a fresh one
 
 
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+async def test_a_stale_idempotent_request_is_retried_and_counted_by_servegate_alone(
+    method: str,
+    start_gate: StartGate,
+    closes_reused: ClosesReusedConnections,
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
+) -> None:
+    # aiohttp would replay a GET or PUT once on its own after a dropped pooled connection,
+    # unseen by servegate's metrics and its rule against replaying what reached the model.
+    # POST, which aiohttp never replays, cannot show that; these methods do.
+    gate = await start_gate(closes_reused.url, **{"upstream.idle_expiry": 30})
+    body = b"put-body" if method == "PUT" else None
+    for path in ("/warm", "/stale"):  # the second goes out on the pooled, now closing one
+        async with client.request(method, gate_url(gate, path), data=body) as response:
+            assert response.status == 200
+            assert await response.read() == b"ok"
+    assert closes_reused.stale_hits == 1
+    assert closes_reused.answered == 2  # the warm request, and servegate's one retry
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_upstream_failures_total", **STALE) == 1
+    for outcome, count in (("succeeded", 1), ("failed", 0)):
+        labels = {"cause": "stale_connection", "outcome": outcome}
+        assert sample(samples, "servegate_retries_total", **labels) == count
+    stale = log_capture.access()[-1]
+    assert (stale["method"], stale["attempts"], stale["reused"]) == (method, 2, False)
+
+
 async def test_a_body_too_large_to_replay_gets_a_communication_error_that_says_so(
     start_gate: StartGate, closes_reused: ClosesReusedConnections, client: aiohttp.ClientSession
 ) -> None:
