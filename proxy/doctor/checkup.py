@@ -1,6 +1,6 @@
 """The four checks of `servegate doctor`, one coroutine per 4503 category.
 
-Each measures one thing on a raw connection (proxy/wire.py) and returns a frozen `Check`:
+Each measures one thing on a raw connection (wire.py) and returns a frozen `Check`:
 the scheme the server speaks, its health, a sample request against the budget, and its idle
 keep-alive timeout.
 """
@@ -11,11 +11,12 @@ import asyncio
 import math
 import time
 
+from proxy.advice import FIX
+from proxy.doctor.verdicts import Check, Fact, Target, Verdict, skipped, worse
+from proxy.doctor.wire import ProbeError, Response, close, connect, exchange, wait_for_close
 from proxy.failures import Category, Cause
 from proxy.probe import speaks_tls
 from proxy.upstream import expiry_for
-from proxy.verdicts import Check, Fact, Target, Verdict, skipped, worse
-from proxy.wire import ProbeError, Response, close, connect, exchange, wait_for_close
 
 PROBE_WAIT = 3.0  # the TLS probe: run mode allows 1 s; a one-off diagnosis can wait longer
 CLOSED_AT_ONCE = 0.1  # an idle close this soon after the response is a close after every response
@@ -23,23 +24,15 @@ GUNICORN_TIMEOUT = 30  # Gunicorn's default --timeout: a worker busy longer than
 KEEP_ALIVE_ADVICE = 200  # the platform's advice for custom images: gunicorn --keep-alive 200
 
 
-_MISMATCH_ADVICE = {
+_MISMATCH = {
     Cause.PLAIN_TO_TLS_SERVER: (
-        "The URL says http:// but the model server speaks HTTPS: every request would be dropped. "
-        "Use an https:// upstream URL, or set upstream.scheme: auto (on the platform: set the "
-        "Container API protocol to HTTPS)."
+        "The URL says http:// but the model server speaks HTTPS: every request would be dropped."
     ),
     Cause.TLS_TO_PLAIN_SERVER: (
         "The URL says https:// but the model server speaks plain HTTP: every TLS handshake "
-        "would fail. Use an http:// upstream URL (upstream.scheme: auto never downgrades an "
-        "https:// one), or serve TLS from the model server (on the platform: set the Container "
-        "API protocol to HTTP)."
+        "would fail."
     ),
 }
-_CERTIFICATE_ADVICE = (
-    "Set upstream.tls.ca_file to the CA that signed the certificate, or upstream.tls.server_name "
-    "to the name it carries."
-)
 
 
 async def check_protocol(target: Target) -> Check:
@@ -53,7 +46,7 @@ async def check_protocol(target: Target) -> Check:
     if speaks != target.scheme:
         cause = Cause.PLAIN_TO_TLS_SERVER if found else Cause.TLS_TO_PLAIN_SERVER
         facts["direction"] = cause.value
-        advice = [_MISMATCH_ADVICE[cause]]
+        advice = [_MISMATCH[cause]]
         adopted = target.auto_scheme and cause is Cause.PLAIN_TO_TLS_SERVER
         verdict = Verdict.WARN if adopted else Verdict.FAIL
         if adopted:
@@ -63,7 +56,7 @@ async def check_protocol(target: Target) -> Check:
         facts["certificate"] = certificate or "verified"
         if certificate and target.tls.verify:
             advice.append(f"Verified as servegate verifies, the certificate fails: {certificate}.")
-            advice.append(_CERTIFICATE_ADVICE)
+            advice.append(FIX[Cause.TLS_CERTIFICATE])
             if target.scheme == "https":
                 verdict, cause = Verdict.FAIL, Cause.TLS_CERTIFICATE
         elif not target.tls.verify:
@@ -106,8 +99,11 @@ async def check_service(target: Target, tls: bool) -> Check:
         stream = await connect(target, tls)
     except ProbeError as exc:
         facts["error"] = exc.detail
-        advice = _SERVICE_ADVICE.get(exc.cause, "Check the server's TLS settings: see protocol.")
-        return Check(Category.SERVICE, Verdict.FAIL, facts, (advice,), exc.cause)
+        if exc.cause in (Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT):
+            note = f"No connection to {target.address}: {exc.detail}."
+        else:
+            note = "The connection failed in its TLS handshake: see protocol."
+        return Check(Category.SERVICE, Verdict.FAIL, facts, (note,), exc.cause)
     try:
         async with asyncio.timeout(target.budget):
             response = await exchange(stream, target, "GET", path)
@@ -115,25 +111,13 @@ async def check_service(target: Target, tls: bool) -> Check:
         cause = exc.cause if isinstance(exc, ProbeError) else None
         detail = exc.detail if isinstance(exc, ProbeError) else f"no answer in {target.budget:g} s"
         facts["error"] = detail
-        advice = f"GET {path} failed: {detail}. Check the model server's log for crashing workers."
-        return Check(Category.SERVICE, Verdict.FAIL, facts, (advice,), cause)
+        notes = (f"GET {path} failed: {detail}.", FIX[Cause.RESET_DURING_REQUEST])
+        return Check(Category.SERVICE, Verdict.FAIL, facts, notes, cause)
     finally:
         await close(stream)
     facts |= {"status": response.status, "latency_s": round(response.seconds, 3)}
     facts["server"] = response.headers.get("server")
     return _judge_health(target, response, facts)
-
-
-_SERVICE_ADVICE = {
-    Cause.CONNECT_REFUSED: (
-        "Nothing accepts connections there: start the model server, and check that it listens "
-        "on the upstream address (Gunicorn: --bind) and the URL's port."
-    ),
-    Cause.CONNECT_TIMEOUT: (
-        "Connecting timed out: check the address, firewalls, and that the server's accept "
-        "queue is not full."
-    ),
-}
 
 
 def _judge_health(target: Target, response: Response, facts: dict[str, Fact]) -> Check:
@@ -199,7 +183,7 @@ def _judge_latency(
         verdict = Verdict.WARN
         advice.append(
             "That is more than half the budget: a larger input or a busy server would end in a "
-            "4503 (timeout). Make the prediction faster, or send smaller batches."
+            f"4503 (timeout). {FIX[Cause.DEADLINE_EXCEEDED]}"
         )
     if target.sample_body is None:
         advice.append("Give --sample-body (JSON for POST /predict) to time a real prediction.")

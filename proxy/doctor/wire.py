@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 import time
 from dataclasses import dataclass
 
 from proxy.config import UpstreamTLSSettings
-from proxy.failures import Cause
+from proxy.failures import Cause, connect_failure, exchange_failure
 from proxy.upstream import announced_idle_timeout, client_ssl_context
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -78,16 +77,8 @@ async def connect(target: Peer, tls: bool, *, verify: bool = False) -> Stream:
             return await asyncio.open_connection(
                 target.host, target.port, ssl=context, server_hostname=server_name
             )
-    except TimeoutError:
-        detail = f"no connection within {target.connect_timeout:g} s"
-        raise ProbeError(Cause.CONNECT_TIMEOUT, detail) from None
-    except ssl.SSLCertVerificationError as exc:
-        raise ProbeError(Cause.TLS_CERTIFICATE, exc.verify_message or str(exc)) from None
-    except ssl.SSLError as exc:
-        raise ProbeError(Cause.TLS_HANDSHAKE, str(exc.reason or exc).lower()) from None
-    except OSError as exc:
-        detail = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ProbeError(Cause.CONNECT_REFUSED, detail.lower()) from None
+    except OSError as exc:  # TimeoutError and ssl.SSLError are OSErrors
+        raise ProbeError(*connect_failure(exc)) from None
 
 
 async def close(stream: Stream) -> None:
@@ -111,15 +102,8 @@ async def exchange(
         await writer.drain()
         status, headers = await _read_head(reader)
         await _read_body(reader, status, headers)
-    except asyncio.IncompleteReadError:
-        where = "in the middle of its response" if status else "without answering"
-        detail = f"the server closed the connection {where}"
-        raise ProbeError(Cause.RESET_DURING_REQUEST, detail) from None
-    except (asyncio.LimitOverrunError, ValueError) as exc:
-        raise ProbeError(Cause.MALFORMED_RESPONSE, f"not an HTTP/1.1 response: {exc}") from None
-    except OSError as exc:  # resets, and TLS errors on a dropped TLS connection
-        detail = f"the connection failed: {exc.strerror or exc}"
-        raise ProbeError(Cause.RESET_DURING_REQUEST, detail) from None
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError) as exc:
+        raise ProbeError(*exchange_failure(exc, response_started=status > 0)) from None
     return Response(status, headers, time.monotonic() - started)
 
 
