@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy import advice
 from proxy.budget import Spent
 from proxy.failures import Category, Cause, Failure
-from proxy.retry import GiveUp
+from proxy.retry import GiveUpReason
 
 ERROR_CODE = "ModelArts.4503"
 CATEGORY_HEADER = "X-Servegate-Category"
@@ -47,7 +47,7 @@ _NOT_REPLAYED = (
 
 def hint_for(
     failure: Failure,
-    give_up: GiveUp | None = None,
+    give_up: GiveUpReason | None = None,
     *,
     attempts: int = 1,
     budget: float = 0.0,
@@ -61,7 +61,7 @@ def hint_for(
     if failure.category is Category.TIMEOUT:
         hint = f"{hint} Budget: {budget:.1f} s"
         hint += f" ({spent.describe()})." if spent is not None else "."
-    if give_up is GiveUp.NOT_REPLAYABLE:
+    if give_up is GiveUpReason.NOT_REPLAYABLE:
         hint += _NOT_REPLAYED
     return hint
 

@@ -31,7 +31,7 @@ from proxy.forward import Forwarder, Outbound
 from proxy.headers import decoded, request_headers
 from proxy.metrics import Metrics, ShedReason
 from proxy.relay import relay
-from proxy.retry import GiveUp
+from proxy.retry import GiveUpReason
 
 access_log = structlog.get_logger("servegate.access")
 
@@ -90,7 +90,7 @@ class Refusal:
 
     failure: Failure
     retry_after: float | None = None
-    give_up: GiveUp | None = None
+    give_up: GiveUpReason | None = None
     attempts: int = 0
 
 
@@ -187,7 +187,7 @@ class Ingress:
         )
         forwarded = await self.forwarder.forward(outbound, budget, line.spent)
         line.attempts, line.reused = forwarded.attempts, forwarded.facts.reused
-        if forwarded.answer is None:
+        if forwarded.response is None:
             assert forwarded.failure is not None
             refusal = Refusal(
                 forwarded.failure, forwarded.retry_after, forwarded.give_up, forwarded.attempts
@@ -195,7 +195,7 @@ class Ingress:
             return self._refuse(refusal, request_id, budget, line)
         relayed = await relay(
             request,
-            forwarded.answer,
+            forwarded.response,
             budget if self.settings.budget.scope == "response" else None,
             forwarded.facts,
             {"X-Request-Id": request_id},

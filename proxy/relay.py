@@ -16,7 +16,7 @@ from aiohttp import web
 
 from proxy.budget import Budget
 from proxy.failures import AttemptFacts, Failure, classify
-from proxy.forward import Answer
+from proxy.forward import ModelResponse
 from proxy.headers import decoded, response_headers
 
 # Statuses whose responses carry no body, whatever their headers say (RFC 9110 §6.4.1).
@@ -33,7 +33,7 @@ class Relayed:
 
 async def relay(
     request: web.BaseRequest,
-    answer: Answer,
+    answer: ModelResponse,
     budget: Budget | None,
     facts: AttemptFacts,
     extra_headers: dict[str, str],
