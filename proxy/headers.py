@@ -28,7 +28,7 @@ _HANDLED_ON_REQUEST = frozenset({"expect", "content-length"})
 
 
 def _connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
-    named = set()
+    named: set[str] = set()
     for name, value in headers:
         if name.lower() == "connection":
             named.update(token.strip().lower() for token in value.split(","))

@@ -193,7 +193,9 @@ class SniffingSite(web.BaseSite):
         sockets = await _listen(self._host, self._port, self._backlog)
         await super().start()
         assert self._runner.server is not None  # set up before any site is made
-        self._server = _Acceptor(
+        # BaseSite only closes its server and waits for it; the accept loops start at once, so
+        # AbstractServer's start_serving and serve_forever are never called.
+        self._server = _Acceptor(  # type: ignore[abstract]
             sockets, self._runner.server, self._settings.tls, tls, self._on_mismatch
         )
 
@@ -338,7 +340,7 @@ async def _peek(sock: socket.socket) -> bytes:
 async def _readable(sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     readable = loop.create_future()
-    loop.add_reader(sock, lambda: readable.done() or readable.set_result(None))
+    loop.add_reader(sock, lambda: None if readable.done() else readable.set_result(None))
     try:
         await readable
     finally:

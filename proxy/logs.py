@@ -24,7 +24,7 @@ def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
     renderer: Any = (
         structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     )
-    shared = [
+    shared: list[structlog.typing.Processor] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         Redactor(settings.redact_headers),
