@@ -141,6 +141,21 @@ def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
+async def assert_4503(
+    response: aiohttp.ClientResponse, status: int, category: str, cause: str
+) -> dict[str, Any]:
+    """The JSON 4503 answer with its headers, naming `category` and `cause`; returns the body."""
+    assert response.status == status
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.headers["X-Servegate-Category"] == category
+    body = await response.json()
+    assert body["error_code"] == "ModelArts.4503"
+    assert (body["category"], body["cause"]) == (category, cause)
+    assert body["request_id"] == response.headers["X-Request-Id"]
+    assert body["hint"]
+    return body
+
+
 @pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:

@@ -10,8 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import LogCapture, StartGate, gate_url, sample, scrape
-from tests.integration.test_failure_answers import assert_4503
+from tests.conftest import LogCapture, StartGate, assert_4503, gate_url, sample, scrape
 from tests.upstreams.gunicorn import Gunicorn
 from tests.upstreams.raw import ClosesReusedConnections, HoldsRequests
 

@@ -5,26 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 
-from tests.conftest import LogCapture, StartGate, gate_url, sample, scrape
+from tests.conftest import LogCapture, StartGate, assert_4503, gate_url, sample, scrape
 from tests.upstreams.gunicorn import Gunicorn, free_port
-
-
-async def assert_4503(
-    response: aiohttp.ClientResponse, status: int, category: str, cause: str
-) -> dict[str, Any]:
-    assert response.status == status
-    assert response.headers["Content-Type"].startswith("application/json")
-    assert response.headers["X-Servegate-Category"] == category
-    body = await response.json()
-    assert body["error_code"] == "ModelArts.4503"
-    assert (body["category"], body["cause"]) == (category, cause)
-    assert body["request_id"] == response.headers["X-Request-Id"]
-    assert body["hint"]
-    return body
 
 
 async def test_connection_refused_for_the_whole_budget_is_a_service_failure_on_time(

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import Certificates, LogCapture, StartGate, gate_url, sample, scrape
-from tests.integration.test_failure_answers import assert_4503
+from tests.conftest import (
+    Certificates,
+    LogCapture,
+    StartGate,
+    assert_4503,
+    gate_url,
+    sample,
+    scrape,
+)
 from tests.upstreams.gunicorn import Gunicorn
 
 
