@@ -1,8 +1,8 @@
-"""The four checks of `servegate doctor`, one coroutine per 4503 category.
+"""Three of the four checks of `servegate doctor`, one coroutine per 4503 category: the scheme
+the server speaks, its health, and a sample request against the budget. The fourth, its idle
+keep-alive timeout, is keepalive.py.
 
-Each measures one thing on a raw connection (wire.py) and returns a frozen `Check`:
-the scheme the server speaks, its health, a sample request against the budget, and its idle
-keep-alive timeout.
+Each measures one thing on a raw connection (wire.py) and returns a frozen `Check`.
 """
 
 from __future__ import annotations
@@ -12,16 +12,13 @@ import math
 import time
 
 from proxy.advice import FIX
-from proxy.doctor.verdicts import Check, Fact, Target, Verdict, skipped, worse
-from proxy.doctor.wire import ProbeError, Response, close, connect, exchange, wait_for_close
+from proxy.doctor.verdicts import Check, Fact, Target, Verdict, worse
+from proxy.doctor.wire import ProbeError, Response, close, connect, exchange
 from proxy.failures import Category, Cause
 from proxy.probe import speaks_tls
-from proxy.upstream import expiry_for
 
 PROBE_WAIT = 3.0  # the TLS probe: run mode allows 1 s; a one-off diagnosis can wait longer
-CLOSED_AT_ONCE = 0.1  # an idle close this soon after the response is a close after every response
 GUNICORN_TIMEOUT = 30  # Gunicorn's default --timeout: a worker busy longer than this is killed
-KEEP_ALIVE_ADVICE = 200  # the platform's advice for custom images: gunicorn --keep-alive 200
 
 
 _MISMATCH = {
@@ -38,11 +35,22 @@ _MISMATCH = {
 async def check_protocol(target: Target) -> Check:
     """Which scheme the server speaks, against the URL's; for TLS, whether it verifies."""
     found = await speaks_tls(target.host, target.port, PROBE_WAIT)
-    if found is None:
-        return await _protocol_inconclusive(target)
+    silent = found is None
+    if silent:
+        # Werkzeug, Waitress and Hypercorn wait for the end of an HTTP head and never answer a
+        # TLS hello: silence there while plain HTTP gets an answer means plain HTTP.
+        if not await _answers_plain_http(target):
+            return await _protocol_inconclusive(target)
+        found = False
     speaks = "https" if found else "http"
     facts: dict[str, Fact] = {"url_scheme": target.scheme, "server_speaks": speaks}
     verdict, cause, advice = Verdict.OK, None, [f"servegate and the server both speak {speaks}."]
+    if silent:
+        facts["tls_hello"] = f"no answer within {PROBE_WAIT:g} s"
+        advice.append(
+            f"It never answered a TLS hello (within {PROBE_WAIT:g} s) but answers plain HTTP, as "
+            "a server that waits for an HTTP head does."
+        )
     if speaks != target.scheme:
         cause = Cause.PLAIN_TO_TLS_SERVER if found else Cause.TLS_TO_PLAIN_SERVER
         facts["direction"] = cause.value
@@ -66,6 +74,20 @@ async def check_protocol(target: Target) -> Check:
             verdict = worse(verdict, Verdict.WARN)
             advice.append("upstream.tls.verify is false: anyone on the path can pose as the model.")
     return Check(Category.PROTOCOL, verdict, facts, tuple(advice), cause)
+
+
+async def _answers_plain_http(target: Target) -> bool:
+    """Whether a plain HTTP request gets an HTTP answer within PROBE_WAIT."""
+    try:
+        async with asyncio.timeout(PROBE_WAIT):
+            stream = await connect(target, tls=False)
+            try:
+                await exchange(stream, target, "GET", target.probe_path)
+            finally:
+                await close(stream)
+    except (ProbeError, TimeoutError):
+        return False
+    return True
 
 
 async def _protocol_inconclusive(target: Target) -> Check:
@@ -218,113 +240,3 @@ def _timeout_check(
             f"(--timeout {math.ceil(target.budget) + 20})."
         )
     return Check(Category.TIMEOUT, verdict, facts, tuple(advice), cause)
-
-
-async def check_communication(target: Target, tls: bool) -> Check:
-    """The server's idle keep-alive timeout, measured: one request, then wait for its close."""
-    try:
-        stream = await connect(target, tls)
-    except ProbeError as exc:
-        return skipped(Category.COMMUNICATION, exc.detail)
-    try:
-        async with asyncio.timeout(target.budget):
-            response = await exchange(stream, target, "GET", target.probe_path)
-        idle, how = await wait_for_close(stream[0], target.max_idle_wait)
-    except ProbeError as exc:
-        return skipped(Category.COMMUNICATION, exc.detail)
-    except TimeoutError:
-        return skipped(Category.COMMUNICATION, f"no answer within {target.budget:g} s")
-    finally:
-        await close(stream)
-    facts: dict[str, Fact] = {
-        "request": f"GET {target.probe_path}",
-        "keep_alive_header": response.headers.get("keep-alive"),
-        "connection_close": response.closes,
-        "idle_timeout_s": None if idle is None else round(idle, 3),
-        "closed_by": how,
-        "waited_up_to_s": target.max_idle_wait,
-    }
-    if response.closes or (idle is not None and idle < CLOSED_AT_ONCE):
-        return _closes_after_every_response(response, facts)
-    if idle is None:
-        advice = (
-            f"The server kept the idle connection open longer than {target.max_idle_wait:g} s "
-            f"(--max-idle-wait): servegate's upstream.idle_expiry ({target.idle_expiry:g} s) "
-            "closes pooled connections long before it does.",
-        )
-        return Check(Category.COMMUNICATION, Verdict.OK, facts, advice)
-    return _judge_idle_timeout(target, response, idle, facts)
-
-
-def _judge_idle_timeout(
-    target: Target, response: Response, idle: float, facts: dict[str, Fact]
-) -> Check:
-    announced, setting = response.announced_idle, _likely_setting(idle)
-    suggested = round(expiry_for(setting), 2)  # what run mode would do with an announced one
-    expiry = target.idle_expiry if announced is None else expiry_for(announced)
-    facts |= {"servegate_idle_expiry_s": expiry, "suggested_idle_expiry_s": suggested}
-    verdict, cause = Verdict.OK, None
-    advice = [
-        f"The server closed the idle connection after {idle:.2f} s: set to {setting:g} s, likely."
-    ]
-    if response.gunicorn and idle - setting > 0.1:
-        advice.append(
-            "Gunicorn's gthread worker looks at idle connections about once a second, so it "
-            "closes them up to 1 s after its --keep-alive."
-        )
-    if announced is not None and abs(announced - idle) > 1:
-        advice.append(f"It announces Keep-Alive: timeout={announced:g} but closed at {idle:.2f} s.")
-    if expiry > suggested:
-        verdict, cause = Verdict.WARN, Cause.STALE_CONNECTION
-        advice.append(
-            f"servegate keeps idle connections {expiry:g} s, too close to that: a request sent on "
-            "one races the server's close (communication/stale_connection; servegate retries it "
-            "on a fresh connection unless its body exceeded retry.replay_buffer_bytes). Set "
-            f"upstream.idle_expiry: {suggested:g}."
-        )
-    elif suggested == expiry:
-        advice.append(f"servegate's idle expiry ({expiry:g} s) is below it, as it should be.")
-    else:
-        advice.append(
-            f"servegate's idle expiry ({expiry:g} s) is below it; upstream.idle_expiry: "
-            f"{suggested:g} follows from it (half below 2 s, one second less above) and saves "
-            "reconnecting."
-        )
-    if idle < KEEP_ALIVE_ADVICE / 2:
-        how = "Gunicorn: --keep-alive" if response.gunicorn else "e.g. Gunicorn --keep-alive"
-        advice.append(
-            f"Raise the server's idle timeout to save connection set-ups ({how} "
-            f"{KEEP_ALIVE_ADVICE}, the platform's advice for custom images; Gunicorn's default "
-            "is 2 s)."
-        )
-    return Check(Category.COMMUNICATION, verdict, facts, tuple(advice), cause)
-
-
-def _likely_setting(idle: float) -> float:
-    """The server's idle timeout setting: usually whole seconds (tenths below one), and at most
-    what was measured, as a server that polls its idle connections closes them late."""
-    step = 1.0 if idle >= 1 else 0.1
-    return round(math.floor(idle / step + 0.05) * step, 1)  # + 0.05: a few ms early is noise
-
-
-def _closes_after_every_response(response: Response, facts: dict[str, Fact]) -> Check:
-    if response.closes:
-        verdict, cause = Verdict.OK, None
-        advice = [
-            "The server closes the connection after every response (Connection: close): no idle "
-            "connection can go stale, at the cost of a new connection per request."
-        ]
-    else:
-        verdict, cause = Verdict.WARN, Cause.STALE_CONNECTION
-        advice = [
-            "The server closed the connection right after its response without announcing it "
-            "(no Connection: close): a client that reuses it races that close "
-            "(communication/stale_connection; servegate retries on a fresh connection)."
-        ]
-    who = "Gunicorn does this with" if response.gunicorn else "If it is Gunicorn, this is"
-    advice.append(
-        f"{who} its sync worker, which never keeps a connection alive: --worker-class gthread "
-        f"(with --threads) or gevent, and --keep-alive {KEEP_ALIVE_ADVICE}, save a new connection "
-        "per request."
-    )
-    return Check(Category.COMMUNICATION, verdict, facts, tuple(advice), cause)

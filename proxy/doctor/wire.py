@@ -46,6 +46,7 @@ class Response:
     status: int
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     seconds: float  # from sending the request to the last byte of the body
+    received_at: float  # monotonic time the last byte was read: the server's idle clock began
 
     @property
     def gunicorn(self) -> bool:
@@ -104,7 +105,8 @@ async def exchange(
         await _read_body(reader, status, headers)
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError) as exc:
         raise ProbeError(*exchange_failure(exc, response_started=status > 0)) from None
-    return Response(status, headers, time.monotonic() - started)
+    received = time.monotonic()
+    return Response(status, headers, received - started, received)
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
@@ -138,11 +140,16 @@ async def _read_body(reader: asyncio.StreamReader, status: int, headers: dict[st
         await reader.read()  # no length: the body ends when the server closes
 
 
-async def wait_for_close(reader: asyncio.StreamReader, limit: float) -> tuple[float | None, str]:
-    """Hold an idle connection open until the server closes it: (seconds or None, how)."""
-    started = time.monotonic()
+async def wait_for_close(
+    reader: asyncio.StreamReader, since: float, limit: float
+) -> tuple[float | None, str]:
+    """Hold an idle connection open until the server closes it: (seconds idle or None, how).
+
+    The idle time counts from `since`, when the last byte of the answer arrived, not from this
+    call: the server's timer started when it sent that byte, and on a loaded host the time spent
+    parsing the answer would otherwise be missing from the measurement."""
     try:
-        async with asyncio.timeout(limit):
+        async with asyncio.timeout(max(0.0, since + limit - time.monotonic())):
             while await reader.read(65536):
                 pass  # bytes on an idle connection are not expected; the close is the question
         how = "eof"
@@ -150,4 +157,4 @@ async def wait_for_close(reader: asyncio.StreamReader, limit: float) -> tuple[fl
         return None, "still open"
     except OSError:
         how = "reset"
-    return time.monotonic() - started, how
+    return time.monotonic() - since, how
