@@ -7,8 +7,11 @@ from __future__ import annotations
 import gc
 import io
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from proxy.app import Servegate
 from tests.upstreams.apps import Recorder, recording_app
 from tests.upstreams.gunicorn import Gunicorn, start_gunicorn
 from tests.upstreams.raw import ClosesReusedConnections
+from tests.upstreams.uvicorn import Uvicorn, start_uvicorn
 
 DEFAULT_TIME_LIMIT = 60
 
@@ -235,3 +239,37 @@ def gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def uvicorn(tmp_path: Path) -> Iterator[Callable[..., Uvicorn]]:
+    """Start a real Uvicorn (tests/upstreams/asgi.py); each one is stopped by pid."""
+    started: list[Uvicorn] = []
+
+    def start(*args: str) -> Uvicorn:
+        server = start_uvicorn(tmp_path, *args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+BUSY_LOOP = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+
+
+@pytest.fixture
+def cpu_load() -> Iterator[Callable[[float], None]]:
+    """Keep every core busy: one bounded busy loop per core, each stopped by pid afterwards."""
+    loops: list[subprocess.Popen[bytes]] = []
+
+    def start(seconds: float) -> None:
+        for _ in range(os.cpu_count() or 2):
+            code = BUSY_LOOP.format(seconds=seconds)
+            loops.append(subprocess.Popen([sys.executable, "-c", code]))
+
+    yield start
+    for loop in loops:
+        loop.kill()
+        loop.wait(timeout=10)

@@ -256,3 +256,72 @@ class DelayRelay:
             self._server.close()
             await _cancel_and_wait(self._tasks)
             await self._server.wait_closed()
+
+
+@dataclass
+class SweepsIdleConnections(RawServer):
+    """A keep-alive server that closes idle connections in a periodic sweep, as Waitress does:
+    every `cleanup_interval` seconds its `BaseWSGIServer.maintenance` marks each channel idle
+    longer than `channel_timeout` to close (waitress/server.py; 30 s and 120 s by default, here
+    scaled down). An idle connection is closed from `channel_timeout` to one interval later."""
+
+    channel_timeout: float = 2.0
+    cleanup_interval: float = 1.0
+    _idle_since: dict[asyncio.StreamWriter, float] = field(default_factory=dict)
+    _sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.cleanup_interval)
+            cutoff = time.monotonic() - self.channel_timeout
+            for writer, since in list(self._idle_since.items()):
+                if since < cutoff:
+                    del self._idle_since[writer]
+                    writer.close()
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while await read_request(reader) is not None:
+                self._idle_since.pop(writer, None)
+                writer.write(OK)
+                await writer.drain()
+                self._idle_since[writer] = time.monotonic()
+        finally:
+            self._idle_since.pop(writer, None)
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            await _cancel_and_wait({self._sweeper})
+        await super().stop()
+
+
+@dataclass
+class SilentOnTlsHello(RawServer):
+    """A plain HTTP/1.1 keep-alive server that reads until the end of a request head before it
+    answers anything, so a TLS ClientHello (no CRLF CRLF in it) gets no answer at all: what
+    Werkzeug does (its handler is the standard library's BaseHTTPRequestHandler, whose
+    handle_one_request waits on rfile.readline), and Waitress (its parser waits for the end of
+    the head) and Hypercorn (h11 waits for the end of the head) too. Idle connections close
+    after `keep_alive` seconds on a timer of their own."""
+
+    keep_alive: float = 5.0
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.keep_alive):
+                    head = await read_request(reader)
+            except TimeoutError:
+                return
+            if head is None:
+                return
+            writer.write(OK)
+            await writer.drain()
