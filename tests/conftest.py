@@ -52,6 +52,13 @@ def _time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
     signal.signal(signal.SIGALRM, previous)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Everything imported so far lives for the whole session: set it aside, so the collection
+    after each test (below) looks only at what tests made (about 90 ms less per test)."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     """After every fixture of the test is gone (its event loop too), collect garbage and fail the

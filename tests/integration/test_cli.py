@@ -18,6 +18,8 @@ import pytest
 
 from tests.upstreams.gunicorn import ROOT, Gunicorn, free_port, wait_for_port
 
+pytestmark = pytest.mark.slow  # each test runs the servegate command as a process
+
 SERVEGATE = [sys.executable, "-m", "proxy"]
 
 

@@ -30,6 +30,7 @@ async def timed_post(client: aiohttp.ClientSession, url: str, **kwargs: Any) -> 
     return elapsed, body
 
 
+@pytest.mark.slow
 async def test_a_slow_model_gets_its_504_at_budget_minus_margin(
     start_gate: StartGate,
     gunicorn: Callable[..., Gunicorn],
@@ -50,6 +51,7 @@ async def test_a_slow_model_gets_its_504_at_budget_minus_margin(
     assert line["spent"]["waiting_for_model"] > 2.3
 
 
+@pytest.mark.slow
 async def test_the_model_servers_connection_is_closed_when_the_deadline_passes(
     start_gate: StartGate, holds: HoldsRequests, client: aiohttp.ClientSession
 ) -> None:
@@ -61,6 +63,7 @@ async def test_the_model_servers_connection_is_closed_when_the_deadline_passes(
 
 
 @pytest.mark.time_limit(60)
+@pytest.mark.slow
 async def test_the_default_budget_answers_a_45_second_prediction_just_before_40_seconds(
     start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
 ) -> None:
@@ -70,6 +73,7 @@ async def test_the_default_budget_answers_a_45_second_prediction_just_before_40_
     assert 38.5 <= elapsed < 40.0
 
 
+@pytest.mark.slow
 async def test_a_client_may_shorten_its_budget_but_not_lengthen_it(
     start_gate: StartGate, holds: HoldsRequests, client: aiohttp.ClientSession
 ) -> None:
@@ -94,6 +98,7 @@ async def test_the_remaining_time_reaches_the_model_and_shrinks_across_retries(
     assert dropped - retried >= 100  # the retry was told about the time the drop cost
 
 
+@pytest.mark.slow
 async def test_a_stream_that_outlives_the_budget_is_cut_at_the_deadline(
     start_gate: StartGate,
     upstream_url: str,
@@ -116,6 +121,7 @@ async def test_a_stream_that_outlives_the_budget_is_cut_at_the_deadline(
     assert (line["status"], line["cause"]) == (200, "deadline_during_stream")
 
 
+@pytest.mark.slow
 async def test_a_first_byte_budget_lets_a_started_stream_run_on(
     start_gate: StartGate, upstream_url: str, client: aiohttp.ClientSession
 ) -> None:

@@ -18,6 +18,9 @@ from tests.upstreams.gunicorn import ROOT, Gunicorn, free_port
 from tests.upstreams.raw import SilentOnTlsHello, SweepsIdleConnections
 from tests.upstreams.uvicorn import Uvicorn
 
+# The doctor command as a process, waiting on real servers' idle timers.
+pytestmark = pytest.mark.slow
+
 DOCTOR = [sys.executable, "-m", "proxy", "doctor"]
 SAMPLE = '{"inputs": [5.1, 3.5, 1.4, 0.2]}'
 
@@ -133,7 +136,6 @@ def test_a_bad_url_exits_2_with_one_line() -> None:
     assert "ftp://model" in line
 
 
-@pytest.mark.slow
 def test_uvicorns_per_connection_keep_alive_is_named_exactly(
     uvicorn: Callable[..., Uvicorn],
 ) -> None:
@@ -148,7 +150,6 @@ def test_uvicorns_per_connection_keep_alive_is_named_exactly(
     assert "set to 2 s, likely" in " ".join(communication["advice"])
 
 
-@pytest.mark.slow
 @pytest.mark.time_limit(120)
 def test_the_keep_alive_verdict_holds_with_every_core_busy(
     uvicorn: Callable[..., Uvicorn], cpu_load: Callable[[float], None]
@@ -163,7 +164,6 @@ def test_the_keep_alive_verdict_holds_with_every_core_busy(
     assert communication["facts"]["suggested_idle_expiry_s"] == 1.0
 
 
-@pytest.mark.slow
 async def test_a_server_that_sweeps_idle_connections_gets_a_range_not_a_false_number(
     raw_server: Callable[..., Any],
 ) -> None:

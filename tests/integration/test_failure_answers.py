@@ -7,11 +7,13 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+import pytest
 
 from tests.conftest import LogCapture, StartGate, assert_4503, gate_url, sample, scrape
 from tests.upstreams.gunicorn import Gunicorn, free_port
 
 
+@pytest.mark.slow
 async def test_connection_refused_for_the_whole_budget_is_a_service_failure_on_time(
     start_gate: StartGate, client: aiohttp.ClientSession, log_capture: LogCapture
 ) -> None:

@@ -193,6 +193,7 @@ async def test_tls_on_answers_plain_http_with_a_400_naming_the_fix_and_serves_ht
         assert response.headers["X-Upstream-Method"] == "GET"
 
 
+@pytest.mark.slow
 async def test_a_silent_connection_is_closed_after_the_peek_timeout_without_holding_up_others(
     start_gate: StartGate,
     upstream_url: str,

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.failures import Category
 from tests.conftest import StartGate, require_tool
 from tests.upstreams.gunicorn import free_port
+
+pytestmark = pytest.mark.slow  # promtool, as a process
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "config" / "prometheus"

@@ -30,6 +30,8 @@ from tests.conftest import StartGate, gate_url, require_tool
 from tests.upstreams.gunicorn import Gunicorn, free_port
 from tests.upstreams.raw import ClosesReusedConnections
 
+pytestmark = pytest.mark.slow  # a real Prometheus scraping servegate
+
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "config" / "prometheus"
 DASHBOARD_FILE = REPO / "config" / "grafana" / "dashboards" / "servegate.json"

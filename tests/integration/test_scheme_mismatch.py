@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import (
     Certificates,
@@ -70,6 +71,7 @@ async def test_plain_http_to_a_tls_server_is_confirmed_by_a_probe_and_fails_read
     assert detected[-1]["mismatch"] == reason
 
 
+@pytest.mark.slow
 async def test_auto_speaks_whatever_the_server_speaks(
     start_gate: StartGate,
     gunicorn: Callable[..., Gunicorn],
@@ -91,6 +93,7 @@ async def test_auto_speaks_whatever_the_server_speaks(
         assert sample(samples, "servegate_upstream_scheme_info", **info) == 1
 
 
+@pytest.mark.slow
 async def test_auto_follows_a_server_that_switches_to_tls_without_the_client_noticing(
     start_gate: StartGate,
     gunicorn: Callable[..., Gunicorn],

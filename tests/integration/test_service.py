@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import LogCapture, StartGate, assert_4503, gate_url, sample, scrape
 from tests.upstreams.apps import Busy, busy_app
@@ -17,6 +18,7 @@ from tests.upstreams.gunicorn import Gunicorn
 PREDICTION = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
 
 
+@pytest.mark.slow
 async def test_beyond_concurrency_and_queue_requests_get_429_at_once_and_the_model_is_spared(
     start_gate: StartGate, aiohttp_server: Any, client: aiohttp.ClientSession
 ) -> None:
@@ -49,6 +51,7 @@ async def test_beyond_concurrency_and_queue_requests_get_429_at_once_and_the_mod
     assert sample(samples, "servegate_queue_depth") == 0
 
 
+@pytest.mark.slow
 async def test_a_dead_model_fails_fast_and_a_restarted_one_gets_traffic_without_errors(
     start_gate: StartGate,
     gunicorn: Callable[..., Gunicorn],

@@ -70,6 +70,7 @@ class Bursts:
         assert not self.relay.open_connections
 
 
+@pytest.mark.slow
 async def test_a_reused_connection_closed_before_its_response_is_retried_on_a_fresh_one(
     start_gate: StartGate,
     closes_reused: ClosesReusedConnections,
@@ -148,6 +149,7 @@ async def test_a_body_too_large_to_replay_gets_a_communication_error_that_says_s
     assert sample(samples, "servegate_4503_total", **STALE) == 1
 
 
+@pytest.mark.slow
 async def test_the_idle_timeout_a_server_announces_expires_pooled_connections_before_it(
     start_gate: StartGate, raw_server: Callable[..., Any], client: aiohttp.ClientSession
 ) -> None:
@@ -165,6 +167,7 @@ async def test_the_idle_timeout_a_server_announces_expires_pooled_connections_be
     assert server.connections == 3
 
 
+@pytest.mark.slow
 async def test_servegate_keeps_idle_client_connections_open_longer_than_gunicorn_would(
     start_gate: StartGate, closes_reused: ClosesReusedConnections
 ) -> None:
@@ -274,6 +277,7 @@ async def start_naive_proxy(upstream: str) -> NaiveProxy:
     return NaiveProxy(runner, session, runner.addresses[0][1])
 
 
+@pytest.mark.slow
 async def test_a_reused_connection_dropped_after_the_model_worked_on_it_is_not_replayed(
     start_gate: StartGate, raw_server: Callable[..., Any], client: aiohttp.ClientSession
 ) -> None:

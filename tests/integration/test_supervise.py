@@ -33,6 +33,8 @@ from proxy.supervise import (
 )
 from tests.upstreams.gunicorn import ROOT, free_port, wait_for_port
 
+pytestmark = pytest.mark.slow  # each test runs servegate and its model server as processes
+
 SERVEGATE = [sys.executable, "-m", "proxy", "run"]
 BOOT_LINE = "Booting worker with pid:"
 INITIAL_WORKERS = 2
