@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -150,6 +151,18 @@ async def scrape(gate: Servegate) -> dict[tuple[str, frozenset[tuple[str, str]]]
 
 def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
+
+
+def inflight_requests(admin_port: int) -> float:
+    """servegate_inflight_requests from a servegate process's admin port (blocking)."""
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == "servegate_inflight_requests":
+                return float(found.value)
+    raise AssertionError("servegate_inflight_requests is not exported")
 
 
 async def assert_4503(
