@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tracemalloc
 import urllib.request
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -72,9 +73,15 @@ def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gc.collect()
-    leaks = sorted({str(w.message) for w in caught if issubclass(w.category, ResourceWarning)})
+    leaks = sorted({_described(w) for w in caught if issubclass(w.category, ResourceWarning)})
     if leaks:
         pytest.fail(f"{item.nodeid} left resources open: " + "; ".join(leaks), pytrace=False)
+
+
+def _described(leak: warnings.WarningMessage) -> str:
+    """The warning, and where the object was made when tracemalloc traces (PYTHONTRACEMALLOC=20)."""
+    made = tracemalloc.get_object_traceback(leak.source) if leak.source is not None else None
+    return str(leak.message) + ("\n" + "\n".join(made.format()) if made else "")
 
 
 def require_tool(name: str) -> str:

@@ -31,13 +31,46 @@ async def read_request(reader: asyncio.StreamReader) -> bytes | None:
     return head
 
 
+@dataclass(kw_only=True)
+class Connections:
+    """The connections a loopback server holds, so that stopping it closes every one and waits
+    until each transport is gone: one still closing when the test's event loop ends is reported
+    as leaked (ResourceWarning)."""
+
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    def _track(self, *writers: asyncio.StreamWriter) -> asyncio.Task[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.update(writers)
+        return task
+
+    async def _release(self, task: asyncio.Task[None], *writers: asyncio.StreamWriter) -> None:
+        for writer in writers:
+            await _close_and_wait(writer)
+            self._writers.discard(writer)
+        self._tasks.discard(task)
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        await asyncio.sleep(0)  # a connection accepted just now gets its task started (tracked)
+        await _cancel_and_wait(self._tasks)
+        for writer in list(self._writers):  # its task was cancelled while closing it
+            await _close_and_wait(writer)
+        self._writers.clear()
+        await self._server.wait_closed()
+
+
 @dataclass
-class RawServer:
+class RawServer(Connections):
     """Base: a loopback server whose `serve_connection` decides how to misbehave."""
 
     port: int = 0
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -48,25 +81,16 @@ class RawServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        task = self._track(writer)
         try:
             await self.serve_connection(reader, writer)
         finally:
-            await _close_and_wait(writer)
-            self._tasks.discard(task)
+            await self._release(task, writer)
 
     async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         raise NotImplementedError
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await _cancel_and_wait(self._tasks)
-            await self._server.wait_closed()
 
 
 async def _close_and_wait(writer: asyncio.StreamWriter) -> None:
@@ -164,7 +188,7 @@ class AnnouncesKeepAlive(RawServer):
 
 
 @dataclass
-class DelayRelay:
+class DelayRelay(Connections):
     """A TCP relay to `target_port` that delays every byte toward the server, and the server's
     close toward the client, by `delay` seconds.
 
@@ -175,8 +199,6 @@ class DelayRelay:
     delay: float = 0.03
     port: int = 0
     idle_closes: list[float] = field(default_factory=list)
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -191,12 +213,11 @@ class DelayRelay:
         return len(self._tasks)
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        task = self._track(client_w)
         server_w: asyncio.StreamWriter | None = None
         try:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            self._writers.add(server_w)
             pumps = {
                 asyncio.create_task(self._toward_server(client_r, server_w)),
                 asyncio.create_task(self._toward_client(server_r, client_w)),
@@ -208,10 +229,7 @@ class DelayRelay:
         except OSError:
             pass  # the target refused: the client sees its connection closed
         finally:
-            for writer in (client_w, server_w):
-                if writer is not None:
-                    await _close_and_wait(writer)
-            self._tasks.discard(task)
+            await self._release(task, *(w for w in (client_w, server_w) if w is not None))
 
     async def _toward_server(
         self, client_r: asyncio.StreamReader, server_w: asyncio.StreamWriter
@@ -250,12 +268,6 @@ class DelayRelay:
             if last_byte is not None:
                 self.idle_closes.append(time.monotonic() - last_byte)
         await asyncio.sleep(self.delay)  # the server's close crosses the network too
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await _cancel_and_wait(self._tasks)
-            await self._server.wait_closed()
 
 
 @dataclass
