@@ -23,6 +23,7 @@ test: $(INSTALLED) system-deps lint
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # promtool and a real Prometheus for the metrics tests; docker-compose to validate the
 # compose file (no Docker engine is needed for `docker-compose config`); ab (apache2-utils) as

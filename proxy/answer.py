@@ -10,9 +10,10 @@ import json
 
 from aiohttp import web
 
+from proxy import advice
 from proxy.budget import Spent
 from proxy.failures import Category, Cause, Failure
-from proxy.retry import GiveUp
+from proxy.retry import GiveUpReason
 
 ERROR_CODE = "ModelArts.4503"
 CATEGORY_HEADER = "X-Servegate-Category"
@@ -23,78 +24,6 @@ _ERROR_MSG = {
     Category.PROTOCOL: "Failed to find backend service because of a protocol error.",
     Category.TIMEOUT: "Failed to find backend service because response timed out.",
     Category.SERVICE: "Failed to find backend service because it is unavailable.",
-}
-
-_HINT = {
-    Cause.STALE_CONNECTION: (
-        "The model server closed an idle keep-alive connection as the request was sent on it. "
-        "Raise the server's idle timeout (Gunicorn --keep-alive) above servegate's "
-        "upstream.idle_expiry."
-    ),
-    Cause.TLS_TO_PLAIN_SERVER: (
-        "servegate spoke HTTPS but the model server speaks plain HTTP: use an http:// "
-        "upstream URL, or serve TLS from the model server (on the platform: set the "
-        "Container API protocol to HTTP)."
-    ),
-    Cause.PLAIN_TO_TLS_SERVER: (
-        "servegate spoke plain HTTP but the model server speaks HTTPS: use an https:// "
-        "upstream URL or set upstream.scheme: auto (on the platform: set the Container API "
-        "protocol to HTTPS)."
-    ),
-    Cause.TLS_CERTIFICATE: (
-        "The model server's certificate failed verification: set upstream.tls.ca_file to "
-        "the CA that signed it, or upstream.tls.server_name to the name it carries."
-    ),
-    Cause.TLS_HANDSHAKE: (
-        "The TLS handshake with the model server failed: check its TLS versions, ciphers "
-        "and whether it requires a client certificate (upstream.tls.cert_file)."
-    ),
-    Cause.MALFORMED_RESPONSE: (
-        "The model server answered with something that is not HTTP/1.1: check that the "
-        "upstream URL points at the model's HTTP port."
-    ),
-    Cause.DEADLINE_EXCEEDED: (
-        "The model did not answer within the budget: make the prediction faster, or send "
-        "smaller batches."
-    ),
-    Cause.DEADLINE_DURING_STREAM: "The response was still streaming when the budget ran out.",
-    Cause.CONNECT_REFUSED: (
-        "The model server refused connections for the whole wait: check that it is running "
-        "and listening on the upstream address."
-    ),
-    Cause.CONNECT_TIMEOUT: (
-        "No connection to the model server could be opened in time: check the upstream "
-        "address and that the server's accept queue is not full."
-    ),
-    Cause.RESET_DURING_REQUEST: (
-        "The model server dropped the connection while handling the request, as a crashing "
-        "worker does: check its log for worker restarts."
-    ),
-    Cause.CRASH_LOOP: (
-        "The model server keeps restarting (a crash loop): reduce the load (lower "
-        "admission.max_concurrency, or add instances) or debug the inference code."
-    ),
-    Cause.CIRCUIT_OPEN: (
-        "The model server is down, so servegate is not sending it requests for now; "
-        "try again after Retry-After. /readyz on the admin port says why."
-    ),
-    Cause.UPSTREAM_UNHEALTHY: (
-        "The budget ran out while the model server was down or restarting: find out why it "
-        "restarts (its log), rather than raising the budget."
-    ),
-    Cause.OVERLOADED: (
-        "The model server is busy with as many requests as it can take and the queue is full: "
-        "try again after Retry-After, or add instances."
-    ),
-    Cause.RESPONSE_HEADER_TOO_LARGE: (
-        "The model server sent a status or header line (often a Set-Cookie) longer than "
-        "servegate accepts: raise upstream.max_response_header_bytes, or send less."
-    ),
-    Cause.RESPONSE_FRAMING: (
-        "The model server's answer disagrees with its own framing (e.g. Content-Length and "
-        "Transfer-Encoding both, two lengths, or more body bytes than its Content-Length "
-        "counts): fix how the server or framework sets Content-Length (bytes, not characters)."
-    ),
 }
 
 # Shed requests are the client's to slow down: 429, as rate limiters answer. An answer from
@@ -123,13 +52,13 @@ _NOT_REPLAYED = (
 
 def hint_for(
     failure: Failure,
-    give_up: GiveUp | None = None,
+    give_up: GiveUpReason | None = None,
     *,
     attempts: int = 1,
     budget: float = 0.0,
     spent: Spent | None = None,
 ) -> str:
-    hint = _HINT[failure.cause]
+    hint = advice.hint(failure.cause)
     if failure.cause in (Cause.RESET_DURING_REQUEST, Cause.CRASH_LOOP):
         hint += _ONCE if attempts == 1 else _AGAIN.format(attempts=attempts)
     if failure.cause in (Cause.TLS_CERTIFICATE, Cause.TLS_HANDSHAKE):
@@ -137,7 +66,7 @@ def hint_for(
     if failure.category is Category.TIMEOUT:
         hint = f"{hint} Budget: {budget:.1f} s"
         hint += f" ({spent.describe()})." if spent is not None else "."
-    if give_up is GiveUp.NOT_REPLAYABLE:
+    if give_up is GiveUpReason.NOT_REPLAYABLE:
         hint += _NOT_REPLAYED
     return hint
 

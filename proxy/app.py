@@ -19,13 +19,13 @@ import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy import aiohttp_internals
 from proxy.admin import Readiness, admin_app
 from proxy.admission import Admission
 from proxy.circuit import Circuit, Signal
 from proxy.config import Settings, effective, split_address
 from proxy.failures import Failure
 from proxy.forward import Forwarder
-from proxy.headers import install_byte_exact_writer
 from proxy.health import Health, HealthMonitor, check_upstream
 from proxy.ingress import Ingress, JsonErrorServer, server_options
 from proxy.listener import SniffingSite
@@ -67,7 +67,10 @@ class Servegate:
         self.admin_port = 0
 
     async def start(self) -> None:
-        install_byte_exact_writer()  # obs-text and raw target bytes pass byte for byte
+        try:
+            await aiohttp_internals.check()
+        except aiohttp_internals.MissingInternal as exc:
+            raise StartupError(str(exc)) from None
         self._upstream = Upstream(
             self.settings.upstream,
             self.settings.admission.max_concurrency,

@@ -1,12 +1,15 @@
 """The one failure taxonomy: every failed attempt becomes a `Failure(category, cause, ...)`.
 
 `classify` is the only code that reads the exceptions of a request's attempt; retries, metrics,
-logs and error bodies all read the `Cause` it returns. (The TLS probe, the health checks and
-the doctor's raw exchange read only what their own yes-or-no question needs.)
+logs and error bodies all read the `Cause` it returns; `connect_failure` and `exchange_failure`
+translate the doctor's raw connections the same way. (The TLS probe and the health checks read
+only what their own yes-or-no question needs.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,22 +130,13 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
             return failure(Cause.DEADLINE_DURING_STREAM, "the budget ended while streaming")
         return failure(Cause.DEADLINE_EXCEEDED, "the budget ended before the model answered")
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return failure(Cause.TLS_CERTIFICATE, _ssl_reason(exc.certificate_error))
-    if isinstance(exc, aiohttp.ClientConnectorSSLError):
-        reason = _ssl_reason(exc.os_error)
-        if any(marker in str(exc.os_error).lower() for marker in _PLAIN_PEER_MARKERS):
-            return failure(Cause.TLS_TO_PLAIN_SERVER, reason)
-        return failure(Cause.TLS_HANDSHAKE, reason)
-    if isinstance(exc, ssl.SSLCertVerificationError):  # a handshake made without aiohttp
-        return failure(Cause.TLS_CERTIFICATE, _ssl_reason(exc))
-    if isinstance(exc, ssl.SSLError):
-        if any(marker in str(exc).lower() for marker in _PLAIN_PEER_MARKERS):
-            return failure(Cause.TLS_TO_PLAIN_SERVER, _ssl_reason(exc))
-        return failure(Cause.TLS_HANDSHAKE, _ssl_reason(exc))
+        return failure(*connect_failure(exc.certificate_error))
+    if isinstance(exc, ssl.SSLError):  # a handshake made without aiohttp (health checks)
+        return failure(*connect_failure(exc))
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return failure(Cause.CONNECT_TIMEOUT, "no TCP connection within the connect timeout")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return failure(Cause.CONNECT_REFUSED, exc.os_error.strerror or str(exc.os_error))
+        return failure(*connect_failure(TimeoutError()))
+    if isinstance(exc, aiohttp.ClientConnectorError):  # SSL errors included
+        return failure(*connect_failure(exc.os_error))
     if isinstance(exc, aiohttp.ClientResponseError) and not facts.response_started:
         return _unparseable_head(exc.message, failure)
     if isinstance(exc, (aiohttp.ClientPayloadError, *_DISCONNECTS)):
@@ -171,6 +165,36 @@ def _stale_reason(facts: AttemptFacts) -> str:
     if facts.request_bytes_acked is not None:
         return f"the server closed the {which} connection; its TCP acknowledged none of the request"
     return f"the server closed the {which} connection before the request was sent"
+
+
+def connect_failure(error: BaseException) -> tuple[Cause, str]:
+    """Why a connection (TCP, then TLS) could not be opened: the cause and its detail.
+
+    The one translation for servegate's attempts (aiohttp wraps these errors) and for the
+    doctor's raw connections (proxy/doctor/wire.py)."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return Cause.TLS_CERTIFICATE, _ssl_reason(error)
+    if isinstance(error, ssl.SSLError):
+        if any(marker in str(error).lower() for marker in _PLAIN_PEER_MARKERS):
+            return Cause.TLS_TO_PLAIN_SERVER, _ssl_reason(error)
+        return Cause.TLS_HANDSHAKE, _ssl_reason(error)
+    if isinstance(error, TimeoutError):
+        return Cause.CONNECT_TIMEOUT, "no TCP connection within the connect timeout"
+    if isinstance(error, OSError) and error.errno:
+        return Cause.CONNECT_REFUSED, os.strerror(error.errno).lower()
+    return Cause.CONNECT_REFUSED, str(error)
+
+
+def exchange_failure(error: BaseException, *, response_started: bool) -> tuple[Cause, str]:
+    """Why an exchange on an open raw connection failed (the doctor reads responses itself;
+    servegate's own attempts go through `classify`)."""
+    if isinstance(error, asyncio.LimitOverrunError | ValueError):
+        return Cause.MALFORMED_RESPONSE, f"not an HTTP/1.1 response: {error}"
+    if isinstance(error, asyncio.IncompleteReadError):
+        where = "in the middle of its response" if response_started else "without answering"
+        return Cause.RESET_DURING_REQUEST, f"the server closed the connection {where}"
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+    return Cause.RESET_DURING_REQUEST, f"the connection failed: {reason}"
 
 
 def _ssl_reason(error: BaseException) -> str:

@@ -25,7 +25,7 @@ from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
 from proxy.health import HealthMonitor
 from proxy.metrics import Metrics, ShedReason
 from proxy.probe import SchemeProbe
-from proxy.retry import Decision, GiveUp, Outcome, RetryState, decide
+from proxy.retry import Decision, GiveUp, GiveUpReason, Outcome, RetryState, decide, retry_outcome
 from proxy.upstream import Upstream
 
 log = structlog.get_logger("servegate.forward")
@@ -45,7 +45,7 @@ class Outbound:
 
 
 @dataclass(frozen=True)
-class Answer:
+class ModelResponse:
     """The model's response, with its body when it was small enough to read whole."""
 
     response: aiohttp.ClientResponse
@@ -56,9 +56,9 @@ class Answer:
 class Forwarded:
     attempts: int
     facts: AttemptFacts  # of the last attempt
-    answer: Answer | None = None
+    response: ModelResponse | None = None
     failure: Failure | None = None  # set when no response came
-    give_up: GiveUp | None = None
+    give_up: GiveUpReason | None = None
     retry_after: float | None = None  # when trying again makes sense, if servegate knows
 
 
@@ -98,7 +98,7 @@ class Forwarder:
             if answer is not None:
                 self.probe.observed_working()
                 self.circuit.signal(Signal.SUCCESS)
-                return Forwarded(attempt, facts, answer=answer)
+                return Forwarded(attempt, facts, response=answer)
             assert failure is not None
             failure = await self._observe(failure, facts.scheme, began, budget)
             if failure.cause in UNREACHABLE and connects_until is None:
@@ -108,16 +108,16 @@ class Forwarder:
             decision = self._decide(
                 outbound, failure, facts, state, budget, attempt, connects_until
             )
-            if not decision.retry:
-                if decision.give_up in (GiveUp.NOT_REPLAYABLE, GiveUp.NO_BUDGET):
-                    self.metrics.record_retry(failure.cause, Outcome(decision.give_up.value))
+            if isinstance(decision, GiveUp):
+                if (skipped := retry_outcome(decision.reason)) is not None:
+                    self.metrics.record_retry(failure.cause, skipped)
                 failure = self.health.explain(failure)
                 retry_after = self.circuit.retry_after() or None
                 return Forwarded(
                     attempt,
                     facts,
                     failure=failure,
-                    give_up=decision.give_up,
+                    give_up=decision.reason,
                     retry_after=retry_after,
                 )
             state.record(failure.cause)
@@ -169,15 +169,15 @@ class Forwarder:
         )
         # Debug for a retried failure: the metrics count it, the access line tells the end.
         log.log(
-            logging.DEBUG if decision.retry else logging.INFO,
+            logging.INFO if isinstance(decision, GiveUp) else logging.DEBUG,
             "upstream.attempt_failed",
             attempt=attempt,
             category=failure.category,
             cause=failure.cause,
             reused=failure.reused,
             detail=failure.detail,
-            retry=decision.retry,
-            give_up=decision.give_up,
+            retry=not isinstance(decision, GiveUp),
+            give_up=decision.reason if isinstance(decision, GiveUp) else None,
         )
         return decision
 
@@ -202,7 +202,7 @@ class Forwarder:
         spent: Spent,
         *,
         fresh: bool,
-    ) -> tuple[Answer | None, Failure | None]:
+    ) -> tuple[ModelResponse | None, Failure | None]:
         started = time.monotonic()
         headers = [*outbound.headers, (REMAINING_HEADER, budget.remaining_ms_header())]
         body = outbound.body.for_attempt() if outbound.body is not None else None
@@ -244,7 +244,7 @@ class Forwarder:
             else:
                 spent.connecting += facts.connect_seconds
                 spent.waiting_for_model += elapsed - facts.connect_seconds
-        return Answer(response, complete), None
+        return ModelResponse(response, complete), None
 
 
 # aiohttp will not send a header holding a control character (RFC 9110 §5.5): a model that

@@ -27,6 +27,7 @@ from yarl import URL
 
 from proxy import answer, logs
 from proxy.admission import Admission, QueueFull
+from proxy.aiohttp_internals import HandlerServer
 from proxy.body import BodyTooLarge, RequestBody
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
@@ -37,7 +38,7 @@ from proxy.headers import decoded, request_headers
 from proxy.logs import without_client_bytes
 from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason
 from proxy.relay import relay
-from proxy.retry import GiveUp
+from proxy.retry import GiveUpReason
 from proxy.upgrade import Upgrader, UpgradeRefused, wants_upgrade
 
 access_log = structlog.get_logger("servegate.access")
@@ -108,7 +109,7 @@ class Refusal:
 
     failure: Failure
     retry_after: float | None = None
-    give_up: GiveUp | None = None
+    give_up: GiveUpReason | None = None
     attempts: int = 0
 
 
@@ -236,7 +237,7 @@ class Ingress:
             outbound, budget, line.spent, on_attempt=line.count_attempt
         )
         line.attempts, line.reused = forwarded.attempts, forwarded.facts.reused
-        if forwarded.answer is None:
+        if forwarded.response is None:
             assert forwarded.failure is not None
             refusal = Refusal(
                 forwarded.failure, forwarded.retry_after, forwarded.give_up, forwarded.attempts
@@ -244,7 +245,7 @@ class Ingress:
             return self._refuse(refusal, request_id, budget, line)
         relayed = await relay(
             request,
-            forwarded.answer,
+            forwarded.response,
             budget if self.settings.budget.scope == "response" else None,
             forwarded.facts,
             {"X-Request-Id": request_id},
@@ -448,12 +449,11 @@ class _JsonErrorHandler(RequestHandler):
         return response
 
 
-class JsonErrorServer(web.Server):
+class JsonErrorServer(HandlerServer):
     def __init__(self, handler: Any, **kwargs: Any) -> None:
-        super().__init__(handler, request_factory=self._request, **kwargs)
-
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        super().__init__(
+            handler, handler_class=_JsonErrorHandler, request_factory=self._request, **kwargs
+        )
 
     def _request(
         self,

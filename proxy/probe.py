@@ -13,6 +13,7 @@ import time
 
 import structlog
 
+from proxy import advice
 from proxy.config import UpstreamSettings
 from proxy.failures import Cause, Failure
 from proxy.metrics import Metrics
@@ -118,14 +119,10 @@ class SchemeProbe:
             return None
         where = f"{self.host}:{self.port}"
         if self.detected == "https":
-            return (
-                f"servegate speaks plain HTTP but the model server at {where} speaks HTTPS: "
-                "use an https:// upstream URL or set upstream.scheme: auto"
-            )
-        return (
-            f"servegate speaks HTTPS but the model server at {where} speaks plain HTTP: use an "
-            "http:// upstream URL (upstream.scheme: auto never downgrades an https:// one)"
-        )
+            found = f"servegate speaks plain HTTP but the model server at {where} speaks HTTPS"
+            return f"{found}. {advice.FIX[Cause.PLAIN_TO_TLS_SERVER]}"
+        found = f"servegate speaks HTTPS but the model server at {where} speaks plain HTTP"
+        return f"{found}. {advice.FIX[Cause.TLS_TO_PLAIN_SERVER]}"
 
     async def confirm(
         self, failure: Failure, spoke: str, began: float, remaining: float

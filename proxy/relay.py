@@ -17,7 +17,7 @@ from aiohttp.http import HttpVersion11
 
 from proxy.budget import Budget
 from proxy.failures import AttemptFacts, Failure, classify
-from proxy.forward import Answer, cut_short
+from proxy.forward import ModelResponse, cut_short
 from proxy.headers import decoded, response_headers
 
 # Statuses whose responses carry no body, whatever their headers say (RFC 9110 §6.4.1).
@@ -51,7 +51,7 @@ class Relayed:
 
 async def relay(
     request: web.BaseRequest,
-    answer: Answer,
+    answer: ModelResponse,
     budget: Budget | None,
     facts: AttemptFacts,
     extra_headers: dict[str, str],

@@ -32,19 +32,41 @@ class Outcome(StrEnum):
     NO_BUDGET = "no_budget"  # a retry was due, but the deadline left no time for it
 
 
-class GiveUp(StrEnum):
-    NOT_RETRYABLE = "not_retryable"
-    NOT_REPLAYABLE = "not_replayable"
-    NO_BUDGET = "no_budget"
+class GiveUpReason(StrEnum):
+    NOT_RETRYABLE = "not_retryable"  # the failure may have reached the model, or cannot heal
+    NOT_REPLAYABLE = "not_replayable"  # a retry was due, but the body had already streamed
+    NO_BUDGET = "no_budget"  # a retry was due, but the deadline left no time for it
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
 
 
 @dataclass(frozen=True)
-class Decision:
-    retry: bool
+class Retry:
+    """Try again after `delay` seconds, on a fresh connection or one from the pool."""
+
     delay: float = 0.0
     fresh_connection: bool = False
-    give_up: GiveUp | None = None
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    reason: GiveUpReason
+
+
+Decision = Retry | GiveUp
+
+# A retry that was due but not made is still a retry outcome on servegate_retries_total; a
+# failure that was never retryable is not counted there at all.
+_OUTCOME_OF: dict[GiveUpReason, Outcome | None] = {
+    GiveUpReason.NOT_RETRYABLE: None,
+    GiveUpReason.NOT_REPLAYABLE: Outcome.NOT_REPLAYABLE,
+    GiveUpReason.NO_BUDGET: Outcome.NO_BUDGET,
+    GiveUpReason.ATTEMPTS_EXHAUSTED: None,
+}
+
+
+def retry_outcome(reason: GiveUpReason) -> Outcome | None:
+    """The `outcome` a give-up adds to servegate_retries_total, or None when it adds none."""
+    return _OUTCOME_OF[reason]
 
 
 @dataclass
@@ -80,36 +102,36 @@ def decide(
 ) -> Decision:
     if failure.cause is Cause.STALE_CONNECTION:
         if state.stale_retries >= MAX_STALE_RETRIES:
-            return Decision(False, give_up=GiveUp.ATTEMPTS_EXHAUSTED)
+            return GiveUp(GiveUpReason.ATTEMPTS_EXHAUSTED)
         if not body_replayable:
-            return Decision(False, give_up=GiveUp.NOT_REPLAYABLE)
-        return Decision(True, fresh_connection=True)
+            return GiveUp(GiveUpReason.NOT_REPLAYABLE)
+        return Retry(fresh_connection=True)
     if failure.cause in (Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT):
         # Nothing was sent, so even a streamed body is intact; only time limits these. The
         # last backoff is cut short so one more attempt lands just before the deadline.
         if remaining < LAST_ATTEMPT_RESERVE:
-            return Decision(False, give_up=GiveUp.NO_BUDGET)
+            return GiveUp(GiveUpReason.NO_BUDGET)
         delay = min(backoff(state.connect_retries, settings, rng), remaining - LAST_ATTEMPT_RESERVE)
-        return Decision(True, delay=delay)
+        return Retry(delay=delay)
     if failure.cause is Cause.RESET_DURING_REQUEST and replay_after_reset:
         # The operator vouched that this method's inference may run twice. Twice at most: a
         # request that was on two crashed workers may be what kills them (query of death).
         # A stale retry also followed a drop after sending: a worker that crashed on a
         # reused connection looks exactly like an idle close. Both count toward the guard.
         if state.reset_retries + state.stale_retries >= MAX_RESET_REPLAYS:
-            return Decision(False, give_up=GiveUp.ATTEMPTS_EXHAUSTED)
+            return GiveUp(GiveUpReason.ATTEMPTS_EXHAUSTED)
         if not body_replayable:
-            return Decision(False, give_up=GiveUp.NOT_REPLAYABLE)
-        return Decision(True, fresh_connection=True)
+            return GiveUp(GiveUpReason.NOT_REPLAYABLE)
+        return Retry(fresh_connection=True)
     if scheme_adopted and failure.cause in SCHEME_MISMATCHES:
         # The server could not read a word of the request; the same one goes out again in
         # the scheme it speaks (upstream.scheme: auto).
         if state.scheme_retries >= 1:
-            return Decision(False, give_up=GiveUp.ATTEMPTS_EXHAUSTED)
+            return GiveUp(GiveUpReason.ATTEMPTS_EXHAUSTED)
         if not body_replayable:
-            return Decision(False, give_up=GiveUp.NOT_REPLAYABLE)
-        return Decision(True, fresh_connection=True)
-    return Decision(False, give_up=GiveUp.NOT_RETRYABLE)
+            return GiveUp(GiveUpReason.NOT_REPLAYABLE)
+        return Retry(fresh_connection=True)
+    return GiveUp(GiveUpReason.NOT_RETRYABLE)
 
 
 def backoff(retries_so_far: int, settings: RetrySettings, rng: random.Random) -> float:

@@ -27,6 +27,7 @@ from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy import aiohttp_internals
 from proxy.acked import AckWatch
 from proxy.config import UpstreamSettings, UpstreamTLSSettings
 from proxy.failures import AttemptFacts, Failure
@@ -88,15 +89,13 @@ class Upstream:
         # only after the pooled one is closed), so with admission set neither pool can ever
         # wait for a connection.
         self._on_fault = report(on_failure)
-        self._pooled = self._session(
-            _WatchingConnector(
-                limit=max_concurrency,
-                limit_per_host=0,
-                keepalive_timeout=settings.idle_expiry,
-                ssl=ssl_context,
-            ),
-            trace,
+        self._pool = _WatchingConnector(
+            limit=max_concurrency,
+            limit_per_host=0,
+            keepalive_timeout=settings.idle_expiry,
+            ssl=ssl_context,
         )
+        self._pooled = self._session(self._pool, trace)
         self._fresh = self._session(
             _WatchingConnector(
                 limit=max_concurrency, limit_per_host=0, force_close=True, ssl=ssl_context
@@ -104,7 +103,9 @@ class Upstream:
             trace,
         )
 
-    def _session(self, connector: aiohttp.TCPConnector, trace: aiohttp.TraceConfig) -> Any:
+    def _session(
+        self, connector: aiohttp.TCPConnector, trace: aiohttp.TraceConfig
+    ) -> aiohttp.ClientSession:
         session = aiohttp.ClientSession(
             connector=_framed(connector, self._on_fault),
             trace_configs=[trace],
@@ -119,9 +120,8 @@ class Upstream:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout),
         )
         # aiohttp silently replays an idempotent request once after a disconnect; servegate's
-        # attempt loop must be the only place that decides (and counts) a retry. aiohttp has no
-        # public switch for this; its own test client sets the same attribute.
-        session._retry_connection = False
+        # attempt loop must be the only place that decides (and counts) a retry.
+        aiohttp_internals.disable_hidden_retry(session)
         return session
 
     async def send(
@@ -166,9 +166,7 @@ class Upstream:
         expiry = expiry_for(seconds)
         if expiry != self.idle_expiry:
             self.idle_expiry = expiry
-            # aiohttp reads this attribute when it takes a connection from the pool and when it
-            # sweeps idle ones; it offers no public setter.
-            self._pooled.connector._keepalive_timeout = expiry
+            aiohttp_internals.set_keepalive_timeout(self._pool, expiry)
             log.info("upstream.idle_expiry_learned", keep_alive=announced, idle_expiry_s=expiry)
 
     async def close(self) -> None:

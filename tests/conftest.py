@@ -1,12 +1,20 @@
 """Shared fixtures: settings factory, servegate on free loopback ports, log capture, metrics
-reading, trustme certificates, the Gunicorn demo model, and a per-test time limit."""
+reading, trustme certificates, the Gunicorn demo model, a per-test time limit, and a leak check
+that fails the test which left a socket, transport or session open."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
+import tracemalloc
+import urllib.request
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +30,7 @@ from proxy.app import Servegate
 from tests.upstreams.apps import Recorder, recording_app
 from tests.upstreams.gunicorn import Gunicorn, start_gunicorn
 from tests.upstreams.raw import ClosesAsRequestArrives
+from tests.upstreams.uvicorn import Uvicorn, start_uvicorn
 
 DEFAULT_TIME_LIMIT = 60
 
@@ -43,6 +52,36 @@ def _time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Everything imported so far lives for the whole session: set it aside, so the collection
+    after each test (below) looks only at what tests made (about 90 ms less per test)."""
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """After every fixture of the test is gone (its event loop too), collect garbage and fail the
+    test if that finds a socket, transport, session or process it left open.
+
+    Without this, a leak surfaces as a ResourceWarning whenever the garbage collector happens to
+    run: in a later test, or at the end of the session, where it fails the whole run and names
+    no culprit."""
+    yield
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    leaks = sorted({_described(w) for w in caught if issubclass(w.category, ResourceWarning)})
+    if leaks:
+        pytest.fail(f"{item.nodeid} left resources open: " + "; ".join(leaks), pytrace=False)
+
+
+def _described(leak: warnings.WarningMessage) -> str:
+    """The warning, and where the object was made when tracemalloc traces (PYTHONTRACEMALLOC=20)."""
+    made = tracemalloc.get_object_traceback(leak.source) if leak.source is not None else None
+    return str(leak.message) + ("\n" + "\n".join(made.format()) if made else "")
 
 
 def require_tool(name: str) -> str:
@@ -120,6 +159,33 @@ async def scrape(gate: Servegate) -> dict[tuple[str, frozenset[tuple[str, str]]]
 
 def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
+
+
+def inflight_requests(admin_port: int) -> float:
+    """servegate_inflight_requests from a servegate process's admin port (blocking)."""
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == "servegate_inflight_requests":
+                return float(found.value)
+    raise AssertionError("servegate_inflight_requests is not exported")
+
+
+async def assert_4503(
+    response: aiohttp.ClientResponse, status: int, category: str, cause: str
+) -> dict[str, Any]:
+    """The JSON 4503 answer with its headers, naming `category` and `cause`; returns the body."""
+    assert response.status == status
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.headers["X-Servegate-Category"] == category
+    body = await response.json()
+    assert body["error_code"] == "ModelArts.4503"
+    assert (body["category"], body["cause"]) == (category, cause)
+    assert body["request_id"] == response.headers["X-Request-Id"]
+    assert body["hint"]
+    return body
 
 
 @pytest.fixture
@@ -201,3 +267,37 @@ def gunicorn(tmp_path: Path) -> Iterator[Callable[..., Gunicorn]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def uvicorn(tmp_path: Path) -> Iterator[Callable[..., Uvicorn]]:
+    """Start a real Uvicorn (tests/upstreams/asgi.py); each one is stopped by pid."""
+    started: list[Uvicorn] = []
+
+    def start(*args: str) -> Uvicorn:
+        server = start_uvicorn(tmp_path, "tests.upstreams.asgi:app", "--no-access-log", *args)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+BUSY_LOOP = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+
+
+@pytest.fixture
+def cpu_load() -> Iterator[Callable[[float], None]]:
+    """Keep every core busy: one bounded busy loop per core, each stopped by pid afterwards."""
+    loops: list[subprocess.Popen[bytes]] = []
+
+    def start(seconds: float) -> None:
+        for _ in range(os.cpu_count() or 2):
+            code = BUSY_LOOP.format(seconds=seconds)
+            loops.append(subprocess.Popen([sys.executable, "-c", code]))
+
+    yield start
+    for loop in loops:
+        loop.kill()
+        loop.wait(timeout=10)

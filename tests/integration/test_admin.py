@@ -65,7 +65,7 @@ async def test_readiness_follows_the_model_server_and_liveness_does_not(
             if response.status == 503:
                 body = await response.json()
                 break
-        assert time.monotonic() - stopped < 1.0 + 0.3, "readyz still 200 after 2 intervals"
+        assert time.monotonic() - stopped < 1.0 + 2.0, "readyz still 200 long after 2 intervals"
         await asyncio.sleep(0.05)
     assert "health checks fail" in body["reason"]
     async with client.get(f"{admin}/healthz") as response:

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import inflight_requests
 from tests.upstreams.gunicorn import ROOT, Gunicorn, free_port, wait_for_port
+
+pytestmark = pytest.mark.slow  # each test runs the servegate command as a process
 
 SERVEGATE = [sys.executable, "-m", "proxy"]
 
@@ -129,7 +132,11 @@ def test_sigterm_fails_readiness_at_once_and_lets_in_flight_requests_finish(
     wait_for_port(admin, process)  # type: ignore[arg-type]
     with ThreadPoolExecutor(max_workers=1) as pool:
         slow = pool.submit(post_status, f"http://127.0.0.1:{data}/predict?sleep=2")
-        time.sleep(0.5)  # the slow prediction is in flight
+        for _ in range(200):  # up to 10 s, until the slow prediction is in flight
+            if inflight_requests(admin) == 1:
+                break
+            time.sleep(0.05)
+        assert inflight_requests(admin) == 1
         process.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         with pytest.raises(urllib.error.URLError):  # 503, or already closed: never ready

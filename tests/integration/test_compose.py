@@ -25,6 +25,8 @@ from yarl import URL
 from proxy.cli import _parser as servegate_parser
 from proxy.config import Settings, split_address
 
+pytestmark = pytest.mark.slow  # docker-compose and promtool, as processes
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 PROMETHEUS_FILE = REPO / "config" / "prometheus" / "prometheus.yml"

@@ -19,6 +19,8 @@ import pytest
 from tests.conftest import StartGate, gate_url, sample, scrape
 from tests.upstreams.gunicorn import Gunicorn
 
+pytestmark = pytest.mark.slow  # real crash-looping Gunicorns under load
+
 PREDICTION = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
 CLIENTS = 8
 SECONDS = 12.0

@@ -30,6 +30,8 @@ from tests.conftest import StartGate, gate_url, require_tool
 from tests.upstreams.gunicorn import Gunicorn, free_port
 from tests.upstreams.raw import ClosesAsRequestArrives
 
+pytestmark = pytest.mark.slow  # a real Prometheus scraping servegate
+
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "config" / "prometheus"
 DASHBOARD_FILE = REPO / "config" / "grafana" / "dashboards" / "servegate.json"
@@ -165,12 +167,12 @@ async def provoke(
 
 
 async def start_gates(
-    start_gate: StartGate, model: Gunicorn, closes_reused: ClosesAsRequestArrives
+    start_gate: StartGate, model: Gunicorn, closes_as_request_arrives: ClosesAsRequestArrives
 ) -> dict[Category, Servegate]:
     """One servegate per category, each in front of an upstream that provokes only that one."""
     return {
         Category.COMMUNICATION: await start_gate(
-            closes_reused.url,
+            closes_as_request_arrives.url,
             **{"upstream.idle_expiry": 30, "retry.replay_buffer_bytes": 1024},
         ),
         Category.PROTOCOL: await start_gate(model.url.replace("http://", "https://")),

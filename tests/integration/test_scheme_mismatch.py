@@ -8,9 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from tests.conftest import Certificates, LogCapture, StartGate, gate_url, sample, scrape
-from tests.integration.test_failure_answers import assert_4503
+from tests.conftest import (
+    Certificates,
+    LogCapture,
+    StartGate,
+    assert_4503,
+    gate_url,
+    sample,
+    scrape,
+)
 from tests.upstreams.gunicorn import Gunicorn
 
 
@@ -29,7 +37,7 @@ async def test_https_to_a_plain_server_is_named_quickly_with_both_schemes(
         sent = time.monotonic()
         async with client.get(gate_url(gate, "/health")) as response:
             body = await assert_4503(response, 503, "protocol", "tls_to_plain_server")
-        assert time.monotonic() - sent < 1.0  # no retry storm
+        assert time.monotonic() - sent < 3.0  # no retry storm: that would last the 40 s budget
     assert "HTTPS" in body["hint"]
     assert "plain HTTP" in body["hint"]
     samples = await scrape(gate)
@@ -51,7 +59,7 @@ async def test_plain_http_to_a_tls_server_is_confirmed_by_a_probe_and_fails_read
     sent = time.monotonic()
     async with client.get(gate_url(gate, "/health")) as response:
         body = await assert_4503(response, 503, "protocol", "plain_to_tls_server")
-    assert time.monotonic() - sent < 1.0
+    assert time.monotonic() - sent < 3.0  # one probe, not the 40 s budget
     assert "https://" in body["hint"]
     assert "upstream.scheme: auto" in body["hint"]
     async with client.get(f"http://127.0.0.1:{gate.admin_port}/readyz") as response:
@@ -63,6 +71,7 @@ async def test_plain_http_to_a_tls_server_is_confirmed_by_a_probe_and_fails_read
     assert detected[-1]["mismatch"] == reason
 
 
+@pytest.mark.slow
 async def test_auto_speaks_whatever_the_server_speaks(
     start_gate: StartGate,
     gunicorn: Callable[..., Gunicorn],
@@ -84,6 +93,7 @@ async def test_auto_speaks_whatever_the_server_speaks(
         assert sample(samples, "servegate_upstream_scheme_info", **info) == 1
 
 
+@pytest.mark.slow
 async def test_auto_follows_a_server_that_switches_to_tls_without_the_client_noticing(
     start_gate: StartGate,
     gunicorn: Callable[..., Gunicorn],

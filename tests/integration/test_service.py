@@ -9,20 +9,21 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
-from tests.conftest import LogCapture, StartGate, gate_url, sample, scrape
-from tests.integration.test_failure_answers import assert_4503
+from tests.conftest import LogCapture, StartGate, assert_4503, gate_url, sample, scrape
 from tests.upstreams.apps import Busy, busy_app
 from tests.upstreams.gunicorn import Gunicorn
 
 PREDICTION = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
 
 
+@pytest.mark.slow
 async def test_beyond_concurrency_and_queue_requests_get_429_at_once_and_the_model_is_spared(
     start_gate: StartGate, aiohttp_server: Any, client: aiohttp.ClientSession
 ) -> None:
     busy = Busy()
-    server = await aiohttp_server(busy_app(busy, seconds=0.5))
+    server = await aiohttp_server(busy_app(busy, seconds=1.5))
     concurrency, queue = 4, 4
     gate = await start_gate(
         f"http://127.0.0.1:{server.port}",
@@ -42,7 +43,7 @@ async def test_beyond_concurrency_and_queue_requests_get_429_at_once_and_the_mod
     assert len(shed) == 9 * (concurrency + queue)
     assert busy.peak == concurrency
     for _status, seconds, headers, body in shed:
-        assert seconds < 0.25  # at once, not after waiting
+        assert seconds < 1.0  # at once: before the model finished a single request
         assert headers["Retry-After"] == "1"
         assert (body["category"], body["cause"]) == ("service", "overloaded")
     samples = await scrape(gate)
@@ -50,6 +51,7 @@ async def test_beyond_concurrency_and_queue_requests_get_429_at_once_and_the_mod
     assert sample(samples, "servegate_queue_depth") == 0
 
 
+@pytest.mark.slow
 async def test_a_dead_model_fails_fast_and_a_restarted_one_gets_traffic_without_errors(
     start_gate: StartGate,
     gunicorn: Callable[..., Gunicorn],
@@ -59,21 +61,21 @@ async def test_a_dead_model_fails_fast_and_a_restarted_one_gets_traffic_without_
     model = gunicorn()
     interval = 0.5
     gate = await start_gate(
-        model.url, **{"health.path": "/health", "health.interval": interval, "circuit.wait": 0.5}
+        model.url, **{"health.path": "/health", "health.interval": interval, "circuit.wait": 2.0}
     )
     admin = f"http://127.0.0.1:{gate.admin_port}"
     model.stop()
     killed = time.monotonic()
     while await status_of(client, f"{admin}/readyz") != 503:
-        assert time.monotonic() - killed < 2 * interval + 0.3
+        assert time.monotonic() - killed < 2 * interval + 2.0  # a loaded machine's headroom
         await asyncio.sleep(0.05)
-    await asyncio.sleep(0.6)  # past circuit.wait: from now on, no request waits
+    await asyncio.sleep(2.1)  # past circuit.wait: from now on, no request waits
     for _ in range(5):
         sent = time.monotonic()
         async with client.post(gate_url(gate, "/predict"), json=PREDICTION) as response:
             await assert_4503(response, 503, "service", "circuit_open")
             assert int(response.headers["Retry-After"]) >= 1
-        assert time.monotonic() - sent < 0.1
+        assert time.monotonic() - sent < 1.0  # well short of circuit.wait (2 s)
     samples = await scrape(gate)
     assert sample(samples, "servegate_circuit_state") == 2
     assert sample(samples, "servegate_upstream_up") == 0
@@ -81,7 +83,7 @@ async def test_a_dead_model_fails_fast_and_a_restarted_one_gets_traffic_without_
     gunicorn(port=model.port)
     back = time.monotonic()
     while await status_of(client, f"{admin}/readyz") != 200:
-        assert time.monotonic() - back < 2 * interval + 0.3
+        assert time.monotonic() - back < 2 * interval + 2.0
         await asyncio.sleep(0.05)
     for _ in range(20):
         async with client.post(gate_url(gate, "/predict"), json=PREDICTION) as response:

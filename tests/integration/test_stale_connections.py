@@ -23,6 +23,10 @@ from tests.upstreams.raw import (
 
 PREDICTION = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
 STALE = {"category": "communication", "cause": "stale_connection"}
+MAX_BURSTS = 12  # bursts until one hits the boundary; each hits it about half the time
+# Concurrent predictions per burst. The client, servegate and the relay share this process's
+# event loop: larger bursts on a loaded machine delay the relay's bytes by hundreds of ms.
+BURST = 20
 
 
 @pytest.fixture
@@ -33,28 +37,45 @@ def relay_to(raw_server: Callable[..., Any]) -> Callable[[int], Any]:
     return start
 
 
-async def bursts(
-    client: aiohttp.ClientSession, url: str, *, count: int, size: int, rng: random.Random
-) -> list[int]:
-    """`count` bursts of `size` concurrent predictions, each after an idle gap that lands on
-    Gunicorn's 2 s keep-alive boundary, within the relay's delay either side of it. Returns
-    every status; 0 stands for an exchange that broke."""
+class Bursts:
+    """Bursts of `size` concurrent predictions, each after an idle gap aimed at the moment
+    Gunicorn closes idle connections, within the relay's delay either side of it.
 
-    async def one() -> int:
+    Gunicorn's gthread worker closes idle connections in a sweep after each poll (at most 1 s
+    apart), so the close comes 2 s or somewhat later after the last answer: the aim is what the
+    relay measured on this machine, not the nominal 2 s."""
+
+    def __init__(self, client: aiohttp.ClientSession, url: str, relay: DelayRelay) -> None:
+        self.client, self.url, self.relay = client, url, relay
+        self.statuses: list[int] = []
+
+    async def one(self) -> int:
+        """One prediction's status; 0 stands for an exchange that broke."""
         try:
-            async with client.post(url, json=PREDICTION) as response:
+            async with self.client.post(self.url, json=PREDICTION) as response:
                 await response.read()
                 return response.status
         except aiohttp.ClientError:
             return 0
 
-    statuses: list[int] = []
-    for _ in range(count):
-        await asyncio.sleep(rng.uniform(1.96, 2.04))
-        statuses += await asyncio.gather(*(one() for _ in range(size)))
-    return statuses
+    async def run(self, size: int, rng: random.Random) -> None:
+        closes = sorted(self.relay.idle_closes[-size:])
+        boundary = closes[len(closes) // 2] if closes else 2.0
+        await asyncio.sleep(rng.uniform(boundary - 0.04, boundary + 0.04))
+        self.statuses += await asyncio.gather(*(self.one() for _ in range(size)))
+
+    async def warm_up(self, size: int) -> None:
+        """One burst, then an idle wait until every connection is closed (by Gunicorn, or by
+        the client's idle expiry), so the relay has measured Gunicorn's closes."""
+        self.statuses += await asyncio.gather(*(self.one() for _ in range(size)))
+        for _ in range(200):  # up to 20 s
+            if not self.relay.open_connections:
+                break
+            await asyncio.sleep(0.1)
+        assert not self.relay.open_connections
 
 
+@pytest.mark.slow
 async def test_a_reused_connection_closed_before_its_response_is_retried_on_a_fresh_one(
     start_gate: StartGate,
     closes_as_request_arrives: ClosesAsRequestArrives,
@@ -85,6 +106,34 @@ async def test_a_reused_connection_closed_before_its_response_is_retried_on_a_fr
     assert all(line["reused"] is False for line in retried)  # the retry ran on a fresh one
 
 
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+async def test_a_stale_idempotent_request_is_retried_and_counted_by_servegate_alone(
+    method: str,
+    start_gate: StartGate,
+    closes_as_request_arrives: ClosesAsRequestArrives,
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
+) -> None:
+    # aiohttp would replay a GET or PUT once on its own after a dropped pooled connection,
+    # unseen by servegate's metrics and its rule against replaying what reached the model.
+    # POST, which aiohttp never replays, cannot show that; these methods do.
+    gate = await start_gate(closes_as_request_arrives.url, **{"upstream.idle_expiry": 30})
+    body = b"put-body" if method == "PUT" else None
+    for path in ("/warm", "/stale"):  # the second goes out on the pooled, now closing one
+        async with client.request(method, gate_url(gate, path), data=body) as response:
+            assert response.status == 200
+            assert await response.read() == b"ok"
+    assert closes_as_request_arrives.closed_unread == 1
+    assert closes_as_request_arrives.answered == 2  # the warm request, and the one retry
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_upstream_failures_total", **STALE) == 1
+    for outcome, count in (("succeeded", 1), ("failed", 0)):
+        labels = {"cause": "stale_connection", "outcome": outcome}
+        assert sample(samples, "servegate_retries_total", **labels) == count
+    stale = log_capture.access()[-1]
+    assert (stale["method"], stale["attempts"], stale["reused"]) == (method, 2, False)
+
+
 async def test_a_body_too_large_to_replay_gets_a_communication_error_that_says_so(
     start_gate: StartGate,
     closes_as_request_arrives: ClosesAsRequestArrives,
@@ -111,6 +160,7 @@ async def test_a_body_too_large_to_replay_gets_a_communication_error_that_says_s
     assert sample(samples, "servegate_4503_total", **STALE) == 1
 
 
+@pytest.mark.slow
 async def test_the_idle_timeout_a_server_announces_expires_pooled_connections_before_it(
     start_gate: StartGate, raw_server: Callable[..., Any], client: aiohttp.ClientSession
 ) -> None:
@@ -124,10 +174,11 @@ async def test_the_idle_timeout_a_server_announces_expires_pooled_connections_be
         assert response.status == 200
     # Learned from "Keep-Alive: timeout=1": connections idle 0.7 s or more were not reused.
     assert server.idle_before_reuse
-    assert max(server.idle_before_reuse) < 0.5
+    assert max(server.idle_before_reuse) < 0.6  # reused ones were idle up to the 0.5 s expiry
     assert server.connections == 3
 
 
+@pytest.mark.slow
 async def test_servegate_keeps_idle_client_connections_open_longer_than_gunicorn_would(
     start_gate: StartGate, closes_as_request_arrives: ClosesAsRequestArrives
 ) -> None:
@@ -147,7 +198,8 @@ async def test_servegate_keeps_idle_client_connections_open_longer_than_gunicorn
         await writer.wait_closed()
 
 
-@pytest.mark.time_limit(180)
+@pytest.mark.slow
+@pytest.mark.time_limit(300)
 async def test_bursts_on_gunicorns_keep_alive_boundary_through_a_real_network_never_fail(
     start_gate: StartGate,
     gunicorn: Callable[..., Gunicorn],
@@ -157,39 +209,51 @@ async def test_bursts_on_gunicorns_keep_alive_boundary_through_a_real_network_ne
     model = gunicorn("--keep-alive", "2")
     rng = random.Random(4503)
 
+    # The failure this test guards against is real here: a plain pass-through proxy fails
+    # within a few bursts (about half of its bursts when measured on an idle machine).
     naive_relay = await relay_to(model.port)
     naive = await start_naive_proxy(naive_relay.url)
     try:
-        naive_statuses = await bursts(client, naive.url, count=6, size=50, rng=rng)
+        naive_bursts = Bursts(client, naive.url, naive_relay)
+        await naive_bursts.warm_up(BURST)
+        for _ in range(MAX_BURSTS):
+            await naive_bursts.run(BURST, rng)
+            if 0 in naive_bursts.statuses or 502 in naive_bursts.statuses:
+                break
     finally:
         await naive.cleanup()
-    naive_errors = sum(status != 200 for status in naive_statuses)
-    # The failure this test guards against is real here: a plain pass-through proxy fails
-    # (about half of these requests when measured).
-    assert naive_errors >= len(naive_statuses) // 5, naive_errors
+    assert set(naive_bursts.statuses) != {200}, "no burst hit the keep-alive boundary"
 
-    # servegate with its defaults: the idle expiry keeps every pooled connection clear of
-    # Gunicorn's close, so the race never happens.
+    # servegate with defaults: idle expiry prevents the race.
     relay = await relay_to(model.port)
-    gate = await start_gate(relay.url)
-    statuses = await bursts(client, gate_url(gate, "/predict"), count=20, size=50, rng=rng)
-    assert statuses == [200] * (20 * 50)
+    gate = await start_gate(relay.url, **{"upstream.idle_expiry": 1.0})
+    defaults = Bursts(client, gate_url(gate, "/predict"), relay)
+    await defaults.warm_up(BURST)
+    for _ in range(8):
+        await defaults.run(BURST, rng)
+    assert defaults.statuses == [200] * len(defaults.statuses)
 
-    # With the pool kept as long as aiohttp's default 15 s the race happens. The relay's TCP
-    # acknowledges what it takes, so an acknowledgement no longer proves that the model did
-    # not read a request: such a drop is answered once, never replayed (README).
+    # The pool kept as long as aiohttp's default 15 s: the race happens. The relay's TCP
+    # acknowledges what it takes, so an acknowledgement no longer proves that the model did not
+    # read a request: such a drop is answered once, never replayed (README). Bursts go on until
+    # one raced a close (as the metrics count it).
     relay = await relay_to(model.port)
     gate = await start_gate(relay.url, **{"upstream.idle_expiry": 15.0})
-    statuses = await bursts(client, gate_url(gate, "/predict"), count=6, size=50, rng=rng)
-    samples = await scrape(gate)
-    stale = sample(samples, "servegate_upstream_failures_total", **STALE)
+    kept = Bursts(client, gate_url(gate, "/predict"), relay)
+    await kept.warm_up(BURST)
     recovered = {"cause": "stale_connection", "outcome": "succeeded"}
-    assert sample(samples, "servegate_retries_total", **recovered) == stale
     reset = {"category": "service", "cause": "reset_during_request"}
-    assert sum(status != 200 for status in statuses) == sample(
-        samples, "servegate_4503_total", **reset
-    )
-    assert set(statuses) <= {200, 503}
+    for _ in range(MAX_BURSTS):
+        await kept.run(BURST, rng)
+        samples = await scrape(gate)
+        stale = sample(samples, "servegate_upstream_failures_total", **STALE)
+        resets = sample(samples, "servegate_4503_total", **reset)
+        if stale + resets > 0:
+            break
+    assert stale + resets > 0, "no burst hit the keep-alive boundary"
+    assert sample(samples, "servegate_retries_total", **recovered) == stale
+    assert sum(status != 200 for status in kept.statuses) == resets
+    assert set(kept.statuses) <= {200, 503}
 
 
 class NaiveProxy:
@@ -229,6 +293,7 @@ async def start_naive_proxy(upstream: str) -> NaiveProxy:
     return NaiveProxy(runner, session, runner.addresses[0][1])
 
 
+@pytest.mark.slow
 async def test_a_reused_connection_dropped_after_the_model_worked_on_it_is_not_replayed(
     start_gate: StartGate, raw_server: Callable[..., Any], client: aiohttp.ClientSession
 ) -> None:

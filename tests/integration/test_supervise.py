@@ -33,6 +33,8 @@ from proxy.supervise import (
 )
 from tests.upstreams.gunicorn import ROOT, free_port, wait_for_port
 
+pytestmark = pytest.mark.slow  # each test runs servegate and its model server as processes
+
 SERVEGATE = [sys.executable, "-m", "proxy", "run"]
 BOOT_LINE = "Booting worker with pid:"
 INITIAL_WORKERS = 2
@@ -282,7 +284,10 @@ def test_sigterm_drains_servegate_first_then_stops_the_model_server(
     [master] = gate.model_pids()
     with ThreadPoolExecutor(max_workers=1) as pool:
         slow = pool.submit(gate.predict, "?sleep=2")
-        time.sleep(0.5)  # the slow prediction is in flight
+        eventually(
+            lambda: gate.metrics()["servegate_inflight_requests"] == 1,
+            "the slow prediction is in flight",
+        )
         gate.process.send_signal(signal.SIGTERM)
         assert slow.result(timeout=10) == 200  # the model outlived the request it was serving
     assert gate.process.wait(timeout=10) == 0

@@ -10,7 +10,17 @@ from hypothesis import strategies as st
 
 from proxy.config import RetrySettings
 from proxy.failures import Cause, Failure
-from proxy.retry import Decision, GiveUp, RetryState, backoff, decide
+from proxy.retry import (
+    Decision,
+    GiveUp,
+    GiveUpReason,
+    Outcome,
+    Retry,
+    RetryState,
+    backoff,
+    decide,
+    retry_outcome,
+)
 
 SETTINGS = RetrySettings()
 
@@ -33,20 +43,17 @@ def decide_for(
 
 
 def test_a_stale_connection_is_retried_at_once_on_a_fresh_connection() -> None:
-    decision = decide_for(Cause.STALE_CONNECTION)
-    assert decision.retry
-    assert decision.fresh_connection
-    assert decision.delay == 0
+    assert decide_for(Cause.STALE_CONNECTION) == Retry(delay=0, fresh_connection=True)
 
 
 def test_a_stale_connection_is_retried_only_once() -> None:
     decision = decide_for(Cause.STALE_CONNECTION, RetryState(stale_retries=1))
-    assert decision.give_up is GiveUp.ATTEMPTS_EXHAUSTED
+    assert decision == GiveUp(GiveUpReason.ATTEMPTS_EXHAUSTED)
 
 
 def test_a_streamed_body_cannot_be_replayed() -> None:
     decision = decide_for(Cause.STALE_CONNECTION, body_replayable=False)
-    assert decision.give_up is GiveUp.NOT_REPLAYABLE
+    assert decision == GiveUp(GiveUpReason.NOT_REPLAYABLE)
 
 
 @pytest.mark.parametrize(
@@ -55,14 +62,15 @@ def test_a_streamed_body_cannot_be_replayed() -> None:
                                    Cause.CONNECT_TIMEOUT)],
 )  # fmt: skip
 def test_nothing_that_may_have_reached_the_model_is_retried(cause: Cause) -> None:
-    assert decide_for(cause).give_up is GiveUp.NOT_RETRYABLE
+    assert decide_for(cause) == GiveUp(GiveUpReason.NOT_RETRYABLE)
 
 
 def test_a_refused_connection_backs_off_within_the_remaining_budget() -> None:
     decision = decide_for(Cause.CONNECT_REFUSED, RetryState(connect_retries=10), remaining=0.3)
-    assert decision.retry
+    assert isinstance(decision, Retry)
+    assert not decision.fresh_connection
     assert decision.delay <= 0.3 - 0.05
-    assert decide_for(Cause.CONNECT_REFUSED, remaining=0.01).give_up is GiveUp.NO_BUDGET
+    assert decide_for(Cause.CONNECT_REFUSED, remaining=0.01) == GiveUp(GiveUpReason.NO_BUDGET)
 
 
 @given(retries=st.integers(min_value=0, max_value=60), seed=st.integers())
@@ -78,8 +86,24 @@ def test_an_opted_in_reset_is_replayed_once_and_never_after_a_stale_retry() -> N
             body_replayable=True, remaining=30, settings=SETTINGS, rng=random.Random(1),
         )  # fmt: skip
 
-    assert reset(RetryState()).retry
-    assert reset(RetryState(reset_retries=1)).give_up is GiveUp.ATTEMPTS_EXHAUSTED
+    exhausted = GiveUp(GiveUpReason.ATTEMPTS_EXHAUSTED)
+    assert reset(RetryState()) == Retry(fresh_connection=True)
+    assert reset(RetryState(reset_retries=1)) == exhausted
     # In flight on two crashed workers already (the first looked like a stale connection).
-    assert reset(RetryState(stale_retries=1)).give_up is GiveUp.ATTEMPTS_EXHAUSTED
-    assert decide_for(Cause.RESET_DURING_REQUEST).give_up is GiveUp.NOT_RETRYABLE
+    assert reset(RetryState(stale_retries=1)) == exhausted
+    assert decide_for(Cause.RESET_DURING_REQUEST) == GiveUp(GiveUpReason.NOT_RETRYABLE)
+
+
+@pytest.mark.parametrize(
+    ("reason", "outcome"),
+    [
+        (GiveUpReason.NOT_RETRYABLE, None),
+        (GiveUpReason.NOT_REPLAYABLE, Outcome.NOT_REPLAYABLE),
+        (GiveUpReason.NO_BUDGET, Outcome.NO_BUDGET),
+        (GiveUpReason.ATTEMPTS_EXHAUSTED, None),
+    ],
+)
+def test_only_a_retry_that_was_due_but_not_made_counts_as_a_retry_outcome(
+    reason: GiveUpReason, outcome: Outcome | None
+) -> None:
+    assert retry_outcome(reason) is outcome

@@ -36,13 +36,46 @@ async def read_request(reader: asyncio.StreamReader) -> bytes | None:
     return head
 
 
+@dataclass(kw_only=True)
+class Connections:
+    """The connections a loopback server holds, so that stopping it closes every one and waits
+    until each transport is gone: one still closing when the test's event loop ends is reported
+    as leaked (ResourceWarning)."""
+
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    def _track(self, *writers: asyncio.StreamWriter) -> asyncio.Task[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.update(writers)
+        return task
+
+    async def _release(self, task: asyncio.Task[None], *writers: asyncio.StreamWriter) -> None:
+        for writer in writers:
+            await _close_and_wait(writer)
+            self._writers.discard(writer)
+        self._tasks.discard(task)
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        await asyncio.sleep(0)  # a connection accepted just now gets its task started (tracked)
+        await _cancel_and_wait(self._tasks)
+        for writer in list(self._writers):  # its task was cancelled while closing it
+            await _close_and_wait(writer)
+        self._writers.clear()
+        await self._server.wait_closed()
+
+
 @dataclass
-class RawServer:
+class RawServer(Connections):
     """Base: a loopback server whose `serve_connection` decides how to misbehave."""
 
     port: int = 0
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -53,28 +86,32 @@ class RawServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+        task = self._track(writer)
         try:
             await self.serve_connection(reader, writer)
         finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-            self._tasks.discard(task)
+            await self._release(task, writer)
 
     async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         raise NotImplementedError
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await self._server.wait_closed()
+
+async def _close_and_wait(writer: asyncio.StreamWriter) -> None:
+    """Close a connection and wait until its transport is gone: a transport still closing when
+    the test's event loop ends is reported as leaked (ResourceWarning)."""
+    writer.close()
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.wait_closed()
+
+
+async def _cancel_and_wait(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel connection tasks and wait for them: each closes its own sockets as it ends."""
+    pending = list(tasks)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 @dataclass
@@ -156,16 +193,17 @@ class AnnouncesKeepAlive(RawServer):
 
 
 @dataclass
-class DelayRelay:
+class DelayRelay(Connections):
     """A TCP relay to `target_port` that delays every byte toward the server, and the server's
-    close toward the client, by `delay` seconds."""
+    close toward the client, by `delay` seconds.
+
+    `idle_closes` records, for each connection the server closed, how long after its last
+    answer byte it did: where a server's keep-alive boundary really lies on this machine."""
 
     target_port: int
     delay: float = 0.03
     port: int = 0
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _handlers: set[asyncio.Task[None]] = field(default_factory=set)  # close both sides on stop
+    idle_closes: list[float] = field(default_factory=list)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -175,29 +213,28 @@ class DelayRelay:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._tasks)
+
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        handler = asyncio.current_task()
-        assert handler is not None
-        self._handlers.add(handler)
-        handler.add_done_callback(self._handlers.discard)
+        task = self._track(client_w)
+        server_w: asyncio.StreamWriter | None = None
         try:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            self._writers.add(server_w)
+            pumps = {
+                asyncio.create_task(self._toward_server(client_r, server_w)),
+                asyncio.create_task(self._toward_client(server_r, client_w)),
+            }
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                await _cancel_and_wait(pumps)
         except OSError:
-            client_w.close()
-            return
-        pumps = [
-            asyncio.create_task(self._toward_server(client_r, server_w)),
-            asyncio.create_task(self._toward_client(server_r, client_w)),
-        ]
-        self._tasks.update(pumps)
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            pass  # the target refused: the client sees its connection closed
         finally:
-            for pump in pumps:
-                pump.cancel()
-                self._tasks.discard(pump)
-            for writer in (client_w, server_w):
-                writer.close()
+            await self._release(task, *(w for w in (client_w, server_w) if w is not None))
 
     async def _toward_server(
         self, client_r: asyncio.StreamReader, server_w: asyncio.StreamWriter
@@ -222,24 +259,63 @@ class DelayRelay:
         except (ConnectionError, OSError):
             pass
         finally:
-            delivery.cancel()
+            await _cancel_and_wait({delivery})
 
     async def _toward_client(
         self, server_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
     ) -> None:
+        last_byte: float | None = None
         with contextlib.suppress(ConnectionError, OSError):
             while chunk := await server_r.read(65536):
                 client_w.write(chunk)
                 await client_w.drain()
+                last_byte = time.monotonic()
+            if last_byte is not None:
+                self.idle_closes.append(time.monotonic() - last_byte)
         await asyncio.sleep(self.delay)  # the server's close crosses the network too
 
+
+@dataclass
+class SweepsIdleConnections(RawServer):
+    """A keep-alive server that closes idle connections in a periodic sweep, as Waitress does:
+    every `cleanup_interval` seconds its `BaseWSGIServer.maintenance` marks each channel idle
+    longer than `channel_timeout` to close (waitress/server.py; 30 s and 120 s by default, here
+    scaled down). An idle connection is closed from `channel_timeout` to one interval later."""
+
+    channel_timeout: float = 2.0
+    cleanup_interval: float = 1.0
+    _idle_since: dict[asyncio.StreamWriter, float] = field(default_factory=dict)
+    _sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.cleanup_interval)
+            cutoff = time.monotonic() - self.channel_timeout
+            for writer, since in list(self._idle_since.items()):
+                if since < cutoff:
+                    del self._idle_since[writer]
+                    writer.close()
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while await read_request(reader) is not None:
+                self._idle_since.pop(writer, None)
+                writer.write(OK)
+                await writer.drain()
+                self._idle_since[writer] = time.monotonic()
+        finally:
+            self._idle_since.pop(writer, None)
+
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._handlers, return_exceptions=True)
-            await self._server.wait_closed()
+        if self._sweeper is not None:
+            await _cancel_and_wait({self._sweeper})
+        await super().stop()
 
 
 @dataclass
@@ -273,3 +349,29 @@ class ClosesAsRequestArrives(RawServer):
                 self.closed_unread += waiting[0] > 0
                 return  # RawServer closes the connection: a reset, as the data is unread
             await asyncio.sleep(0.001)
+
+
+@dataclass
+class SilentOnTlsHello(RawServer):
+    """A plain HTTP/1.1 keep-alive server that reads until the end of a request head before it
+    answers anything, so a TLS ClientHello (no CRLF CRLF in it) gets no answer at all: what
+    Werkzeug does (its handler is the standard library's BaseHTTPRequestHandler, whose
+    handle_one_request waits on rfile.readline), and Waitress (its parser waits for the end of
+    the head) and Hypercorn (h11 waits for the end of the head) too. Idle connections close
+    after `keep_alive` seconds on a timer of their own."""
+
+    keep_alive: float = 5.0
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.keep_alive):
+                    head = await read_request(reader)
+            except TimeoutError:
+                return
+            if head is None:
+                return
+            writer.write(OK)
+            await writer.drain()

@@ -1,8 +1,8 @@
-"""The four checks of `servegate doctor`, one coroutine per 4503 category.
+"""Three of the four checks of `servegate doctor`, one coroutine per 4503 category: the scheme
+the server speaks, its health, and a sample request against the budget. The fourth, its idle
+keep-alive timeout, is keepalive.py.
 
-Each measures one thing on a raw connection (proxy/wire.py) and returns a frozen `Check`:
-the scheme the server speaks, its health, a sample request against the budget, and its idle
-keep-alive timeout.
+Each measures one thing on a raw connection (wire.py) and returns a frozen `Check`.
 """
 
 from __future__ import annotations
@@ -11,49 +11,50 @@ import asyncio
 import math
 import time
 
+from proxy.advice import FIX
+from proxy.doctor.verdicts import Check, Fact, Target, Verdict, worse
+from proxy.doctor.wire import ProbeError, Response, close, connect, exchange
 from proxy.failures import Category, Cause
 from proxy.probe import speaks_tls
-from proxy.upstream import expiry_for
-from proxy.verdicts import Check, Fact, Target, Verdict, skipped, worse
-from proxy.wire import ProbeError, Response, close, connect, exchange, wait_for_close
 
 PROBE_WAIT = 3.0  # the TLS probe: run mode allows 1 s; a one-off diagnosis can wait longer
-CLOSED_AT_ONCE = 0.1  # an idle close this soon after the response is a close after every response
 GUNICORN_TIMEOUT = 30  # Gunicorn's default --timeout: a worker busy longer than this is killed
-KEEP_ALIVE_ADVICE = 200  # the platform's advice for custom images: gunicorn --keep-alive 200
 
 
-_MISMATCH_ADVICE = {
+_MISMATCH = {
     Cause.PLAIN_TO_TLS_SERVER: (
-        "The URL says http:// but the model server speaks HTTPS: every request would be dropped. "
-        "Use an https:// upstream URL, or set upstream.scheme: auto (on the platform: set the "
-        "Container API protocol to HTTPS)."
+        "The URL says http:// but the model server speaks HTTPS: every request would be dropped."
     ),
     Cause.TLS_TO_PLAIN_SERVER: (
         "The URL says https:// but the model server speaks plain HTTP: every TLS handshake "
-        "would fail. Use an http:// upstream URL (upstream.scheme: auto never downgrades an "
-        "https:// one), or serve TLS from the model server (on the platform: set the Container "
-        "API protocol to HTTP)."
+        "would fail."
     ),
 }
-_CERTIFICATE_ADVICE = (
-    "Set upstream.tls.ca_file to the CA that signed the certificate, or upstream.tls.server_name "
-    "to the name it carries."
-)
 
 
 async def check_protocol(target: Target) -> Check:
     """Which scheme the server speaks, against the URL's; for TLS, whether it verifies."""
     found = await speaks_tls(target.host, target.port, PROBE_WAIT)
-    if found is None:
-        return await _protocol_inconclusive(target)
+    silent = found is None
+    if silent:
+        # Werkzeug, Waitress and Hypercorn wait for the end of an HTTP head and never answer a
+        # TLS hello: silence there while plain HTTP gets an answer means plain HTTP.
+        if not await _answers_plain_http(target):
+            return await _protocol_inconclusive(target)
+        found = False
     speaks = "https" if found else "http"
     facts: dict[str, Fact] = {"url_scheme": target.scheme, "server_speaks": speaks}
     verdict, cause, advice = Verdict.OK, None, [f"servegate and the server both speak {speaks}."]
+    if silent:
+        facts["tls_hello"] = f"no answer within {PROBE_WAIT:g} s"
+        advice.append(
+            f"It never answered a TLS hello (within {PROBE_WAIT:g} s) but answers plain HTTP, as "
+            "a server that waits for an HTTP head does."
+        )
     if speaks != target.scheme:
         cause = Cause.PLAIN_TO_TLS_SERVER if found else Cause.TLS_TO_PLAIN_SERVER
         facts["direction"] = cause.value
-        advice = [_MISMATCH_ADVICE[cause]]
+        advice = [_MISMATCH[cause]]
         adopted = target.auto_scheme and cause is Cause.PLAIN_TO_TLS_SERVER
         verdict = Verdict.WARN if adopted else Verdict.FAIL
         if adopted:
@@ -63,7 +64,7 @@ async def check_protocol(target: Target) -> Check:
         facts["certificate"] = certificate or "verified"
         if certificate and target.tls.verify:
             advice.append(f"Verified as servegate verifies, the certificate fails: {certificate}.")
-            advice.append(_CERTIFICATE_ADVICE)
+            advice.append(FIX[Cause.TLS_CERTIFICATE])
             if target.scheme == "https":
                 verdict, cause = Verdict.FAIL, Cause.TLS_CERTIFICATE
         elif not target.tls.verify:
@@ -73,6 +74,20 @@ async def check_protocol(target: Target) -> Check:
             verdict = worse(verdict, Verdict.WARN)
             advice.append("upstream.tls.verify is false: anyone on the path can pose as the model.")
     return Check(Category.PROTOCOL, verdict, facts, tuple(advice), cause)
+
+
+async def _answers_plain_http(target: Target) -> bool:
+    """Whether a plain HTTP request gets an HTTP answer within PROBE_WAIT."""
+    try:
+        async with asyncio.timeout(PROBE_WAIT):
+            stream = await connect(target, tls=False)
+            try:
+                await exchange(stream, target, "GET", target.probe_path)
+            finally:
+                await close(stream)
+    except (ProbeError, TimeoutError):
+        return False
+    return True
 
 
 async def _protocol_inconclusive(target: Target) -> Check:
@@ -106,8 +121,11 @@ async def check_service(target: Target, tls: bool) -> Check:
         stream = await connect(target, tls)
     except ProbeError as exc:
         facts["error"] = exc.detail
-        advice = _SERVICE_ADVICE.get(exc.cause, "Check the server's TLS settings: see protocol.")
-        return Check(Category.SERVICE, Verdict.FAIL, facts, (advice,), exc.cause)
+        if exc.cause in (Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT):
+            note = f"No connection to {target.address}: {exc.detail}."
+        else:
+            note = "The connection failed in its TLS handshake: see protocol."
+        return Check(Category.SERVICE, Verdict.FAIL, facts, (note,), exc.cause)
     try:
         async with asyncio.timeout(target.budget):
             response = await exchange(stream, target, "GET", path)
@@ -115,25 +133,13 @@ async def check_service(target: Target, tls: bool) -> Check:
         cause = exc.cause if isinstance(exc, ProbeError) else None
         detail = exc.detail if isinstance(exc, ProbeError) else f"no answer in {target.budget:g} s"
         facts["error"] = detail
-        advice = f"GET {path} failed: {detail}. Check the model server's log for crashing workers."
-        return Check(Category.SERVICE, Verdict.FAIL, facts, (advice,), cause)
+        notes = (f"GET {path} failed: {detail}.", FIX[Cause.RESET_DURING_REQUEST])
+        return Check(Category.SERVICE, Verdict.FAIL, facts, notes, cause)
     finally:
         await close(stream)
     facts |= {"status": response.status, "latency_s": round(response.seconds, 3)}
     facts["server"] = response.headers.get("server")
     return _judge_health(target, response, facts)
-
-
-_SERVICE_ADVICE = {
-    Cause.CONNECT_REFUSED: (
-        "Nothing accepts connections there: start the model server, and check that it listens "
-        "on the upstream address (Gunicorn: --bind) and the URL's port."
-    ),
-    Cause.CONNECT_TIMEOUT: (
-        "Connecting timed out: check the address, firewalls, and that the server's accept "
-        "queue is not full."
-    ),
-}
 
 
 def _judge_health(target: Target, response: Response, facts: dict[str, Fact]) -> Check:
@@ -199,7 +205,7 @@ def _judge_latency(
         verdict = Verdict.WARN
         advice.append(
             "That is more than half the budget: a larger input or a busy server would end in a "
-            "4503 (timeout). Make the prediction faster, or send smaller batches."
+            f"4503 (timeout). {FIX[Cause.DEADLINE_EXCEEDED]}"
         )
     if target.sample_body is None:
         advice.append("Give --sample-body (JSON for POST /predict) to time a real prediction.")
@@ -234,113 +240,3 @@ def _timeout_check(
             f"(--timeout {math.ceil(target.budget) + 20})."
         )
     return Check(Category.TIMEOUT, verdict, facts, tuple(advice), cause)
-
-
-async def check_communication(target: Target, tls: bool) -> Check:
-    """The server's idle keep-alive timeout, measured: one request, then wait for its close."""
-    try:
-        stream = await connect(target, tls)
-    except ProbeError as exc:
-        return skipped(Category.COMMUNICATION, exc.detail)
-    try:
-        async with asyncio.timeout(target.budget):
-            response = await exchange(stream, target, "GET", target.probe_path)
-        idle, how = await wait_for_close(stream[0], target.max_idle_wait)
-    except ProbeError as exc:
-        return skipped(Category.COMMUNICATION, exc.detail)
-    except TimeoutError:
-        return skipped(Category.COMMUNICATION, f"no answer within {target.budget:g} s")
-    finally:
-        await close(stream)
-    facts: dict[str, Fact] = {
-        "request": f"GET {target.probe_path}",
-        "keep_alive_header": response.headers.get("keep-alive"),
-        "connection_close": response.closes,
-        "idle_timeout_s": None if idle is None else round(idle, 3),
-        "closed_by": how,
-        "waited_up_to_s": target.max_idle_wait,
-    }
-    if response.closes or (idle is not None and idle < CLOSED_AT_ONCE):
-        return _closes_after_every_response(response, facts)
-    if idle is None:
-        advice = (
-            f"The server kept the idle connection open longer than {target.max_idle_wait:g} s "
-            f"(--max-idle-wait): servegate's upstream.idle_expiry ({target.idle_expiry:g} s) "
-            "closes pooled connections long before it does.",
-        )
-        return Check(Category.COMMUNICATION, Verdict.OK, facts, advice)
-    return _judge_idle_timeout(target, response, idle, facts)
-
-
-def _judge_idle_timeout(
-    target: Target, response: Response, idle: float, facts: dict[str, Fact]
-) -> Check:
-    announced, setting = response.announced_idle, _likely_setting(idle)
-    suggested = round(expiry_for(setting), 2)  # what run mode would do with an announced one
-    expiry = target.idle_expiry if announced is None else expiry_for(announced)
-    facts |= {"servegate_idle_expiry_s": expiry, "suggested_idle_expiry_s": suggested}
-    verdict, cause = Verdict.OK, None
-    advice = [
-        f"The server closed the idle connection after {idle:.2f} s: set to {setting:g} s, likely."
-    ]
-    if response.gunicorn and idle - setting > 0.1:
-        advice.append(
-            "Gunicorn's gthread worker looks at idle connections about once a second, so it "
-            "closes them up to 1 s after its --keep-alive."
-        )
-    if announced is not None and abs(announced - idle) > 1:
-        advice.append(f"It announces Keep-Alive: timeout={announced:g} but closed at {idle:.2f} s.")
-    if expiry > suggested:
-        verdict, cause = Verdict.WARN, Cause.STALE_CONNECTION
-        advice.append(
-            f"servegate keeps idle connections {expiry:g} s, too close to that: a request sent on "
-            "one races the server's close (communication/stale_connection; servegate retries it "
-            "on a fresh connection unless its body exceeded retry.replay_buffer_bytes). Set "
-            f"upstream.idle_expiry: {suggested:g}."
-        )
-    elif suggested == expiry:
-        advice.append(f"servegate's idle expiry ({expiry:g} s) is below it, as it should be.")
-    else:
-        advice.append(
-            f"servegate's idle expiry ({expiry:g} s) is below it; upstream.idle_expiry: "
-            f"{suggested:g} follows from it (half below 2 s, one second less above) and saves "
-            "reconnecting."
-        )
-    if idle < KEEP_ALIVE_ADVICE / 2:
-        how = "Gunicorn: --keep-alive" if response.gunicorn else "e.g. Gunicorn --keep-alive"
-        advice.append(
-            f"Raise the server's idle timeout to save connection set-ups ({how} "
-            f"{KEEP_ALIVE_ADVICE}, the platform's advice for custom images; Gunicorn's default "
-            "is 2 s)."
-        )
-    return Check(Category.COMMUNICATION, verdict, facts, tuple(advice), cause)
-
-
-def _likely_setting(idle: float) -> float:
-    """The server's idle timeout setting: usually whole seconds (tenths below one), and at most
-    what was measured, as a server that polls its idle connections closes them late."""
-    step = 1.0 if idle >= 1 else 0.1
-    return round(math.floor(idle / step + 0.05) * step, 1)  # + 0.05: a few ms early is noise
-
-
-def _closes_after_every_response(response: Response, facts: dict[str, Fact]) -> Check:
-    if response.closes:
-        verdict, cause = Verdict.OK, None
-        advice = [
-            "The server closes the connection after every response (Connection: close): no idle "
-            "connection can go stale, at the cost of a new connection per request."
-        ]
-    else:
-        verdict, cause = Verdict.WARN, Cause.STALE_CONNECTION
-        advice = [
-            "The server closed the connection right after its response without announcing it "
-            "(no Connection: close): a client that reuses it races that close "
-            "(communication/stale_connection; servegate retries on a fresh connection)."
-        ]
-    who = "Gunicorn does this with" if response.gunicorn else "If it is Gunicorn, this is"
-    advice.append(
-        f"{who} its sync worker, which never keeps a connection alive: --worker-class gthread "
-        f"(with --threads) or gevent, and --keep-alive {KEEP_ALIVE_ADVICE}, save a new connection "
-        "per request."
-    )
-    return Check(Category.COMMUNICATION, verdict, facts, tuple(advice), cause)

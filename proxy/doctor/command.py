@@ -1,7 +1,8 @@
 """`servegate doctor`: probe a model server and say, per 4503 category, what would fail and why.
 
-The four checks (proxy/checkup.py) run one after another, so a single-threaded server never
-sees them overlap; this module runs them and renders the report (text, or JSON with --json).
+The four checks (checkup.py, keepalive.py) run one after another, so a single-threaded server
+never sees two of them overlap; this module runs them and renders the report (text, or JSON with
+--json).
 Exit code 0 when no check fails (warnings alone do not fail), 1 when one does; usage errors
 are 2, as in every servegate command.
 """
@@ -12,10 +13,11 @@ import asyncio
 import json
 import sys
 
-from proxy.checkup import check_communication, check_protocol, check_service, check_timeout
 from proxy.config import Settings
+from proxy.doctor.checkup import check_protocol, check_service, check_timeout
+from proxy.doctor.keepalive import check_communication
+from proxy.doctor.verdicts import Fact, Report, Target, Verdict, skipped
 from proxy.failures import Category, Cause
-from proxy.verdicts import Fact, Report, Target, Verdict, skipped
 
 
 async def diagnose(target: Target) -> Report:

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from proxy.advice import FIX
 from proxy.config import Settings
+from proxy.doctor.wire import Peer
 from proxy.failures import Category, Cause
-from proxy.wire import Peer
 
 Fact = str | int | float | bool | None
 
@@ -26,13 +27,22 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True)
 class Check:
-    """One category's verdict, what was measured, and what to do about it."""
+    """One category's verdict, what was measured, and what to do about it.
+
+    `notes` say what this check found; a named `cause` adds its one fix from proxy/advice.py,
+    the same words the error answer's hint uses."""
 
     category: Category
     verdict: Verdict
     facts: dict[str, Fact]
-    advice: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
     cause: Cause | None = None
+
+    @property
+    def advice(self) -> tuple[str, ...]:
+        if self.cause is None or FIX[self.cause] in self.notes:
+            return self.notes
+        return (*self.notes, FIX[self.cause])
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 import time
 from dataclasses import dataclass
 
 from proxy.config import UpstreamTLSSettings
-from proxy.failures import Cause
+from proxy.failures import Cause, connect_failure, exchange_failure
 from proxy.upstream import announced_idle_timeout, client_ssl_context
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -47,6 +46,7 @@ class Response:
     status: int
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     seconds: float  # from sending the request to the last byte of the body
+    received_at: float  # monotonic time the last byte was read: the server's idle clock began
 
     @property
     def gunicorn(self) -> bool:
@@ -78,16 +78,8 @@ async def connect(target: Peer, tls: bool, *, verify: bool = False) -> Stream:
             return await asyncio.open_connection(
                 target.host, target.port, ssl=context, server_hostname=server_name
             )
-    except TimeoutError:
-        detail = f"no connection within {target.connect_timeout:g} s"
-        raise ProbeError(Cause.CONNECT_TIMEOUT, detail) from None
-    except ssl.SSLCertVerificationError as exc:
-        raise ProbeError(Cause.TLS_CERTIFICATE, exc.verify_message or str(exc)) from None
-    except ssl.SSLError as exc:
-        raise ProbeError(Cause.TLS_HANDSHAKE, str(exc.reason or exc).lower()) from None
-    except OSError as exc:
-        detail = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ProbeError(Cause.CONNECT_REFUSED, detail.lower()) from None
+    except OSError as exc:  # TimeoutError and ssl.SSLError are OSErrors
+        raise ProbeError(*connect_failure(exc)) from None
 
 
 async def close(stream: Stream) -> None:
@@ -111,16 +103,10 @@ async def exchange(
         await writer.drain()
         status, headers = await _read_head(reader)
         await _read_body(reader, status, headers)
-    except asyncio.IncompleteReadError:
-        where = "in the middle of its response" if status else "without answering"
-        detail = f"the server closed the connection {where}"
-        raise ProbeError(Cause.RESET_DURING_REQUEST, detail) from None
-    except (asyncio.LimitOverrunError, ValueError) as exc:
-        raise ProbeError(Cause.MALFORMED_RESPONSE, f"not an HTTP/1.1 response: {exc}") from None
-    except OSError as exc:  # resets, and TLS errors on a dropped TLS connection
-        detail = f"the connection failed: {exc.strerror or exc}"
-        raise ProbeError(Cause.RESET_DURING_REQUEST, detail) from None
-    return Response(status, headers, time.monotonic() - started)
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError) as exc:
+        raise ProbeError(*exchange_failure(exc, response_started=status > 0)) from None
+    received = time.monotonic()
+    return Response(status, headers, received - started, received)
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
@@ -154,11 +140,16 @@ async def _read_body(reader: asyncio.StreamReader, status: int, headers: dict[st
         await reader.read()  # no length: the body ends when the server closes
 
 
-async def wait_for_close(reader: asyncio.StreamReader, limit: float) -> tuple[float | None, str]:
-    """Hold an idle connection open until the server closes it: (seconds or None, how)."""
-    started = time.monotonic()
+async def wait_for_close(
+    reader: asyncio.StreamReader, since: float, limit: float
+) -> tuple[float | None, str]:
+    """Hold an idle connection open until the server closes it: (seconds idle or None, how).
+
+    The idle time counts from `since`, when the last byte of the answer arrived, not from this
+    call: the server's timer started when it sent that byte, and on a loaded host the time spent
+    parsing the answer would otherwise be missing from the measurement."""
     try:
-        async with asyncio.timeout(limit):
+        async with asyncio.timeout(max(0.0, since + limit - time.monotonic())):
             while await reader.read(65536):
                 pass  # bytes on an idle connection are not expected; the close is the question
         how = "eof"
@@ -166,4 +157,4 @@ async def wait_for_close(reader: asyncio.StreamReader, limit: float) -> tuple[fl
         return None, "still open"
     except OSError:
         how = "reset"
-    return time.monotonic() - started, how
+    return time.monotonic() - since, how

@@ -1,0 +1,104 @@
+"""What each cause means and what to do about it, written once.
+
+The error answer's hint (proxy/answer.py), `servegate doctor`'s checks (proxy/doctor/) and the
+scheme probe's mismatch sentence (proxy/probe.py, shown by /readyz) all read these two tables,
+so the same cause never gets two different pieces of advice.
+"""
+
+from __future__ import annotations
+
+from proxy.failures import Cause
+
+# What happened, in one sentence, as the error answer tells it.
+WHAT: dict[Cause, str] = {
+    Cause.STALE_CONNECTION: (
+        "The model server closed an idle keep-alive connection as the request was sent on it."
+    ),
+    Cause.TLS_TO_PLAIN_SERVER: "servegate spoke HTTPS but the model server speaks plain HTTP.",
+    Cause.PLAIN_TO_TLS_SERVER: "servegate spoke plain HTTP but the model server speaks HTTPS.",
+    Cause.TLS_CERTIFICATE: "The model server's certificate failed verification.",
+    Cause.TLS_HANDSHAKE: "The TLS handshake with the model server failed.",
+    Cause.MALFORMED_RESPONSE: "The model server answered with something that is not HTTP/1.1.",
+    Cause.DEADLINE_EXCEEDED: "The model did not answer within the budget.",
+    Cause.DEADLINE_DURING_STREAM: "The response was still streaming when the budget ran out.",
+    Cause.CONNECT_REFUSED: "The model server refused connections for the whole wait.",
+    Cause.CONNECT_TIMEOUT: "No connection to the model server could be opened in time.",
+    Cause.RESET_DURING_REQUEST: (
+        "The model server dropped the connection while handling the request, as a crashing "
+        "worker does."
+    ),
+    Cause.CRASH_LOOP: "The model server keeps restarting (a crash loop).",
+    Cause.CIRCUIT_OPEN: "The model server is down, so servegate sends it no requests for now.",
+    Cause.UPSTREAM_UNHEALTHY: "The budget ran out while the model server was down or restarting.",
+    Cause.OVERLOADED: (
+        "The model server is busy with as many requests as it can take and the queue is full."
+    ),
+    Cause.RESPONSE_HEADER_TOO_LARGE: (
+        "The model server sent a status or header line (often a Set-Cookie) longer than "
+        "servegate accepts."
+    ),
+    Cause.RESPONSE_FRAMING: (
+        "The model server's answer disagrees with its own framing (Content-Length and "
+        "Transfer-Encoding both, two lengths, or a length that is not a number)."
+    ),
+}
+
+# What to do about it: the one fix for each cause, wherever servegate names that cause.
+FIX: dict[Cause, str] = {
+    Cause.STALE_CONNECTION: (
+        "Raise the server's idle timeout (Gunicorn --keep-alive) above servegate's "
+        "upstream.idle_expiry."
+    ),
+    Cause.TLS_TO_PLAIN_SERVER: (
+        "Use an http:// upstream URL (upstream.scheme: auto never downgrades an https:// one), "
+        "or serve TLS from the model server (on the platform: set the Container API protocol "
+        "to HTTP)."
+    ),
+    Cause.PLAIN_TO_TLS_SERVER: (
+        "Use an https:// upstream URL or set upstream.scheme: auto (on the platform: set the "
+        "Container API protocol to HTTPS)."
+    ),
+    Cause.TLS_CERTIFICATE: (
+        "Set upstream.tls.ca_file to the CA that signed the certificate, or "
+        "upstream.tls.server_name to the name it carries."
+    ),
+    Cause.TLS_HANDSHAKE: (
+        "Check the server's TLS versions and ciphers, and whether it requires a client "
+        "certificate (upstream.tls.cert_file)."
+    ),
+    Cause.MALFORMED_RESPONSE: "Check that the upstream URL points at the model's HTTP port.",
+    Cause.DEADLINE_EXCEEDED: "Make the prediction faster, or send smaller batches.",
+    Cause.DEADLINE_DURING_STREAM: (
+        "Raise budget.seconds for long streams, or set budget.scope: first_byte so the budget "
+        "covers only the wait for the stream to start."
+    ),
+    Cause.CONNECT_REFUSED: (
+        "Check that the model server is running and listening on the upstream address "
+        "(Gunicorn: --bind) and the URL's port."
+    ),
+    Cause.CONNECT_TIMEOUT: (
+        "Check the upstream address, firewalls, and that the server's accept queue is not full."
+    ),
+    Cause.RESET_DURING_REQUEST: "Check the model server's log for crashing workers.",
+    Cause.CRASH_LOOP: (
+        "Reduce the load (lower admission.max_concurrency, or add instances) or debug the "
+        "inference code."
+    ),
+    Cause.CIRCUIT_OPEN: "Try again after Retry-After; /readyz on the admin port says why.",
+    Cause.UPSTREAM_UNHEALTHY: (
+        "Find out why the model server restarts (its log), rather than raising the budget."
+    ),
+    Cause.OVERLOADED: "Try again after Retry-After, or add instances.",
+    Cause.RESPONSE_HEADER_TOO_LARGE: (
+        "Raise upstream.max_response_header_bytes, or make the model server send less."
+    ),
+    Cause.RESPONSE_FRAMING: (
+        "Fix how the server or its framework frames answers: one Content-Length, counted in "
+        "bytes, not characters."
+    ),
+}
+
+
+def hint(cause: Cause) -> str:
+    """What happened and what to do, as the error answer's `hint` begins."""
+    return f"{WHAT[cause]} {FIX[cause]}"

@@ -1,0 +1,51 @@
+"""Each cause's advice is written once: the error answer, `servegate doctor` and the scheme probe
+all say the same fix for it."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from proxy import advice, answer
+from proxy.doctor.verdicts import Check, Verdict
+from proxy.failures import Cause, Failure
+from proxy.metrics import Metrics
+from proxy.probe import SchemeProbe
+from tests.conftest import make_settings
+
+
+@pytest.mark.parametrize("cause", list(Cause))
+def test_every_cause_has_one_fix_that_the_answer_and_the_doctor_both_give(cause: Cause) -> None:
+    fix = advice.FIX[cause]
+    assert fix.endswith(".")
+    assert advice.WHAT[cause].endswith(".")
+    hint = answer.hint_for(Failure(cause, "detail"))
+    assert hint.startswith(advice.WHAT[cause])
+    assert fix in hint
+    check = Check(cause.category, Verdict.FAIL, {}, ("What the doctor measured.",), cause)
+    assert check.advice == ("What the doctor measured.", fix)
+
+
+@pytest.mark.parametrize(
+    ("url", "detected", "cause"),
+    [
+        ("http://127.0.0.1:8000", "https", Cause.PLAIN_TO_TLS_SERVER),
+        ("https://127.0.0.1:8000", "http", Cause.TLS_TO_PLAIN_SERVER),
+    ],
+)
+def test_the_probes_mismatch_sentence_gives_the_same_fix(
+    url: str, detected: str, cause: Cause
+) -> None:
+    settings = make_settings(**{"upstream.url": url})
+    probe = SchemeProbe(settings.upstream, Metrics(CollectorRegistry(), 40.0))
+    probe.detected = detected
+    mismatch = probe.mismatch()
+    assert mismatch is not None
+    assert mismatch.endswith(advice.FIX[cause])
+    assert advice.FIX[cause] in answer.hint_for(Failure(cause, "detail"))
+
+
+def test_the_doctor_does_not_repeat_a_fix_it_already_gave() -> None:
+    fix = advice.FIX[Cause.TLS_CERTIFICATE]
+    check = Check(Cause.TLS_CERTIFICATE.category, Verdict.FAIL, {}, (fix,), Cause.TLS_CERTIFICATE)
+    assert check.advice == (fix,)
