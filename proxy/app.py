@@ -26,6 +26,7 @@ from proxy.circuit import Circuit, Signal
 from proxy.config import Settings, effective, split_address
 from proxy.failures import Failure
 from proxy.forward import Forwarder
+from proxy.headers import install_byte_exact_writer
 from proxy.health import Health, HealthMonitor, check_upstream
 from proxy.ingress import Ingress, JsonErrorServer, server_options
 from proxy.listener import SniffingSite
@@ -71,6 +72,7 @@ class Servegate:
             await aiohttp_internals.check()
         except aiohttp_internals.MissingInternal as exc:
             raise StartupError(str(exc)) from None
+        install_byte_exact_writer()  # obs-text and raw target bytes pass byte for byte
         self._upstream = Upstream(
             self.settings.upstream,
             self.settings.admission.max_concurrency,
