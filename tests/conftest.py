@@ -69,10 +69,12 @@ def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     Without this, a leak surfaces as a ResourceWarning whenever the garbage collector happens to
     run: in a later test, or at the end of the session, where it fails the whole run and names
     no culprit."""
-    yield
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gc.collect()
+    try:
+        yield
+    finally:  # also when a fixture's teardown failed: its leaks are not a later test's
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gc.collect()
     leaks = sorted({_described(w) for w in caught if issubclass(w.category, ResourceWarning)})
     if leaks:
         pytest.fail(f"{item.nodeid} left resources open: " + "; ".join(leaks), pytrace=False)

@@ -3,7 +3,8 @@ connection open, measured so that the verdict holds on a loaded host.
 
 Two connections are measured, their idle periods starting `STAGGER` apart. A server with a
 timer per connection (Uvicorn: `loop.call_later(timeout_keep_alive, ...)` in
-protocols/http/h11_impl.py; Hypercorn) closes both after the same idle time. A server that
+protocols/http/h11_impl.py; Hypercorn: `_update_keep_alive_timeout` in asyncio/tcp_server.py)
+closes both after the same idle time. A server that
 closes idle connections in a periodic sweep (Waitress: `BaseWSGIServer.maintenance` every
 `cleanup_interval`, 30 s by default, closes channels idle past `channel_timeout`; Gunicorn's
 gthread worker: `murder_keepalived` after each poll of at most 1 s) closes them after different

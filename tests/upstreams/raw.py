@@ -89,6 +89,8 @@ class RawServer(Connections):
         task = self._track(writer)
         try:
             await self.serve_connection(reader, writer)
+        except asyncio.CancelledError:
+            pass  # stop() ends connections so; ending normally keeps asyncio's stream log quiet
         finally:
             await self._release(task, writer)
 
@@ -100,10 +102,13 @@ class RawServer(Connections):
 
 async def _close_and_wait(writer: asyncio.StreamWriter) -> None:
     """Close a connection and wait until its transport is gone: a transport still closing when
-    the test's event loop ends is reported as leaked (ResourceWarning)."""
+    the test's event loop ends is reported as leaked (ResourceWarning).
+
+    Shielded: on Python 3.11 a task cancelled in wait_closed() cancels the stream's shared
+    close future, and every later wait_closed() on it raises CancelledError."""
     writer.close()
     with contextlib.suppress(ConnectionError, OSError):
-        await writer.wait_closed()
+        await asyncio.shield(writer.wait_closed())
 
 
 async def _cancel_and_wait(tasks: set[asyncio.Task[None]]) -> None:
@@ -233,6 +238,8 @@ class DelayRelay(Connections):
                 await _cancel_and_wait(pumps)
         except OSError:
             pass  # the target refused: the client sees its connection closed
+        except asyncio.CancelledError:
+            pass  # stop() ends connections so; ending normally keeps asyncio's stream log quiet
         finally:
             await self._release(task, *(w for w in (client_w, server_w) if w is not None))
 
