@@ -28,6 +28,7 @@ from proxy.forward import Forwarder
 from proxy.headers import install_byte_exact_writer
 from proxy.health import Health, HealthMonitor, check_upstream
 from proxy.ingress import Ingress, JsonErrorServer, server_options
+from proxy.lag import LoopLag
 from proxy.listener import SniffingSite
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
@@ -55,8 +56,12 @@ class Servegate:
         self._probe = SchemeProbe(settings.upstream, self.metrics)
         self.circuit = Circuit(settings.circuit, on_change=self.metrics.circuit_state.set)
         self.health = HealthMonitor(
-            settings.health, self._health_changed, self.metrics.upstream_restarts.inc
+            settings.health,
+            self._health_changed,
+            self.metrics.upstream_restarts.inc,
+            on_inconclusive=self.metrics.checks_inconclusive.inc,
         )
+        self.lag = LoopLag(on_lag=self.metrics.loop_lag.inc)
         self.admission = Admission(settings.admission, self.metrics)
         self.readiness = Readiness(self._probe, self.health)
         self._upstream: Upstream | None = None
@@ -68,7 +73,10 @@ class Servegate:
 
     async def start(self) -> None:
         install_byte_exact_writer()  # obs-text and raw target bytes pass byte for byte
-        self._upstream = Upstream(self.settings.upstream, self.settings.admission.max_concurrency)
+        self.lag.start()
+        self._upstream = Upstream(
+            self.settings.upstream, self.settings.admission.max_concurrency, self.lag
+        )
         forwarder = Forwarder(
             self._upstream,
             self._probe,
@@ -146,7 +154,7 @@ class Servegate:
         async def check() -> Failure | None:
             failed = await check_upstream(
                 checks, self._probe.host, self._probe.port, self._probe.speaking,
-                self.settings.health, tls, self.settings.upstream.tls.server_name,
+                self.settings.health, tls, self.settings.upstream.tls.server_name, self.lag,
             )  # fmt: skip
             if failed is None and self.health.state is Health.UP:
                 # The circuit may have opened on refusals the checks never saw (a restart
@@ -154,7 +162,7 @@ class Servegate:
                 self.circuit.signal(Signal.UP)
             return failed
 
-        self.health.record_check_result(await check())  # known by the time start() returns
+        await self.health.check_once(check)  # known by the time start() returns
         self._health_task = asyncio.create_task(self.health.run(check))
 
     def _health_changed(self, was: Health, now: Health) -> None:
@@ -185,6 +193,7 @@ class Servegate:
         if self._upstream is not None:
             await self._upstream.close()
             self._upstream = None
+        self.lag.stop()
 
 
 def origin_uses_unverified_tls(settings: Settings) -> bool:

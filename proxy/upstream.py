@@ -3,7 +3,9 @@
 Each attempt reports, through aiohttp's trace signals, whether it used a pooled (reused) or a
 fresh connection and whether its request left servegate, and on a reused connection how much of
 the request the server's TCP acknowledged (proxy/acked.py): the facts `failures.classify` needs.
-Idle pooled connections are expired before the server's own idle timer can close them.
+Idle pooled connections are expired before the server's own idle timer can close them. The
+connect timeout counts only the time servegate's event loop could run (proxy/lag.py): a
+connect that waited for servegate's own busy loop is not the model server's failure.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
@@ -27,6 +30,7 @@ from yarl import URL
 from proxy.acked import AckWatch
 from proxy.config import UpstreamSettings, UpstreamTLSSettings
 from proxy.failures import AttemptFacts
+from proxy.lag import LoopLag, ResponsiveTimeout
 
 log = structlog.get_logger("servegate.upstream")
 
@@ -60,8 +64,11 @@ class Upstream:
     stale connection must not draw from the pool again.
     """
 
-    def __init__(self, settings: UpstreamSettings, max_concurrency: int = 0) -> None:
-        """`max_concurrency`: admission's limit (0: none), which sizes both pools."""
+    def __init__(
+        self, settings: UpstreamSettings, max_concurrency: int = 0, lag: LoopLag | None = None
+    ) -> None:
+        """`max_concurrency`: admission's limit (0: none), which sizes both pools; `lag`: the
+        loop's heartbeat, which the connect timeout discounts (unstarted: wall time)."""
         self.settings = settings
         origin = settings.origin
         # With upstream.scheme: auto either scheme may be spoken, so both are ready.
@@ -72,6 +79,7 @@ class Upstream:
         self.idle_expiry = settings.idle_expiry
         ssl_context = client_ssl_context(settings.tls)
         trace = _trace_config()
+        lag = lag or LoopLag()
         # A pool limit would be a queue no metric shows and no budget sees (aiohttp waits for
         # a free connection without end), so the pools never limit on their own: admission
         # does, in the open. A request holds one connection at a time (its retry's fresh one
@@ -79,6 +87,8 @@ class Upstream:
         # wait for a connection.
         self._pooled = self._session(
             _WatchingConnector(
+                settings.connect_timeout,
+                lag,
                 limit=max_concurrency,
                 limit_per_host=0,
                 keepalive_timeout=settings.idle_expiry,
@@ -88,7 +98,12 @@ class Upstream:
         )
         self._fresh = self._session(
             _WatchingConnector(
-                limit=max_concurrency, limit_per_host=0, force_close=True, ssl=ssl_context
+                settings.connect_timeout,
+                lag,
+                limit=max_concurrency,
+                limit_per_host=0,
+                force_close=True,
+                ssl=ssl_context,
             ),
             trace,
         )
@@ -103,9 +118,9 @@ class Upstream:
             max_line_size=self.settings.max_response_header_bytes,
             max_field_size=self.settings.max_response_header_bytes,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            # sock_connect, not connect: waiting for a free pooled connection is queueing, not
-            # a server that cannot be reached; the request's budget bounds it.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout),
+            # No timeout of aiohttp's own: the connector times the connect (in responsive time),
+            # the request's budget bounds the rest.
+            timeout=aiohttp.ClientTimeout(total=None),
         )
         # aiohttp silently replays an idempotent request once after a disconnect; servegate's
         # attempt loop must be the only place that decides (and counts) a retry. aiohttp has no
@@ -181,7 +196,23 @@ class _Attempt:
 
 class _WatchingConnector(aiohttp.TCPConnector):
     """Starts counting the server's acknowledgements on a connection once it is taken from
-    the pool or opened, before the request is written to it."""
+    the pool or opened, before the request is written to it; times a new connection's TCP
+    connect and TLS handshake in responsive time (proxy/lag.py)."""
+
+    def __init__(self, connect_timeout: float, lag: LoopLag, **options: Any) -> None:
+        super().__init__(**options)
+        self._connect_timeout = connect_timeout
+        self._lag = lag
+
+    async def _create_connection(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> ResponseHandler:
+        # A TimeoutError from here becomes aiohttp's ConnectionTimeoutError (connect_timeout).
+        async with ResponsiveTimeout(self._connect_timeout, self._lag):
+            return await super()._create_connection(req, traces, timeout)
 
     async def connect(
         self,
