@@ -1,8 +1,10 @@
 """The connection pool to the model server and one attempt on it.
 
-Each attempt reports, through aiohttp's trace signals, whether it used a pooled (reused) or a
-fresh connection and whether its request left servegate, and on a reused connection how much of
-the request the server's TCP acknowledged (proxy/acked.py): the facts `failures.classify` needs.
+Each attempt reports whether it used a pooled (reused) or a fresh connection, how long a fresh
+one took, and whether its request left servegate, and on a reused connection how much of the
+request the server's TCP acknowledged (proxy/acked.py): the facts `failures.classify` needs.
+They are learnt where aiohttp already calls servegate's code (its connector, its request
+class), not through its trace signals, which cost a dozen awaited calls per request.
 Idle pooled connections are expired before the server's own idle timer can close them. The
 connect timeout counts only the time servegate's event loop could run (proxy/lag.py): a
 connect that waited for servegate's own busy loop is not the model server's failure.
@@ -15,13 +17,12 @@ import ssl
 import time
 from collections.abc import AsyncIterable, Iterable
 from contextvars import ContextVar
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ClientRequest
+from aiohttp.client_reqrep import ClientRequest, ClientResponse
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 from multidict import CIMultiDict
@@ -38,7 +39,8 @@ _KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,\s])timeout\s*=\s*(\d+(?:\.\d+)?)", re
 
 Body = bytes | AsyncIterable[bytes] | None
 
-# The attempt a connector is connecting for: `send` sets it, `_WatchingConnector` reads it.
+# The attempt a connector is connecting for: `send` sets it; `_WatchingConnector` and
+# `_WatchedRequest`, which run in the same task, read it.
 _ATTEMPT: ContextVar[_Attempt | None] = ContextVar("servegate_attempt", default=None)
 
 
@@ -78,7 +80,6 @@ class Upstream:
         self._authority = f"{host}:{origin.port}"
         self.idle_expiry = settings.idle_expiry
         ssl_context = client_ssl_context(settings.tls)
-        trace = _trace_config()
         lag = lag or LoopLag()
         # A pool limit would be a queue no metric shows and no budget sees (aiohttp waits for
         # a free connection without end), so the pools never limit on their own: admission
@@ -93,8 +94,7 @@ class Upstream:
                 limit_per_host=0,
                 keepalive_timeout=settings.idle_expiry,
                 ssl=ssl_context,
-            ),
-            trace,
+            )
         )
         self._fresh = self._session(
             _WatchingConnector(
@@ -104,14 +104,13 @@ class Upstream:
                 limit_per_host=0,
                 force_close=True,
                 ssl=ssl_context,
-            ),
-            trace,
+            )
         )
 
-    def _session(self, connector: aiohttp.TCPConnector, trace: aiohttp.TraceConfig) -> Any:
+    def _session(self, connector: aiohttp.TCPConnector) -> Any:
         session = aiohttp.ClientSession(
             connector=connector,
-            trace_configs=[trace],
+            request_class=_WatchedRequest,
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
             auto_decompress=False,  # bytes pass through exactly as the model sent them
             trust_env=False,  # an HTTP_PROXY in the container must not reroute model traffic
@@ -153,7 +152,6 @@ class Upstream:
                 data=body,
                 allow_redirects=False,
                 server_hostname=self.settings.tls.server_name,
-                trace_request_ctx=facts,
             )
         finally:
             _ATTEMPT.reset(token)
@@ -210,9 +208,16 @@ class _WatchingConnector(aiohttp.TCPConnector):
         traces: list[Trace],
         timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
     ) -> ResponseHandler:
+        # Called for a new connection only: one taken from the pool never comes here.
+        began = time.monotonic()
         # A TimeoutError from here becomes aiohttp's ConnectionTimeoutError (connect_timeout).
         async with ResponsiveTimeout(self._connect_timeout, self._lag):
-            return await super()._create_connection(req, traces, timeout)
+            protocol = await super()._create_connection(req, traces, timeout)
+        attempt = _ATTEMPT.get()
+        if attempt is not None:
+            attempt.facts.reused = False
+            attempt.facts.connect_seconds = time.monotonic() - began
+        return protocol
 
     async def connect(
         self,
@@ -223,8 +228,21 @@ class _WatchingConnector(aiohttp.TCPConnector):
         connection = await super().connect(req, traces, timeout)
         attempt = _ATTEMPT.get()
         if attempt is not None:
+            if attempt.facts.reused is None:  # `_create_connection` was not called
+                attempt.facts.reused = True
             attempt.watch = AckWatch.start(connection.transport)
         return connection
+
+
+class _WatchedRequest(ClientRequest):
+    """Marks the attempt's request as sent as aiohttp begins to write its head, the moment its
+    `on_request_headers_sent` signal would report."""
+
+    async def send(self, conn: Connection) -> ClientResponse:
+        attempt = _ATTEMPT.get()
+        if attempt is not None:
+            attempt.facts.request_sent = True
+        return await super().send(conn)
 
 
 def client_ssl_context(tls: UpstreamTLSSettings) -> ssl.SSLContext:
@@ -235,28 +253,3 @@ def client_ssl_context(tls: UpstreamTLSSettings) -> ssl.SSLContext:
     if tls.cert_file and tls.key_file:
         context.load_cert_chain(tls.cert_file, tls.key_file)
     return context
-
-
-def _trace_config() -> aiohttp.TraceConfig:
-    async def reused(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
-        ctx.trace_request_ctx.reused = True
-
-    async def creating(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
-        ctx.trace_request_ctx.connect_started = time.monotonic()
-
-    async def created(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
-        facts: AttemptFacts = ctx.trace_request_ctx
-        facts.reused = False
-        if facts.connect_started is not None:
-            facts.connect_seconds = time.monotonic() - facts.connect_started
-
-    async def headers_sent(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
-        ctx.trace_request_ctx.request_sent = True
-
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_reuseconn.append(reused)
-    trace.on_connection_create_start.append(creating)
-    trace.on_connection_create_end.append(created)
-    trace.on_request_headers_sent.append(headers_sent)
-    trace.freeze()
-    return trace
