@@ -73,7 +73,7 @@ _CATEGORY_OF: dict[Cause, Category] = {
 
 @dataclass
 class AttemptFacts:
-    """What the transport reported about one attempt (filled by aiohttp's trace signals)."""
+    """What the transport reported about one attempt (filled by proxy/upstream.py)."""
 
     scheme: str = "http"  # what the attempt spoke: the answer to a mismatch depends on it
     reused: bool | None = None  # None: no connection was obtained
@@ -82,7 +82,6 @@ class AttemptFacts:
     # kernel does not tell.
     request_bytes_acked: int | None = None
     response_started: bool = False  # the response's status line and headers arrived
-    connect_started: float | None = None  # monotonic time a new connection was begun
     connect_seconds: float = 0.0  # time spent opening a new connection (0 when reused)
 
 

@@ -4,6 +4,9 @@ The state machine (unknown, up, down, crash_loop) is fed by health checks and by
 real requests. A worker that dies mid-request is a restart even when the server never stops
 answering health checks (Gunicorn's master keeps listening while it boots a new worker), so
 passive evidence counts too. Restarts close together make a crash loop.
+
+A check's timeout counts only the time servegate's event loop could run (proxy/lag.py): a
+check that waited on servegate's own busy loop is inconclusive, and changes no state.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from yarl import URL
 
 from proxy.config import HealthSettings
 from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
+from proxy.lag import LoopLag, LoopLagged, ResponsiveTimeout
 
 log = structlog.get_logger("servegate.health")
 
@@ -29,6 +33,9 @@ log = structlog.get_logger("servegate.health")
 SAME_RESTART_WINDOW = 0.05
 # A budget that ran out this soon after a restart is named for the restart.
 RECENT_RESTART = 10.0
+# A check that cannot get health.timeout of the event loop's time within this many timeouts
+# of wall time is inconclusive: servegate was too busy to tell, so the state stays as it was.
+CHECK_WALL_FACTOR = 10
 
 
 class Health(StrEnum):
@@ -70,11 +77,13 @@ class HealthMonitor:
         on_change: Callable[[Health, Health], None],
         on_restart: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
+        on_inconclusive: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.state = Health.UNKNOWN
         self._on_change = on_change
         self._on_restart = on_restart
+        self._on_inconclusive = on_inconclusive
         self._clock = clock
         self._passed = 0
         self._failed = 0
@@ -187,7 +196,23 @@ class HealthMonitor:
         """Check every interval (the first check is the caller's, before traffic starts)."""
         while True:
             await asyncio.sleep(self.settings.interval)
-            self.record_check_result(await check())
+            await self.check_once(check)
+
+    async def check_once(self, check: Callable[[], Awaitable[Failure | None]]) -> None:
+        """One check, recorded; one servegate was too busy to judge (LoopLagged) is not."""
+        try:
+            failed = await check()
+        except LoopLagged as lagged:
+            self._on_inconclusive()
+            log.warning(
+                "health.check_inconclusive",
+                reason="servegate's event loop was too busy to read the answer",
+                waited_s=round(lagged.waited, 3),
+                loop_lag_s=round(lagged.lagged, 3),
+                state=self.state.value,
+            )
+            return
+        self.record_check_result(failed)
 
 
 async def check_upstream(
@@ -198,16 +223,23 @@ async def check_upstream(
     settings: HealthSettings,
     tls: ssl.SSLContext,
     server_name: str | None = None,
+    lag: LoopLag | None = None,
 ) -> Failure | None:
     """One health check; None when it passed, else the failure, classified.
 
     GET the health path (2xx passes), or, with none set, open a connection as requests do:
     TCP, plus the TLS handshake with servegate's verification when it speaks HTTPS, so a
     certificate it cannot verify is found before the first request.
+
+    The timeout is `settings.timeout` seconds of the event loop's time (`lag`; None: wall
+    time). Raises LoopLagged when CHECK_WALL_FACTOR timeouts of wall time pass before that.
     """
     facts = AttemptFacts(scheme=scheme)
+    timeout = ResponsiveTimeout(
+        settings.timeout, lag or LoopLag(), at_most=settings.timeout * CHECK_WALL_FACTOR
+    )
     try:
-        async with asyncio.timeout(settings.timeout):
+        async with timeout:
             if settings.path is None:
                 context = tls if scheme == "https" else None
                 hostname = (server_name or host) if context else None
@@ -224,5 +256,7 @@ async def check_upstream(
                     return None
                 detail = f"{settings.path} answered {response.status}"
                 return Failure(Cause.UPSTREAM_UNHEALTHY, detail)
+    except LoopLagged:
+        raise
     except (aiohttp.ClientError, OSError) as exc:  # TimeoutError and ssl.SSLError are OSErrors
         return classify(exc, facts, deadline_passed=False)

@@ -188,6 +188,19 @@ class Metrics:
             "Upgraded connections open now.",
             registry=registry,
         )
+        # servegate's own slowness (proxy/lag.py), kept apart from the model server's.
+        self.loop_lag = Counter(
+            "servegate_event_loop_lag_seconds",
+            "Seconds servegate's event loop ran behind its heartbeat: time every waiter in it "
+            "waited for servegate, not for the model server.",
+            registry=registry,
+        )
+        self.checks_inconclusive = Counter(
+            "servegate_health_checks_inconclusive",
+            "Health checks that could not be judged: servegate's own event loop was too busy "
+            "to read the answer in time. They change no health state.",
+            registry=registry,
+        )
         for cause in Cause:
             self.answers_4503.labels(cause.category, cause)
             self.upstream_failures.labels(cause.category, cause)

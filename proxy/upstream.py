@@ -1,9 +1,13 @@
 """The connection pool to the model server and one attempt on it.
 
-Each attempt reports, through aiohttp's trace signals, whether it used a pooled (reused) or a
-fresh connection and whether its request left servegate, and on a reused connection how much of
-the request the server's TCP acknowledged (proxy/acked.py): the facts `failures.classify` needs.
-Idle pooled connections are expired before the server's own idle timer can close them.
+Each attempt reports whether it used a pooled (reused) or a fresh connection, how long a fresh
+one took, and whether its request left servegate, and on a reused connection how much of the
+request the server's TCP acknowledged (proxy/acked.py): the facts `failures.classify` needs.
+They are learnt where aiohttp already calls servegate's code (its connector, its request
+class), not through its trace signals, which cost a dozen awaited calls per request.
+Idle pooled connections are expired before the server's own idle timer can close them. The
+connect timeout counts only the time servegate's event loop could run (proxy/lag.py): a
+connect that waited for servegate's own busy loop is not the model server's failure.
 """
 
 from __future__ import annotations
@@ -15,13 +19,12 @@ import ssl
 import time
 from collections.abc import AsyncIterable, Callable, Iterable
 from contextvars import ContextVar
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ClientRequest
+from aiohttp.client_reqrep import ClientRequest, ClientResponse
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 from multidict import CIMultiDict
@@ -32,6 +35,7 @@ from proxy.acked import AckWatch
 from proxy.config import UpstreamSettings, UpstreamTLSSettings
 from proxy.failures import AttemptFacts, Failure
 from proxy.framing import FramedResponseHandler, OnFault, report
+from proxy.lag import LoopLag, ResponsiveTimeout
 
 log = structlog.get_logger("servegate.upstream")
 
@@ -39,7 +43,8 @@ _KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,\s])timeout\s*=\s*(\d+(?:\.\d+)?)", re
 
 Body = bytes | AsyncIterable[bytes] | None
 
-# The attempt a connector is connecting for: `send` sets it, `_WatchingConnector` reads it.
+# The attempt a connector is connecting for: `send` sets it; `_WatchingConnector` and
+# `_WatchedRequest`, which run in the same task, read it.
 _ATTEMPT: ContextVar[_Attempt | None] = ContextVar("servegate_attempt", default=None)
 
 
@@ -70,9 +75,12 @@ class Upstream:
         settings: UpstreamSettings,
         max_concurrency: int = 0,
         on_failure: Callable[[Failure], None] = lambda _failure: None,
+        lag: LoopLag | None = None,
     ) -> None:
         """`max_concurrency`: admission's limit (0: none), which sizes both pools.
-        `on_failure` hears of faults in answers that were still relayed (proxy/framing.py)."""
+        `on_failure` hears of faults in answers that were still relayed (proxy/framing.py).
+        `lag`: the loop's heartbeat, which the connect timeout discounts (unstarted: wall
+        time)."""
         self.settings = settings
         origin = settings.origin
         # With upstream.scheme: auto either scheme may be spoken, so both are ready.
@@ -82,7 +90,7 @@ class Upstream:
         self._authority = f"{host}:{origin.port}"
         self.idle_expiry = settings.idle_expiry
         ssl_context = client_ssl_context(settings.tls)
-        trace = _trace_config()
+        lag = lag or LoopLag()
         # A pool limit would be a queue no metric shows and no budget sees (aiohttp waits for
         # a free connection without end), so the pools never limit on their own: admission
         # does, in the open. A request holds one connection at a time (its retry's fresh one
@@ -90,34 +98,38 @@ class Upstream:
         # wait for a connection.
         self._on_fault = report(on_failure)
         self._pool = _WatchingConnector(
+            settings.connect_timeout,
+            lag,
             limit=max_concurrency,
             limit_per_host=0,
             keepalive_timeout=settings.idle_expiry,
             ssl=ssl_context,
         )
-        self._pooled = self._session(self._pool, trace)
+        self._pooled = self._session(self._pool)
         self._fresh = self._session(
             _WatchingConnector(
-                limit=max_concurrency, limit_per_host=0, force_close=True, ssl=ssl_context
-            ),
-            trace,
+                settings.connect_timeout,
+                lag,
+                limit=max_concurrency,
+                limit_per_host=0,
+                force_close=True,
+                ssl=ssl_context,
+            )
         )
 
-    def _session(
-        self, connector: aiohttp.TCPConnector, trace: aiohttp.TraceConfig
-    ) -> aiohttp.ClientSession:
+    def _session(self, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
         session = aiohttp.ClientSession(
             connector=_framed(connector, self._on_fault),
-            trace_configs=[trace],
+            request_class=_WatchedRequest,
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
             auto_decompress=False,  # bytes pass through exactly as the model sent them
             trust_env=False,  # an HTTP_PROXY in the container must not reroute model traffic
             max_line_size=self.settings.max_response_header_bytes,
             max_field_size=self.settings.max_response_header_bytes,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            # sock_connect, not connect: waiting for a free pooled connection is queueing, not
-            # a server that cannot be reached; the request's budget bounds it.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout),
+            # No timeout of aiohttp's own: the connector times the connect (in responsive time),
+            # the request's budget bounds the rest.
+            timeout=aiohttp.ClientTimeout(total=None),
         )
         # aiohttp silently replays an idempotent request once after a disconnect; servegate's
         # attempt loop must be the only place that decides (and counts) a retry.
@@ -149,7 +161,6 @@ class Upstream:
                 data=body,
                 allow_redirects=False,
                 server_hostname=self.settings.tls.server_name,
-                trace_request_ctx=facts,
             )
         finally:
             _ATTEMPT.reset(token)
@@ -190,7 +201,30 @@ class _Attempt:
 
 class _WatchingConnector(aiohttp.TCPConnector):
     """Starts counting the server's acknowledgements on a connection once it is taken from
-    the pool or opened, before the request is written to it."""
+    the pool or opened, before the request is written to it; times a new connection's TCP
+    connect and TLS handshake in responsive time (proxy/lag.py)."""
+
+    def __init__(self, connect_timeout: float, lag: LoopLag, **options: Any) -> None:
+        super().__init__(**options)
+        self._connect_timeout = connect_timeout
+        self._lag = lag
+
+    async def _create_connection(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> ResponseHandler:
+        # Called for a new connection only: one taken from the pool never comes here.
+        began = time.monotonic()
+        # A TimeoutError from here becomes aiohttp's ConnectionTimeoutError (connect_timeout).
+        async with ResponsiveTimeout(self._connect_timeout, self._lag):
+            protocol = await super()._create_connection(req, traces, timeout)
+        attempt = _ATTEMPT.get()
+        if attempt is not None:
+            attempt.facts.reused = False
+            attempt.facts.connect_seconds = time.monotonic() - began
+        return protocol
 
     async def connect(
         self,
@@ -201,6 +235,8 @@ class _WatchingConnector(aiohttp.TCPConnector):
         connection = await super().connect(req, traces, timeout)
         attempt = _ATTEMPT.get()
         if attempt is not None:
+            if attempt.facts.reused is None:  # `_create_connection` was not called
+                attempt.facts.reused = True
             attempt.watch = AckWatch.start(connection.transport)
         return connection
 
@@ -217,6 +253,17 @@ def _framed(connector: aiohttp.TCPConnector, on_fault: OnFault) -> aiohttp.TCPCo
     return connector
 
 
+class _WatchedRequest(ClientRequest):
+    """Marks the attempt's request as sent as aiohttp begins to write its head, the moment its
+    `on_request_headers_sent` signal would report."""
+
+    async def send(self, conn: Connection) -> ClientResponse:
+        attempt = _ATTEMPT.get()
+        if attempt is not None:
+            attempt.facts.request_sent = True
+        return await super().send(conn)
+
+
 def client_ssl_context(tls: UpstreamTLSSettings) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
     if not tls.verify:
@@ -225,28 +272,3 @@ def client_ssl_context(tls: UpstreamTLSSettings) -> ssl.SSLContext:
     if tls.cert_file and tls.key_file:
         context.load_cert_chain(tls.cert_file, tls.key_file)
     return context
-
-
-def _trace_config() -> aiohttp.TraceConfig:
-    async def reused(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
-        ctx.trace_request_ctx.reused = True
-
-    async def creating(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
-        ctx.trace_request_ctx.connect_started = time.monotonic()
-
-    async def created(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
-        facts: AttemptFacts = ctx.trace_request_ctx
-        facts.reused = False
-        if facts.connect_started is not None:
-            facts.connect_seconds = time.monotonic() - facts.connect_started
-
-    async def headers_sent(_s: Any, ctx: SimpleNamespace, _p: Any) -> None:
-        ctx.trace_request_ctx.request_sent = True
-
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_reuseconn.append(reused)
-    trace.on_connection_create_start.append(creating)
-    trace.on_connection_create_end.append(created)
-    trace.on_request_headers_sent.append(headers_sent)
-    trace.freeze()
-    return trace
