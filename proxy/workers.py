@@ -170,6 +170,9 @@ def _data_port(settings: Settings) -> int:
     host, port = split_address(settings.server.listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the workers bind: connections of an earlier run still in TIME_WAIT do not hold
+        # the port, a socket listening on it does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
