@@ -21,13 +21,12 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import ERROR as PARSE_ERROR
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from yarl import URL
 
 from proxy import answer, logs
 from proxy.admission import Admission, QueueFull
-from proxy.aiohttp_internals import HandlerServer
+from proxy.aiohttp_internals import HandlerServer, is_parse_error, request_count
 from proxy.body import BodyTooLarge, RequestBody
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
@@ -406,13 +405,13 @@ class _JsonErrorHandler(RequestHandler):
         self.head = _Head()  # that of the request being handled
 
     def data_received(self, data: bytes) -> None:
-        requests_before = self._request_count
+        requests_before = request_count(self)
         if b"\n" not in self._head_start:
             self._head_start += data[: self._max_line + 64]
         super().data_received(data)
-        if self._request_count != requests_before:
+        if (requests := request_count(self)) != requests_before:
             head = _Head.of(self._head_start, self._max_line)
-            self._heads.extend([head] * (self._request_count - requests_before))
+            self._heads.extend([head] * (requests - requests_before))
             self._head_start = b""
 
     def next_head(self) -> _Head:
@@ -463,11 +462,10 @@ class JsonErrorServer(HandlerServer):
         writer: AbstractStreamWriter,
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
-        """aiohttp gives an unparseable request a stand-in message (`web_protocol.ERROR`) that
-        says HTTP/1.0, and its answer's status line says the same; it gets the version the
-        client spoke instead."""
+        """aiohttp gives an unparseable request a stand-in message that says HTTP/1.0, and its
+        answer's status line says the same; it gets the version the client spoke instead."""
         if isinstance(protocol, _JsonErrorHandler):
             head = protocol.next_head()
-            if message is PARSE_ERROR:
+            if is_parse_error(message):
                 message = message._replace(version=head.spoke)
-        return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        return web.BaseRequest(message, payload, protocol, writer, task, self.loop)

@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge
 from yarl import URL
 
 from proxy.config import ServerSettings
-from proxy.connection import ClientConnection, TimeoutPhase, check_aiohttp
+from proxy.connection import ClientConnection, TimeoutPhase
 from proxy.tls import server_tls_context
 
 log = structlog.get_logger("servegate.listener")
@@ -148,8 +148,8 @@ class SniffingSite(web.BaseSite):
 
     async def start(self) -> None:
         tls = server_tls_context(self._settings)  # before binding: a bad file binds nothing
-        check_aiohttp()
-        sockets = await _listen(self._host, self._port, self._backlog, self._settings.reuse_port)
+        settings = self._settings
+        sockets = await _listen(self._host, self._port, settings.backlog, settings.reuse_port)
         await super().start()
         self._acceptor = _Acceptor(
             sockets, self._handler_factory, tls, self._settings, self._metrics
