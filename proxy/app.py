@@ -24,11 +24,12 @@ from proxy.admin import Readiness, admin_app
 from proxy.admission import Admission
 from proxy.circuit import Circuit, Signal
 from proxy.config import Settings, effective, split_address
+from proxy.data_server import JsonErrorServer, server_options
 from proxy.failures import Failure
 from proxy.forward import Forwarder
 from proxy.headers import install_byte_exact_writer
 from proxy.health import Health, HealthMonitor, check_upstream
-from proxy.ingress import Ingress, JsonErrorServer, server_options
+from proxy.ingress import Ingress
 from proxy.listener import SniffingSite
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
