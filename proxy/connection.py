@@ -11,7 +11,6 @@ import asyncio
 import json
 import uuid
 from collections.abc import Callable
-from enum import StrEnum
 from typing import cast
 
 from aiohttp.web_protocol import RequestHandler
@@ -22,13 +21,6 @@ from proxy.aiohttp_internals import awaits_request
 # unread bytes sends a TCP reset, which can destroy the answer before the client reads it
 # (nginx's lingering close).
 LINGER = 2.0
-
-
-class TimeoutPhase(StrEnum):
-    """The `phase` label of servegate_client_timeouts_total."""
-
-    HEADERS = "headers"  # a request's headers did not all arrive within server.header_timeout
-    IDLE = "idle"  # a new connection sent nothing at all (the listener's PEEK_TIMEOUT)
 
 
 def header_timeout_answer(seconds: float) -> bytes:
