@@ -201,7 +201,7 @@ class Ingress:
             if not await self.circuit.admit(budget.remaining()):
                 self.metrics.shed.labels(ShedReason.CIRCUIT_OPEN).inc()
                 detail = "the circuit is open: the model server is down"
-                failure = self.forwarder.health.explain(Failure(Cause.CIRCUIT_OPEN, detail))
+                failure = self.forwarder.state.health.explain(Failure(Cause.CIRCUIT_OPEN, detail))
                 return Refusal(failure, self.circuit.retry_after())
             admitted = await self.admission.enter(budget.remaining())
         except QueueFull:
