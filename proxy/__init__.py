@@ -3,26 +3,41 @@ into no error at all, or a precise one.
 
 One request's path through the package, file by file, in order:
 
- 1. cli.py, __main__.py  `servegate run | doctor | check-config`; builds the settings
+ 1. cli.py, __main__.py  `servegate run | doctor | check-config`; builds the settings, raises the
+                         open-file limit (limits.py), and with --workers runs N processes that
+                         share the data port (workers.py), each one all of what follows
  2. config.py            the one frozen Settings object (defaults < YAML < environment < flags)
  3. app.py               the composition root: wires the stages below, binds the ports, and
-                         stops gracefully; aiohttp_internals.py is checked here first
- 4. listener.py          the data port: peeks at each connection's first byte, TLS or plain HTTP
- 5. ingress.py           the handler: request id, budget, body, then forward; relays the answer
-                         or answers the failure; one access line per request
- 6. budget.py            the request's deadline, and the time left told to the model
- 7. body.py              the client's body, read first and kept for replay up to a limit
- 8. admission.py         the circuit's verdict, a concurrency slot, a bounded queue, or a 429
-    headers.py           which headers cross servegate, both ways
- 9. forward.py           the attempt loop: attempt, classify, decide, back off or give up
-10. upstream.py          the connection pool and one attempt on it; reports reused / sent
-11. failures.py          Category, Cause, Failure: the one translation of what went wrong
-12. retry.py             decide() -> Retry | GiveUp; pure
-13. relay.py             streams the model's response to the client unchanged
-14. answer.py            a Failure -> the JSON 503/504/429 the client gets, with advice.py's hint
+                         stops gracefully; first it checks every private aiohttp attribute
+                         servegate uses (aiohttp_internals.py, the only module that touches one)
+ 4. listener.py          the data port: accepts under server.max_connections, peeks at each
+                         connection's first byte, TLS (tls.py: its context) or plain HTTP
+ 5. connection.py        one client connection: aiohttp's request handler, plus a deadline on
+                         each request's head (server.header_timeout, a 408)
+ 6. data_server.py       the aiohttp server behind it: its options, and the JSON answer to a
+                         head aiohttp cannot parse (400, 414, 431), before any handler runs
+ 7. ingress.py           the handler: request id, budget, body, then forward; relays the answer
+                         or answers the failure; one access line per request. An Upgrade
+                         (WebSocket) request goes to upgrade.py instead, piped both ways
+ 8. budget.py            the request's deadline, and the time left told to the model
+ 9. body.py              the client's body, read first and kept for replay up to a limit
+10. admission.py         the circuit's verdict, a concurrency slot, a bounded queue, or a 429
+    headers.py           which headers cross servegate, both ways, written byte for byte
+11. forward.py           the attempt loop: attempt, classify, decide, back off or give up
+12. upstream.py          the connection pool and one attempt on it; reports reused / sent, and
+                         from the kernel how many request bytes the model's TCP acknowledged
+                         (acked.py: the proof a replay needs); framing.py holds each answer to
+                         its own framing and names the bytes beyond it
+13. failures.py          Category, Cause, Failure: the one translation of what went wrong
+14. retry.py             decide() -> Retry | GiveUp; pure
+15. relay.py             streams the model's response to the client unchanged
+16. answer.py            a Failure -> the JSON 503/504/429 the client gets, with the hint that
+                         advice.py writes once per cause (doctor/ and probe.py read it too)
 
-In the background, fed by failures: circuit.py (closed, half-open, open), health.py (up, down,
-restarts, crash loop), probe.py (which scheme the server speaks), supervise.py (the model server
-as a child process). Observability: metrics.py, logs.py, admin.py (/metrics, /healthz,
-/readyz). A second program beside the request path: doctor/ (`servegate doctor`).
+In the background, fed by the checks and by failures: upstream_state.py wires the two state
+machines together (what each health transition, check and attempt tells the circuit): circuit.py
+(closed, half-open, open) and health.py (up, down, restarts, crash loop); probe.py (which scheme
+the server speaks); supervise.py (the model server as a child process). Observability:
+metrics.py, logs.py, admin.py (/metrics, /healthz, /readyz). A second program beside the request
+path: doctor/ (`servegate doctor`; its __init__.py lists its files in order).
 """

@@ -1,21 +1,28 @@
 """The only module that reaches into aiohttp's private attributes, and the start-up check that
 says so loudly when an aiohttp release has moved one.
 
-servegate needs three things aiohttp offers no public switch for: turning off the client's hidden
+aiohttp offers no public switch for what servegate needs here: turning off the client's hidden
 one-time retry of idempotent requests (servegate's attempt loop must be the only place a retry
 is decided and counted), changing a connector's idle expiry once the server announces its
-keep-alive, and building the data port's request handlers from servegate's own class. A renamed
-attribute would not fail: Python would quietly set a new one, and a PUT that reached the model
-would be replayed. So each use checks that the attribute is there, and `check()` runs at start-up.
+keep-alive, building each client connection's protocol and the data port's request handlers from
+servegate's own classes, holding an answer to its framing, timing a request's head, writing
+heads byte for byte, and sending a buffered answer's head with its body. A renamed attribute
+would not fail: Python would quietly set a new one, and a PUT that reached the model would be
+replayed. So `check()` verifies every one of them before servegate serves anything, and each
+use below names the aiohttp 3.14 source it relies on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_writer, web, web_protocol
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.http import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 
 # aiohttp >= 3.9 (client.py, ClientSession._request): "retry_persistent_connection =
@@ -25,15 +32,41 @@ _RETRY_SWITCH = "_retry_connection"
 # aiohttp's BaseConnector reads this when it takes a pooled connection and when it sweeps idle
 # ones (connector.py, BaseConnector._get / _cleanup); the constructor's keepalive_timeout sets it.
 _KEEPALIVE = "_keepalive_timeout"
+# connector.py, BaseConnector.__init__: "self._factory = functools.partial(ResponseHandler,
+# loop=loop)"; TCPConnector._create_direct_connection and _wrap_create_connection call it for
+# every new connection's protocol.
+_PROTOCOL_FACTORY = "_factory"
+# client_proto.py, ResponseHandler.data_received: bytes that arrive while no parser is set
+# (before the request is sent) wait in `_tail`; set_response_params builds the response parser
+# in `_parser` (base_protocol.py, BaseProtocol) and then feeds it `_tail`.
+_UNPARSED = "_tail"
+_PARSER = "_parser"
+# web_response.py, StreamResponse._write_headers: "if self._send_headers_immediately:
+# writer.send_headers()"; web.Response sets it False so its head leaves with its body.
+_HEAD_NOW = "_send_headers_immediately"
+# web_response.py, StreamResponse._start awaits `_prepare_headers()`, which adds the Date,
+# Server, Content-Type and framing headers; a subclass can take some of them out after it.
+_PREPARE_HEADERS = "_prepare_headers"
+# web_protocol.py, RequestHandler: `_waiter` is the future start() awaits while no request is
+# queued; data_received counts every head it parses (or fails to) in `_request_count`.
+_WAITER = "_waiter"
+_REQUEST_COUNT = "_request_count"
+# web_protocol.py: the stand-in message ERROR that RequestHandler.start hands the request factory
+# for a head it could not parse.
+_PARSE_ERROR = "ERROR"
+# http_writer.py: StreamWriter.write_headers calls the module-level `_serialize_headers` (the C
+# writer's, or the Python one), for the client's requests and the server's answers alike.
+_SERIALIZER = "_serialize_headers"
 
 
 class MissingInternal(Exception):
     """An aiohttp attribute servegate relies on is gone; the message names it and the fix."""
 
 
-def _missing(what: str, why: str) -> MissingInternal:
+def _missing(*needs: tuple[str, str]) -> MissingInternal:
+    named = "; ".join(f"{what}, which servegate needs to {why}" for what, why in needs)
     return MissingInternal(
-        f"aiohttp {aiohttp.__version__} has no {what}, which servegate needs to {why}: "
+        f"aiohttp {aiohttp.__version__} has no {named}: "
         "install an aiohttp version servegate was tested with (see pyproject.toml)"
     )
 
@@ -43,7 +76,7 @@ def disable_hidden_retry(session: aiohttp.ClientSession) -> None:
 
     Raises MissingInternal if the switch is gone (a new attribute would change nothing)."""
     if _RETRY_SWITCH not in aiohttp.ClientSession.ATTRS or not hasattr(session, _RETRY_SWITCH):
-        raise _missing(f"ClientSession.{_RETRY_SWITCH}", "switch off its hidden retry")
+        raise _missing((f"ClientSession.{_RETRY_SWITCH}", "switch off its hidden retry"))
     setattr(session, _RETRY_SWITCH, False)
 
 
@@ -52,8 +85,69 @@ def set_keepalive_timeout(connector: aiohttp.BaseConnector, seconds: float) -> N
 
     Raises MissingInternal if the attribute is gone."""
     if not hasattr(connector, _KEEPALIVE):
-        raise _missing(f"BaseConnector.{_KEEPALIVE}", "expire idle pooled connections")
+        raise _missing((f"BaseConnector.{_KEEPALIVE}", "expire idle pooled connections"))
     setattr(connector, _KEEPALIVE, seconds)
+
+
+def use_protocol_factory(
+    connector: aiohttp.BaseConnector, factory: Callable[[], ResponseHandler]
+) -> None:
+    """Build every new connection's protocol of `connector` with `factory` (no arguments).
+
+    Raises MissingInternal if the attribute is gone."""
+    if not hasattr(connector, _PROTOCOL_FACTORY):
+        raise _missing((f"BaseConnector.{_PROTOCOL_FACTORY}", "hold answers to their framing"))
+    setattr(connector, _PROTOCOL_FACTORY, factory)
+
+
+def take_unparsed(handler: ResponseHandler) -> bytes:
+    """The bytes `handler` holds because no response parser was set when they came; cleared."""
+    early, handler._tail = handler._tail, b""
+    return early
+
+
+def response_parser(handler: ResponseHandler) -> Any:
+    """The parser `handler` feeds the connection's bytes (None before a request is sent)."""
+    return handler._parser
+
+
+def replace_response_parser(handler: ResponseHandler, parser: Any) -> None:
+    """Make `handler` feed `parser` instead: it answers feed_data, feed_eof and pause_reading
+    as aiohttp's HttpResponseParser does."""
+    handler._parser = parser
+
+
+def hold_head_for_body(response: web.StreamResponse) -> None:
+    """Send `response`'s head with its first body write, in one packet, as web.Response does."""
+    response._send_headers_immediately = False
+
+
+def awaits_request(handler: RequestHandler) -> bool:
+    """Whether the request handler is idle, waiting for the next request's head.
+
+    Before its task first runs (asyncio < 3.12 starts tasks lazily, and a TLS connection's
+    first bytes can arrive with its handshake) there is no waiter yet: then no head has been
+    parsed at all."""
+    waiter = handler._waiter
+    if waiter is None:
+        return handler._request_count == 0
+    return not waiter.done()
+
+
+def request_count(handler: RequestHandler) -> int:
+    """How many heads the request handler has parsed on its connection, unparseable ones too."""
+    return handler._request_count
+
+
+def is_parse_error(message: RawRequestMessage) -> bool:
+    """Whether `message` is aiohttp's stand-in for a head it could not parse."""
+    return message is web_protocol.ERROR
+
+
+def replace_head_serializer(serialize: Callable[[str, Mapping[str, str]], bytes]) -> None:
+    """Make every message head aiohttp writes in this process, client and server, go through
+    `serialize(start_line, headers)`."""
+    setattr(http_writer, _SERIALIZER, serialize)
 
 
 class HandlerServer(web.Server):
@@ -61,7 +155,8 @@ class HandlerServer(web.Server):
     subclass (to answer unparseable requests servegate's way).
 
     web.Server builds a plain RequestHandler per connection from the keyword arguments it was
-    given; this keeps its own copy of them instead of reading web.Server's private ones."""
+    given; this keeps its own copy of them instead of reading web.Server's private ones.
+    `loop` is the event loop it serves on."""
 
     def __init__(
         self,
@@ -80,26 +175,93 @@ class HandlerServer(web.Server):
         )
         self._handler_class = handler_class
         self._handler_kwargs = handler_kwargs
-        self._handler_loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
 
     def __call__(self) -> RequestHandler:
         # The runner uses the server itself as the protocol factory (web_runner.py, BaseSite).
-        return self._handler_class(self, loop=self._handler_loop, **self._handler_kwargs)
+        return self._handler_class(self, loop=self.loop, **self._handler_kwargs)
 
 
 async def check() -> None:
-    """Fail at start-up, not under traffic, if any of the above no longer holds.
+    """Fail at start-up, not under traffic, if anything above no longer holds.
 
-    Raises MissingInternal with one line naming what is gone."""
+    Raises MissingInternal with one line naming everything that is gone."""
+    missing = [*await _client_missing(), *_server_missing()]
+    if missing:
+        raise _missing(*missing)
+
+
+async def _client_missing() -> list[tuple[str, str]]:
+    missing: list[tuple[str, str]] = []
     connector = aiohttp.TCPConnector(keepalive_timeout=12.5)
     session = aiohttp.ClientSession(connector=connector)
     try:
         if getattr(connector, _KEEPALIVE, None) != 12.5:
-            raise _missing(f"BaseConnector.{_KEEPALIVE}", "expire idle pooled connections")
+            missing.append((f"BaseConnector.{_KEEPALIVE}", "expire idle pooled connections"))
         if getattr(session, _RETRY_SWITCH, None) is not True:
-            raise _missing(f"ClientSession.{_RETRY_SWITCH}", "switch off its hidden retry")
-        disable_hidden_retry(session)
+            missing.append((f"ClientSession.{_RETRY_SWITCH}", "switch off its hidden retry"))
+        factory = getattr(connector, _PROTOCOL_FACTORY, None)
+        handler = factory() if callable(factory) else None
+        if not isinstance(handler, ResponseHandler):
+            why = "hold answers to their framing"
+            missing.append((f"BaseConnector.{_PROTOCOL_FACTORY}", why))
+            handler = ResponseHandler(asyncio.get_running_loop())
+        if getattr(handler, _UNPARSED, None) != b"":
+            missing.append((f"ResponseHandler.{_UNPARSED}", "hold answers to their framing"))
+        # upstream._WatchingConnector overrides it: called for a new connection only, never
+        # for a pooled one (connector.py, BaseConnector.connect), it times the connect.
+        if not inspect.iscoroutinefunction(
+            getattr(aiohttp.TCPConnector, "_create_connection", None)
+        ):
+            what = "TCPConnector._create_connection"
+            missing.append((what, "time a new connection and tell it from a pooled one"))
+        handler.set_response_params()
+        if getattr(handler, _PARSER, None) is None:
+            missing.append((f"ResponseHandler.{_PARSER}", "hold answers to their framing"))
     finally:
         await session.close()
-    if not callable(getattr(RequestHandler, "handle_error", None)):
-        raise _missing("RequestHandler.handle_error", "answer unparseable requests in JSON")
+    return missing
+
+
+def _server_missing() -> list[tuple[str, str]]:
+    needs = (
+        (
+            getattr(web.StreamResponse, _HEAD_NOW, None) is True,
+            f"StreamResponse.{_HEAD_NOW}",
+            "send a buffered answer's head with its body",
+        ),
+        (
+            inspect.iscoroutinefunction(getattr(web.StreamResponse, _PREPARE_HEADERS, None)),
+            f"StreamResponse.{_PREPARE_HEADERS}",
+            "add no Server or Content-Type header the model did not send",
+        ),
+        *(
+            (
+                name in getattr(RequestHandler, "__slots__", ()),
+                f"RequestHandler.{name}",
+                "time each request's head (server.header_timeout)",
+            )
+            for name in (_WAITER, _REQUEST_COUNT)
+        ),
+        (
+            isinstance(getattr(web_protocol, _PARSE_ERROR, None), RawRequestMessage),
+            f"web_protocol.{_PARSE_ERROR}",
+            "answer an unparseable request in the version its client spoke",
+        ),
+        (
+            callable(getattr(RequestHandler, "handle_error", None)),
+            "RequestHandler.handle_error",
+            "answer unparseable requests in JSON",
+        ),
+        (
+            callable(getattr(RequestHandler, "set_parser", None)),
+            "RequestHandler.set_parser",
+            "relay an upgraded connection (server.upgrades)",
+        ),
+        (
+            callable(getattr(http_writer, _SERIALIZER, None)),
+            f"http_writer.{_SERIALIZER}",
+            "write obs-text and raw target bytes byte for byte",
+        ),
+    )
+    return [(what, why) for ok, what, why in needs if not ok]

@@ -23,19 +23,20 @@ from prometheus_client import CollectorRegistry
 from proxy import aiohttp_internals
 from proxy.admin import Readiness, admin_app
 from proxy.admission import Admission
-from proxy.circuit import Circuit, Signal
 from proxy.config import Settings, effective, split_address
+from proxy.data_server import JsonErrorServer, server_options
 from proxy.failures import Failure
 from proxy.forward import Forwarder
 from proxy.headers import install_byte_exact_writer
-from proxy.health import Health, HealthMonitor, check_upstream
-from proxy.ingress import Ingress, JsonErrorServer, server_options
+from proxy.health import check_upstream
+from proxy.ingress import Ingress
 from proxy.lag import LoopLag
 from proxy.listener import SniffingSite
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
 from proxy.tls import CertificateError
 from proxy.upstream import Upstream, client_ssl_context
+from proxy.upstream_state import UpstreamState
 
 log = structlog.get_logger("servegate")
 
@@ -63,13 +64,8 @@ class Servegate:
         self.metrics = Metrics(self.registry, settings.budget.seconds)
         self._rng = rng or random.Random()
         self._probe = SchemeProbe(settings.upstream, self.metrics)
-        self.circuit = Circuit(settings.circuit, on_change=self.metrics.circuit_state.set)
-        self.health = HealthMonitor(
-            settings.health,
-            self._health_changed,
-            self.metrics.upstream_restarts.inc,
-            on_inconclusive=self.metrics.checks_inconclusive.inc,
-        )
+        self.state = UpstreamState(settings.health, settings.circuit, self.metrics)
+        self.circuit, self.health = self.state.circuit, self.state.health
         self.lag = LoopLag(on_lag=self.metrics.loop_lag.inc)
         self.admission = Admission(settings.admission, self.metrics)
         self.readiness = Readiness(self._probe, self.health)
@@ -96,8 +92,7 @@ class Servegate:
         forwarder = Forwarder(
             self._upstream,
             self._probe,
-            self.health,
-            self.circuit,
+            self.state,
             self.settings.retry,
             self.metrics,
             self._rng,
@@ -168,26 +163,12 @@ class Servegate:
         checks = self._checks
 
         async def check() -> Failure | None:
-            failed = await check_upstream(
+            return await check_upstream(
                 checks, self._probe.host, self._probe.port, self._probe.speaking,
                 self.settings.health, tls, self.settings.upstream.tls.server_name, self.lag,
             )  # fmt: skip
-            if failed is None and self.health.state is Health.UP:
-                # The circuit may have opened on refusals the checks never saw (a restart
-                # between two checks): a passing check lets requests try again.
-                self.circuit.signal(Signal.UP)
-            return failed
 
-        await self.health.check_once(check)  # known by the time start() returns
-        self._health_task = asyncio.create_task(self.health.run(check))
-
-    def _health_changed(self, was: Health, now: Health) -> None:
-        self.metrics.upstream_up.set(now is Health.UP)
-        self.metrics.crash_loop.set(now is Health.CRASH_LOOP)
-        if now is Health.UP:
-            self.circuit.signal(Signal.UP)
-        elif now is Health.DOWN:
-            self.circuit.signal(Signal.DOWN)
+        self._health_task = await self.state.start_checks(check)  # the first verdict is known
 
     async def stop(self, quiet: float = 0.0) -> None:
         """Fail /readyz, keep serving for `quiet` seconds, then stop accepting and drain."""

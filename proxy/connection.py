@@ -11,22 +11,16 @@ import asyncio
 import json
 import uuid
 from collections.abc import Callable
-from enum import StrEnum
 from typing import cast
 
 from aiohttp.web_protocol import RequestHandler
+
+from proxy.aiohttp_internals import awaits_request
 
 # After the 408, read what the client still sends for this long before closing: closing with
 # unread bytes sends a TCP reset, which can destroy the answer before the client reads it
 # (nginx's lingering close).
 LINGER = 2.0
-
-
-class TimeoutPhase(StrEnum):
-    """The `phase` label of servegate_client_timeouts_total."""
-
-    HEADERS = "headers"  # a request's headers did not all arrive within server.header_timeout
-    IDLE = "idle"  # a new connection sent nothing at all (the listener's PEEK_TIMEOUT)
 
 
 def header_timeout_answer(seconds: float) -> bytes:
@@ -53,7 +47,8 @@ class ClientConnection(asyncio.Protocol):
     The deadline starts with the first byte of a request's head, on every request of a
     keep-alive connection (idle time between requests is the keep-alive's), and ends when
     aiohttp has parsed the head; the body then draws on the request's budget. When it passes,
-    the client gets a 408 and the connection is closed.
+    the client gets a 408 and the connection is closed. Whether aiohttp's handler awaits a
+    head is read from its private state, through proxy/aiohttp_internals.py.
     """
 
     def __init__(
@@ -77,11 +72,11 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._expired:
             return  # answered 408: what still comes is read and dropped until the close
-        waiting = _awaits_request(self._handler)
+        waiting = awaits_request(self._handler)
         self._handler.data_received(data)
         if not waiting:
             return  # a request is being handled: its body is the budget's business
-        if not _awaits_request(self._handler):
+        if not awaits_request(self._handler):
             self._disarm()  # the head is complete (or unparseable, and answered so)
         elif data and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
@@ -108,7 +103,7 @@ class ClientConnection(asyncio.Protocol):
     def _expire(self) -> None:
         self._timer = None
         transport = self._transport
-        if transport is None or transport.is_closing() or not _awaits_request(self._handler):
+        if transport is None or transport.is_closing() or not awaits_request(self._handler):
             return
         self._expired = True
         self._on_timeout()
@@ -118,32 +113,3 @@ class ClientConnection(asyncio.Protocol):
             asyncio.get_running_loop().call_later(LINGER, transport.close)
         else:
             transport.close()
-
-
-def _awaits_request(handler: RequestHandler) -> bool:
-    """Whether aiohttp's handler is idle, waiting for the next request's head.
-
-    aiohttp (3.14, web_protocol.RequestHandler) keeps that wait as the future `_waiter`,
-    pending while no request is queued or handled, and counts the heads parsed in
-    `_request_count`; before its task first runs (asyncio < 3.12 starts tasks lazily, and a
-    TLS connection's first bytes can arrive with its handshake) there is no waiter yet. No
-    public attribute tells either; this is the only place servegate reads them, and
-    `check_aiohttp` fails start-up if they are gone.
-    """
-    waiter = handler._waiter
-    if waiter is None:
-        return handler._request_count == 0
-    return not waiter.done()
-
-
-_PRIVATE = ("_waiter", "_request_count")
-
-
-def check_aiohttp() -> None:
-    """Fail loudly at start-up if an aiohttp attribute the header deadline reads is gone."""
-    missing = [name for name in _PRIVATE if name not in getattr(RequestHandler, "__slots__", ())]
-    if missing:
-        raise RuntimeError(
-            f"this aiohttp's RequestHandler has no {', '.join(missing)}: server.header_timeout "
-            "cannot work; install the aiohttp version servegate pins"
-        )

@@ -19,19 +19,17 @@ import structlog
 
 from proxy.body import RequestBody
 from proxy.budget import REMAINING_HEADER, Budget, Spent
-from proxy.circuit import Circuit, Signal
 from proxy.config import RetrySettings
-from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
-from proxy.health import HealthMonitor
+from proxy.failures import AttemptFacts, Cause, Failure, classify
 from proxy.metrics import Metrics, ShedReason
 from proxy.probe import SchemeProbe
 from proxy.retry import Decision, GiveUp, GiveUpReason, Outcome, RetryState, decide, retry_outcome
 from proxy.upstream import Upstream
+from proxy.upstream_state import UNREACHABLE, UpstreamState
 
 log = structlog.get_logger("servegate.forward")
 
 BUFFERED_ANSWER_MAX = 256 * 1024  # predictions are small; larger answers stream as they come
-UNREACHABLE = frozenset({Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT})
 
 
 @dataclass(frozen=True)
@@ -66,8 +64,7 @@ class Forwarded:
 class Forwarder:
     upstream: Upstream
     probe: SchemeProbe
-    health: HealthMonitor
-    circuit: Circuit
+    state: UpstreamState  # the model server's health and the circuit
     settings: RetrySettings
     metrics: Metrics
     rng: random.Random
@@ -97,13 +94,13 @@ class Forwarder:
                 self.metrics.record_retry(retrying.cause, outcome)
             if answer is not None:
                 self.probe.observed_working()
-                self.circuit.signal(Signal.SUCCESS)
+                self.state.attempt_succeeded()
                 return Forwarded(attempt, facts, response=answer)
             assert failure is not None
             failure = await self._observe(failure, facts.scheme, began, budget)
             if failure.cause in UNREACHABLE and connects_until is None:
                 connects_until = time.monotonic() + self._connect_wait()
-            if self.circuit.open:  # opened by this failure or by another request's
+            if self.state.circuit.open:  # opened by this failure or by another request's
                 return self._refused_by_circuit(attempt, facts)
             decision = self._decide(
                 outbound, failure, facts, state, budget, attempt, connects_until
@@ -111,8 +108,8 @@ class Forwarder:
             if isinstance(decision, GiveUp):
                 if (skipped := retry_outcome(decision.reason)) is not None:
                     self.metrics.record_retry(failure.cause, skipped)
-                failure = self.health.explain(failure)
-                retry_after = self.circuit.retry_after() or None
+                failure = self.state.health.explain(failure)
+                retry_after = self.state.circuit.retry_after() or None
                 return Forwarded(
                     attempt,
                     facts,
@@ -124,14 +121,14 @@ class Forwarder:
             fresh = decision.fresh_connection
             retrying = failure
             backoff_began = time.monotonic()
-            opened = await self.circuit.opens_within(decision.delay)
+            opened = await self.state.circuit.opens_within(decision.delay)
             spent.backing_off += time.monotonic() - backoff_began
             if opened:
                 return self._refused_by_circuit(attempt, facts)
 
     def _connect_wait(self) -> float:
         """How long one request rides out refused connects: longer while the model boots."""
-        return self.settings.boot_wait if self.health.booting else self.settings.connect_wait
+        return self.settings.boot_wait if self.state.health.booting else self.settings.connect_wait
 
     def _refused_by_circuit(self, attempts: int, facts: AttemptFacts) -> Forwarded:
         """The circuit opened while this request was trying: it fails fast, as new ones do."""
@@ -140,8 +137,8 @@ class Forwarder:
         return Forwarded(
             attempts,
             facts,
-            failure=self.health.explain(failure),
-            retry_after=self.circuit.retry_after(),
+            failure=self.state.health.explain(failure),
+            retry_after=self.state.circuit.retry_after(),
         )
 
     def _decide(
@@ -185,13 +182,7 @@ class Forwarder:
         """Confirm a protocol suspicion, then let metrics, health and the circuit see it."""
         failure = await self.probe.confirm(failure, spoke, began, budget.remaining())
         self.metrics.record_failed_attempt(failure)
-        if failure.category is Category.SERVICE:
-            self.health.record_failure(failure)
-        if failure.cause in UNREACHABLE:
-            # Only a server that takes no connection opens the circuit: resets come from
-            # workers dying behind a master that still serves, and shedding all traffic
-            # then would fail requests the next worker could answer.
-            self.circuit.signal(Signal.SERVICE_FAILURE)
+        self.state.attempt_failed(failure)
         return failure
 
     async def _attempt(

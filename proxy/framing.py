@@ -9,8 +9,9 @@ surplus: discarded, named in an `upstream.framing_fault` warning, counted, and t
 is closed instead of going back to the pool, since its next bytes can no longer be trusted.
 
 This is built on aiohttp 3.14's `ResponseHandler` and its response parser
-(`aiohttp/client_proto.py`), which are not public API; tests/integration/test_framing.py fails
-if they change.
+(`aiohttp/client_proto.py`), which are not public API: the private attributes are reached
+through proxy/aiohttp_internals.py, checked at start-up, and tests/integration/test_framing.py
+fails if their behaviour changes.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import Any, cast
+from typing import Any
 
 import structlog
 from aiohttp.client_proto import ResponseHandler
 
+from proxy.aiohttp_internals import replace_response_parser, response_parser, take_unparsed
 from proxy.failures import Cause, Failure
 
 log = structlog.get_logger("servegate.upstream")
@@ -205,16 +207,17 @@ class FramedResponseHandler(ResponseHandler):
 
     def set_response_params(self, **params: Any) -> None:
         self._context = contextvars.copy_context()
-        early, self._tail = self._tail, b""  # bytes that came before the request was sent
+        early = take_unparsed(self)  # bytes that came before the request was sent
         super().set_response_params(**params)
-        framed = _FramedParser(self._parser, self, params.get("skip_payload", False))
-        self._parser = cast(Any, framed)  # it answers every call the protocol makes of a parser
+        skip_payload = params.get("skip_payload", False)
+        # The stand-in answers every call the protocol makes of a parser.
+        replace_response_parser(self, _FramedParser(response_parser(self), self, skip_payload))
         if early:
             self.data_received(early)
 
     def framing_fault(self, fault: FramingFault) -> None:
         self.force_close()  # never back to the pool: the stream's next bytes mean nothing
-        parser = self._parser
+        parser = response_parser(self)
         if isinstance(parser, _FramedParser) and parser.complete and self.transport is not None:
             self.transport.close()  # stop reading; the answer is whole in its payload
         if not self._faulted:

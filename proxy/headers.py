@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping
 
-from aiohttp import http_writer
+from proxy.aiohttp_internals import replace_head_serializer
 
 HOP_BY_HOP = frozenset(
     {
@@ -110,7 +110,7 @@ def serialize_head(start_line: str, headers: Mapping[str, str]) -> bytes:
 def install_byte_exact_writer() -> None:
     """Make every aiohttp message head in this process go through `serialize_head`.
 
-    aiohttp offers no option for its header writer; its client and server both call this one
+    aiohttp offers no option for its header writer; its client and server both call one
     module-level function, so replacing it covers both directions.
     """
-    http_writer._serialize_headers = serialize_head  # type: ignore[assignment]
+    replace_head_serializer(serialize_head)

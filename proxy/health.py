@@ -152,6 +152,17 @@ class HealthMonitor:
         if len(self._restarts) >= self.settings.crash_loop_restarts:
             self._apply(Event.RESTARTS_CLUSTERED)
 
+    def supervised(self) -> None:
+        """The model server is servegate's child (supervise mode), starting now."""
+        self.restarts_from_log = True
+        self.booting = True
+
+    def supervised_exited(self, reason: str) -> None:
+        """The supervised model server exited (`reason`: its exit code or signal): a restart,
+        and a boot in progress until a check passes again."""
+        self.record_restart(f"the supervised model server exited with {reason}")
+        self.booting = True
+
     def _expire_restarts(self) -> None:
         horizon = self._clock() - self.settings.crash_loop_window
         while self._restarts and self._restarts[0] < horizon:

@@ -17,7 +17,6 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from enum import StrEnum
 from functools import partial
 from typing import Literal, Protocol
 
@@ -28,7 +27,8 @@ from prometheus_client import Counter, Gauge
 from yarl import URL
 
 from proxy.config import ServerSettings
-from proxy.connection import ClientConnection, TimeoutPhase, check_aiohttp
+from proxy.connection import ClientConnection
+from proxy.metrics import Mismatch, TimeoutPhase
 from proxy.tls import server_tls_context
 
 log = structlog.get_logger("servegate.listener")
@@ -53,13 +53,6 @@ RESERVED_DESCRIPTORS = 64
 LIMIT_LOG_INTERVAL = 10.0  # one line per interval, whatever a flood of connections does
 
 Mode = Literal["off", "on", "auto"]
-
-
-class Mismatch(StrEnum):
-    """A connection that spoke the protocol the port does not serve: the metric's `direction`."""
-
-    TLS_ON_PLAIN_PORT = "tls_on_plain_port"
-    PLAIN_ON_TLS_PORT = "plain_on_tls_port"
 
 
 class ListenerMetrics(Protocol):
@@ -148,8 +141,8 @@ class SniffingSite(web.BaseSite):
 
     async def start(self) -> None:
         tls = server_tls_context(self._settings)  # before binding: a bad file binds nothing
-        check_aiohttp()
-        sockets = await _listen(self._host, self._port, self._backlog, self._settings.reuse_port)
+        settings = self._settings
+        sockets = await _listen(self._host, self._port, settings.backlog, settings.reuse_port)
         await super().start()
         self._acceptor = _Acceptor(
             sockets, self._handler_factory, tls, self._settings, self._metrics

@@ -11,9 +11,7 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
-from proxy.connection import TimeoutPhase
 from proxy.failures import Cause, Failure
-from proxy.listener import Mismatch
 from proxy.retry import Outcome
 
 # Methods outside this set are counted as "other": a client must not be able to mint series.
@@ -41,6 +39,20 @@ class ShedReason(StrEnum):
 
     QUEUE_FULL = "queue_full"  # admission control: every slot and the queue taken
     CIRCUIT_OPEN = "circuit_open"  # the model server is known to be down
+
+
+class Mismatch(StrEnum):
+    """A connection that spoke the protocol the port does not serve: the metric's `direction`."""
+
+    TLS_ON_PLAIN_PORT = "tls_on_plain_port"
+    PLAIN_ON_TLS_PORT = "plain_on_tls_port"
+
+
+class TimeoutPhase(StrEnum):
+    """The `phase` label of servegate_client_timeouts_total."""
+
+    HEADERS = "headers"  # a request's headers did not all arrive within server.header_timeout
+    IDLE = "idle"  # a new connection sent nothing at all (the listener's PEEK_TIMEOUT)
 
 
 def duration_buckets(budget: float) -> tuple[float, ...]:

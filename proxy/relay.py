@@ -15,6 +15,7 @@ import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
+from proxy.aiohttp_internals import hold_head_for_body
 from proxy.budget import Budget
 from proxy.failures import AttemptFacts, Failure, classify
 from proxy.forward import ModelResponse, cut_short
@@ -31,7 +32,7 @@ HTTP10_BUFFER_MAX = 1024 * 1024
 class _AsTheModelSent(web.StreamResponse):
     """A response that adds no header the model did not send but the ones HTTP requires of a
     proxy (Date, RFC 9110 §6.6.1; framing): aiohttp would add Server and a default
-    Content-Type."""
+    Content-Type. aiohttp_internals.check() makes sure aiohttp still calls this hook."""
 
     async def _prepare_headers(self) -> None:
         model_sent = {name.lower() for name in self.headers}
@@ -63,7 +64,7 @@ async def relay(
     response = _AsTheModelSent(status=upstream.status, reason=upstream.reason)
     if answer.body is not None:
         # The head waits for the body read whole: both leave in one write, as web.Response's do.
-        response._send_headers_immediately = False
+        hold_head_for_body(response)
     for name, value in response_headers(decoded(upstream.raw_headers)):
         response.headers.add(name, value)
     response.headers.update(extra_headers)

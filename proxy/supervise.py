@@ -202,8 +202,7 @@ class Supervisor:
 
     async def start(self) -> None:
         """Start the model server; OSError when its command cannot be run at all."""
-        self._health.restarts_from_log = True
-        self._health.booting = True
+        self._health.supervised()
         self._run = await self._spawn()
         self._task = asyncio.create_task(self._supervise())
 
@@ -276,8 +275,7 @@ class Supervisor:
             ran_for = self._clock() - run.started
             reason = exit_reason(exited.result())
             log.warning("model.exited", pid=run.process.pid, reason=reason, ran_s=round(ran_for, 1))
-            self._health.record_restart(f"the supervised model server exited with {reason}")
-            self._health.booting = True  # until a health check passes again
+            self._health.supervised_exited(reason)
             # Its orphaned workers still hold the port: they are asked to finish and go.
             _signal_group(run.process.pid, signal.SIGTERM)
             self._exited = [old for old in self._exited if old.output_open] + [run]

@@ -244,12 +244,11 @@ class _WatchingConnector(aiohttp.TCPConnector):
 def _framed(connector: aiohttp.TCPConnector, on_fault: OnFault) -> aiohttp.TCPConnector:
     """Each connection's protocol holds answers to their framing (proxy/framing.py).
 
-    aiohttp builds the protocol with the connector's private `_factory` (a partial of
-    `ResponseHandler`, aiohttp 3.14 connector.py) and offers no public hook to replace it.
+    aiohttp offers no public hook to replace the protocol a connector builds.
     """
     loop = asyncio.get_running_loop()
-    factory: Callable[..., ResponseHandler] = FramedResponseHandler
-    connector._factory = functools.partial(factory, loop=loop, on_fault=on_fault)
+    factory = functools.partial(FramedResponseHandler, loop=loop, on_fault=on_fault)
+    aiohttp_internals.use_protocol_factory(connector, factory)
     return connector
 
 

@@ -2,36 +2,102 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from functools import partial
+
 import aiohttp
 import pytest
+from aiohttp import http_writer, web, web_protocol
+from aiohttp.client_proto import ResponseHandler
 
 from proxy import aiohttp_internals
 from proxy.app import Servegate, StartupError
 from tests.conftest import make_settings
+
+RENAMED = "_renamed_in_a_future_release"
+# Every private aiohttp name servegate reads or writes, as aiohttp_internals names it.
+NAMES = [
+    "_RETRY_SWITCH",
+    "_KEEPALIVE",
+    "_PROTOCOL_FACTORY",
+    "_UNPARSED",
+    "_PARSER",
+    "_HEAD_NOW",
+    "_PREPARE_HEADERS",
+    "_WAITER",
+    "_REQUEST_COUNT",
+    "_PARSE_ERROR",
+    "_SERIALIZER",
+]
 
 
 async def test_the_installed_aiohttp_has_every_attribute_servegate_relies_on() -> None:
     await aiohttp_internals.check()
 
 
-@pytest.mark.parametrize("name", ["_RETRY_SWITCH", "_KEEPALIVE"])
+@pytest.mark.parametrize("name", NAMES)
 async def test_a_renamed_attribute_stops_start_up_with_one_line_naming_it(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(aiohttp_internals, name, "_renamed_in_a_future_release")
+    monkeypatch.setattr(aiohttp_internals, name, RENAMED)
     gate = Servegate(make_settings(**{"upstream.url": "http://127.0.0.1:9"}))
     with pytest.raises(StartupError) as raised:
         await gate.start()
     message = str(raised.value)
     assert "\n" not in message
     assert f"aiohttp {aiohttp.__version__} has no" in message
-    assert "_renamed_in_a_future_release" in message
+    assert f".{RENAMED}, which servegate needs to" in message
+    assert message.count(RENAMED) == 1  # nothing else is reported missing
 
 
-async def test_switching_off_the_hidden_retry_refuses_a_session_without_the_switch(
+async def test_every_missing_attribute_is_named_in_the_one_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(aiohttp_internals, "_RETRY_SWITCH", "_renamed_in_a_future_release")
+    monkeypatch.delattr(http_writer, "_serialize_headers")
+    monkeypatch.delattr(web_protocol, "ERROR")
+    monkeypatch.delattr(web.StreamResponse, "_send_headers_immediately")
+    with pytest.raises(aiohttp_internals.MissingInternal) as raised:
+        await aiohttp_internals.check()
+    message = str(raised.value)
+    assert "\n" not in message
+    for named in (
+        "http_writer._serialize_headers",
+        "web_protocol.ERROR",
+        "StreamResponse._send_headers_immediately",
+    ):
+        assert named in message
+
+
+async def test_a_private_attribute_gone_from_aiohttp_itself_is_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slots = tuple(name for name in web_protocol.RequestHandler.__slots__ if name != "_waiter")
+    monkeypatch.setattr(web_protocol.RequestHandler, "__slots__", slots)
+    with pytest.raises(aiohttp_internals.MissingInternal, match=r"RequestHandler\._waiter"):
+        await aiohttp_internals.check()
+
+
+WRITES: dict[str, Callable[[aiohttp.ClientSession, aiohttp.BaseConnector], None]] = {
+    "_RETRY_SWITCH": lambda session, _connector: aiohttp_internals.disable_hidden_retry(session),
+    "_KEEPALIVE": lambda _session, connector: aiohttp_internals.set_keepalive_timeout(
+        connector, 1.0
+    ),
+    "_PROTOCOL_FACTORY": lambda _session, connector: aiohttp_internals.use_protocol_factory(
+        connector, partial(ResponseHandler, asyncio.get_running_loop())
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITES))
+async def test_a_write_to_a_renamed_attribute_is_refused_not_made(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(aiohttp_internals, name, RENAMED)
     async with aiohttp.ClientSession() as session:
-        with pytest.raises(aiohttp_internals.MissingInternal):
-            aiohttp_internals.disable_hidden_retry(session)
+        connector = session.connector
+        assert connector is not None
+        with pytest.raises(aiohttp_internals.MissingInternal, match=RENAMED):
+            WRITES[name](session, connector)
+        assert not hasattr(session, RENAMED)
+        assert not hasattr(connector, RENAMED)

@@ -1,0 +1,156 @@
+"""The data port's aiohttp server: its options, and its answers to request heads aiohttp
+cannot parse (a bad request line, a target or header too long, too many headers), which come
+before the request handler (proxy/ingress.py) runs: JSON like every other answer, with the
+status the RFCs give and in the HTTP version the client spoke.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11, RawRequestMessage
+from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+
+from proxy import answer
+from proxy.aiohttp_internals import HandlerServer, is_parse_error, request_count
+from proxy.config import ServerSettings
+from proxy.logs import without_client_bytes
+
+access_log = structlog.get_logger("servegate.access")
+
+
+def server_options(settings: ServerSettings) -> dict[str, Any]:
+    """aiohttp server options that keep requests as the client sent them, within the limits.
+
+    `auto_decompress=False`: a compressed body reaches the model byte for byte, still
+    labelled with its Content-Encoding (aiohttp decodes gzip, deflate and br by default).
+    """
+    return {
+        "auto_decompress": False,
+        "max_line_size": settings.max_request_line_bytes,
+        "max_field_size": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+    }
+
+
+_UNCARRIED_TARGET = (
+    "the request target has a byte servegate's HTTP parser (aiohttp's llhttp) refuses: raw "
+    "bytes outside ASCII, a space or a control byte; percent-encode them (RFC 3986 §2.1)"
+)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What a request's first line says, for answering a head aiohttp could not parse.
+
+    aiohttp reports a long target and a long header line with the same exception; the request
+    line's own length tells them apart. `spoke` is the version the answer is written in: RFC
+    9110 §2.5, the highest one servegate conforms to within the request's major version, so
+    HTTP/1.1 for any HTTP/1.x client, also when the line was too long to reach its version,
+    and HTTP/1.0 only for a client that said so (as aiohttp answers a well-formed 1.0 request).
+    """
+
+    target_too_long: bool = False
+    spoke: HttpVersion = HttpVersion11
+
+    @classmethod
+    def of(cls, head_start: bytes, max_line: int) -> _Head:
+        line = head_start.split(b"\n", 1)[0]
+        target = line.split(b" ", 1)[-1].rsplit(b" HTTP/", 1)[0]
+        ended = b"\n" in head_start and line.rstrip(b"\r").endswith(b" HTTP/1.0")
+        return cls(len(target) > max_line, HttpVersion10 if ended else HttpVersion11)
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp answers a request it cannot parse (bad request line, oversized headers) before
+    servegate's handler runs, in plain text; this gives that answer the JSON body too, and the
+    status RFC 9110 and RFC 6585 give a too-long target (414) or header section (431)."""
+
+    def __init__(
+        self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **options: Any
+    ) -> None:
+        super().__init__(manager, loop=loop, **options)
+        self._max_line: int = options.get("max_line_size", 8190)
+        self._head_start = b""  # the first bytes of the head being parsed: its request line
+        # What the request line said, one entry per head aiohttp has queued, taken in order by
+        # `JsonErrorServer._request` as each is handled. Decided when aiohttp queues the head
+        # (or its parse error): bytes that arrive before an error is answered belong to no
+        # request and must not change the verdict on it.
+        self._heads: deque[_Head] = deque()
+        self.head = _Head()  # that of the request being handled
+
+    def data_received(self, data: bytes) -> None:
+        requests_before = request_count(self)
+        if b"\n" not in self._head_start:
+            self._head_start += data[: self._max_line + 64]
+        super().data_received(data)
+        if (requests := request_count(self)) != requests_before:
+            head = _Head.of(self._head_start, self._max_line)
+            self._heads.extend([head] * (requests - requests_before))
+            self._head_start = b""
+
+    def next_head(self) -> _Head:
+        self.head = self._heads.popleft() if self._heads else _Head()
+        return self.head
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        # A client's mistake, answered and logged as one (aiohttp logs it as a server error).
+        reason = without_client_bytes(message) if message else HTTPStatus(status).phrase
+        if isinstance(exc, LineTooLong) and self.head.target_too_long:
+            status = 414
+            reason = (
+                f"the request target is longer than server.max_request_line_bytes ({exc.args[1]})"
+            )
+        elif isinstance(exc, LineTooLong):
+            status = 431
+            reason = f"a header line is longer than server.max_header_bytes ({exc.args[1]})"
+        elif isinstance(exc, InvalidURLError):
+            reason = f"{_UNCARRIED_TARGET}: {reason}"
+        elif isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
+            status = 431
+            reason = "the request has more headers than server.max_headers allows"
+        access_log.info("request.rejected", status=status, reason=reason, client=request.remote)
+        response = answer.bad_request(reason, uuid.uuid4().hex, status)
+        response.force_close()  # the stream cannot be trusted after a parse error
+        return response
+
+
+class JsonErrorServer(HandlerServer):
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(
+            handler, handler_class=_JsonErrorHandler, request_factory=self._request, **kwargs
+        )
+
+    def _request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        """aiohttp gives an unparseable request a stand-in message that says HTTP/1.0, and its
+        answer's status line says the same; it gets the version the client spoke instead."""
+        if isinstance(protocol, _JsonErrorHandler):
+            head = protocol.next_head()
+            if is_parse_error(message):
+                message = message._replace(version=head.spoke)
+        return web.BaseRequest(message, payload, protocol, writer, task, self.loop)

@@ -1,0 +1,80 @@
+"""The model server as servegate sees it: its health and the circuit, and what moves what.
+
+health.py (unknown, up, down, crash loop) and circuit.py (closed, half-open, open) each keep
+their own state machine and know nothing of each other; the wiring between them, and what the
+checks and the requests tell each, is here: health going up or down signals the circuit, a
+passing check while up lets requests try again, a request that got an answer closes a half-open
+circuit, and a failed attempt is evidence for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from proxy.circuit import Circuit, Signal
+from proxy.config import CircuitSettings, HealthSettings
+from proxy.failures import Category, Cause, Failure
+from proxy.health import Health, HealthMonitor
+from proxy.metrics import Metrics
+
+# An attempt that reached no server process at all.
+UNREACHABLE = frozenset({Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT})
+
+# One health check: None when it passed, else the failure, classified (health.check_upstream).
+Check = Callable[[], Awaitable[Failure | None]]
+
+
+class UpstreamState:
+    """The model server's health and the circuit in front of it, wired together; both are
+    exposed for what only reads them (admission, retry decisions, /readyz)."""
+
+    def __init__(self, health: HealthSettings, circuit: CircuitSettings, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self.circuit = Circuit(circuit, on_change=metrics.circuit_state.set)
+        self.health = HealthMonitor(
+            health,
+            self._health_changed,
+            metrics.upstream_restarts.inc,
+            on_inconclusive=metrics.checks_inconclusive.inc,
+        )
+
+    async def start_checks(self, check: Check) -> asyncio.Task[None]:
+        """Run the first check now, so its verdict is known when this returns, then one every
+        health.interval in the task returned (the caller cancels it)."""
+        checked = self._checked(check)
+        await self.health.check_once(checked)
+        return asyncio.create_task(self.health.run(checked))
+
+    def attempt_succeeded(self) -> None:
+        """An attempt got the model's answer (any status)."""
+        self.circuit.signal(Signal.SUCCESS)
+
+    def attempt_failed(self, failure: Failure) -> None:
+        """An attempt failed with `failure`, classified and confirmed."""
+        if failure.category is Category.SERVICE:
+            self.health.record_failure(failure)
+        if failure.cause in UNREACHABLE:
+            # Only a server that takes no connection opens the circuit: resets come from
+            # workers dying behind a master that still serves, and shedding all traffic
+            # then would fail requests the next worker could answer.
+            self.circuit.signal(Signal.SERVICE_FAILURE)
+
+    def _checked(self, check: Check) -> Check:
+        async def checked() -> Failure | None:
+            failed = await check()
+            if failed is None and self.health.state is Health.UP:
+                # The circuit may have opened on refusals the checks never saw (a restart
+                # between two checks): a passing check lets requests try again.
+                self.circuit.signal(Signal.UP)
+            return failed
+
+        return checked
+
+    def _health_changed(self, was: Health, now: Health) -> None:
+        self._metrics.upstream_up.set(now is Health.UP)
+        self._metrics.crash_loop.set(now is Health.CRASH_LOOP)
+        if now is Health.UP:
+            self.circuit.signal(Signal.UP)
+        elif now is Health.DOWN:
+            self.circuit.signal(Signal.DOWN)
