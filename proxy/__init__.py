@@ -10,6 +10,8 @@ One request's path through the package, file by file, in order:
  3. app.py               the composition root: wires the stages below, binds the ports, and
                          stops gracefully; first it checks every private aiohttp attribute
                          servegate uses (aiohttp_internals.py, the only module that touches one)
+                         and starts the event-loop heartbeat (lag.py: servegate's own slowness,
+                         which the connect and health-check timeouts discount)
  4. listener.py          the data port: accepts under server.max_connections, peeks at each
                          connection's first byte, TLS (tls.py: its context) or plain HTTP
  5. connection.py        one client connection: aiohttp's request handler, plus a deadline on
