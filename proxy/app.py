@@ -100,6 +100,7 @@ class Servegate:
         ingress = Ingress(self.settings, forwarder, self.admission, self.circuit, self.metrics)
         data_server = JsonErrorServer(
             ingress.handle,
+            on_rejected=lambda status: self.metrics.requests_rejected.labels(str(status)).inc(),
             keepalive_timeout=self.settings.server.client_keepalive,
             # A client that hangs up cancels its upstream request instead of leaving the model
             # working for nobody.

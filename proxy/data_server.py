@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -80,6 +81,9 @@ class _JsonErrorHandler(RequestHandler):
         self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **options: Any
     ) -> None:
         super().__init__(manager, loop=loop, **options)
+        self._on_rejected = (
+            manager.on_rejected if isinstance(manager, JsonErrorServer) else _count_nothing
+        )
         self._max_line: int = options.get("max_line_size", 8190)
         self._head_start = b""  # the first bytes of the head being parsed: its request line
         # What the request line said, one entry per head aiohttp has queued, taken in order by
@@ -128,13 +132,24 @@ class _JsonErrorHandler(RequestHandler):
             status = 431
             reason = "the request has more headers than server.max_headers allows"
         access_log.info("request.rejected", status=status, reason=reason, client=request.remote)
+        self._on_rejected(status)
         response = answer.bad_request(reason, uuid.uuid4().hex, status)
         response.force_close()  # the stream cannot be trusted after a parse error
         return response
 
 
+def _count_nothing(_status: int) -> None:
+    pass
+
+
 class JsonErrorServer(HandlerServer):
-    def __init__(self, handler: Any, **kwargs: Any) -> None:
+    """`on_rejected` hears the status of every request answered before its head was parsed,
+    so the head limits show in the metrics when they are reached."""
+
+    def __init__(
+        self, handler: Any, on_rejected: Callable[[int], None] = _count_nothing, **kwargs: Any
+    ) -> None:
+        self.on_rejected = on_rejected
         super().__init__(
             handler, handler_class=_JsonErrorHandler, request_factory=self._request, **kwargs
         )

@@ -123,6 +123,15 @@ class Metrics:
         )
         for direction in Mismatch:
             self.listener_mismatches.labels(direction)
+        self.requests_rejected = Counter(
+            "servegate_requests_rejected_total",
+            "Requests answered before their head could be parsed: 400 (malformed), 414 "
+            "(server.max_request_line_bytes), 431 (server.max_header_bytes, max_headers).",
+            ["code"],
+            registry=registry,
+        )
+        for code in ("400", "414", "431"):
+            self.requests_rejected.labels(code)
         # Client-side limits (server.header_timeout, server.max_connections); not in DESIGN.md.
         self.client_connections = Gauge(
             "servegate_client_connections",

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import StartGate
+from tests.conftest import StartGate, sample, scrape
 from tests.integration.test_fidelity import exchange, json_body
 from tests.upstreams.recording import RecordingModel
 
@@ -41,3 +41,7 @@ async def test_a_request_that_cannot_be_parsed_is_answered_in_the_clients_versio
     assert raw.split(b"\r\n")[0] == status_line
     assert json_body(raw)["error_code"] == "servegate.bad_request"
     assert model.seen == []
+    # A head limit reached is no hidden limit: the metrics count it by status.
+    code = status_line.split(b" ")[1].decode()
+    rejected = sample(await scrape(gate), "servegate_requests_rejected_total", code=code)
+    assert rejected == 1
