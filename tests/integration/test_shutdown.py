@@ -3,14 +3,17 @@ balancers notice, then refuses connections, drains, and exits 0; a second signal
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,47 @@ def test_a_second_signal_exits_at_once_with_code_1(
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=5) == 1
     assert time.monotonic() - second < QUIET  # did not wait for the quiet period to end
+
+
+@pytest.mark.slow
+@pytest.mark.time_limit(90)
+def test_sigterm_under_steady_load_loses_no_request_that_got_in_and_exits_0(
+    gunicorn: Callable[..., Gunicorn],
+    servegate: Callable[[str], tuple[subprocess.Popen[bytes], int, int]],
+) -> None:
+    """Eight clients keep predicting (0.3 s each) through a SIGTERM: every request servegate
+    accepted is answered 200, in-flight ones included; the only failures are connections
+    refused once the quiet period is over; servegate exits 0."""
+    process, data, _ = servegate(gunicorn("--workers", "2", "--threads", "8").url)
+    url = f"http://127.0.0.1:{data}/predict?sleep=0.3"
+    signalled: list[float] = []
+    finished = threading.Event()
+
+    def client() -> tuple[list[int], list[tuple[float, str]]]:
+        statuses: list[int] = []
+        refused: list[tuple[float, str]] = []
+        for _ in range(200):  # bounded: about 60 s at most
+            try:
+                statuses.append(post_status(url))
+            except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
+                refused.append((time.monotonic(), repr(exc)))
+                break  # the port is closed: the quiet period is over
+            if finished.is_set():
+                break
+        return statuses, refused
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        clients = [pool.submit(client) for _ in range(8)]
+        time.sleep(1.5)  # steady load first
+        signalled.append(time.monotonic())
+        process.send_signal(signal.SIGTERM)
+        results = [future.result(timeout=60) for future in clients]
+        finished.set()
+    statuses = [status for answered, _ in results for status in answered]
+    refusals = [refusal for _, refused in results for refusal in refused]
+    assert statuses, "no request was answered"
+    assert set(statuses) == {200}, statuses  # none cut, none answered with an error
+    for when, what in refusals:  # only once servegate had stopped accepting
+        assert when >= signalled[0] + QUIET - 0.1, what
+    assert len(statuses) >= 8 * 3  # served before and through the quiet period
+    assert process.wait(timeout=30) == 0
