@@ -314,6 +314,7 @@ def servegate_in_a_pod(tmp_path: Path) -> Iterator[Callable[[str], ServegateProc
             )  # fmt: skip
         started.append(process)
         wait_for_port(data, process)
+        wait_for_port(admin, process)  # bound after the data port
         return ServegateProcess(process, data, admin, log)
 
     yield start
