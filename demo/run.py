@@ -38,6 +38,10 @@ def main() -> int:
          "--worker-class", "gthread", "--workers", "2", "--threads", "4",
          "--no-control-socket", "demo.model:app"],
         cwd=ROOT,
+        # Its own session: Ctrl-C reaches this script alone, which passes servegate one SIGTERM.
+        # Both getting the terminal's SIGINT would be two stop signals, and servegate takes a
+        # second one as "exit at once", skipping the drain.
+        start_new_session=True,
     )  # fmt: skip
     stop_requested = False
 
