@@ -240,12 +240,14 @@ class Forwarder:
 
 # aiohttp will not send a header holding a control character (RFC 9110 §5.5): a model that
 # sends one has a framing fault, to be answered as one, not as servegate's own error.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _unrelayable(response: aiohttp.ClientResponse) -> bool:
-    texts = (response.reason or "", *(f"{n}{v}" for n, v in response.headers.items()))
-    return any(_CONTROL.search(text) for text in texts)
+    """One search over the head's raw bytes, on every answer: no string built per header."""
+    head = b"".join(name + value for name, value in response.raw_headers)
+    reason = (response.reason or "").encode("utf-8", "surrogateescape")
+    return _CONTROL.search(head) is not None or _CONTROL.search(reason) is not None
 
 
 def cut_short(failure: Failure, response: aiohttp.ClientResponse) -> Failure:
