@@ -28,8 +28,9 @@ One request's path through the package, file by file, in order:
 11. forward.py           the attempt loop: attempt, classify, decide, back off or give up
 12. upstream.py          the connection pool and one attempt on it; reports reused / sent, and
                          from the kernel how many request bytes the model's TCP acknowledged
-                         (acked.py: the proof a replay needs); framing.py holds each answer to
-                         its own framing and names the bytes beyond it
+                         (acked.py: the proof a replay needs); exchange.py writes the request
+                         head byte for byte and reads the answer's head; framing.py holds each
+                         answer to its own framing and names the bytes beyond it
 13. failures.py          Category, Cause, Failure: the one translation of what went wrong
 14. retry.py             decide() -> Retry | GiveUp; pure
 15. relay.py             streams the model's response to the client unchanged

@@ -49,21 +49,24 @@ def bytes_acked(sock: socket.socket) -> int | None:
     return int(_BYTES_ACKED.unpack_from(raw, _BYTES_ACKED_OFFSET)[0])
 
 
-class AckWatch:
-    """Counts the peer's acknowledgements from now on, on a connection a library owns.
+class AckCounter:
+    """The peer's acknowledgement count of one TCP connection a library owns, readable until
+    and after the library closes it.
 
-    It holds a duplicate of the connection's descriptor: the library closes its own when the
-    connection fails, and the count is needed after that. `finish` must be called (it closes
-    the duplicate); until then the connection stays open in the kernel.
+    It holds a duplicate of the connection's descriptor from `attach` (as the connection opens)
+    to `close` (as it is lost, when the count is read one last time): the library closes its
+    own descriptor when the connection fails, and the count is needed after that. One
+    duplicate per connection, one getsockopt per `count`. Until `close`, the connection stays
+    open in the kernel.
     """
 
-    def __init__(self, sock: socket.socket, start: int) -> None:
-        self._sock = sock
-        self._start = start
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
+        self._final: int | None = None
 
     @classmethod
-    def start(cls, transport: Any) -> AckWatch | None:
-        """Watch an asyncio transport's TCP socket; None when its count cannot be read."""
+    def attach(cls, transport: Any) -> AckCounter | None:
+        """Count on an asyncio transport's TCP socket; None when its count cannot be read."""
         original = transport.get_extra_info("socket") if transport is not None else None
         if original is None or _TCP_INFO is None:
             return None
@@ -71,17 +74,21 @@ class AckWatch:
             duplicate = socket.socket(fileno=os.dup(original.fileno()))
         except OSError:
             return None
-        start = bytes_acked(duplicate)
-        if start is None:
+        if bytes_acked(duplicate) is None:
             duplicate.close()
             return None
-        return cls(duplicate, start)
+        return cls(duplicate)
 
-    def finish(self) -> int | None:
-        """Bytes the peer acknowledged since `start`; closes the duplicate descriptor."""
-        try:
-            now = bytes_acked(self._sock)
-            return None if now is None else now - self._start
-        finally:
-            with contextlib.suppress(OSError):
-                self._sock.close()
+    def count(self) -> int | None:
+        """Bytes the peer has acknowledged on this connection so far (its last count once
+        closed)."""
+        return self._final if self._sock is None else bytes_acked(self._sock)
+
+    def close(self) -> None:
+        """Read the count a last time and close the duplicate descriptor."""
+        if self._sock is None:
+            return
+        self._final = bytes_acked(self._sock)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        self._sock = None

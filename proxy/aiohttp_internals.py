@@ -1,15 +1,16 @@
 """The only module that reaches into aiohttp's private attributes, and the start-up check that
 says so loudly when an aiohttp release has moved one.
 
-aiohttp offers no public switch for what servegate needs here: turning off the client's hidden
-one-time retry of idempotent requests (servegate's attempt loop must be the only place a retry
-is decided and counted), changing a connector's idle expiry once the server announces its
-keep-alive, building each client connection's protocol and the data port's request handlers from
-servegate's own classes, holding an answer to its framing, timing a request's head, writing
-heads byte for byte, and sending a buffered answer's head with its body. A renamed attribute
-would not fail: Python would quietly set a new one, and a PUT that reached the model would be
-replayed. So `check()` verifies every one of them before servegate serves anything, and each
-use below names the aiohttp 3.14 source it relies on.
+aiohttp offers no public switch for what servegate needs here: changing a connector's idle
+expiry once the server announces its keep-alive, building each client connection's protocol and
+the data port's request handlers from servegate's own classes, reading an answer on a connection
+servegate wrote the request to itself (proxy/exchange.py, which needs no session and so none of
+the session's hidden one-time retry of idempotent requests), holding an answer to its framing,
+timing a request's head, writing heads byte for byte, and sending a buffered answer's head with
+its body. A renamed attribute would not fail: Python would quietly set a new one, and pooled
+connections would outlive the server's idle timer. So `check()` verifies every one of them
+before servegate serves anything, and each use below names the aiohttp 3.14 source it relies
+on.
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 
-# aiohttp >= 3.9 (client.py, ClientSession._request): "retry_persistent_connection =
-# self._retry_connection and method in IDEMPOTENT_METHODS", after RFC 9112 §9.3.1. aiohttp's own
-# test client switches it off the same way (test_utils.py, TestClient.__init__).
-_RETRY_SWITCH = "_retry_connection"
 # aiohttp's BaseConnector reads this when it takes a pooled connection and when it sweeps idle
 # ones (connector.py, BaseConnector._get / _cleanup); the constructor's keepalive_timeout sets it.
 _KEEPALIVE = "_keepalive_timeout"
@@ -69,15 +66,6 @@ def _missing(*needs: tuple[str, str]) -> MissingInternal:
         f"aiohttp {aiohttp.__version__} has no {named}: "
         "install an aiohttp version servegate was tested with (see pyproject.toml)"
     )
-
-
-def disable_hidden_retry(session: aiohttp.ClientSession) -> None:
-    """Stop `session` from replaying an idempotent request once after a dropped connection.
-
-    Raises MissingInternal if the switch is gone (a new attribute would change nothing)."""
-    if _RETRY_SWITCH not in aiohttp.ClientSession.ATTRS or not hasattr(session, _RETRY_SWITCH):
-        raise _missing((f"ClientSession.{_RETRY_SWITCH}", "switch off its hidden retry"))
-    setattr(session, _RETRY_SWITCH, False)
 
 
 def set_keepalive_timeout(connector: aiohttp.BaseConnector, seconds: float) -> None:
@@ -194,12 +182,9 @@ async def check() -> None:
 async def _client_missing() -> list[tuple[str, str]]:
     missing: list[tuple[str, str]] = []
     connector = aiohttp.TCPConnector(keepalive_timeout=12.5)
-    session = aiohttp.ClientSession(connector=connector)
     try:
         if getattr(connector, _KEEPALIVE, None) != 12.5:
             missing.append((f"BaseConnector.{_KEEPALIVE}", "expire idle pooled connections"))
-        if getattr(session, _RETRY_SWITCH, None) is not True:
-            missing.append((f"ClientSession.{_RETRY_SWITCH}", "switch off its hidden retry"))
         factory = getattr(connector, _PROTOCOL_FACTORY, None)
         handler = factory() if callable(factory) else None
         if not isinstance(handler, ResponseHandler):
@@ -215,11 +200,22 @@ async def _client_missing() -> list[tuple[str, str]]:
         ):
             what = "TCPConnector._create_connection"
             missing.append((what, "time a new connection and tell it from a pooled one"))
-        handler.set_response_params()
+        # proxy/upstream.py sets these for each exchange it runs on a connection itself.
+        try:
+            handler.set_response_params(
+                skip_payload=False,
+                read_until_eof=True,
+                auto_decompress=False,
+                max_line_size=8190,
+                max_field_size=8190,
+            )
+        except TypeError:
+            why = "read an answer on a connection it wrote the request to itself"
+            missing.append(("ResponseHandler.set_response_params's options", why))
         if getattr(handler, _PARSER, None) is None:
             missing.append((f"ResponseHandler.{_PARSER}", "hold answers to their framing"))
     finally:
-        await session.close()
+        await connector.close()
     return missing
 
 

@@ -20,6 +20,7 @@ import structlog
 from proxy.body import RequestBody
 from proxy.budget import REMAINING_HEADER, Budget, Spent
 from proxy.config import RetrySettings
+from proxy.exchange import UpstreamResponse
 from proxy.failures import AttemptFacts, Cause, Failure, classify
 from proxy.metrics import Metrics, ShedReason
 from proxy.probe import SchemeProbe
@@ -46,7 +47,7 @@ class Outbound:
 class ModelResponse:
     """The model's response, with its body when it was small enough to read whole."""
 
-    response: aiohttp.ClientResponse
+    response: UpstreamResponse
     body: bytes | None
 
 
@@ -198,7 +199,7 @@ class Forwarder:
         headers = [*outbound.headers, (REMAINING_HEADER, budget.remaining_ms_header())]
         body = outbound.body.for_attempt() if outbound.body is not None else None
         deadline = asyncio.timeout(budget.remaining())
-        response: aiohttp.ClientResponse | None = None
+        response: UpstreamResponse | None = None
         try:
             async with deadline:
                 response = await self.upstream.send(
@@ -243,14 +244,14 @@ class Forwarder:
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def _unrelayable(response: aiohttp.ClientResponse) -> bool:
+def _unrelayable(response: UpstreamResponse) -> bool:
     """One search over the head's raw bytes, on every answer: no string built per header."""
     head = b"".join(name + value for name, value in response.raw_headers)
     reason = (response.reason or "").encode("utf-8", "surrogateescape")
     return _CONTROL.search(head) is not None or _CONTROL.search(reason) is not None
 
 
-def cut_short(failure: Failure, response: aiohttp.ClientResponse) -> Failure:
+def cut_short(failure: Failure, response: UpstreamResponse) -> Failure:
     """Name a body that ended before its Content-Length did (RFC 9112 §8: an incomplete
     message): the model closed the connection or died mid-answer, which the bytes alone cannot
     tell apart, so the cause stays the one `classify` gave."""

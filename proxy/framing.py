@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 from aiohttp.client_proto import ResponseHandler
 
+from proxy.acked import AckCounter
 from proxy.aiohttp_internals import replace_response_parser, response_parser, take_unparsed
 from proxy.failures import Cause, Failure
 
@@ -197,13 +198,25 @@ OnFault = Callable[[FramingFault], None]
 
 class FramedResponseHandler(ResponseHandler):
     """aiohttp's client protocol, with each answer held to its framing. `on_fault` hears of
-    each fault once, in the context of the request that got the answer (its log fields)."""
+    each fault once, in the context of the request that got the answer (its log fields).
+    `acks` counts what the server's TCP acknowledged (proxy/acked.py), for the connection's
+    whole life."""
 
     def __init__(self, loop: Any, on_fault: OnFault) -> None:
         super().__init__(loop)
         self._on_fault = on_fault
         self._context = contextvars.copy_context()
         self._faulted = False
+        self.acks: AckCounter | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.acks = AckCounter.attach(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.acks is not None:
+            self.acks.close()
+        super().connection_lost(exc)
 
     def set_response_params(self, **params: Any) -> None:
         self._context = contextvars.copy_context()

@@ -8,7 +8,7 @@ repeated headers included.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 
 from proxy.aiohttp_internals import replace_head_serializer
 
@@ -92,7 +92,7 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> Iterator[tuple[str, 
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def serialize_head(start_line: str, headers: Mapping[str, str]) -> bytes:
+def serialize_head(start_line: str, headers: Iterable[tuple[str, str]]) -> bytes:
     """A message head as bytes, with each surrogate-escaped byte restored.
 
     aiohttp encodes a head as UTF-8: its C writer silently drops a lone surrogate and its
@@ -101,7 +101,7 @@ def serialize_head(start_line: str, headers: Mapping[str, str]) -> bytes:
     escaped bytes the output is identical to aiohttp's. Raises ValueError on a control byte
     (header injection), as aiohttp's writer does.
     """
-    fields = [f"{name}: {value}" for name, value in headers.items()]
+    fields = [f"{name}: {value}" for name, value in headers]
     if _FORBIDDEN.search(start_line) or any(_FORBIDDEN.search(field) for field in fields):
         raise ValueError("Forbidden control character detected in headers.")
     return "\r\n".join([start_line, *fields, "", ""]).encode("utf-8", "surrogateescape")
@@ -113,4 +113,4 @@ def install_byte_exact_writer() -> None:
     aiohttp offers no option for its header writer; its client and server both call one
     module-level function, so replacing it covers both directions.
     """
-    replace_head_serializer(serialize_head)
+    replace_head_serializer(lambda start_line, headers: serialize_head(start_line, headers.items()))

@@ -17,6 +17,7 @@ from aiohttp.http import HttpVersion11
 
 from proxy.aiohttp_internals import hold_head_for_body
 from proxy.budget import Budget
+from proxy.exchange import UpstreamResponse
 from proxy.failures import AttemptFacts, Failure, classify
 from proxy.forward import ModelResponse, cut_short
 from proxy.headers import decoded, response_headers
@@ -118,7 +119,7 @@ class _ModelBroke(Exception):
 
 
 async def _read_for_http10(
-    upstream: aiohttp.ClientResponse, response: web.StreamResponse
+    upstream: UpstreamResponse, response: web.StreamResponse
 ) -> tuple[bytes, bool]:
     """An answer of unknown length for an HTTP/1.0 client: read whole (True) and sent with its
     length, or, beyond HTTP10_BUFFER_MAX, what was read so far (False): the rest then goes
@@ -143,7 +144,7 @@ async def _read_for_http10(
     return b"".join(parts), False
 
 
-async def _from_model(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _from_model(upstream: UpstreamResponse) -> AsyncIterator[bytes]:
     try:
         async for chunk in upstream.content.iter_any():
             yield chunk

@@ -70,7 +70,7 @@ class Upgrader:
         fields = CIMultiDict(headers)
         fields["Connection"] = "Upgrade"
         fields["Upgrade"] = upgrade
-        writer.write(serialize_head(f"GET {target} HTTP/1.1", fields))
+        writer.write(serialize_head(f"GET {target} HTTP/1.1", fields.items()))
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:

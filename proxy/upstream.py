@@ -1,13 +1,14 @@
 """The connection pool to the model server and one attempt on it.
 
 Each attempt reports whether it used a pooled (reused) or a fresh connection, how long a fresh
-one took, and whether its request left servegate, and on a reused connection how much of the
-request the server's TCP acknowledged (proxy/acked.py): the facts `failures.classify` needs.
-They are learnt where aiohttp already calls servegate's code (its connector, its request
-class), not through its trace signals, which cost a dozen awaited calls per request.
-Idle pooled connections are expired before the server's own idle timer can close them. The
-connect timeout counts only the time servegate's event loop could run (proxy/lag.py): a
-connect that waited for servegate's own busy loop is not the model server's failure.
+one took, and whether its request left servegate, and how much of the request the server's TCP
+acknowledged (proxy/acked.py): the facts `failures.classify` needs. The exchange itself is
+servegate's (proxy/exchange.py); aiohttp's connector keeps the pool, and tells servegate
+whether a connection is new where it calls servegate's code, not through its trace signals,
+which cost a dozen awaited calls per request. Idle pooled connections are expired before the
+server's own idle timer can close them. The connect timeout counts only the time servegate's
+event loop could run (proxy/lag.py): a connect that waited for servegate's own busy loop is not
+the model server's failure.
 """
 
 from __future__ import annotations
@@ -17,22 +18,21 @@ import functools
 import re
 import ssl
 import time
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ClientRequest, ClientResponse
+from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import aiohttp_internals
-from proxy.acked import AckWatch
 from proxy.config import UpstreamSettings, UpstreamTLSSettings
+from proxy.exchange import Body, UpstreamResponse, read_answer, request_head, send_request
 from proxy.failures import AttemptFacts, Failure
 from proxy.framing import FramedResponseHandler, OnFault, report
 from proxy.lag import LoopLag, ResponsiveTimeout
@@ -41,11 +41,12 @@ log = structlog.get_logger("servegate.upstream")
 
 _KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,\s])timeout\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
-Body = bytes | AsyncIterable[bytes] | None
-
-# The attempt a connector is connecting for: `send` sets it; `_WatchingConnector` and
-# `_WatchedRequest`, which run in the same task, read it.
-_ATTEMPT: ContextVar[_Attempt | None] = ContextVar("servegate_attempt", default=None)
+# The facts of the attempt a connector is connecting for: `send` sets them; `_WatchingConnector`,
+# which runs in the same task, fills them in.
+_ATTEMPT: ContextVar[AttemptFacts | None] = ContextVar("servegate_attempt", default=None)
+# No timeout of aiohttp's own: the connector times the connect (in responsive time), the
+# request's budget bounds the rest.
+_NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
 
 
 def expiry_for(announced: float) -> float:
@@ -64,7 +65,7 @@ def announced_idle_timeout(keep_alive: str) -> float | None:
 
 
 class Upstream:
-    """Two sessions: a pool for normal traffic, and fresh one-shot connections for retries.
+    """Two pools: one for normal traffic, and fresh one-shot connections for retries.
 
     A burst after a quiet period can find every pooled connection stale, so the retry after a
     stale connection must not draw from the pool again.
@@ -96,17 +97,19 @@ class Upstream:
         # does, in the open. A request holds one connection at a time (its retry's fresh one
         # only after the pooled one is closed), so with admission set neither pool can ever
         # wait for a connection.
-        self._on_fault = report(on_failure)
-        self._pool = _WatchingConnector(
-            settings.connect_timeout,
-            lag,
-            limit=max_concurrency,
-            limit_per_host=0,
-            keepalive_timeout=settings.idle_expiry,
-            ssl=ssl_context,
+        on_fault = report(on_failure)
+        self.pool = _framed(
+            _WatchingConnector(
+                settings.connect_timeout,
+                lag,
+                limit=max_concurrency,
+                limit_per_host=0,
+                keepalive_timeout=settings.idle_expiry,
+                ssl=ssl_context,
+            ),
+            on_fault,
         )
-        self._pooled = self._session(self._pool)
-        self._fresh = self._session(
+        self.fresh_pool = _framed(
             _WatchingConnector(
                 settings.connect_timeout,
                 lag,
@@ -114,27 +117,25 @@ class Upstream:
                 limit_per_host=0,
                 force_close=True,
                 ssl=ssl_context,
-            )
+            ),
+            on_fault,
         )
+        self._origins: dict[str, ClientRequest] = {}
 
-    def _session(self, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
-        session = aiohttp.ClientSession(
-            connector=_framed(connector, self._on_fault),
-            request_class=_WatchedRequest,
-            cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
-            auto_decompress=False,  # bytes pass through exactly as the model sent them
-            trust_env=False,  # an HTTP_PROXY in the container must not reroute model traffic
-            max_line_size=self.settings.max_response_header_bytes,
-            max_field_size=self.settings.max_response_header_bytes,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            # No timeout of aiohttp's own: the connector times the connect (in responsive time),
-            # the request's budget bounds the rest.
-            timeout=aiohttp.ClientTimeout(total=None),
-        )
-        # aiohttp silently replays an idempotent request once after a disconnect; servegate's
-        # attempt loop must be the only place that decides (and counts) a retry.
-        aiohttp_internals.disable_hidden_retry(session)
-        return session
+    def _origin(self, scheme: str) -> ClientRequest:
+        """What the connectors connect to for `scheme` (they read only where and how: host,
+        port, TLS, server name), built once per scheme."""
+        origin = self._origins.get(scheme)
+        if origin is None:
+            url = URL.build(scheme=scheme, authority=self._authority, encoded=True)
+            origin = ClientRequest(
+                "GET",
+                url,
+                loop=asyncio.get_running_loop(),
+                server_hostname=self.settings.tls.server_name,
+            )
+            self._origins[scheme] = origin
+        return origin
 
     async def send(
         self,
@@ -146,63 +147,66 @@ class Upstream:
         *,
         scheme: str,
         fresh: bool,
-    ) -> aiohttp.ClientResponse:
-        """One attempt: returns once the response head has arrived; the body is read later."""
-        session = self._fresh if fresh else self._pooled
-        attempt = _Attempt(facts)
-        token = _ATTEMPT.set(attempt)
+    ) -> UpstreamResponse:
+        """One attempt: returns once the answer's head has arrived; the body is read later.
+
+        Raises what aiohttp's client raises for the same failure (failures.classify)."""
+        origin = self._origin(scheme)
+        token = _ATTEMPT.set(facts)
         try:
-            response: aiohttp.ClientResponse = await session.request(
-                method,
-                # The whole target as the path: yarl would drop an empty query ("/predict?")
-                # or a fragment; this way it goes out byte for byte, dot segments and all.
-                URL.build(scheme=scheme, authority=self._authority, path=raw_path, encoded=True),
-                headers=CIMultiDict(headers),
-                data=body,
-                allow_redirects=False,
-                server_hostname=self.settings.tls.server_name,
+            connection = await (self.fresh_pool if fresh else self.pool).connect(
+                origin, [], _NO_TIMEOUT
             )
         finally:
             _ATTEMPT.reset(token)
-            attempt.finish()
+        protocol = connection.protocol
+        assert isinstance(protocol, FramedResponseHandler)
+        protocol.set_response_params(
+            skip_payload=method == "HEAD",
+            read_until_eof=True,
+            auto_decompress=False,  # bytes pass through exactly as the model sent them
+            max_line_size=self.settings.max_response_header_bytes,
+            max_field_size=self.settings.max_response_header_bytes,
+        )
+        acks = protocol.acks
+        acked_before = acks.count() if acks is not None else None
+        try:
+            head = request_head(
+                method, raw_path, headers, body, authority=self._authority, close=fresh
+            )
+            writer = send_request(connection, head, body)
+            facts.request_sent = True
+            answer = await read_answer(connection, writer, method, origin.url)
+        except BaseException:
+            if acks is not None and acked_before is not None:
+                acked_after = acks.count()
+                if acked_after is not None:
+                    facts.request_bytes_acked = acked_after - acked_before
+            connection.close()
+            raise
         facts.response_started = True
-        self._learn_idle_timeout(response)
-        return response
+        self._learn_idle_timeout(answer)
+        return answer
 
-    def _learn_idle_timeout(self, response: aiohttp.ClientResponse) -> None:
-        announced = response.headers.get("Keep-Alive", "")
+    def _learn_idle_timeout(self, answer: UpstreamResponse) -> None:
+        announced = answer.headers.get("Keep-Alive", "")
         seconds = announced_idle_timeout(announced)
         if seconds is None:
             return
         expiry = expiry_for(seconds)
         if expiry != self.idle_expiry:
             self.idle_expiry = expiry
-            aiohttp_internals.set_keepalive_timeout(self._pool, expiry)
+            aiohttp_internals.set_keepalive_timeout(self.pool, expiry)
             log.info("upstream.idle_expiry_learned", keep_alive=announced, idle_expiry_s=expiry)
 
     async def close(self) -> None:
-        await self._pooled.close()
-        await self._fresh.close()
-
-
-class _Attempt:
-    """One attempt's facts, and the acknowledgement count of the connection it used."""
-
-    def __init__(self, facts: AttemptFacts) -> None:
-        self.facts = facts
-        self.watch: AckWatch | None = None
-
-    def finish(self) -> None:
-        """Called once the attempt's request is out and answered, or has failed."""
-        if self.watch is not None:
-            self.facts.request_bytes_acked = self.watch.finish()
-            self.watch = None
+        await self.pool.close()
+        await self.fresh_pool.close()
 
 
 class _WatchingConnector(aiohttp.TCPConnector):
-    """Starts counting the server's acknowledgements on a connection once it is taken from
-    the pool or opened, before the request is written to it; times a new connection's TCP
-    connect and TLS handshake in responsive time (proxy/lag.py)."""
+    """Tells a new connection from a pooled one, and times a new connection's TCP connect and
+    TLS handshake in responsive time (proxy/lag.py)."""
 
     def __init__(self, connect_timeout: float, lag: LoopLag, **options: Any) -> None:
         super().__init__(**options)
@@ -220,10 +224,10 @@ class _WatchingConnector(aiohttp.TCPConnector):
         # A TimeoutError from here becomes aiohttp's ConnectionTimeoutError (connect_timeout).
         async with ResponsiveTimeout(self._connect_timeout, self._lag):
             protocol = await super()._create_connection(req, traces, timeout)
-        attempt = _ATTEMPT.get()
-        if attempt is not None:
-            attempt.facts.reused = False
-            attempt.facts.connect_seconds = time.monotonic() - began
+        facts = _ATTEMPT.get()
+        if facts is not None:
+            facts.reused = False
+            facts.connect_seconds = time.monotonic() - began
         return protocol
 
     async def connect(
@@ -233,11 +237,9 @@ class _WatchingConnector(aiohttp.TCPConnector):
         timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
     ) -> Connection:
         connection = await super().connect(req, traces, timeout)
-        attempt = _ATTEMPT.get()
-        if attempt is not None:
-            if attempt.facts.reused is None:  # `_create_connection` was not called
-                attempt.facts.reused = True
-            attempt.watch = AckWatch.start(connection.transport)
+        facts = _ATTEMPT.get()
+        if facts is not None and facts.reused is None:  # `_create_connection` was not called
+            facts.reused = True
         return connection
 
 
@@ -250,17 +252,6 @@ def _framed(connector: aiohttp.TCPConnector, on_fault: OnFault) -> aiohttp.TCPCo
     factory = functools.partial(FramedResponseHandler, loop=loop, on_fault=on_fault)
     aiohttp_internals.use_protocol_factory(connector, factory)
     return connector
-
-
-class _WatchedRequest(ClientRequest):
-    """Marks the attempt's request as sent as aiohttp begins to write its head, the moment its
-    `on_request_headers_sent` signal would report."""
-
-    async def send(self, conn: Connection) -> ClientResponse:
-        attempt = _ATTEMPT.get()
-        if attempt is not None:
-            attempt.facts.request_sent = True
-        return await super().send(conn)
 
 
 def client_ssl_context(tls: UpstreamTLSSettings) -> ssl.SSLContext:

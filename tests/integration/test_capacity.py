@@ -80,10 +80,10 @@ async def test_the_pools_are_unlimited_by_default_and_sized_by_admission_when_it
     settings = config.UpstreamSettings()
     unlimited, sized = Upstream(settings), Upstream(settings, max_concurrency=8)
     try:
-        for session in (unlimited._pooled, unlimited._fresh):
-            assert (session.connector.limit, session.connector.limit_per_host) == (0, 0)
-        for session in (sized._pooled, sized._fresh):
-            assert (session.connector.limit, session.connector.limit_per_host) == (8, 0)
+        for pool in (unlimited.pool, unlimited.fresh_pool):
+            assert (pool.limit, pool.limit_per_host) == (0, 0)
+        for pool in (sized.pool, sized.fresh_pool):
+            assert (pool.limit, pool.limit_per_host) == (8, 0)
     finally:
         await unlimited.close()
         await sized.close()

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.acked import AckWatch, bytes_acked
+from proxy.acked import AckCounter, bytes_acked
 from tests.conftest import StartGate, gate_url, sample, scrape
 from tests.upstreams.raw import ClosesAsRequestArrives, DelayRelay
 from tests.upstreams.uvicorn import Uvicorn, start_uvicorn
@@ -67,13 +67,15 @@ def test_an_idle_close_before_the_request_arrived_acknowledges_none_of_it(
     connection: tuple[socket.socket, socket.socket],
 ) -> None:
     client, server = connection
-    watch = AckWatch.start(_Transport(client))
-    assert watch is not None
+    counter = AckCounter.attach(_Transport(client))
+    assert counter is not None
+    before = counter.count()
     server.close()
     settle()
     client.sendall(REQUEST)  # the close is in the kernel, not yet seen by the sender
     settle()
-    assert watch.finish() == 0
+    assert counter.count() == before
+    counter.close()
 
 
 def test_a_crash_before_reading_acknowledges_none_of_the_request(
@@ -81,31 +83,37 @@ def test_a_crash_before_reading_acknowledges_none_of_the_request(
 ) -> None:
     client, server = connection
     server.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)  # as mid-exchange
-    watch = AckWatch.start(_Transport(client))
-    assert watch is not None
+    counter = AckCounter.attach(_Transport(client))
+    assert counter is not None
+    before = counter.count()
     client.sendall(REQUEST)
     select.select([server], [], [], 1.0)
     server.close()  # the request is in its kernel, unread: a reset
     settle()
-    assert watch.finish() == 0
+    assert counter.count() == before
+    counter.close()
 
 
 def test_a_crash_after_reading_acknowledges_the_request_even_after_the_owner_closed(
     connection: tuple[socket.socket, socket.socket],
 ) -> None:
     client, server = connection
-    watch = AckWatch.start(_Transport(client))
-    assert watch is not None
+    counter = AckCounter.attach(_Transport(client))
+    assert counter is not None
+    before = counter.count()
+    assert before is not None
     client.sendall(REQUEST)
     assert server.recv(65536) == REQUEST
     server.close()  # its close carries the acknowledgement
     settle()
-    client.close()  # the library's own descriptor is gone; the watch still counts
-    assert watch.finish() == len(REQUEST)
+    client.close()  # the library's own descriptor is gone; the counter still counts
+    assert counter.count() == before + len(REQUEST)
+    counter.close()  # the last count is kept
+    assert counter.count() == before + len(REQUEST)
 
 
 class _Transport:
-    """What AckWatch reads of an asyncio transport, for a plain socket."""
+    """What AckCounter reads of an asyncio transport, for a plain socket."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock

@@ -152,7 +152,7 @@ async def test_a_body_too_large_to_replay_gets_a_communication_error_that_says_s
         async with client.post(gate_url(gate, "/big"), data=big) as response:
             assert response.status == 503
             body = await response.json()
-    assert (body["category"], body["cause"]) == ("communication", "stale_connection")
+    assert (body["category"], body["cause"]) == ("communication", "stale_connection"), body["hint"]
     assert "could not be replayed" in body["hint"]
     samples = await scrape(gate)
     skipped = {"cause": "stale_connection", "outcome": "not_replayable"}

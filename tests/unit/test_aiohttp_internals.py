@@ -18,7 +18,6 @@ from tests.conftest import make_settings
 RENAMED = "_renamed_in_a_future_release"
 # Every private aiohttp name servegate reads or writes, as aiohttp_internals names it.
 NAMES = [
-    "_RETRY_SWITCH",
     "_KEEPALIVE",
     "_PROTOCOL_FACTORY",
     "_UNPARSED",
@@ -79,7 +78,6 @@ async def test_a_private_attribute_gone_from_aiohttp_itself_is_found(
 
 
 WRITES: dict[str, Callable[[aiohttp.ClientSession, aiohttp.BaseConnector], None]] = {
-    "_RETRY_SWITCH": lambda session, _connector: aiohttp_internals.disable_hidden_retry(session),
     "_KEEPALIVE": lambda _session, connector: aiohttp_internals.set_keepalive_timeout(
         connector, 1.0
     ),

@@ -1,0 +1,187 @@
+"""One exchange on one upstream connection: servegate writes the request, aiohttp's response
+parser reads the answer.
+
+servegate writes the request head itself (headers.serialize_head) rather than through
+aiohttp's ClientSession: every header in the order and spelling the client sent, repeats
+included (the session merges `X-A: 1` and `x-a: 2` into one), and the head and a buffered body
+leave in one write. aiohttp's connector still opens, pools and expires the connections, and its
+protocol (proxy/framing.py) still parses the answer; errors keep aiohttp's types, so
+`failures.classify` reads them as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Iterable
+from typing import Any
+
+import aiohttp
+from aiohttp import hdrs
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import Connection
+from aiohttp.http import StreamWriter
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.headers import serialize_head
+
+Body = bytes | AsyncIterable[bytes] | None
+
+# Methods whose requests mean nothing by a body: one without a body gets no Content-Length.
+# Every other one gets `Content-Length: 0` (RFC 9110 §8.6: a user agent SHOULD send it when the
+# method defines a meaning for content), as aiohttp's client has always done.
+_NO_CONTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_COALESCE_MAX = 64 * 1024  # a body up to this size is copied behind its head: one write
+
+
+class UpstreamResponse:
+    """The model server's response: its head, and its body as a stream (`content`).
+
+    `release()` gives a fully read connection back to the pool; `close()` drops it. One of the
+    two must be called."""
+
+    __slots__ = ("_connection", "_writer", "content", "headers", "raw_headers", "reason", "status")
+
+    def __init__(
+        self,
+        message: Any,
+        content: aiohttp.StreamReader,
+        connection: Connection,
+        writer: asyncio.Task[None] | None,
+    ) -> None:
+        self.status: int = message.code
+        self.reason: str = message.reason
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] = message.raw_headers
+        self.content = content
+        self._connection = connection
+        self._writer = writer  # still sending a streamed request body, if not done
+
+    @property
+    def content_length(self) -> int | None:
+        """The declared body length in bytes (the parser has refused a malformed one)."""
+        length = self.headers.get(hdrs.CONTENT_LENGTH)
+        return int(length) if length is not None else None
+
+    async def read(self) -> bytes:
+        """The whole body; on any error the connection is dropped and the error raised."""
+        try:
+            return await self.content.read()
+        except BaseException:
+            self.close()
+            raise
+
+    def release(self) -> None:
+        """Back to the pool if the answer was read to its end and the request fully sent;
+        closed otherwise (the connection's state is then unknown)."""
+        if self._writer is not None and not self._writer.done():
+            self.close()
+            return
+        self._connection.release()
+
+    def close(self) -> None:
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        self._connection.close()
+
+
+def request_head(
+    method: str,
+    raw_path: str,
+    headers: Iterable[tuple[str, str]],
+    body: Body,
+    *,
+    authority: str,
+    close: bool,
+) -> bytes:
+    """The request head as it goes upstream (RFC 9112 §3): the target as given, the client's
+    headers in order, Host from `authority` only if the client sent none (§3.2), the body's
+    length when the caller did not declare one, and `Connection: close` on a one-shot
+    connection. A streamed body must come with its Content-Length declared.
+
+    Raises ValueError on a control byte (serialize_head)."""
+    fields = list(headers)
+    names = {name.lower() for name, _ in fields}
+    if "host" not in names:
+        fields.insert(0, ("Host", authority))
+    if "content-length" not in names:
+        if isinstance(body, bytes):
+            fields.append(("Content-Length", str(len(body))))
+        elif body is None and method not in _NO_CONTENT_METHODS:
+            fields.append(("Content-Length", "0"))
+        elif body is not None:
+            raise ValueError("a streamed request body needs its Content-Length declared")
+    if close:
+        fields.append(("Connection", "close"))
+    return serialize_head(f"{method} {raw_path} HTTP/1.1", fields)
+
+
+def send_request(connection: Connection, head: bytes, body: Body) -> asyncio.Task[None] | None:
+    """Write the request; a streamed body goes on in a task (returned), so that an answer the
+    model sends before reading all of it is read meanwhile, as aiohttp does.
+
+    Raises aiohttp.ClientConnectionResetError if the connection is already closing."""
+    protocol = connection.protocol
+    transport = connection.transport
+    if protocol is None or transport is None or transport.is_closing():
+        raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+    if body is None:
+        transport.write(head)
+        return None
+    if isinstance(body, bytes):
+        if len(body) <= _COALESCE_MAX:
+            transport.write(head + body)
+        else:
+            transport.writelines((head, body))
+        return None
+    return asyncio.get_running_loop().create_task(_stream_body(protocol, head, body))
+
+
+async def _stream_body(
+    protocol: ResponseHandler, head: bytes, chunks: AsyncIterable[bytes]
+) -> None:
+    """The head leaves with the body's first chunk, in one segment: a server that closes an
+    idle connection as the request arrives then acknowledges none of it (a second segment
+    would draw an immediate acknowledgement), which keeps the request provably unread
+    (proxy/acked.py). A failure here reaches the reader of the answer through the protocol,
+    with aiohttp's exception types (client_reqrep.py, ClientRequest.write_bytes)."""
+    writer = StreamWriter(protocol, asyncio.get_running_loop())
+    try:
+        async for chunk in chunks:
+            await writer.write(head + chunk if head else chunk)
+            head = b""
+        if head:  # an empty body
+            await writer.write(head)
+        await writer.write_eof()
+    except OSError as exc:
+        protocol.set_exception(aiohttp.ClientOSError(exc.errno, "Can not write request body"), exc)
+    except Exception as exc:  # the client's own body broke off: the request cannot complete
+        broken = aiohttp.ClientConnectionError(f"the request body could not be sent: {exc}")
+        protocol.set_exception(broken, exc)
+
+
+async def read_answer(
+    connection: Connection, writer: asyncio.Task[None] | None, method: str, url: URL
+) -> UpstreamResponse:
+    """Wait for the final answer's head (interim 1xx answers are skipped; 101 is final).
+
+    Raises aiohttp.ClientResponseError for an unparseable head, and the connection's errors
+    (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ...) as aiohttp raises them."""
+    protocol = connection.protocol
+    assert protocol is not None
+    try:
+        while True:
+            try:
+                message, content = await protocol.read()
+            except HttpProcessingError as exc:
+                info = aiohttp.RequestInfo(url, method, CIMultiDictProxy(CIMultiDict()), url)
+                raise aiohttp.ClientResponseError(
+                    info, (), status=exc.code, message=exc.message, headers=exc.headers
+                ) from exc
+            if not 100 <= message.code <= 199 or message.code == 101:
+                return UpstreamResponse(message, content, connection, writer)
+    except BaseException:
+        if writer is not None:
+            writer.cancel()  # the connection is dropped by the caller: nothing to finish
+        raise
