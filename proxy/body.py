@@ -46,6 +46,13 @@ class RequestBody:
             raise BodyTooLarge(max_body)
         if content_length is not None and content_length > limit:
             return cls([], content)
+        if content.is_eof():  # all of it came with the head (a small prediction): one read
+            whole = content.read_nowait()
+            if len(whole) > max_body:
+                raise BodyTooLarge(max_body)
+            if len(whole) <= limit:
+                return cls([whole], None)
+            return await cls._spooled([whole], len(whole), content, max_body)  # chunked
         head: list[bytes] = []
         size = 0
         while size <= limit:

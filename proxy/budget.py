@@ -21,7 +21,7 @@ class BadTimeoutHeader(ValueError):
     """The client's budget header is not a positive whole number of milliseconds."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Budget:
     started: float
     deadline: float  # when servegate answers, at the latest (monotonic seconds)
@@ -65,7 +65,7 @@ def parse_timeout_ms(raw: str) -> int:
     return int(value)
 
 
-@dataclass
+@dataclass(slots=True)
 class Spent:
     """Where a request's time went: the timeout hint and the access line tell the operator
     whether to look at the client, the network, or the model."""

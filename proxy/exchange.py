@@ -67,6 +67,8 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The whole body; on any error the connection is dropped and the error raised."""
         try:
+            if self.content.is_eof():  # it came whole with the head: no waiting, one join
+                return self.content.read_nowait()
             return await self.content.read()
         except BaseException:
             self.close()

@@ -71,7 +71,7 @@ _CATEGORY_OF: dict[Cause, Category] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class AttemptFacts:
     """What the transport reported about one attempt (filled by proxy/upstream.py)."""
 
@@ -85,7 +85,7 @@ class AttemptFacts:
     connect_seconds: float = 0.0  # time spent opening a new connection (0 when reused)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Failure:
     cause: Cause
     detail: str

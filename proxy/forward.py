@@ -33,7 +33,7 @@ log = structlog.get_logger("servegate.forward")
 BUFFERED_ANSWER_MAX = 256 * 1024  # predictions are small; larger answers stream as they come
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outbound:
     """The request as it goes to the model server; headers are already end-to-end only."""
 
@@ -43,7 +43,7 @@ class Outbound:
     body: RequestBody | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ModelResponse:
     """The model's response, with its body when it was small enough to read whole."""
 
@@ -51,7 +51,7 @@ class ModelResponse:
     body: bytes | None
 
 
-@dataclass
+@dataclass(slots=True)
 class Forwarded:
     attempts: int
     facts: AttemptFacts  # of the last attempt

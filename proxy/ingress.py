@@ -7,9 +7,9 @@ loop, then relays the answer or answers the failure, and counts and logs the res
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 
 
-@dataclass
+@dataclass(slots=True)
 class AccessLine:
     """What the one access line of a request says; filled in as the request goes."""
 
@@ -95,7 +95,7 @@ def target_authority(target: str) -> str:
     return "" if target.startswith("/") else URL(target, encoded=True).raw_authority
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Refusal:
     """servegate answers instead of the model: why, and when trying again makes sense."""
 
@@ -116,7 +116,7 @@ class Ingress:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         arrived = time.monotonic()
         passed_id = request.headers.get("X-Request-Id", "")
-        request_id = passed_id if _REQUEST_ID.fullmatch(passed_id) else uuid.uuid4().hex
+        request_id = passed_id if _REQUEST_ID.fullmatch(passed_id) else os.urandom(16).hex()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         self.metrics.inflight.inc()
         line = AccessLine(request.method, request.path)
@@ -155,8 +155,7 @@ class Ingress:
             return answer.bad_request(str(exc), request_id)
         # Read before taking a slot: a slow client must not hold the model's capacity.
         try:
-            async with asyncio.timeout(budget.remaining()):
-                line.body = await self._read_body(request)
+            line.body = await self._read_body_in_time(request, budget)
         except BodyTooLarge as exc:
             line.status = 413
             return answer.bad_request(str(exc), request_id, 413)
@@ -300,6 +299,15 @@ class Ingress:
         response = answer.failure_response(failure, request_id, hint, refusal.retry_after)
         line.status = response.status
         return response
+
+    async def _read_body_in_time(
+        self, request: web.BaseRequest, budget: Budget
+    ) -> RequestBody | None:
+        """Raises TimeoutError when the budget ends first."""
+        if request.content.is_eof():  # all of it came with the head: there is no wait to bound
+            return await self._read_body(request)
+        async with asyncio.timeout(budget.remaining()):
+            return await self._read_body(request)
 
     async def _read_body(self, request: web.BaseRequest) -> RequestBody | None:
         if not request.body_exists:

@@ -28,6 +28,11 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 # up to this size is read whole and sent with a Content-Length, so the connection can stay
 # open; a longer one is sent close-delimited and the connection closed (RFC 9112 §6.3).
 HTTP10_BUFFER_MAX = 1024 * 1024
+# What servegate's own part of an answer's head can take: status line, Date, X-Request-Id.
+_HEAD_ALLOWANCE = 1024
+
+
+_ADDED_BY_AIOHTTP = (hdrs.SERVER, hdrs.CONTENT_TYPE)
 
 
 class _AsTheModelSent(web.StreamResponse):
@@ -36,14 +41,14 @@ class _AsTheModelSent(web.StreamResponse):
     Content-Type. aiohttp_internals.check() makes sure aiohttp still calls this hook."""
 
     async def _prepare_headers(self) -> None:
-        model_sent = {name.lower() for name in self.headers}
+        model_sent = [name in self.headers for name in _ADDED_BY_AIOHTTP]
         await super()._prepare_headers()
-        for name in (hdrs.SERVER, hdrs.CONTENT_TYPE):
-            if name.lower() not in model_sent:
+        for name, sent in zip(_ADDED_BY_AIOHTTP, model_sent, strict=True):
+            if not sent:
                 self.headers.popall(name, None)
 
 
-@dataclass
+@dataclass(slots=True)
 class Relayed:
     response: web.StreamResponse
     bytes_out: int
@@ -77,23 +82,28 @@ async def relay(
         relayed.bytes_out += len(chunk)
         sent(len(chunk))
 
-    # No budget: it covered only the first byte (budget.scope: first_byte).
-    deadline = asyncio.timeout(budget.remaining() if budget is not None else None)
+    async def send() -> None:
+        body, read_ahead = answer.body, b""
+        if has_body and body is None and request.version < HttpVersion11:
+            read_ahead, whole = await _read_for_http10(upstream, response)
+            body = read_ahead if whole else None
+        await response.prepare(request)
+        if has_body and body is not None:
+            await write(body)
+        elif has_body:
+            if read_ahead:
+                await write(read_ahead)
+            async for chunk in _from_model(upstream):
+                await write(chunk)
+        await response.write_eof()
+
     try:
-        async with deadline:
-            body, read_ahead = answer.body, b""
-            if has_body and body is None and request.version < HttpVersion11:
-                read_ahead, whole = await _read_for_http10(upstream, response)
-                body = read_ahead if whole else None
-            await response.prepare(request)
-            if has_body and body is not None:
-                await write(body)
-            elif has_body:
-                if read_ahead:
-                    await write(read_ahead)
-                async for chunk in _from_model(upstream):
-                    await write(chunk)
-            await response.write_eof()
+        # No budget: it covered only the first byte (budget.scope: first_byte).
+        if budget is None or _leaves_at_once(request, answer):
+            await send()
+        else:
+            async with asyncio.timeout(budget.remaining()):
+                await send()
     except _ModelBroke as broke:
         relayed.failure = cut_short(classify(broke.cause, facts, deadline_passed=False), upstream)
     except TimeoutError:
@@ -108,6 +118,17 @@ async def relay(
     if relayed.failure is not None:
         _abort(request)
     return relayed
+
+
+def _leaves_at_once(request: web.BaseRequest, answer: ModelResponse) -> bool:
+    """Whether the whole answer is in hand and fits the client connection's empty write
+    buffer: then no step of relaying it can wait (asyncio pauses a writer only above the
+    buffer's high-water mark), and it needs no deadline of its own."""
+    transport = request.transport
+    if answer.body is None or transport is None or transport.get_write_buffer_size() > 0:
+        return False
+    head = sum(len(name) + len(value) + 4 for name, value in answer.response.raw_headers)
+    return len(answer.body) + head + _HEAD_ALLOWANCE <= transport.get_write_buffer_limits()[1]
 
 
 class _ModelBroke(Exception):

@@ -39,7 +39,7 @@ class GiveUpReason(StrEnum):
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Retry:
     """Try again after `delay` seconds, on a fresh connection or one from the pool."""
 
@@ -47,7 +47,7 @@ class Retry:
     fresh_connection: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GiveUp:
     reason: GiveUpReason
 
@@ -69,7 +69,7 @@ def retry_outcome(reason: GiveUpReason) -> Outcome | None:
     return _OUTCOME_OF[reason]
 
 
-@dataclass
+@dataclass(slots=True)
 class RetryState:
     """Per-request counters the policy reads; `record` is called for each retry made."""
 
