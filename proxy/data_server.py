@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -86,12 +85,12 @@ class _JsonErrorHandler(RequestHandler):
         )
         self._max_line: int = options.get("max_line_size", 8190)
         self._head_start = b""  # the first bytes of the head being parsed: its request line
-        # What the request line said, one entry per head aiohttp has queued, taken in order by
-        # `JsonErrorServer._request` as each is handled. Decided when aiohttp queues the head
-        # (or its parse error): bytes that arrive before an error is answered belong to no
-        # request and must not change the verdict on it.
-        self._heads: deque[_Head] = deque()
-        self.head = _Head()  # that of the request being handled
+        # The first bytes of each head aiohttp has queued, taken in order by
+        # `JsonErrorServer._request` as each is handled. Kept when aiohttp queues the head (or
+        # its parse error): bytes that arrive before an error is answered belong to no request
+        # and must not change the verdict on it. Read only for an error (`head`).
+        self._heads: list[bytes] = []
+        self._current = b""  # those of the request being handled
 
     def data_received(self, data: bytes) -> None:
         requests_before = request_count(self)
@@ -99,13 +98,17 @@ class _JsonErrorHandler(RequestHandler):
             self._head_start += data[: self._max_line + 64]
         super().data_received(data)
         if (requests := request_count(self)) != requests_before:
-            head = _Head.of(self._head_start, self._max_line)
-            self._heads.extend([head] * (requests - requests_before))
+            self._heads.extend([self._head_start] * (requests - requests_before))
             self._head_start = b""
 
-    def next_head(self) -> _Head:
-        self.head = self._heads.popleft() if self._heads else _Head()
-        return self.head
+    def next_head(self) -> None:
+        """The next queued head is now the one being handled."""
+        self._current = self._heads.pop(0) if self._heads else b""
+
+    @property
+    def head(self) -> _Head:
+        """What the request line of the request being handled said."""
+        return _Head.of(self._current, self._max_line)
 
     def handle_error(
         self,
@@ -165,7 +168,7 @@ class JsonErrorServer(HandlerServer):
         """aiohttp gives an unparseable request a stand-in message that says HTTP/1.0, and its
         answer's status line says the same; it gets the version the client spoke instead."""
         if isinstance(protocol, _JsonErrorHandler):
-            head = protocol.next_head()
+            protocol.next_head()
             if is_parse_error(message):
-                message = message._replace(version=head.spoke)
+                message = message._replace(version=protocol.head.spoke)
         return web.BaseRequest(message, payload, protocol, writer, task, self.loop)

@@ -28,21 +28,15 @@ HOP_BY_HOP = frozenset(
 # Not hop-by-hop, but servegate answers them itself: it sends "100 Continue" to the client,
 # and it frames the body it sends upstream (a buffered chunked upload gets a Content-Length).
 _HANDLED_ON_REQUEST = frozenset({"expect", "content-length"})
+# servegate sets X-Request-Id itself (the client's, when it is safe to pass on).
+_REQUEST_DROP = HOP_BY_HOP | _HANDLED_ON_REQUEST | {"x-request-id"}
 
 
 def _connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
-    named: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(","))
-    return frozenset(named)
-
-
-def _end_to_end(
-    headers: list[tuple[str, str]], also_drop: frozenset[str]
-) -> Iterator[tuple[str, str]]:
-    drop = HOP_BY_HOP | also_drop | _connection_named(headers)
-    return ((name, value) for name, value in headers if name.lower() not in drop)
+    values = [value for name, value in headers if name.lower() == "connection"]
+    if not values:
+        return frozenset()
+    return frozenset(token.strip().lower() for value in values for token in value.split(","))
 
 
 def request_headers(
@@ -55,18 +49,28 @@ def request_headers(
 ) -> list[tuple[str, str]]:
     """The client's headers as the model server should see them."""
     items = list(headers)
-    drop = _HANDLED_ON_REQUEST | {"x-request-id"}
-    forwarded = [(name, value) for name, value in _end_to_end(items, drop)]
-    names = {name.lower() for name, _ in forwarded}
-    prior_for = [value for name, value in forwarded if name.lower() == "x-forwarded-for"]
-    forwarded = [(name, value) for name, value in forwarded if name.lower() != "x-forwarded-for"]
+    named = _connection_named(items)
+    drop = _REQUEST_DROP | named if named else _REQUEST_DROP
+    forwarded: list[tuple[str, str]] = []
+    prior_for: list[str] = []
+    has_proto = has_host = False
+    for name, value in items:  # one pass: this runs on every request
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == "x-forwarded-for":
+            prior_for.append(value)
+            continue
+        has_proto = has_proto or lower == "x-forwarded-proto"
+        has_host = has_host or lower == "x-forwarded-host"
+        forwarded.append((name, value))
     chain = ", ".join([*prior_for, client_ip] if client_ip else prior_for)
     if chain:
         forwarded.append(("X-Forwarded-For", chain))
     # A gateway in front may have terminated TLS: what it says about the original request wins.
-    if "x-forwarded-proto" not in names:
+    if not has_proto:
         forwarded.append(("X-Forwarded-Proto", scheme))
-    if "x-forwarded-host" not in names and host:
+    if not has_host and host:
         forwarded.append(("X-Forwarded-Host", host))
     forwarded.append(("X-Request-Id", request_id))
     return forwarded
@@ -85,7 +89,10 @@ def decoded(raw: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[str, str]]:
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
     """The model server's headers as the client should see them."""
-    return _end_to_end(list(headers), frozenset())
+    items = list(headers)
+    named = _connection_named(items)
+    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
+    return ((name, value) for name, value in items if name.lower() not in drop)
 
 
 # RFC 9110 §5.5 and RFC 9112 §4: no control bytes but HTAB in a field or the start line.
@@ -102,7 +109,8 @@ def serialize_head(start_line: str, headers: Iterable[tuple[str, str]]) -> bytes
     (header injection), as aiohttp's writer does.
     """
     fields = [f"{name}: {value}" for name, value in headers]
-    if _FORBIDDEN.search(start_line) or any(_FORBIDDEN.search(field) for field in fields):
+    # One search over every field (joined by a space, which is allowed), not one per field.
+    if _FORBIDDEN.search(start_line) or _FORBIDDEN.search(" ".join(fields)):
         raise ValueError("Forbidden control character detected in headers.")
     return "\r\n".join([start_line, *fields, "", ""]).encode("utf-8", "surrogateescape")
 
