@@ -10,14 +10,15 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from ipaddress import ip_address
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.config import ServerSettings
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 # Event names keep the listener's prefix: the certificate is the data port's.
 log = structlog.get_logger("servegate.listener")
@@ -59,6 +60,10 @@ def _no_password(key_file: Path) -> bytes:
 
 
 def _load_self_signed(context: ssl.SSLContext) -> None:
+    # cryptography is imported only here, for `server.tls: auto`: loaded, it costs every
+    # process about 8 MiB of memory.
+    from cryptography.hazmat.primitives import hashes, serialization
+
     key, certificate = _self_signed()
     # The ssl module loads keys only from files. The file is private (mode 0600), exists only
     # while it is loaded, and holds the key encrypted with a password that never leaves memory.
@@ -83,6 +88,11 @@ def _load_self_signed(context: ssl.SSLContext) -> None:
 
 def _self_signed() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """EC P-256, CN servegate, for localhost and the loopback addresses, valid one year."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "servegate")])
     now = datetime.now(UTC)
