@@ -27,7 +27,7 @@ from processes import free_ports, stop
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from proxy import config  # noqa: E402  (after the path)
+from proxy import config, logs  # noqa: E402  (after the path)
 from proxy.app import serve  # noqa: E402
 
 HOLD = 15.0  # seconds the model holds each request: longer than the measurement
@@ -60,6 +60,7 @@ async def measure(args: argparse.Namespace) -> None:
                 "logging.level": "warning",
             },
         )
+        logs.configure(settings.logging)
         served = asyncio.create_task(serve(settings))
         await asyncio.sleep(1.5)  # started, and the model too
         gc.collect()
@@ -82,7 +83,7 @@ async def measure(args: argparse.Namespace) -> None:
             print(f"Python heap: {total / 1024 / args.count:.1f} KiB per held request")
             for stat in stats[: args.top]:
                 print(f"{stat.size_diff / args.count:8.0f} B  {stat.traceback[0]}")
-        await asyncio.to_thread(client.wait)  # every answer back: nothing cut short
+        await asyncio.to_thread(client.wait)  # every answer back (the client prints them)
     finally:
         for process in (client, model):
             if process is not None:
