@@ -94,9 +94,10 @@ class ServerSettings(_Section):
     # client's connection six times sooner). It applies to every request of a connection.
     header_timeout: Seconds = 10.0
     # Client connections open at once; beyond it a new one is closed at once (counted, and
-    # logged at most every 10 s). "auto": half the open-file limit left after 64 descriptors
-    # for servegate itself, since every client connection may hold one to the model too, as
-    # HAProxy sizes its maxconn from `ulimit -n`.
+    # logged at most every 10 s). "auto": a third of the open-file limit left after 64
+    # descriptors for servegate itself, since every client connection may hold two more (the
+    # model server's connection and its acknowledgement counter), as HAProxy sizes its maxconn
+    # from `ulimit -n`.
     max_connections: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # Largest request body, answered 413: before a byte of it is read when Content-Length
     # declares more, else when a chunked body grows past it. A chunked body larger than the

@@ -2,8 +2,9 @@
 accept queue. Raised where the process may raise them, and logged once at start-up.
 
 nginx raises its open-file limit with `worker_rlimit_nofile`, Envoy and HAProxy raise theirs at
-start; each held request costs servegate two descriptors (client and model server), so the
-usual soft limit of 1024 would stop it near 500 requests at once.
+start; each held request costs servegate three descriptors (the client's connection, the model
+server's and the duplicate of it that counts acknowledgements, proxy/acked.py), so the usual
+soft limit of 1024 would stop it near 320 requests at once.
 """
 
 from __future__ import annotations

@@ -50,6 +50,10 @@ REMEMBERED_CLIENTS = 1024  # addresses already warned about; a scan cannot grow 
 # Descriptors kept for servegate itself (listening and admin sockets, health checks, probes,
 # logs, a supervised model's pipes) when server.max_connections is auto.
 RESERVED_DESCRIPTORS = 64
+# What one client connection can hold at once: its own socket, the model server's connection
+# its request uses, and the duplicate of that one which counts its acknowledgements
+# (proxy/acked.py).
+DESCRIPTORS_PER_CONNECTION = 3
 LIMIT_LOG_INTERVAL = 10.0  # one line per interval, whatever a flood of connections does
 
 Mode = Literal["off", "on", "auto"]
@@ -95,14 +99,14 @@ def route(first_byte: int, mode: Mode) -> Literal["tls", "plain"] | Mismatch:
 
 
 def connection_limit(configured: int | Literal["auto"]) -> int:
-    """server.max_connections in force: `auto` is half the open-file limit (RLIMIT_NOFILE)
-    left after RESERVED_DESCRIPTORS, since a client connection may hold one to the model too."""
+    """server.max_connections in force: `auto` is the open-file limit (RLIMIT_NOFILE) left
+    after RESERVED_DESCRIPTORS, divided by DESCRIPTORS_PER_CONNECTION."""
     if configured != "auto":
         return configured
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20  # Linux's default nr_open: the real ceiling
-    return max(1, (soft - RESERVED_DESCRIPTORS) // 2)
+    return max(1, (soft - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION)
 
 
 class SniffingSite(web.BaseSite):

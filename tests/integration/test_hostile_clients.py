@@ -353,5 +353,5 @@ async def test_the_connection_limit_is_sized_from_the_open_file_limit_by_default
 ) -> None:
     gate = await start_gate(upstream_url)
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    expected = (soft - listener.RESERVED_DESCRIPTORS) // 2
+    expected = (soft - listener.RESERVED_DESCRIPTORS) // listener.DESCRIPTORS_PER_CONNECTION
     assert sample(await scrape(gate), "servegate_client_connections_limit") == expected
