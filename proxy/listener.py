@@ -201,6 +201,17 @@ class _Acceptor:
         self._header_timeout = settings.header_timeout
         self._metrics = metrics
         self._limit = connection_limit(settings.max_connections)
+        if self._limit > (fits := connection_limit("auto")):
+            # nginx warns the same way when worker_connections exceed its open-file limit.
+            log.warning(
+                "listener.max_connections_over_open_files",
+                message=f"server.max_connections ({self._limit}) allows more connections than "
+                f"the open-file limit can hold ({fits}, at {DESCRIPTORS_PER_CONNECTION} "
+                "descriptors each): past that, accepting fails (listener.accept_failed) and "
+                "new connections wait; raise `ulimit -n` or lower server.max_connections",
+                max_connections=self._limit,
+                fits=fits,
+            )
         metrics.client_connections_limit.set(self._limit)
         self._open = 0
         self._refused_unlogged = 0

@@ -355,3 +355,15 @@ async def test_the_connection_limit_is_sized_from_the_open_file_limit_by_default
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     expected = (soft - listener.RESERVED_DESCRIPTORS) // listener.DESCRIPTORS_PER_CONNECTION
     assert sample(await scrape(gate), "servegate_client_connections_limit") == expected
+
+
+async def test_a_connection_limit_the_open_file_limit_cannot_hold_is_warned_at_start(
+    start_gate: StartGate, upstream_url: str, log_capture: LogCapture
+) -> None:
+    fits = listener.connection_limit("auto")
+    await start_gate(upstream_url, **{"server.max_connections": fits + 1})
+    [line] = log_capture.events("listener.max_connections_over_open_files")
+    assert (line["max_connections"], line["fits"]) == (fits + 1, fits)
+    assert "ulimit -n" in line["message"]
+    await start_gate(upstream_url, **{"server.max_connections": fits})  # within: no line
+    assert len(log_capture.events("listener.max_connections_over_open_files")) == 1
