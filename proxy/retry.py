@@ -14,9 +14,13 @@ from enum import StrEnum
 from proxy.config import RetrySettings
 from proxy.failures import Cause, Failure
 
-# One retry after a stale connection is enough: it runs on a fresh connection, where the next
-# failure cannot be stale. A second stale hit would mean the "stale" one was something else.
+# One retry after a stale pooled connection is enough: it runs on a brand-new connection, which
+# no idle timer can have closed. A brand-new connection closed with the request unread (proven
+# by TCP, proxy/acked.py) is a worker going away, as in a restart or a crash loop, closing what
+# it had accepted: still never read, so it is retried again, after a backoff, up to
+# MAX_UNREAD_RETRIES in all.
 MAX_STALE_RETRIES = 1
+MAX_UNREAD_RETRIES = 3
 # Time kept for the connect attempt after a backoff: ample for loopback or a sidecar.
 LAST_ATTEMPT_RESERVE = 0.05
 MAX_RESET_REPLAYS = 1
@@ -101,11 +105,17 @@ def decide(
     rng: random.Random,
 ) -> Decision:
     if failure.cause is Cause.STALE_CONNECTION:
-        if state.stale_retries >= MAX_STALE_RETRIES:
+        brand_new = failure.reused is False
+        if state.stale_retries >= (MAX_UNREAD_RETRIES if brand_new else MAX_STALE_RETRIES):
             return GiveUp(GiveUpReason.ATTEMPTS_EXHAUSTED)
         if not body_replayable:
             return GiveUp(GiveUpReason.NOT_REPLAYABLE)
-        return Retry(fresh_connection=True)
+        if not brand_new:
+            return Retry(fresh_connection=True)
+        if remaining < LAST_ATTEMPT_RESERVE:
+            return GiveUp(GiveUpReason.NO_BUDGET)
+        delay = min(backoff(state.stale_retries, settings, rng), remaining - LAST_ATTEMPT_RESERVE)
+        return Retry(delay=delay, fresh_connection=True)
     if failure.cause in (Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT):
         # Nothing was sent, so even a streamed body is intact; only time limits these. The
         # last backoff is cut short so one more attempt lands just before the deadline.

@@ -51,6 +51,25 @@ def test_a_stale_connection_is_retried_only_once() -> None:
     assert decision == GiveUp(GiveUpReason.ATTEMPTS_EXHAUSTED)
 
 
+def test_a_new_connection_closed_unread_is_retried_after_a_backoff_up_to_three_times() -> None:
+    def unread_drop(retried: int) -> Decision:
+        return decide(
+            Failure(Cause.STALE_CONNECTION, "x", reused=False),
+            RetryState(stale_retries=retried),
+            body_replayable=True,
+            remaining=30.0,
+            settings=SETTINGS,
+            rng=random.Random(1),
+        )
+
+    for retried in (1, 2):  # after the pooled connection's one retry, or another new one's
+        decision = unread_drop(retried)
+        assert isinstance(decision, Retry)
+        assert decision.fresh_connection
+        assert 0 < decision.delay <= SETTINGS.backoff_max
+    assert unread_drop(3) == GiveUp(GiveUpReason.ATTEMPTS_EXHAUSTED)
+
+
 def test_a_streamed_body_cannot_be_replayed() -> None:
     decision = decide_for(Cause.STALE_CONNECTION, body_replayable=False)
     assert decision == GiveUp(GiveUpReason.NOT_REPLAYABLE)
