@@ -30,8 +30,7 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 HTTP10_BUFFER_MAX = 1024 * 1024
 # What servegate's own part of an answer's head can take: status line, Date, X-Request-Id.
 _HEAD_ALLOWANCE = 1024
-
-
+# Headers aiohttp adds to every answer; kept only when the model sent them.
 _ADDED_BY_AIOHTTP = (hdrs.SERVER, hdrs.CONTENT_TYPE)
 
 
