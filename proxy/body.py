@@ -16,6 +16,8 @@ from typing import IO
 
 from aiohttp import StreamReader
 
+from proxy.exchange import StreamedBody
+
 CHUNK = 64 * 1024
 
 
@@ -28,10 +30,15 @@ class BodyTooLarge(Exception):
 
 class RequestBody:
     def __init__(
-        self, head: list[bytes], rest: StreamReader | None, spool: IO[bytes] | None = None
+        self,
+        head: list[bytes],
+        rest: StreamReader | None,
+        spool: IO[bytes] | None = None,
+        declared: int = 0,
     ) -> None:
         self._head = head  # what was read ahead; the whole body when `rest` is None
         self._rest = rest
+        self._declared = declared  # its Content-Length, when `rest` streams the rest
         self._spool = spool  # the whole body, when it was spooled to disk
         self._streaming_started = False
         self.size = sum(len(part) for part in head)  # bytes read from the client so far
@@ -45,7 +52,7 @@ class RequestBody:
         if content_length is not None and content_length > max_body:
             raise BodyTooLarge(max_body)
         if content_length is not None and content_length > limit:
-            return cls([], content)
+            return cls([], content, declared=content_length)
         if content.is_eof():  # all of it came with the head (a small prediction): one read
             whole = content.read_nowait()
             if len(whole) > max_body:
@@ -64,7 +71,7 @@ class RequestBody:
             if size > max_body:
                 raise BodyTooLarge(max_body)
         if content_length is not None:
-            return cls(head, content)
+            return cls(head, content, declared=content_length)
         return await cls._spooled(head, size, content, max_body)
 
     @classmethod
@@ -95,17 +102,12 @@ class RequestBody:
     def replayable(self) -> bool:
         return self.buffered or not self._streaming_started
 
-    @property
-    def spooled_length(self) -> int | None:
-        """The length to declare for a body sent from its spool file."""
-        return self.size if self._spool is not None else None
-
-    def for_attempt(self) -> bytes | AsyncIterator[bytes]:
+    def for_attempt(self) -> bytes | StreamedBody:
         if self._spool is not None:
-            return self._from_spool(self._spool)
+            return StreamedBody(self.size, self._from_spool(self._spool))
         if self._rest is None:
             return b"".join(self._head)
-        return self._stream(self._rest)
+        return StreamedBody(self._declared, self._stream(self._rest))
 
     def close(self) -> None:
         if self._spool is not None:

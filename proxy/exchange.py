@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -26,7 +27,17 @@ from yarl import URL
 
 from proxy.headers import serialize_head
 
-Body = bytes | AsyncIterable[bytes] | None
+
+@dataclass(frozen=True, slots=True)
+class StreamedBody:
+    """A body sent as it is read: `length` bytes (declared to the model in Content-Length: a
+    WSGI app reads CONTENT_LENGTH bytes and nothing without it), from `chunks`."""
+
+    length: int
+    chunks: AsyncIterable[bytes]
+
+
+Body = bytes | StreamedBody | None
 
 # Methods whose requests mean nothing by a body: one without a body gets no Content-Length.
 # Every other one gets `Content-Length: 0` (RFC 9110 §8.6: a user agent SHOULD send it when the
@@ -98,22 +109,20 @@ def request_head(
     close: bool,
 ) -> bytes:
     """The request head as it goes upstream (RFC 9112 §3): the target as given, the client's
-    headers in order, Host from `authority` only if the client sent none (§3.2), the body's
-    length when the caller did not declare one, and `Connection: close` on a one-shot
-    connection. A streamed body must come with its Content-Length declared.
+    end-to-end headers in order (without framing: this frames the body), Host from
+    `authority` only if the client sent none (§3.2), the body's Content-Length, and
+    `Connection: close` on a one-shot connection.
 
     Raises ValueError on a control byte (serialize_head)."""
     fields = list(headers)
-    names = {name.lower() for name, _ in fields}
-    if "host" not in names:
+    if not any(name.lower() == "host" for name, _ in fields):
         fields.insert(0, ("Host", authority))
-    if "content-length" not in names:
-        if isinstance(body, bytes):
-            fields.append(("Content-Length", str(len(body))))
-        elif body is None and method not in _NO_CONTENT_METHODS:
-            fields.append(("Content-Length", "0"))
-        elif body is not None:
-            raise ValueError("a streamed request body needs its Content-Length declared")
+    if isinstance(body, bytes):
+        fields.append(("Content-Length", str(len(body))))
+    elif isinstance(body, StreamedBody):
+        fields.append(("Content-Length", str(body.length)))
+    elif method not in _NO_CONTENT_METHODS:
+        fields.append(("Content-Length", "0"))
     if close:
         fields.append(("Connection", "close"))
     return serialize_head(f"{method} {raw_path} HTTP/1.1", fields)
@@ -137,7 +146,7 @@ def send_request(connection: Connection, head: bytes, body: Body) -> asyncio.Tas
         else:
             transport.writelines((head, body))
         return None
-    return asyncio.get_running_loop().create_task(_stream_body(protocol, head, body))
+    return asyncio.get_running_loop().create_task(_stream_body(protocol, head, body.chunks))
 
 
 async def _stream_body(

@@ -221,7 +221,7 @@ class Ingress:
         outbound = Outbound(
             method=request.method,
             raw_path=origin_form(request.raw_path),
-            headers=self._outbound_headers(request, request_id, line.body),
+            headers=self._outbound_headers(request, request_id),
             body=line.body,
         )
         forwarded = await self.forwarder.forward(
@@ -257,7 +257,7 @@ class Ingress:
     ) -> web.StreamResponse:
         """The budget covers the handshake; server.upgrade_idle_timeout covers the session."""
         upgrader = Upgrader(self.settings.server, self.settings.upstream, self.metrics)
-        headers = self._outbound_headers(request, request_id, line.body)
+        headers = self._outbound_headers(request, request_id)
         line.attempts = 1
         try:
             async with asyncio.timeout(budget.remaining()):
@@ -324,9 +324,7 @@ class Ingress:
             self.settings.server.max_body_bytes,
         )
 
-    def _outbound_headers(
-        self, request: web.BaseRequest, request_id: str, body: RequestBody | None
-    ) -> list[tuple[str, str]]:
+    def _outbound_headers(self, request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
         headers = request_headers(
             decoded(request.raw_headers),
             client_ip=request.remote,
@@ -338,8 +336,4 @@ class Ingress:
         # where the request goes, which is always the configured upstream.
         if authority := target_authority(request.raw_path):
             headers = [("Host", authority), *((n, v) for n, v in headers if n.lower() != "host")]
-        if body is not None and body.spooled_length is not None:
-            headers.append(("Content-Length", str(body.spooled_length)))
-        elif body is not None and not body.buffered and request.content_length is not None:
-            headers.append(("Content-Length", str(request.content_length)))
         return headers
