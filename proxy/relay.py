@@ -1,26 +1,31 @@
-"""Streams the model's answer to the client unchanged: status, reason, headers, body as it comes.
+"""Relays the model's answer to the client unchanged: status, reason, headers, body.
 
-Each chunk is written as soon as it arrives (server-sent events reach the client at once), and
-`write` waits for the client to drain, so a slow client slows the model's stream instead of
-filling servegate's memory.
+An answer read whole that fits the client connection's write buffer (most predictions) leaves
+in one write of servegate's own. Any other streams through aiohttp's response: each chunk is
+written as soon as it arrives (server-sent events reach the client at once), and `write` waits
+for the client to drain, so a slow client slows the model's stream instead of filling
+servegate's memory.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import email.utils
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import hdrs, web
-from aiohttp.http import HttpVersion11
+from aiohttp.http import HttpVersion10, HttpVersion11
 
 from proxy.aiohttp_internals import hold_head_for_body
 from proxy.budget import Budget
 from proxy.exchange import UpstreamResponse
 from proxy.failures import AttemptFacts, Failure, classify
 from proxy.forward import ModelResponse, cut_short
-from proxy.headers import decoded, response_headers
+from proxy.headers import decoded, response_headers, serialize_head
 
 # Statuses whose responses carry no body, whatever their headers say (RFC 9110 §6.4.1).
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -47,6 +52,26 @@ class _AsTheModelSent(web.StreamResponse):
                 self.headers.popall(name, None)
 
 
+class _Written(web.StreamResponse):
+    """An answer servegate wrote whole on the client connection itself (`_relay_whole`): aiohttp,
+    which prepares and ends the response a handler returns, has nothing left to send, and only
+    learns whether the connection stays open."""
+
+    def __init__(self, status: int, keep_alive: bool) -> None:
+        super().__init__(status=status)
+        self._stays_open = keep_alive
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._stays_open
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
 @dataclass(slots=True)
 class Relayed:
     response: web.StreamResponse
@@ -66,6 +91,8 @@ async def relay(
     """Relay the model's answer; `sent` hears of every body byte written to the client, so
     the access line is right even when the client leaves mid-stream."""
     upstream = answer.response
+    if _leaves_at_once(request, answer):
+        return await _relay_whole(request, answer, extra_headers, sent)
     response = _AsTheModelSent(status=upstream.status, reason=upstream.reason)
     if answer.body is not None:
         # The head waits for the body read whole: both leave in one write, as web.Response's do.
@@ -98,7 +125,7 @@ async def relay(
 
     try:
         # No budget: it covered only the first byte (budget.scope: first_byte).
-        if budget is None or _leaves_at_once(request, answer):
+        if budget is None:
             await send()
         else:
             async with asyncio.timeout(budget.remaining()):
@@ -120,14 +147,86 @@ async def relay(
 
 
 def _leaves_at_once(request: web.BaseRequest, answer: ModelResponse) -> bool:
-    """Whether the whole answer is in hand and fits the client connection's empty write
-    buffer: then no step of relaying it can wait (asyncio pauses a writer only above the
-    buffer's high-water mark), and it needs no deadline of its own."""
+    """Whether the whole answer, with a body, is in hand and fits the client connection's
+    empty write buffer: then relaying it is one write that cannot wait (asyncio pauses a
+    writer only above the buffer's high-water mark), and it needs no deadline of its own."""
     transport = request.transport
-    if answer.body is None or transport is None or transport.get_write_buffer_size() > 0:
+    status = answer.response.status
+    if answer.body is None or status < 200 or status in _NO_BODY_STATUSES:
+        return False
+    if transport is None or transport.get_write_buffer_size() > 0:
         return False
     head = sum(len(name) + len(value) + 4 for name, value in answer.response.raw_headers)
     return len(answer.body) + head + _HEAD_ALLOWANCE <= transport.get_write_buffer_limits()[1]
+
+
+async def _relay_whole(
+    request: web.BaseRequest,
+    answer: ModelResponse,
+    extra_headers: dict[str, str],
+    sent: Callable[[int], None],
+) -> Relayed:
+    """An answer read whole, relayed in one write of its head and body.
+
+    Most answers are small and read whole, and aiohttp's response machinery (a header
+    multidict, header preparation, a writer with length accounting) cost as much CPU as the
+    rest of relaying them: the head is written here from the same rules (`_whole_head`)."""
+    assert answer.body is not None
+    upstream = answer.response
+    keep_alive = request.keep_alive
+    version = request.version
+    fields = _whole_head(upstream.raw_headers, extra_headers, version, keep_alive)
+    start = f"HTTP/{version.major}.{version.minor} {upstream.status} {upstream.reason}"
+    relayed = Relayed(_Written(upstream.status, keep_alive), 0)
+    try:
+        await request.writer.write(serialize_head(start, fields) + answer.body)
+    except ConnectionResetError:  # aiohttp's write error when the client has gone
+        relayed.client_gone = True
+        upstream.close()
+        return relayed
+    upstream.release()
+    relayed.bytes_out = len(answer.body)
+    sent(relayed.bytes_out)
+    return relayed
+
+
+def _whole_head(
+    raw_headers: Iterable[tuple[bytes, bytes]],
+    extra_headers: dict[str, str],
+    version: tuple[int, int],
+    keep_alive: bool,
+) -> list[tuple[str, str]]:
+    """The header fields of an answer with a body of known length, in the order the streamed
+    path writes them: the model's end-to-end fields as sent (its Content-Length frames the
+    body), servegate's `extra_headers` each in place of the model's first field of that name
+    (later ones dropped) or else after them, Date if the model sent none (RFC 9110 §6.6.1),
+    and the connection's fate where the version does not imply it (RFC 9112 §9.3, §9.6)."""
+    extra = {name.lower(): (name, value) for name, value in extra_headers.items()}
+    replaced = frozenset(extra)  # every field of the model's by these names gives way
+    fields: list[tuple[str, str]] = []
+    dated = False
+    for name, value in response_headers(decoded(raw_headers)):
+        lower = name.lower()
+        if lower in replaced:
+            if (ours := extra.pop(lower, None)) is not None:
+                fields.append(ours)
+            continue
+        dated = dated or lower == "date"
+        fields.append((name, value))
+    fields.extend(extra.values())
+    if not dated:
+        fields.append(("Date", _imf_fixdate(int(time.time()))))
+    if keep_alive and version == HttpVersion10:
+        fields.append(("Connection", "keep-alive"))
+    elif not keep_alive and version == HttpVersion11:
+        fields.append(("Connection", "close"))
+    return fields
+
+
+@functools.lru_cache(maxsize=1)  # formatted once a second
+def _imf_fixdate(second: int) -> str:
+    """A time in seconds since the epoch as an IMF-fixdate (RFC 9110 §5.6.7)."""
+    return email.utils.formatdate(second, usegmt=True)
 
 
 class _ModelBroke(Exception):

@@ -159,6 +159,69 @@ async def test_the_answer_gets_no_header_the_model_did_not_send(
     assert b"date" in names  # a proxy with a clock adds it (RFC 9110 §6.6.1)
 
 
+MODEL_DATE = b"Mon, 01 Jan 2024 00:00:00 GMT"
+# Answers servegate relays in one write of its own (read whole, fitting the client's empty
+# write buffer) and answers relayed through aiohttp's response (too large for that buffer) must
+# carry the same head: these are the model's fields the two must agree on.
+HEAD_SHAPES = {
+    "bare": [],
+    "dated": [b"date: " + MODEL_DATE, b"server: model/1", b"content-type: x/y"],
+    "request ids": [b"A: 1", b"x-request-id: m1", b"B: 2", b"X-REQUEST-ID: m2"],
+    "hop-by-hop": [b"Connection: keep-alive, X-Foo", b"Keep-Alive: timeout=30", b"X-Foo: 1",
+                   b"X-Bar: 2"],
+    "obs-text": [b"X-Odd: caf\xe9", b"Set-Cookie: a=1", b"set-cookie: b=2", b"X-Empty:"],
+}  # fmt: skip
+CLIENTS = {
+    "1.1 close": (b"HTTP/1.1", b"Connection: close"),
+    "1.1 keep-alive": (b"HTTP/1.1", b"X-Keep: yes"),
+    "1.0": (b"HTTP/1.0", b"X-Keep: no"),
+    "1.0 keep-alive": (b"HTTP/1.0", b"Connection: keep-alive"),
+}
+LARGE = 100_000  # over the 64 KiB write buffer, under the 256 KiB read whole
+
+
+async def answer_head(port: int, version: bytes, field: bytes, size: int) -> bytes:
+    """The head of the answer to `GET /<size>`, with the values servegate makes up masked."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /%d %s\r\nHost: model\r\n%s\r\n\r\n" % (size, version, field))
+    try:
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert len(await reader.readexactly(size)) == size
+    finally:
+        writer.close()
+    return b"\r\n".join(_masked(line) for line in head.split(b"\r\n"))
+
+
+def _masked(line: bytes) -> bytes:
+    """A field whose value differs between the two answers by design, with the value masked."""
+    name, _, value = line.partition(b": ")
+    made_up = name.lower() in {b"x-request-id", b"content-length"}
+    return name + b": *" if made_up or (name.lower() == b"date" and value != MODEL_DATE) else line
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("shape", HEAD_SHAPES)
+async def test_an_answer_relayed_in_one_write_has_the_head_of_a_streamed_one(
+    shape: str, client: str, start_gate: StartGate, raw_server: Any
+) -> None:
+    fields = HEAD_SHAPES[shape]
+
+    def sized(seen: Seen) -> bytes:
+        size = int(seen.target[1:])
+        status = b"200 \xc9t\xe9" if shape == "obs-text" else b"201 Created"
+        return answer(*fields, body=b"x" * size, status=status)(seen)
+
+    model = await raw_server(RecordingModel(answer=sized))
+    gate = await start_gate(model.url)
+    version, field = CLIENTS[client]
+    whole = await answer_head(gate.data_port, version, field, 2)
+    streamed = await answer_head(gate.data_port, version, field, LARGE)
+    assert whole == streamed
+    if shape == "dated":
+        assert b"date: " + MODEL_DATE in whole.split(b"\r\n")
+
+
 async def test_a_large_chunked_upload_reaches_the_model_with_its_length(
     start_gate: StartGate, raw_server: Any
 ) -> None:
