@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import LogCapture, StartGate, sample, scrape
 from tests.integration.test_fidelity import exchange, json_body, request
 from tests.upstreams.misframed import MisframedModel
+from tests.upstreams.recording import RecordingModel
 
 TEXT = "Prix: €€€€€ total".encode()  # 17 characters, 27 bytes of UTF-8
 assert len(TEXT) == 27
@@ -131,6 +132,40 @@ async def test_a_well_framed_answer_keeps_its_connection_however_it_is_split(
     second = await exchange(gate.data_port, request(b"/b", method=b"GET"))
     assert second.endswith(b"\r\n\r\nok")
     assert model.connection_of[0] == model.connection_of[1]
+    assert log_capture.events("upstream.framing_fault") == []
+
+
+SEQUENCE = {  # target: (method, the model's answer, what the client's answer ends with)
+    b"/length": (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst", b"\r\n\r\nfirst"),
+    b"/chunked": (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3\r\nabc\r\n0\r\n\r\n", b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+    b"/204": (b"DELETE", b"HTTP/1.1 204 No Content\r\n\r\n", b"\r\n\r\n"),
+    b"/head": (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", b"\r\n\r\n"),
+    b"/interim": (b"GET", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+                  b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal", b"\r\n\r\nfinal"),
+    b"/304": (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n", b"\r\n\r\n"),
+    b"/empty": (b"POST", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"\r\n\r\n"),
+    b"/last": (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlast", b"\r\n\r\nlast"),
+}  # fmt: skip
+
+
+async def test_one_pooled_connection_carries_answers_of_every_framing_in_turn(
+    start_gate: StartGate, raw_server: Any, log_capture: LogCapture
+) -> None:
+    """Each answer on a kept connection is parsed from where the last one ended, whatever the
+    framing of either, and twice over in another order."""
+    model = await raw_server(RecordingModel(answer=lambda seen: SEQUENCE[seen.target][1]))
+    gate = await start_gate(model.url)
+    order = [*SEQUENCE, *reversed(SEQUENCE)]
+    for target in order:
+        method, answer, ends = SEQUENCE[target]
+        raw = await exchange(gate.data_port, request(target, method=method))
+        final_status = answer.rsplit(b"HTTP/1.1 ", 1)[1][:3]
+        assert raw.startswith(b"HTTP/1.1 " + final_status), (target, raw)
+        assert raw.endswith(ends), (target, raw)
+    assert [seen.target for seen in model.seen] == order
+    # Health checks open connections of their own: the access lines tell the pooled one.
+    assert [line["reused"] for line in log_capture.access()] == [False] + [True] * (len(order) - 1)
     assert log_capture.events("upstream.framing_fault") == []
 
 
