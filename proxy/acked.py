@@ -51,22 +51,32 @@ def bytes_acked(sock: socket.socket) -> int | None:
 
 class AckCounter:
     """The peer's acknowledgement count of one TCP connection a library owns, readable until
-    and after the library closes it.
+    and after the library closes it, and where each request's bytes begin in it.
 
     It holds a duplicate of the connection's descriptor from `attach` (as the connection opens)
     to `close` (as it is lost, when the count is read one last time): the library closes its
-    own descriptor when the connection fails, and the count is needed after that. One
-    duplicate per connection, one getsockopt per `count`. Until `close`, the connection stays
-    open in the kernel.
+    own descriptor when the connection fails, and the count is needed after that. Until
+    `close`, the connection stays open in the kernel.
+
+    Acknowledgements are cumulative, in stream order (RFC 9293 §3.4): a request's bytes follow
+    every byte written before them, so "the peer acknowledged none of this request" is "the
+    count has not passed where this request began". On plain TCP that position is known
+    without asking the kernel: the count at `attach` plus every byte written since (`sent`).
+    On TLS the stream holds records and handshakes rather than the bytes written, so a request
+    begins where the count stood when it was written (the peer may still acknowledge earlier
+    bytes after that, which reads as this request's: the safe side).
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, position: int, *, plain: bool) -> None:
         self._sock: socket.socket | None = sock
         self._final: int | None = None
+        self._position = position  # of the next byte written, in the count's units
+        self._plain = plain
 
     @classmethod
     def attach(cls, transport: Any) -> AckCounter | None:
-        """Count on an asyncio transport's TCP socket; None when its count cannot be read."""
+        """Count on an asyncio transport's TCP socket, as it opens; None when its count cannot
+        be read."""
         original = transport.get_extra_info("socket") if transport is not None else None
         if original is None or _TCP_INFO is None:
             return None
@@ -74,10 +84,25 @@ class AckCounter:
             duplicate = socket.socket(fileno=os.dup(original.fileno()))
         except OSError:
             return None
-        if bytes_acked(duplicate) is None:
+        opened = bytes_acked(duplicate)
+        if opened is None:
             duplicate.close()
             return None
-        return cls(duplicate)
+        return cls(duplicate, opened, plain=transport.get_extra_info("ssl_object") is None)
+
+    def sent(self, size: int) -> None:
+        """Count `size` more bytes written on the connection; every byte written must be."""
+        self._position += size
+
+    def mark(self) -> int | None:
+        """Where the bytes written next begin, for `acked_since` (None: unknown)."""
+        return self._position if self._plain else self.count()
+
+    def acked_since(self, mark: int) -> int | None:
+        """How many of the bytes written since `mark` the peer has acknowledged (None:
+        unknown)."""
+        count = self.count()
+        return None if count is None else max(0, count - mark)
 
     def count(self) -> int | None:
         """Bytes the peer has acknowledged on this connection so far (its last count once

@@ -25,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.acked import AckCounter
 from proxy.headers import serialize_head
 
 
@@ -128,29 +129,37 @@ def request_head(
     return serialize_head(f"{method} {raw_path} HTTP/1.1", fields)
 
 
-def send_request(connection: Connection, head: bytes, body: Body) -> asyncio.Task[None] | None:
+def send_request(
+    connection: Connection, head: bytes, body: Body, acks: AckCounter | None = None
+) -> asyncio.Task[None] | None:
     """Write the request; a streamed body goes on in a task (returned), so that an answer the
-    model sends before reading all of it is read meanwhile, as aiohttp does.
+    model sends before reading all of it is read meanwhile, as aiohttp does. `acks` hears of
+    every byte written.
 
     Raises aiohttp.ClientConnectionResetError if the connection is already closing."""
     protocol = connection.protocol
     transport = connection.transport
     if protocol is None or transport is None or transport.is_closing():
         raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+    if isinstance(body, StreamedBody):
+        task = _stream_body(protocol, head, body.chunks, acks)
+        return asyncio.get_running_loop().create_task(task)
     if body is None:
         transport.write(head)
-        return None
-    if isinstance(body, bytes):
-        if len(body) <= _COALESCE_MAX:
-            transport.write(head + body)
-        else:
-            transport.writelines((head, body))
-        return None
-    return asyncio.get_running_loop().create_task(_stream_body(protocol, head, body.chunks))
+    elif len(body) <= _COALESCE_MAX:
+        transport.write(head + body)
+    else:
+        transport.writelines((head, body))
+    if acks is not None:
+        acks.sent(len(head) + len(body or b""))
+    return None
 
 
 async def _stream_body(
-    protocol: ResponseHandler, head: bytes, chunks: AsyncIterable[bytes]
+    protocol: ResponseHandler,
+    head: bytes,
+    chunks: AsyncIterable[bytes],
+    acks: AckCounter | None,
 ) -> None:
     """The head leaves with the body's first chunk, in one segment: a server that closes an
     idle connection as the request arrives then acknowledges none of it (a second segment
@@ -158,12 +167,18 @@ async def _stream_body(
     (proxy/acked.py). A failure here reaches the reader of the answer through the protocol,
     with aiohttp's exception types (client_reqrep.py, ClientRequest.write_bytes)."""
     writer = StreamWriter(protocol, asyncio.get_running_loop())
+
+    async def write(data: bytes) -> None:
+        await writer.write(data)
+        if acks is not None:
+            acks.sent(len(data))
+
     try:
         async for chunk in chunks:
-            await writer.write(head + chunk if head else chunk)
+            await write(head + chunk if head else chunk)
             head = b""
         if head:  # an empty body
-            await writer.write(head)
+            await write(head)
         await writer.write_eof()
     except OSError as exc:
         protocol.set_exception(aiohttp.ClientOSError(exc.errno, "Can not write request body"), exc)

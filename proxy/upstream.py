@@ -169,19 +169,17 @@ class Upstream:
             max_field_size=self.settings.max_response_header_bytes,
         )
         acks = protocol.acks
-        acked_before = acks.count() if acks is not None else None
+        begins = acks.mark() if acks is not None else None
         try:
             head = request_head(
                 method, raw_path, headers, body, authority=self._authority, close=fresh
             )
-            writer = send_request(connection, head, body)
+            writer = send_request(connection, head, body, acks)
             facts.request_sent = True
             answer = await read_answer(connection, writer, method, origin.url)
         except BaseException:
-            if acks is not None and acked_before is not None:
-                acked_after = acks.count()
-                if acked_after is not None:
-                    facts.request_bytes_acked = acked_after - acked_before
+            if acks is not None and begins is not None:
+                facts.request_bytes_acked = acks.acked_since(begins)
             connection.close()
             raise
         facts.response_started = True

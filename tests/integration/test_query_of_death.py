@@ -112,6 +112,38 @@ def test_a_crash_after_reading_acknowledges_the_request_even_after_the_owner_clo
     assert counter.count() == before + len(REQUEST)
 
 
+def test_on_plain_tcp_the_bytes_written_and_the_count_share_one_scale() -> None:
+    """Where a request begins is known from the bytes written, without asking the kernel:
+    the count at the handshake (which may count the SYN) plus every byte written since."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    try:
+        counter = AckCounter.attach(_Transport(client))
+        assert counter is not None
+        assert counter.mark() == counter.count()
+        for _ in range(3):  # requests answered: each is acknowledged whole, and no more
+            client.sendall(REQUEST)
+            counter.sent(len(REQUEST))
+            assert server.recv(65536) == REQUEST
+            server.sendall(ANSWER)
+            client.recv(65536)
+            assert counter.count() == counter.mark()
+        begins = counter.mark()
+        assert begins is not None
+        client.sendall(REQUEST)
+        counter.sent(len(REQUEST))
+        assert server.recv(65536) == REQUEST
+        server.close()  # read, then a crash: all of it acknowledged
+        settle()
+        assert counter.acked_since(begins) == len(REQUEST)
+        counter.close()
+    finally:
+        client.close()
+        server.close()
+
+
 class _Transport:
     """What AckCounter reads of an asyncio transport, for a plain socket."""
 
