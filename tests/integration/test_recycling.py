@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,6 +136,15 @@ def load_until_recycled(
     return statuses, readiness
 
 
+def client_errors(gate: Supervised) -> list[tuple[Any, ...]]:
+    """What servegate answered other than 200, and why: the message of a failed check."""
+    return [
+        (line.get("status"), line.get("cause"), line.get("attempts"), line.get("detail"))
+        for line in gate.events("request")
+        if line.get("status") != 200
+    ]
+
+
 def assert_recycled_without_a_restart(gate: Supervised, announcement: str) -> None:
     recycled = sum(announcement in line for line in gate.output())
     assert recycled >= RECYCLED_AT_LEAST  # it really recycled
@@ -157,7 +167,7 @@ def test_gunicorn_max_requests_under_load_is_no_restart_and_no_client_error(
     )  # fmt: skip
     eventually(lambda: ready(gate) == 200, "ready")
     statuses, readiness = load_until_recycled(gate, "Autorestarting worker", 240)
-    assert set(statuses) == {200}
+    assert set(statuses) == {200}, client_errors(gate)
     assert set(readiness) == {200}
     assert_recycled_without_a_restart(gate, "Autorestarting worker")
 
@@ -172,6 +182,6 @@ def test_uvicorn_limit_max_requests_under_load_is_no_restart_and_no_client_error
     )  # fmt: skip
     eventually(lambda: ready(gate) == 200, "ready")
     statuses, readiness = load_until_recycled(gate, "Maximum request limit", 200)
-    assert set(statuses) == {200}
+    assert set(statuses) == {200}, client_errors(gate)
     assert set(readiness) == {200}
     assert_recycled_without_a_restart(gate, "Maximum request limit")
