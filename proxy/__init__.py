@@ -25,7 +25,8 @@ One request's path through the package, file by file, in order:
  9. body.py              the client's body, read first and kept for replay up to a limit
 10. admission.py         the circuit's verdict, a concurrency slot, a bounded queue, or a 429
     headers.py           which headers cross servegate, both ways, written byte for byte
-11. forward.py           the attempt loop: attempt, classify, decide, back off or give up
+11. forward.py           the attempt loop: attempt, classify, decide, back off or give up;
+                         each attempt's deadline waits on one shared timer (deadlines.py)
 12. upstream.py          the connection pool and one attempt on it; reports reused / sent, and
                          from the kernel how many request bytes the model's TCP acknowledged
                          (acked.py: the proof a replay needs); exchange.py writes the request
@@ -33,7 +34,8 @@ One request's path through the package, file by file, in order:
                          answer to its own framing and names the bytes beyond it
 13. failures.py          Category, Cause, Failure: the one translation of what went wrong
 14. retry.py             decide() -> Retry | GiveUp; pure
-15. relay.py             streams the model's response to the client unchanged
+15. relay.py             relays the model's response to the client unchanged: in one write
+                         when it was read whole, else streamed as it comes
 16. answer.py            a Failure -> the JSON 503/504/429 the client gets, with the hint that
                          advice.py writes once per cause (doctor/ and probe.py read it too)
 

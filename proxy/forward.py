@@ -6,13 +6,12 @@ here, so a recovered failure is as visible in the metrics as one the client saw.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
@@ -20,6 +19,7 @@ import structlog
 from proxy.body import RequestBody
 from proxy.budget import REMAINING_HEADER, Budget, Spent
 from proxy.config import RetrySettings
+from proxy.deadlines import Deadlines
 from proxy.exchange import UpstreamResponse
 from proxy.failures import AttemptFacts, Cause, Failure, classify
 from proxy.metrics import Metrics, ShedReason
@@ -69,6 +69,7 @@ class Forwarder:
     settings: RetrySettings
     metrics: Metrics
     rng: random.Random
+    deadlines: Deadlines = field(default_factory=Deadlines)  # each attempt's, on one timer
 
     async def forward(
         self,
@@ -198,7 +199,7 @@ class Forwarder:
         started = time.monotonic()
         headers = [*outbound.headers, (REMAINING_HEADER, budget.remaining_ms_header())]
         body = outbound.body.for_attempt() if outbound.body is not None else None
-        deadline = asyncio.timeout(budget.remaining())
+        deadline = self.deadlines.scope(budget.remaining())
         response: UpstreamResponse | None = None
         try:
             async with deadline:
