@@ -62,10 +62,11 @@ class Deadline:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        task, self._task = self._task, None  # a left scope may wait in the heap a while
         if self._state is _State.EXPIRED:
-            assert self._task is not None
+            assert task is not None
             # As asyncio.timeout: only the cancellation this deadline made becomes TimeoutError.
-            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+            if task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
             return
         self._state = _State.EXITED

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
@@ -82,3 +84,20 @@ async def test_scopes_left_early_do_not_pile_up() -> None:
             pass
     assert deadlines.waiting == 0
     assert deadlines.entries <= 2 * 1024 + 2
+
+
+async def test_a_scope_left_early_keeps_no_task_alive() -> None:
+    deadlines = Deadlines()
+
+    async def attempt() -> None:
+        async with deadlines.scope(60):
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(attempt())
+    await task
+    finished = weakref.ref(task)
+    del task
+    await asyncio.sleep(0)  # the callback that woke this test held the task until now
+    gc.collect()
+    assert deadlines.entries == 1  # still in the heap until it surfaces
+    assert finished() is None
