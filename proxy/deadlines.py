@@ -5,6 +5,10 @@ allocated, started, stopped and closed again, which cost about 4 % of servegate'
 request although nearly every deadline is cancelled unfired (the answer came first). Here the
 deadlines wait in one heap and one timer wakes for the earliest, at most every `resolution`
 seconds: a scope costs a heap push, and a deadline passes at most `resolution` late.
+
+Only the attempts, which every request makes, use it; the waits only some requests make (a
+body still arriving, an answer streamed to the client, an upgrade's handshake) keep
+`asyncio.timeout`, whose one timer each costs nothing that matters there.
 """
 
 from __future__ import annotations
