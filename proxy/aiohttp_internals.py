@@ -54,6 +54,9 @@ _PARSE_ERROR = "ERROR"
 # http_writer.py: StreamWriter.write_headers calls the module-level `_serialize_headers` (the C
 # writer's, or the Python one), for the client's requests and the server's answers alike.
 _SERIALIZER = "_serialize_headers"
+# What `_parses_as_llhttp` feeds a response parser.
+_WHOLE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+_CHUNKED_THEN_SURPLUS = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX"
 
 
 class MissingInternal(Exception):
@@ -212,11 +215,34 @@ async def _client_missing() -> list[tuple[str, str]]:
         except TypeError:
             why = "read an answer on a connection it wrote the request to itself"
             missing.append(("ResponseHandler.set_response_params's options", why))
-        if getattr(handler, _PARSER, None) is None:
+        parser = getattr(handler, _PARSER, None)
+        if parser is None:
             missing.append((f"ResponseHandler.{_PARSER}", "hold answers to their framing"))
+        elif not _parses_as_llhttp(parser):
+            what = (
+                "response parser that refuses bytes after a last chunk (its compiled llhttp "
+                "parser: unset AIOHTTP_NO_EXTENSIONS, or install a build with its C extensions)"
+            )
+            missing.append((what, "hold answers to their framing"))
     finally:
         await connector.close()
     return missing
+
+
+def _parses_as_llhttp(parser: Any) -> bool:
+    """Whether `parser` treats a connection's bytes as proxy/framing.py expects: it parses the
+    next answer once one has ended (a pooled connection keeps its parser) and refuses bytes
+    after a last chunk. aiohttp's pure-Python parser keeps those bytes and reads them as the
+    start of the connection's next answer, another request's."""
+    try:
+        answers = [len(parser.feed_data(_WHOLE_ANSWER)[0]) for _ in range(2)]
+    except Exception:
+        return False
+    try:
+        parser.feed_data(_CHUNKED_THEN_SURPLUS)
+    except Exception:
+        return answers == [1, 1]
+    return False
 
 
 def _server_missing() -> list[tuple[str, str]]:

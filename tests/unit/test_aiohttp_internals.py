@@ -8,8 +8,9 @@ from functools import partial
 
 import aiohttp
 import pytest
-from aiohttp import http_writer, web, web_protocol
+from aiohttp import client_proto, http_writer, web, web_protocol
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_parser import HttpResponseParserPy
 
 from proxy import aiohttp_internals
 from proxy.app import Servegate, StartupError
@@ -99,3 +100,17 @@ async def test_a_write_to_a_renamed_attribute_is_refused_not_made(
             WRITES[name](session, connector)
         assert not hasattr(session, RENAMED)
         assert not hasattr(connector, RENAMED)
+
+
+async def test_aiohttps_pure_python_response_parser_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What AIOHTTP_NO_EXTENSIONS, or an aiohttp built without its C extensions, would run: a
+    # parser that keeps bytes after a last chunk for the connection's next answer.
+    monkeypatch.setattr(client_proto, "HttpResponseParser", HttpResponseParserPy)
+    with pytest.raises(aiohttp_internals.MissingInternal) as raised:
+        await aiohttp_internals.check()
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "response parser that refuses bytes after a last chunk" in message
+    assert "AIOHTTP_NO_EXTENSIONS" in message
