@@ -1,12 +1,20 @@
 """What the model server's TCP acknowledged of one attempt: the proof that it never read it.
 
-A process can only read bytes its kernel has received, and Linux acknowledges received bytes
-before or together with the segment that ends the connection (a FIN carries the ACK). So when
-a reused connection fails and the peer acknowledged none of the bytes sent for this request,
-the model's process never read any of them, however fast it crashed or closed: the request can
-be sent again on a fresh connection. Measured on loopback: an idle close that crossed the
-request acknowledged 0 of its bytes (the peer answered with a reset); a server that read the
-request and then closed acknowledged all of them.
+A process can only read bytes its kernel has received. A server that closes with nothing
+unread sends a FIN, and the FIN acknowledges every byte its kernel had received (RFC 9293
+§3.10.7.4 processes a FIN's acknowledgement like any other). So when a connection fails, the
+peer's FIN has arrived, and it acknowledged none of the bytes sent for this request, the server
+had closed before any of them reached it: its process never read them, however fast it closed,
+and the request can be sent again on a fresh connection. That is the keep-alive race: an idle
+timer's close crossing the request.
+
+A reset alone proves nothing. A server resets when it closes with received bytes unread (RFC
+9293 §3.6.1): those may be this request, of which its process may have read a part, and its
+TCP may not have acknowledged them yet (delayed acknowledgements wait up to 40 ms on Linux,
+longer elsewhere); the reset's own acknowledgement is never processed (RFC 9293 §3.10.7.4
+checks the RST bit before the ACK field). Measured on loopback: a server that read 10 bytes
+of a request and closed within 10 ms left 0 of them acknowledged, by a reset; a server that
+read the request and then closed acknowledged all of it, by its FIN.
 
 The count comes from `getsockopt(IPPROTO_TCP, TCP_INFO)`; Python has no parser for it, so the
 one field is read at its offset in `struct tcp_info` (include/uapi/linux/tcp.h):
@@ -65,6 +73,8 @@ class AckCounter:
     On TLS the stream holds records and handshakes rather than the bytes written, so a request
     begins where the count stood when it was written (the peer may still acknowledge earlier
     bytes after that, which reads as this request's: the safe side).
+
+    `peer_finished` is set by the connection's protocol when the peer's FIN arrives.
     """
 
     def __init__(self, sock: socket.socket, position: int, *, plain: bool) -> None:
@@ -72,6 +82,8 @@ class AckCounter:
         self._final: int | None = None
         self._position = position  # of the next byte written, in the count's units
         self._plain = plain
+        # The peer's FIN arrived (set by the connection's protocol): it closed in order.
+        self.peer_finished = False
 
     @classmethod
     def attach(cls, transport: Any) -> AckCounter | None:

@@ -76,6 +76,11 @@ class Servegate:
         self.data_port = 0
         self.admin_port = 0
 
+    @property
+    def upstream(self) -> Upstream | None:
+        """The model server's connection pools (proxy/upstream.py); None until started."""
+        return self._upstream
+
     async def start(self) -> None:
         try:
             await aiohttp_internals.check()

@@ -161,11 +161,10 @@ async def _stream_body(
     chunks: AsyncIterable[bytes],
     acks: AckCounter | None,
 ) -> None:
-    """The head leaves with the body's first chunk, in one segment: a server that closes an
-    idle connection as the request arrives then acknowledges none of it (a second segment
-    would draw an immediate acknowledgement), which keeps the request provably unread
-    (proxy/acked.py). A failure here reaches the reader of the answer through the protocol,
-    with aiohttp's exception types (client_reqrep.py, ClientRequest.write_bytes)."""
+    """The head leaves with the body's first chunk, in one write and one segment; every byte
+    written is counted for the replay proof (proxy/acked.py). A failure here reaches the
+    reader of the answer through the protocol, with aiohttp's exception types
+    (client_reqrep.py, ClientRequest.write_bytes)."""
     writer = StreamWriter(protocol, asyncio.get_running_loop())
 
     async def write(data: bytes) -> None:

@@ -81,6 +81,8 @@ class AttemptFacts:
     # Bytes of this request the peer's TCP acknowledged (proxy/acked.py); None where the
     # kernel does not tell.
     request_bytes_acked: int | None = None
+    # The peer's FIN arrived on the connection: it closed its end in order (proxy/acked.py).
+    peer_finished: bool = False
     response_started: bool = False  # the response's status line and headers arrived
     connect_seconds: float = 0.0  # time spent opening a new connection (0 when reused)
 
@@ -150,19 +152,23 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
 
 
 def _never_read(facts: AttemptFacts) -> bool:
-    """Proof that the model's process read none of the request, whatever the timing: its TCP
-    acknowledged none of the request's bytes (proxy/acked.py). Without that count only a
-    request that never left servegate is provably unread, so a drop after the request went
-    out is then never taken for an idle close."""
-    if facts.request_bytes_acked is not None:
-        return facts.request_bytes_acked == 0
-    return not facts.request_sent
+    """Proof that the model's process read none of the request, whatever the timing: it had
+    closed the connection in order (its FIN came) and its TCP acknowledged none of the
+    request's bytes (proxy/acked.py). A connection that ended with a reset alone proves
+    nothing, however few bytes were acknowledged; nor does a drop after the request went out
+    where the kernel keeps no count."""
+    if facts.request_bytes_acked is None:
+        return not facts.request_sent
+    return facts.request_bytes_acked == 0 and (facts.peer_finished or not facts.request_sent)
 
 
 def _stale_reason(facts: AttemptFacts) -> str:
     which = "pooled" if facts.reused else "new"
     if facts.request_bytes_acked is not None:
-        return f"the server closed the {which} connection; its TCP acknowledged none of the request"
+        return (
+            f"the server closed the {which} connection before the request reached it; its TCP "
+            "acknowledged none of the request"
+        )
     return f"the server closed the {which} connection before the request was sent"
 
 
@@ -211,6 +217,11 @@ def _disconnect_reason(exc: BaseException, facts: AttemptFacts) -> str:
         return (
             f"the server closed the connection after its TCP acknowledged "
             f"{facts.request_bytes_acked} bytes of the request, before answering"
+        )
+    if facts.request_sent and facts.request_bytes_acked == 0 and not facts.peer_finished:
+        return (
+            "the server reset the connection as the request reached it, before answering; a "
+            "reset does not tell whether it had read any of the request"
         )
     if facts.request_sent:
         return "the server closed the connection after receiving the request, before answering"

@@ -224,8 +224,17 @@ class FramedResponseHandler(ResponseHandler):
         super().connection_made(transport)
         self.acks = AckCounter.attach(transport)
 
+    def eof_received(self) -> None:
+        if self.acks is not None:
+            self.acks.peer_finished = True
+        super().eof_received()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.acks is not None:
+            # Linux reports a reset as EPIPE only to a socket that had received the peer's
+            # FIN first (tcp_reset, CLOSE_WAIT), and a write can meet it before a read does.
+            if isinstance(exc, BrokenPipeError):
+                self.acks.peer_finished = True
             self.acks.close()
         super().connection_lost(exc)
 

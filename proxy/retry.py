@@ -15,10 +15,10 @@ from proxy.config import RetrySettings
 from proxy.failures import Cause, Failure
 
 # One retry after a stale pooled connection is enough: it runs on a brand-new connection, which
-# no idle timer can have closed. A brand-new connection closed with the request unread (proven
-# by TCP, proxy/acked.py) is a worker going away, as in a restart or a crash loop, closing what
-# it had accepted: still never read, so it is retried again, after a backoff, up to
-# MAX_UNREAD_RETRIES in all.
+# no idle timer can have closed. A brand-new connection closed before the request reached it
+# (proven by TCP, proxy/acked.py) is a worker going away, as in a restart or a crash loop,
+# closing what it had accepted: still never read, so it is retried again, after a backoff, up
+# to MAX_UNREAD_RETRIES in all.
 MAX_STALE_RETRIES = 1
 MAX_UNREAD_RETRIES = 3
 # Time kept for the connect attempt after a backoff: ample for loopback or a sidecar.

@@ -180,6 +180,7 @@ class Upstream:
         except BaseException:
             if acks is not None and begins is not None:
                 facts.request_bytes_acked = acks.acked_since(begins)
+                facts.peer_finished = acks.peer_finished
             connection.close()
             raise
         facts.response_started = True

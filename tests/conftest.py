@@ -29,7 +29,7 @@ from proxy import config, logs
 from proxy.app import Servegate
 from tests.upstreams.apps import Recorder, recording_app
 from tests.upstreams.gunicorn import Gunicorn, start_gunicorn
-from tests.upstreams.raw import ClosesAsRequestArrives
+from tests.upstreams.raw import ClosesIdleOnReuse
 from tests.upstreams.uvicorn import Uvicorn, start_uvicorn
 
 DEFAULT_TIME_LIMIT = 60
@@ -220,8 +220,25 @@ async def raw_server() -> AsyncIterator[Callable[[S], Awaitable[S]]]:
 
 
 @pytest.fixture
-async def closes_as_request_arrives(raw_server: Callable[..., Any]) -> ClosesAsRequestArrives:
-    return await raw_server(ClosesAsRequestArrives())
+async def closes_idle_on_reuse(raw_server: Callable[..., Any]) -> ClosesIdleOnReuse:
+    return await raw_server(ClosesIdleOnReuse())
+
+
+def close_when_reused(gate: Servegate, server: ClosesIdleOnReuse) -> None:
+    """Make `server` close its idle connections in the instant after `gate` takes a connection
+    from its keep-alive pool and before it writes the request on it: the race of an idle
+    timer's close with a request, certain instead of microseconds wide. The close, the request
+    and the reset are real; only their order is arranged."""
+    upstream = gate.upstream
+    assert upstream is not None, "start the gate first"
+    connect = upstream.pool.connect
+
+    async def connect_then_close(*args: Any, **kwargs: Any) -> Any:
+        connection = await connect(*args, **kwargs)
+        server.close_idle()
+        return connection
+
+    upstream.pool.connect = connect_then_close  # type: ignore[method-assign]
 
 
 @pytest.fixture

@@ -26,9 +26,9 @@ import yaml
 
 from proxy.app import Servegate
 from proxy.failures import Category
-from tests.conftest import StartGate, gate_url, require_tool
+from tests.conftest import StartGate, close_when_reused, gate_url, require_tool
 from tests.upstreams.gunicorn import Gunicorn, free_port
-from tests.upstreams.raw import ClosesAsRequestArrives
+from tests.upstreams.raw import ClosesIdleOnReuse
 
 pytestmark = pytest.mark.slow  # a real Prometheus scraping servegate
 
@@ -167,14 +167,16 @@ async def provoke(
 
 
 async def start_gates(
-    start_gate: StartGate, model: Gunicorn, closes_as_request_arrives: ClosesAsRequestArrives
+    start_gate: StartGate, model: Gunicorn, closes_idle_on_reuse: ClosesIdleOnReuse
 ) -> dict[Category, Servegate]:
     """One servegate per category, each in front of an upstream that provokes only that one."""
+    communication = await start_gate(
+        closes_idle_on_reuse.url,
+        **{"upstream.idle_expiry": 30, "retry.replay_buffer_bytes": 1024},
+    )
+    close_when_reused(communication, closes_idle_on_reuse)
     return {
-        Category.COMMUNICATION: await start_gate(
-            closes_as_request_arrives.url,
-            **{"upstream.idle_expiry": 30, "retry.replay_buffer_bytes": 1024},
-        ),
+        Category.COMMUNICATION: communication,
         Category.PROTOCOL: await start_gate(model.url.replace("http://", "https://")),
         Category.TIMEOUT: await start_gate(
             model.url, **{"budget.seconds": 2.0, "budget.margin": 0.5}
@@ -195,11 +197,11 @@ async def start_gates(
 async def test_prometheus_sees_a_4503_in_exactly_the_categories_that_were_provoked(
     start_gate: StartGate,
     gunicorn: Callable[..., Gunicorn],
-    closes_as_request_arrives: ClosesAsRequestArrives,
+    closes_idle_on_reuse: ClosesIdleOnReuse,
     prometheus: Callable[[list[str]], Prometheus],
     client: aiohttp.ClientSession,
 ) -> None:
-    gates = await start_gates(start_gate, gunicorn(), closes_as_request_arrives)
+    gates = await start_gates(start_gate, gunicorn(), closes_idle_on_reuse)
     targets = sorted(instance(gate) for gate in gates.values())
     server = prometheus(targets)
     await server.wait_ready(client)

@@ -1,6 +1,7 @@
-"""Proof before replay: a request is sent again only when the model server's TCP acknowledged
-none of it. A model that dies on a request's bytes gets them once; an idle close that crossed a
-request is retried on a fresh connection, whatever the timing."""
+"""Proof before replay: a request is sent again only when the model server had closed the
+connection (its FIN came) with none of the request acknowledged. A model that dies on a
+request's bytes gets them once; an idle close that crossed a request is retried on a fresh
+connection, whatever the timing; a reset as the request arrived is answered, never replayed."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import aiohttp
 import pytest
 
 from proxy.acked import AckCounter, bytes_acked
-from tests.conftest import StartGate, gate_url, sample, scrape
-from tests.upstreams.raw import ClosesAsRequestArrives, DelayRelay
+from proxy.framing import FramedResponseHandler
+from tests.conftest import LogCapture, StartGate, close_when_reused, gate_url, sample, scrape
+from tests.upstreams.raw import ClosesIdleOnReuse, DelayRelay, ResetsAsRequestArrives
 from tests.upstreams.uvicorn import Uvicorn, start_uvicorn
 
 REQUEST = b"POST /predict HTTP/1.1\r\nHost: model\r\nContent-Length: 5\r\n\r\nhello"
@@ -144,6 +146,89 @@ def test_on_plain_tcp_the_bytes_written_and_the_count_share_one_scale() -> None:
         server.close()
 
 
+def test_a_reset_after_reading_part_of_the_request_may_acknowledge_none_of_it(
+    connection: tuple[socket.socket, socket.socket],
+) -> None:
+    """Why a reset alone proves nothing: the process read the start of the request, and its
+    TCP's delayed acknowledgement had not gone out when the close reset the connection."""
+    client, server = connection
+    server.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)  # as mid-exchange
+    counter = AckCounter.attach(_Transport(client))
+    assert counter is not None
+    before = counter.count()
+    client.sendall(REQUEST)
+    assert server.recv(10) == REQUEST[:10]  # read: the process has seen the request line
+    server.close()  # the rest is unread: a reset
+    settle()
+    assert counter.count() == before
+    counter.close()
+
+
+async def test_the_connection_tells_a_close_before_the_request_from_a_reset_alone() -> None:
+    """servegate's protocol records the peer's FIN; a reset with no FIN before it leaves the
+    request unproven, though neither acknowledged any of it."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    ended: dict[str, bool] = {}
+    try:
+        for how in (
+            "closed before the request",
+            "met by a write first",
+            "reset after reading part",
+        ):
+            transport, handler = await loop.create_connection(
+                lambda: FramedResponseHandler(loop, on_fault=lambda _fault: None),
+                *listener.getsockname(),
+            )
+            server, _ = await loop.sock_accept(listener)
+            server.setblocking(True)
+            try:
+                acks = handler.acks
+                assert acks is not None
+                transport.write(REQUEST)  # a first exchange: the connection as a pooled one
+                acks.sent(len(REQUEST))
+                assert server.recv(65536) == REQUEST
+                server.sendall(ANSWER)
+                settle()
+                begins = acks.mark()
+                assert begins is not None
+                server.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+                if how == "closed before the request":
+                    server.shutdown(socket.SHUT_RDWR)  # an idle timer's close: a FIN
+                    transport.write(REQUEST)  # crosses it, and is reset unread
+                    acks.sent(len(REQUEST))
+                elif how == "met by a write first":
+                    server.shutdown(socket.SHUT_RDWR)
+                    transport.write(REQUEST[:20])
+                    acks.sent(20)
+                    settle()  # the reset is in; the next write, not a read, meets it
+                    transport.write(REQUEST[20:])
+                    acks.sent(len(REQUEST) - 20)
+                else:
+                    transport.write(REQUEST)
+                    acks.sent(len(REQUEST))
+                    assert server.recv(10) == REQUEST[:10]
+                    server.close()  # with the rest unread: a reset, and no FIN
+                for _ in range(200):
+                    if handler.transport is None:
+                        break
+                    await asyncio.sleep(0.01)
+                assert handler.transport is None  # the connection is gone
+                assert acks.acked_since(begins) == 0  # in both cases
+                ended[how] = acks.peer_finished
+            finally:
+                transport.close()
+                server.close()
+    finally:
+        listener.close()
+    assert ended == {
+        "closed before the request": True,
+        "met by a write first": True,
+        "reset after reading part": False,
+    }
+
+
 class _Transport:
     """What AckCounter reads of an asyncio transport, for a plain socket."""
 
@@ -220,13 +305,14 @@ async def test_a_model_that_dies_on_a_request_gets_it_once_and_one_worker_dies(
 async def test_an_idle_close_that_crossed_the_request_is_retried_and_succeeds(
     raw_server: Callable[..., Any], start_gate: StartGate, client: aiohttp.ClientSession
 ) -> None:
-    server = await raw_server(ClosesAsRequestArrives())
+    server = await raw_server(ClosesIdleOnReuse())
     gate = await start_gate(server.url, **{"upstream.idle_expiry": 30})
+    close_when_reused(gate, server)
     for _ in range(10):
         assert (await post(client, gate_url(gate, "/predict")))[0] == 200
     # Every other request met the close on the pooled connection (its retry ran on a one-shot
     # connection, so the next request opened a new pooled one); each was read exactly once.
-    assert server.closed_unread == 5
+    assert server.closed_idle == 5
     assert server.answered == 10
     samples = await scrape(gate)
     assert sample(samples, "servegate_upstream_failures_total", **STALE) == 5
@@ -234,6 +320,41 @@ async def test_an_idle_close_that_crossed_the_request_is_retried_and_succeeds(
     recovered = {"cause": "stale_connection", "outcome": "succeeded"}
     assert sample(samples, "servegate_retries_total", **recovered) == 5
     assert sample(samples, "servegate_4503_total", **STALE) == 0
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+async def test_a_reset_as_the_request_arrived_is_answered_and_replayed_only_when_opted_in(
+    opted_in: bool,
+    raw_server: Callable[..., Any],
+    start_gate: StartGate,
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
+) -> None:
+    # The server read none of it, but a reset looks the same when it had read a part: the
+    # request may have reached the model, so only the operator's opt-in replays it.
+    server = await raw_server(ResetsAsRequestArrives())
+    settings: dict[str, Any] = {"upstream.idle_expiry": 30}
+    if opted_in:
+        settings["retry.replay_after_reset"] = ["POST"]
+    gate = await start_gate(server.url, **settings)
+    assert (await post(client, gate_url(gate, "/predict")))[0] == 200  # leaves a pooled one
+    status, text = await post(client, gate_url(gate, "/predict"))
+    assert server.closed_unread == 1
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_upstream_failures_total", **STALE) == 0
+    assert sample(samples, "servegate_upstream_failures_total", **RESET) == 1
+    if opted_in:
+        assert status == 200
+        assert server.answered == 2  # the warm request, and the replay
+    else:
+        assert status == 503
+        body = json.loads(text)
+        assert (body["category"], body["cause"]) == ("service", "reset_during_request")
+        assert "not replayed: the model may have acted on it" in body["hint"]
+        detail = log_capture.access()[-1]["detail"]
+        assert "a reset does not tell whether it had read any of the request" in detail
+        assert server.answered == 1
+        assert sample(samples, "servegate_4503_total", **RESET) == 1
 
 
 @pytest.mark.time_limit(90)

@@ -1,6 +1,10 @@
 """A worker recycled on purpose is not a crash: Gunicorn's --max-requests and Uvicorn's
---limit-max-requests under steady load in supervise mode count no restart, raise no crash loop,
-keep /readyz at 200 and cost no client a request."""
+--limit-max-requests under steady load in supervise mode count no restart, raise no crash loop
+and keep /readyz at 200. No client sees a stale connection; the only answer other than 200 is
+the one servegate cannot avoid without the operator's opt-in: a request already in a
+worker's kernel, unread, when it closed its idle connections to exit is reset, which cannot be
+told from a worker that read part of it (README, "Proof before replay"), and is answered 503
+`service/reset_during_request`, not replayed."""
 
 from __future__ import annotations
 
@@ -106,18 +110,19 @@ def steady_load(gate: Supervised, requests: int) -> tuple[list[int], list[int]]:
 
     def client(index: int) -> list[int]:
         statuses = []
-        for number in range(requests // 4):
+        for number in range(requests // CLIENTS):
             statuses.append(gate.predict())
             if index == 0 and number % 10 == 0:
                 readiness.append(ready(gate))
         return statuses
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        statuses = [status for batch in pool.map(client, range(4)) for status in batch]
+    with ThreadPoolExecutor(max_workers=CLIENTS) as pool:
+        statuses = [status for batch in pool.map(client, range(CLIENTS)) for status in batch]
     return statuses, readiness
 
 
 RECYCLED_AT_LEAST = 4  # times, so that both workers' successors served under load
+CLIENTS = 4  # predictions in flight at once: the most one recycle can catch in its kernel
 
 
 def load_until_recycled(
@@ -145,6 +150,21 @@ def client_errors(gate: Supervised) -> list[tuple[Any, ...]]:
     ]
 
 
+def assert_only_shutdown_resets(gate: Supervised, statuses: list[int], announcement: str) -> None:
+    """Every answer is a 200 but for requests reset unread by a worker closing to exit: 503
+    `reset_during_request` after one attempt, at most CLIENTS per recycle."""
+    errors = client_errors(gate)
+    assert set(statuses) <= {200, 503}, errors
+    assert statuses.count(503) == len(errors), errors
+    reset_alone = "a reset does not tell whether it had read any of the request"
+    assert all(
+        (cause, attempts) == ("reset_during_request", 1) and reset_alone in detail
+        for _status, cause, attempts, detail in errors
+    ), errors
+    recycled = sum(announcement in line for line in gate.output())
+    assert len(errors) <= CLIENTS * recycled, errors
+
+
 def assert_recycled_without_a_restart(gate: Supervised, announcement: str) -> None:
     recycled = sum(announcement in line for line in gate.output())
     assert recycled >= RECYCLED_AT_LEAST  # it really recycled
@@ -157,7 +177,7 @@ def assert_recycled_without_a_restart(gate: Supervised, announcement: str) -> No
 
 
 @pytest.mark.time_limit(120)
-def test_gunicorn_max_requests_under_load_is_no_restart_and_no_client_error(
+def test_gunicorn_max_requests_under_load_is_no_restart_and_no_stale_answer(
     supervise: Callable[..., Supervised],
 ) -> None:
     gate = supervise(
@@ -167,13 +187,13 @@ def test_gunicorn_max_requests_under_load_is_no_restart_and_no_client_error(
     )  # fmt: skip
     eventually(lambda: ready(gate) == 200, "ready")
     statuses, readiness = load_until_recycled(gate, "Autorestarting worker", 240)
-    assert set(statuses) == {200}, client_errors(gate)
+    assert_only_shutdown_resets(gate, statuses, "Autorestarting worker")
     assert set(readiness) == {200}
     assert_recycled_without_a_restart(gate, "Autorestarting worker")
 
 
 @pytest.mark.time_limit(120)
-def test_uvicorn_limit_max_requests_under_load_is_no_restart_and_no_client_error(
+def test_uvicorn_limit_max_requests_under_load_is_no_restart_and_no_stale_answer(
     supervise: Callable[..., Supervised],
 ) -> None:
     gate = supervise(
@@ -182,6 +202,6 @@ def test_uvicorn_limit_max_requests_under_load_is_no_restart_and_no_client_error
     )  # fmt: skip
     eventually(lambda: ready(gate) == 200, "ready")
     statuses, readiness = load_until_recycled(gate, "Maximum request limit", 200)
-    assert set(statuses) == {200}, client_errors(gate)
+    assert_only_shutdown_resets(gate, statuses, "Maximum request limit")
     assert set(readiness) == {200}
     assert_recycled_without_a_restart(gate, "Maximum request limit")

@@ -12,11 +12,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import LogCapture, StartGate, gate_url, sample, scrape
+from tests.conftest import LogCapture, StartGate, close_when_reused, gate_url, sample, scrape
 from tests.upstreams.gunicorn import Gunicorn
 from tests.upstreams.raw import (
     AnnouncesKeepAlive,
-    ClosesAsRequestArrives,
+    ClosesIdleOnReuse,
     ClosesReusedConnections,
     DelayRelay,
 )
@@ -78,12 +78,13 @@ class Bursts:
 @pytest.mark.slow
 async def test_a_reused_connection_closed_before_its_response_is_retried_on_a_fresh_one(
     start_gate: StartGate,
-    closes_as_request_arrives: ClosesAsRequestArrives,
+    closes_idle_on_reuse: ClosesIdleOnReuse,
     client: aiohttp.ClientSession,
     log_capture: LogCapture,
 ) -> None:
-    server = closes_as_request_arrives
+    server = closes_idle_on_reuse
     gate = await start_gate(server.url, **{"upstream.idle_expiry": 30})
+    close_when_reused(gate, server)
 
     async def one(index: int) -> int:
         async with client.post(gate_url(gate, f"/p/{index}"), data=b"payload") as response:
@@ -94,15 +95,17 @@ async def test_a_reused_connection_closed_before_its_response_is_retried_on_a_fr
     for start in range(0, 300, 10):
         statuses += await asyncio.gather(*(one(i) for i in range(start, start + 10)))
     assert statuses == [200] * 300
-    assert server.closed_unread > 50  # the race really happened, many times
-    assert server.answered == 300  # and no request was read twice
+    assert server.answered == 300  # no request was read twice
     samples = await scrape(gate)
-    assert sample(samples, "servegate_upstream_failures_total", **STALE) == server.closed_unread
+    stale = sample(samples, "servegate_upstream_failures_total", **STALE)
+    assert stale >= 30  # the race really happened, at least once in every batch
     recovered = {"cause": "stale_connection", "outcome": "succeeded"}
-    assert sample(samples, "servegate_retries_total", **recovered) == server.closed_unread
+    assert sample(samples, "servegate_retries_total", **recovered) == stale
     assert sample(samples, "servegate_4503_total", **STALE) == 0
+    reset = {"category": "service", "cause": "reset_during_request"}
+    assert sample(samples, "servegate_upstream_failures_total", **reset) == 0
     retried = [line for line in log_capture.access() if line["attempts"] == 2]
-    assert len(retried) == server.closed_unread
+    assert len(retried) == stale
     assert all(line["reused"] is False for line in retried)  # the retry ran on a fresh one
 
 
@@ -110,21 +113,23 @@ async def test_a_reused_connection_closed_before_its_response_is_retried_on_a_fr
 async def test_a_stale_idempotent_request_is_retried_and_counted_by_servegate_alone(
     method: str,
     start_gate: StartGate,
-    closes_as_request_arrives: ClosesAsRequestArrives,
+    closes_idle_on_reuse: ClosesIdleOnReuse,
     client: aiohttp.ClientSession,
     log_capture: LogCapture,
 ) -> None:
     # aiohttp would replay a GET or PUT once on its own after a dropped pooled connection,
     # unseen by servegate's metrics and its rule against replaying what reached the model.
     # POST, which aiohttp never replays, cannot show that; these methods do.
-    gate = await start_gate(closes_as_request_arrives.url, **{"upstream.idle_expiry": 30})
+    server = closes_idle_on_reuse
+    gate = await start_gate(server.url, **{"upstream.idle_expiry": 30})
+    close_when_reused(gate, server)
     body = b"put-body" if method == "PUT" else None
     for path in ("/warm", "/stale"):  # the second goes out on the pooled, now closing one
         async with client.request(method, gate_url(gate, path), data=body) as response:
             assert response.status == 200
             assert await response.read() == b"ok"
-    assert closes_as_request_arrives.closed_unread == 1
-    assert closes_as_request_arrives.answered == 2  # the warm request, and the one retry
+    assert server.closed_idle == 1
+    assert server.answered == 2  # the warm request, and the one retry
     samples = await scrape(gate)
     assert sample(samples, "servegate_upstream_failures_total", **STALE) == 1
     for outcome, count in (("succeeded", 1), ("failed", 0)):
@@ -136,17 +141,18 @@ async def test_a_stale_idempotent_request_is_retried_and_counted_by_servegate_al
 
 async def test_a_body_too_large_to_replay_gets_a_communication_error_that_says_so(
     start_gate: StartGate,
-    closes_as_request_arrives: ClosesAsRequestArrives,
+    closes_idle_on_reuse: ClosesIdleOnReuse,
     client: aiohttp.ClientSession,
 ) -> None:
     gate = await start_gate(
-        closes_as_request_arrives.url,
+        closes_idle_on_reuse.url,
         **{"upstream.idle_expiry": 30, "retry.replay_buffer_bytes": 1024},
     )
+    close_when_reused(gate, closes_idle_on_reuse)
     async with client.post(gate_url(gate, "/small"), data=b"x") as response:
         assert response.status == 200  # this leaves a pooled connection for the next one
-    # Larger than the replay buffer, small enough that the server's TCP has not acknowledged
-    # any of it when the close crosses it: provably unread, but already streamed.
+    # Larger than the replay buffer: provably unread (the server had closed before any of it
+    # came), but already streamed.
     big = b"y" * 4096
     async with asyncio.timeout(10):  # nothing hangs
         async with client.post(gate_url(gate, "/big"), data=big) as response:
@@ -180,9 +186,10 @@ async def test_the_idle_timeout_a_server_announces_expires_pooled_connections_be
 
 @pytest.mark.slow
 async def test_servegate_keeps_idle_client_connections_open_longer_than_gunicorn_would(
-    start_gate: StartGate, closes_as_request_arrives: ClosesAsRequestArrives
+    start_gate: StartGate, closes_idle_on_reuse: ClosesIdleOnReuse
 ) -> None:
-    gate = await start_gate(closes_as_request_arrives.url)
+    gate = await start_gate(closes_idle_on_reuse.url)
+    close_when_reused(gate, closes_idle_on_reuse)
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
     try:
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

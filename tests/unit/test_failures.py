@@ -35,13 +35,22 @@ def test_every_category_has_causes() -> None:
 
 
 @pytest.mark.parametrize("exc", [aiohttp.ServerDisconnectedError(), ConnectionResetError()])
-def test_a_reused_connection_whose_peer_acknowledged_none_of_the_request_is_stale(
+def test_a_reused_connection_its_peer_closed_before_any_of_the_request_came_is_stale(
     exc: Exception,
 ) -> None:
-    facts = AttemptFacts(reused=True, request_sent=True, request_bytes_acked=0)
+    facts = AttemptFacts(reused=True, request_sent=True, request_bytes_acked=0, peer_finished=True)
     failure = classify(exc, facts, deadline_passed=False)
     assert failure.cause is Cause.STALE_CONNECTION
     assert "acknowledged none" in failure.detail
+
+
+@pytest.mark.parametrize("reused", [True, False])
+def test_a_reset_alone_proves_nothing_however_little_was_acknowledged(reused: bool) -> None:
+    # The peer may have read part of the request and reset before its delayed acknowledgement.
+    facts = AttemptFacts(reused=reused, request_sent=True, request_bytes_acked=0)
+    failure = classify(ConnectionResetError(), facts, deadline_passed=False)
+    assert failure.cause is Cause.RESET_DURING_REQUEST
+    assert "a reset does not tell whether it had read any of the request" in failure.detail
 
 
 def test_a_reused_connection_whose_peer_acknowledged_any_of_the_request_is_not_stale() -> None:
@@ -60,7 +69,7 @@ def test_without_the_kernels_count_a_drop_after_the_request_left_is_never_stale(
 
 
 def test_a_fresh_connection_closed_with_none_of_the_request_acknowledged_is_stale() -> None:
-    facts = AttemptFacts(reused=False, request_sent=True, request_bytes_acked=0)
+    facts = AttemptFacts(reused=False, request_sent=True, request_bytes_acked=0, peer_finished=True)
     failure = classify(aiohttp.ServerDisconnectedError(), facts, deadline_passed=False)
     assert failure.cause is Cause.STALE_CONNECTION
     assert "new connection" in failure.detail

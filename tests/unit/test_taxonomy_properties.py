@@ -63,6 +63,7 @@ FACTS = st.builds(
     reused=st.none() | st.booleans(),
     request_sent=st.booleans(),
     request_bytes_acked=st.none() | st.integers(0, 1 << 20),
+    peer_finished=st.booleans(),
     response_started=st.booleans(),
 )
 
@@ -83,8 +84,9 @@ def test_every_symptom_maps_to_one_cause_and_its_category_the_same_way_every_tim
         if facts.request_bytes_acked is None:
             assert facts.reused
             assert not facts.request_sent
-        else:
+        else:  # and a request that went out needs the peer's FIN: a reset proves nothing
             assert facts.request_bytes_acked == 0
+            assert facts.peer_finished or not facts.request_sent
 
 
 def retries(decision: object) -> bool:

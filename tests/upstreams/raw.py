@@ -326,13 +326,50 @@ class SweepsIdleConnections(RawServer):
 
 
 @dataclass
-class ClosesAsRequestArrives(RawServer):
+class ClosesIdleOnReuse(RawServer):
+    """Answers every request; `close_idle` closes each connection that sits idle after an
+    answer at once, as an idle timer does: with nothing unread, its kernel sends a FIN, and a
+    request that reaches it afterwards is reset unread (RFC 9293 §3.6.1; Linux resets data
+    that reaches a socket shut for reading). `close_when_reused` (tests/conftest.py) calls it
+    in the instant between servegate taking a pooled connection and writing on it: the
+    keep-alive race, whose window on loopback is microseconds wide, every time.
+
+    `answered` counts the requests it read, `closed_idle` the connections it closed."""
+
+    answered: int = 0
+    closed_idle: int = 0
+    _idle: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    def close_idle(self) -> None:
+        for writer in self._idle:
+            writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+            self.closed_idle += 1
+        self._idle.clear()
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while await read_request(reader) is not None:
+                self._idle.discard(writer)
+                writer.write(OK)
+                await writer.drain()
+                self.answered += 1
+                self._idle.add(writer)
+        finally:
+            self._idle.discard(writer)
+
+
+@dataclass
+class ResetsAsRequestArrives(RawServer):
     """Answers the first request on each connection; when the next one arrives, closes the
-    connection without reading a byte of it: an idle timer that fired as the request crossed it.
+    connection without reading a byte of it, so its kernel resets it: a worker shutting down or
+    crashing with the request unread, which servegate cannot tell from one that had read part
+    of it (proxy/acked.py).
 
     Its kernel is told to delay acknowledgements (TCP_QUICKACK off, as during a request/response
-    exchange), so the close goes out before any acknowledgement of the unread request, as it
-    does when the close was already on its way. `answered` counts the requests it read."""
+    exchange), so the reset goes out before any acknowledgement of the unread request.
+    `answered` counts the requests it read."""
 
     answered: int = 0
     closed_unread: int = 0
