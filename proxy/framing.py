@@ -231,9 +231,12 @@ class FramedResponseHandler(ResponseHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.acks is not None:
-            # Linux reports a reset as EPIPE only to a socket that had received the peer's
-            # FIN first (tcp_reset, CLOSE_WAIT), and a write can meet it before a read does.
-            if isinstance(exc, BrokenPipeError):
+            # The peer's FIN, when eof_received did not hear of it: the TLS layer closes on a
+            # FIN that came without close_notify and reports no error; and Linux reports a
+            # reset as EPIPE only to a socket that had received the peer's FIN first
+            # (tcp_reset in CLOSE_WAIT), which a write can meet before a read does. A reset
+            # alone is ECONNRESET.
+            if exc is None or isinstance(exc, BrokenPipeError):
                 self.acks.peer_finished = True
             self.acks.close()
         super().connection_lost(exc)

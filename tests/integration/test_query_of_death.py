@@ -9,6 +9,7 @@ import asyncio
 import json
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,10 +17,19 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 
 from proxy.acked import AckCounter, bytes_acked
 from proxy.framing import FramedResponseHandler
-from tests.conftest import LogCapture, StartGate, close_when_reused, gate_url, sample, scrape
+from tests.conftest import (
+    Certificates,
+    LogCapture,
+    StartGate,
+    close_when_reused,
+    gate_url,
+    sample,
+    scrape,
+)
 from tests.upstreams.raw import ClosesIdleOnReuse, DelayRelay, ResetsAsRequestArrives
 from tests.upstreams.uvicorn import Uvicorn, start_uvicorn
 
@@ -164,9 +174,20 @@ def test_a_reset_after_reading_part_of_the_request_may_acknowledge_none_of_it(
     counter.close()
 
 
-async def test_the_connection_tells_a_close_before_the_request_from_a_reset_alone() -> None:
+# The loop servegate runs on, and the one the tests run on: each reports a FIN its own way.
+LOOPS = {"uvloop": uvloop.run, "asyncio": asyncio.run}
+
+
+@pytest.mark.parametrize("loop_kind", sorted(LOOPS))
+def test_the_connection_tells_a_close_before_the_request_from_a_reset_alone(
+    loop_kind: str,
+) -> None:
     """servegate's protocol records the peer's FIN; a reset with no FIN before it leaves the
     request unproven, though neither acknowledged any of it."""
+    LOOPS[loop_kind](_plain_close_or_reset())
+
+
+async def _plain_close_or_reset() -> None:
     loop = asyncio.get_running_loop()
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
@@ -227,6 +248,70 @@ async def test_the_connection_tells_a_close_before_the_request_from_a_reset_alon
         "met by a write first": True,
         "reset after reading part": False,
     }
+
+
+@pytest.mark.parametrize("loop_kind", sorted(LOOPS))
+@pytest.mark.parametrize("how", ["closed before the request", "reset with it unread"])
+def test_over_tls_too_the_connection_tells_a_close_from_a_reset_alone(
+    how: str, loop_kind: str, certificates: Certificates
+) -> None:
+    """A TLS server that closes without close_notify (Gunicorn's workers close the socket so)
+    ends with a bare FIN, which uvloop's TLS layer reports as a loss without error rather than
+    as an end of stream."""
+    LOOPS[loop_kind](_tls_close_or_reset(how, certificates))
+
+
+async def _tls_close_or_reset(how: str, certificates: Certificates) -> None:
+    loop = asyncio.get_running_loop()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(certificates.cert_file, certificates.key_file)
+    client_tls = ssl.create_default_context(cafile=str(certificates.ca_file))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    try:
+        connecting = asyncio.ensure_future(
+            loop.create_connection(
+                lambda: FramedResponseHandler(loop, on_fault=lambda _fault: None),
+                *listener.getsockname(),
+                ssl=client_tls,
+            )
+        )
+        raw, _ = await loop.sock_accept(listener)
+        raw.setblocking(True)
+        server = await loop.run_in_executor(
+            None, lambda: server_tls.wrap_socket(raw, server_side=True)
+        )
+        transport, handler = await connecting
+        try:
+            acks = handler.acks
+            assert acks is not None
+            transport.write(REQUEST)  # a first exchange: the connection as a pooled one
+            assert await loop.run_in_executor(None, server.recv, 65536) == REQUEST
+            server.sendall(ANSWER)
+            settle()
+            await asyncio.sleep(0.05)  # the answer is read
+            begins = acks.mark()
+            assert begins is not None
+            server.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+            if how == "closed before the request":
+                server.shutdown(socket.SHUT_RDWR)  # a FIN, no close_notify
+                transport.write(REQUEST)
+            else:
+                transport.write(REQUEST)
+                select.select([server], [], [], 1.0)
+                server.close()  # its record arrived and is unread: a reset
+            for _ in range(200):
+                if handler.transport is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert handler.transport is None
+            assert acks.acked_since(begins) == 0
+            assert acks.peer_finished is (how == "closed before the request")
+        finally:
+            transport.close()
+            server.close()
+    finally:
+        listener.close()
 
 
 class _Transport:
