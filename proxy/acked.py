@@ -8,6 +8,12 @@ had closed before any of them reached it: its process never read them, however f
 and the request can be sent again on a fresh connection. That is the keep-alive race: an idle
 timer's close crossing the request.
 
+A FIN says only that the server will send nothing more. The proof assumes it closed the
+connection, as the idle timers of Gunicorn, Uvicorn, Hypercorn and nginx do, and not merely
+its sending half: a server that half-closes (shutdown(SHUT_WR)) can still read, and one that
+went on to act on a request it could no longer answer would defeat it. A lingering close
+(reading after the FIN only to discard) acts on nothing.
+
 A reset alone proves nothing. A server resets when it closes with received bytes unread (RFC
 9293 §3.6.1): those may be this request, of which its process may have read a part, and its
 TCP may not have acknowledged them yet (delayed acknowledgements wait up to 40 ms on Linux,
@@ -15,6 +21,9 @@ longer elsewhere); the reset's own acknowledgement is never processed (RFC 9293 
 checks the RST bit before the ACK field). Measured on loopback: a server that read 10 bytes
 of a request and closed within 10 ms left 0 of them acknowledged, by a reset; a server that
 read the request and then closed acknowledged all of it, by its FIN.
+
+Nothing may read SO_ERROR on these sockets: that consumes a reset's ECONNRESET, after which
+a write reports EPIPE, which reads as a FIN came first (proxy/framing.py).
 
 The count comes from `getsockopt(IPPROTO_TCP, TCP_INFO)`; Python has no parser for it, so the
 one field is read at its offset in `struct tcp_info` (include/uapi/linux/tcp.h):

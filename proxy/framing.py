@@ -218,6 +218,7 @@ class FramedResponseHandler(ResponseHandler):
         self._context = contextvars.copy_context()
         self._faulted = False
         self._params: dict[str, Any] = {}
+        self._closed_here = False
         self.acks: AckCounter | None = None
 
     def connection_made(self, transport: Any) -> None:
@@ -229,14 +230,22 @@ class FramedResponseHandler(ResponseHandler):
             self.acks.peer_finished = True
         super().eof_received()
 
+    def close(self) -> None:
+        self._closed_here = True
+        super().close()
+
+    def abort(self) -> None:
+        self._closed_here = True
+        super().abort()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.acks is not None:
-            # The peer's FIN, when eof_received did not hear of it: the TLS layer closes on a
-            # FIN that came without close_notify and reports no error; and Linux reports a
-            # reset as EPIPE only to a socket that had received the peer's FIN first
-            # (tcp_reset in CLOSE_WAIT), which a write can meet before a read does. A reset
-            # alone is ECONNRESET.
-            if exc is None or isinstance(exc, BrokenPipeError):
+            # The peer's FIN, when eof_received did not hear of it: uvloop's TLS layer closes
+            # on a FIN that came without close_notify and reports no error (unless servegate
+            # closed it itself); and Linux reports a reset as EPIPE only to a socket that had
+            # received the peer's FIN first (tcp_reset in CLOSE_WAIT), which a write can meet
+            # before a read does. A reset alone is ECONNRESET.
+            if (exc is None and not self._closed_here) or isinstance(exc, BrokenPipeError):
                 self.acks.peer_finished = True
             self.acks.close()
         super().connection_lost(exc)
@@ -263,6 +272,7 @@ class FramedResponseHandler(ResponseHandler):
         self.force_close()  # never back to the pool: the stream's next bytes mean nothing
         parser = response_parser(self)
         if isinstance(parser, _FramedParser) and parser.complete and self.transport is not None:
+            self._closed_here = True
             self.transport.close()  # stop reading; the answer is whole in its payload
         if not self._faulted:
             self._faulted = True

@@ -197,6 +197,7 @@ async def _plain_close_or_reset() -> None:
             "closed before the request",
             "met by a write first",
             "reset after reading part",
+            "closed by servegate",
         ):
             transport, handler = await loop.create_connection(
                 lambda: FramedResponseHandler(loop, on_fault=lambda _fault: None),
@@ -226,16 +227,14 @@ async def _plain_close_or_reset() -> None:
                     settle()  # the reset is in; the next write, not a read, meets it
                     transport.write(REQUEST[20:])
                     acks.sent(len(REQUEST) - 20)
-                else:
+                elif how == "reset after reading part":
                     transport.write(REQUEST)
                     acks.sent(len(REQUEST))
                     assert server.recv(10) == REQUEST[:10]
                     server.close()  # with the rest unread: a reset, and no FIN
-                for _ in range(200):
-                    if handler.transport is None:
-                        break
-                    await asyncio.sleep(0.01)
-                assert handler.transport is None  # the connection is gone
+                else:
+                    handler.close()  # a loss without error that is no FIN
+                await _lost(handler)
                 assert acks.acked_since(begins) == 0  # in both cases
                 ended[how] = acks.peer_finished
             finally:
@@ -247,6 +246,7 @@ async def _plain_close_or_reset() -> None:
         "closed before the request": True,
         "met by a write first": True,
         "reset after reading part": False,
+        "closed by servegate": False,
     }
 
 
@@ -300,11 +300,7 @@ async def _tls_close_or_reset(how: str, certificates: Certificates) -> None:
                 transport.write(REQUEST)
                 select.select([server], [], [], 1.0)
                 server.close()  # its record arrived and is unread: a reset
-            for _ in range(200):
-                if handler.transport is None:
-                    break
-                await asyncio.sleep(0.01)
-            assert handler.transport is None
+            await _lost(handler)
             assert acks.acked_since(begins) == 0
             assert acks.peer_finished is (how == "closed before the request")
         finally:
@@ -312,6 +308,14 @@ async def _tls_close_or_reset(how: str, certificates: Certificates) -> None:
             server.close()
     finally:
         listener.close()
+
+
+async def _lost(handler: FramedResponseHandler) -> None:
+    """Until the connection is lost (connection_lost has run), within 2 s."""
+    closed = handler.closed  # None: connection_lost has run already
+    if closed is not None:
+        done, _ = await asyncio.wait([closed], timeout=2.0)
+        assert done, "the connection was not lost within 2 s"
 
 
 class _Transport:
