@@ -54,6 +54,8 @@ _PARSE_ERROR = "ERROR"
 # http_writer.py: StreamWriter.write_headers calls the module-level `_serialize_headers` (the C
 # writer's, or the Python one), for the client's requests and the server's answers alike.
 _SERIALIZER = "_serialize_headers"
+# connector.py, TCPConnector._wrap_create_connection's keyword parameters.
+_WRAP_KEYWORDS = frozenset({"addr_infos", "req", "timeout", "client_error"})
 # What `_parses_as_llhttp` feeds a response parser.
 _WHOLE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 _CHUNKED_THEN_SURPLUS = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX"
@@ -203,6 +205,14 @@ async def _client_missing() -> list[tuple[str, str]]:
         ):
             what = "TCPConnector._create_connection"
             missing.append((what, "time a new connection and tell it from a pooled one"))
+        # upstream._WatchingConnector overrides it to connect to a single address with the
+        # event loop's own connect (connector.py, TCPConnector._create_direct_connection calls
+        # it with these keywords).
+        wrap = getattr(aiohttp.TCPConnector, "_wrap_create_connection", None)
+        keywords = inspect.signature(wrap).parameters if callable(wrap) else {}
+        if not inspect.iscoroutinefunction(wrap) or not keywords.keys() >= _WRAP_KEYWORDS:
+            what = "TCPConnector._wrap_create_connection(addr_infos, req, timeout, client_error)"
+            missing.append((what, "open a connection to the model server with one connect"))
         # proxy/upstream.py sets these for each exchange it runs on a connection itself.
         try:
             handler.set_response_params(

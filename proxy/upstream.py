@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from typing import Any
 
+import aiohappyeyeballs
 import aiohttp
 import structlog
 from aiohttp.client_proto import ResponseHandler
@@ -47,6 +48,9 @@ _ATTEMPT: ContextVar[AttemptFacts | None] = ContextVar("servegate_attempt", defa
 # No timeout of aiohttp's own: the connector times the connect (in responsive time), the
 # request's budget bounds the rest.
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
+# What aiohttp's TCPConnector passes `_wrap_create_connection` besides the protocol factory and
+# its own keywords (connector.py, _create_direct_connection); anything else: aiohttp's path.
+_NATIVE_CONNECT_OPTIONS = frozenset({"ssl", "server_hostname"})
 
 
 def expiry_for(announced: float) -> float:
@@ -228,6 +232,55 @@ class _WatchingConnector(aiohttp.TCPConnector):
             facts.reused = False
             facts.connect_seconds = time.monotonic() - began
         return protocol
+
+    async def _wrap_create_connection(
+        self,
+        *args: Any,
+        addr_infos: list[aiohappyeyeballs.AddrInfoType],
+        req: ClientRequest,
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+        client_error: type[Exception] = aiohttp.ClientConnectorError,
+        **kwargs: Any,
+    ) -> tuple[asyncio.Transport, ResponseHandler]:
+        """Connect to a single address with the event loop's own connect.
+
+        aiohttp connects through aiohappyeyeballs, which builds a Python socket and awaits
+        its connect before handing it to the loop: a sixth of servegate's CPU per new
+        connection in a burst of them (docs/benchmarks.md). With one address there is no race
+        to run; several (a name with IPv4 and IPv6 addresses) still go through it, as does a call
+        with options servegate does not know. The
+        connect's time limit is `_create_connection`'s; errors are mapped as aiohttp's own
+        `_wrap_create_connection` maps them (connector.py), which `failures.classify` reads.
+        """
+        if len(addr_infos) != 1 or len(args) != 1 or kwargs.keys() - _NATIVE_CONNECT_OPTIONS:
+            return await super()._wrap_create_connection(
+                *args,
+                addr_infos=addr_infos,
+                req=req,
+                timeout=timeout,
+                client_error=client_error,
+                **kwargs,
+            )
+        (factory,) = args
+        family, _, _, _, address = addr_infos[0]
+        try:
+            transport, protocol = await self._loop.create_connection(
+                factory,
+                address[0],
+                address[1],
+                family=family,
+                ssl=kwargs.get("ssl"),
+                server_hostname=kwargs.get("server_hostname"),
+            )
+        except ssl.CertificateError as exc:
+            raise aiohttp.ClientConnectorCertificateError(req.connection_key, exc) from exc
+        except ssl.SSLError as exc:
+            raise aiohttp.ClientConnectorSSLError(req.connection_key, exc) from exc
+        except OSError as exc:
+            if exc.errno is None and isinstance(exc, asyncio.TimeoutError):
+                raise
+            raise client_error(req.connection_key, exc) from exc
+        return transport, protocol
 
     async def connect(
         self,

@@ -114,3 +114,16 @@ async def test_aiohttps_pure_python_response_parser_stops_start_up(
     assert "\n" not in message
     assert "response parser that refuses bytes after a last chunk" in message
     assert "AIOHTTP_NO_EXTENSIONS" in message
+
+
+async def test_a_connect_hook_with_other_keywords_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A release that renames what it passes the hook upstream._WatchingConnector overrides.
+    async def renamed(self: object, *args: object, addresses: object, **kwargs: object) -> None:
+        del self, args, addresses, kwargs
+
+    monkeypatch.setattr(aiohttp.TCPConnector, "_wrap_create_connection", renamed)
+    with pytest.raises(aiohttp_internals.MissingInternal) as raised:
+        await aiohttp_internals.check()
+    assert "TCPConnector._wrap_create_connection(addr_infos, req" in str(raised.value)
