@@ -42,6 +42,9 @@ PEEK_TIMEOUT = 60.0
 # Out of descriptors (EMFILE) the pending connection stays queued and the socket stays
 # readable: wait before accepting again instead of spinning, as asyncio's own loop does.
 ACCEPT_RETRY_DELAY = 1.0
+# Connections accepted per readiness of a listening socket: asyncio's own loop accepts up to its
+# backlog (100 by default) at once, nginx one (multi_accept off).
+ACCEPT_BATCH = 64
 # After an answer servegate closes on, read what the client still sends for this long:
 # closing with unread bytes sends a TCP reset, which can destroy the answer before the client
 # reads it (nginx's lingering close).
@@ -184,7 +187,13 @@ async def _listen(host: str, port: int, backlog: int, reuse_port: bool) -> list[
 
 
 class _Acceptor:
-    """The accept loops, the connections open (sniffed or served), and their limit."""
+    """The accept loops, the connections open (sniffed or served), and their limit.
+
+    servegate accepts itself rather than through the event loop's server: uvloop's closes the
+    listening socket for good on an accept error it is passed (handles/streamserver.pyx,
+    __uv_streamserver_on_listen), where out of descriptors this one waits ACCEPT_RETRY_DELAY
+    and goes on, the queued clients still in the backlog.
+    """
 
     def __init__(
         self,
@@ -218,42 +227,60 @@ class _Acceptor:
         self._limit_logged_at: float | None = None
         self._warned: OrderedDict[str, None] = OrderedDict()
         self._pending: set[asyncio.Task[None]] = set()
-        self._accepting = [self._loop.create_task(self._accept(sock)) for sock in sockets]
+        self._listening = sockets
+        self._paused: dict[socket.socket, asyncio.TimerHandle] = {}
+        for listening in sockets:
+            self._loop.add_reader(listening, self._accept, listening)
 
     def close(self) -> None:
+        for listening in self._listening:
+            if (paused := self._paused.pop(listening, None)) is not None:
+                paused.cancel()
+            else:
+                self._loop.remove_reader(listening)
+            listening.close()
         # Connections not yet handed to aiohttp have sent no complete request: drop them, as
         # the kernel drops those still queued when a listening socket closes.
-        for task in (*self._accepting, *self._pending):
+        for task in self._pending:
             task.cancel()
 
     async def wait_closed(self) -> None:
-        await asyncio.gather(*self._accepting, *self._pending, return_exceptions=True)
+        await asyncio.gather(*self._pending, return_exceptions=True)
 
-    async def _accept(self, listening: socket.socket) -> None:
-        try:
-            while True:
-                try:
-                    sock, peer = await self._loop.sock_accept(listening)
-                except ConnectionAbortedError:
-                    continue  # the client left while queued
-                except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: keep what is served, retry
-                    log.error(
-                        "listener.accept_failed",
-                        error=exc.strerror or repr(exc),
-                        retry_in_s=ACCEPT_RETRY_DELAY,
-                    )
-                    await asyncio.sleep(ACCEPT_RETRY_DELAY)
-                    continue
-                if self._open >= self._limit:
-                    sock.close()
-                    self._refuse_over_limit()
-                    continue
-                self._opened()
-                task = self._loop.create_task(self._serve(sock, str(peer[0])))
-                self._pending.add(task)
-                task.add_done_callback(self._pending.discard)
-        finally:
-            listening.close()
+    def _accept(self, listening: socket.socket) -> None:
+        """Accept what the listening socket holds, ACCEPT_BATCH at most: between batches the
+        loop serves the connections already open."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the client left while queued
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: keep what is served, retry
+                log.error(
+                    "listener.accept_failed",
+                    error=exc.strerror or repr(exc),
+                    retry_in_s=ACCEPT_RETRY_DELAY,
+                )
+                self._loop.remove_reader(listening)
+                self._paused[listening] = self._loop.call_later(
+                    ACCEPT_RETRY_DELAY, self._resume, listening
+                )
+                return
+            if self._open >= self._limit:
+                sock.close()
+                self._refuse_over_limit()
+                continue
+            sock.setblocking(False)
+            self._opened()
+            task = self._loop.create_task(self._serve(sock, str(peer[0])))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    def _resume(self, listening: socket.socket) -> None:
+        del self._paused[listening]
+        self._loop.add_reader(listening, self._accept, listening)
 
     def _opened(self) -> None:
         self._open += 1
@@ -286,12 +313,15 @@ class _Acceptor:
         here unless aiohttp's transport took it."""
         handed_over = False
         try:
-            try:
-                async with asyncio.timeout(PEEK_TIMEOUT):
-                    first = await _peek(sock)
-            except TimeoutError:
-                self._metrics.record_client_timeout(TimeoutPhase.IDLE)
-                raise
+            try:  # most clients send the request as soon as they connect: no wait then
+                first = sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                try:
+                    async with asyncio.timeout(PEEK_TIMEOUT):
+                        first = await _peek(sock)
+                except TimeoutError:
+                    self._metrics.record_client_timeout(TimeoutPhase.IDLE)
+                    raise
             if not first:
                 return  # the client closed without sending anything
             decision = route(first[0], self._mode)

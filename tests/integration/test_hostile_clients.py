@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -346,6 +348,54 @@ async def test_thousands_of_idle_connections_meet_the_connection_limit_not_fd_ex
             writer.close()
         for writer in idle:
             writer.close()
+
+
+async def test_out_of_descriptors_the_listener_waits_and_then_serves_the_queued_client(
+    start_gate: StartGate,
+    upstream_url: str,
+    recorder: Recorder,
+    log_capture: LogCapture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(listener, "ACCEPT_RETRY_DELAY", 0.2)
+    gate = await start_gate(upstream_url, **{"health.interval": 60})
+    await assert_still_serves(gate, recorder)  # the first health check is behind it
+    loop = asyncio.get_running_loop()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    client = socket.socket()  # its descriptor before there are none left
+    client.setblocking(False)
+    fillers: list[int] = []
+    try:
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 32, hard))
+        for _ in range(highest + 32):  # every number below the limit taken: accept() fails
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        await loop.sock_connect(client, ("127.0.0.1", gate.data_port))  # queued by the kernel
+        await loop.sock_sendall(client, b"GET /queued HTTP/1.1\r\nHost: model\r\n\r\n")
+        for _ in range(100):
+            if log_capture.events("listener.accept_failed"):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # a few retry delays with no descriptor
+    finally:
+        for descriptor in fillers:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        reader, writer = await asyncio.open_connection(sock=client)
+        answer = await read_answer(reader)
+        writer.close()
+    finally:
+        client.close()
+    assert answer.status == 200
+    failed = log_capture.events("listener.accept_failed")
+    assert 1 <= len(failed) <= 10  # once per retry delay, not a busy loop
+    assert failed[0]["level"] == "error"
+    assert "Too many open files" in failed[0]["error"]
+    await assert_still_serves(gate, recorder)
 
 
 async def test_the_connection_limit_is_sized_from_the_open_file_limit_by_default(
