@@ -6,7 +6,8 @@ in a rotating order so that the machine's other load falls on all of them alike)
     throughput  req/s on one core: each proxy pinned to CPU 0, the fixed-answer nginx upstream
                 and wrk (32 connections, 1 KiB POST) on CPU 1
     latency     median latency at a fixed rate (~500 req/s, wrk pacing 4 connections), and what
-                each proxy adds over the upstream direct
+                each proxy adds over the upstream direct; with bench/byte_pipe.py, the floor
+                of a Python proxy on uvloop
     held        N POSTs at once to a model that holds each for S seconds: answered, seconds,
                 peak RSS of the proxy (all its processes)
     workers     servegate --workers 1 against --workers 2, both allowed CPUs 0 and 1
@@ -98,7 +99,8 @@ def section_throughput(procs: Processes, args: argparse.Namespace) -> Table:
 
 def section_latency(procs: Processes, args: argparse.Namespace) -> Table:
     upstream = targets.fixed_upstream(procs, cpus="1")
-    ports = {"direct": upstream.port} | {
+    floor = targets.byte_pipe(procs, upstream.port, "0")
+    ports = {"direct": upstream.port, "byte pipe (floor)": floor.port} | {
         name: p.port for name, p in _proxies(procs, upstream.port, "0", args).items()
     }
     p50s: dict[str, list[float]] = {name: [] for name in ports}

@@ -189,6 +189,13 @@ def plain_proxy(procs: Processes, upstream: int, cpus: str | None = None) -> Sta
     return procs.start("plain-aiohttp", argv, port, cpus)
 
 
+def byte_pipe(procs: Processes, upstream: int, cpus: str | None = None) -> Started:
+    """bench/byte_pipe.py: the floor, a proxy that copies bytes and parses nothing."""
+    (port,) = free_ports(1)
+    argv = [sys.executable, str(BENCH / "byte_pipe.py"), str(port), str(upstream)]
+    return procs.start("byte-pipe", argv, port, cpus)
+
+
 def holding_upstream(procs: Processes, hold: float, cpus: str | None = None) -> Started:
     (port,) = free_ports(1)
     argv = [sys.executable, str(BENCH / "held.py"), "--serve", str(port), str(hold)]
