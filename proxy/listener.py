@@ -10,6 +10,7 @@ others nothing.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import resource
 import socket
@@ -42,6 +43,20 @@ PEEK_TIMEOUT = 60.0
 # Out of descriptors (EMFILE) the pending connection stays queued and the socket stays
 # readable: wait before accepting again instead of spinning, as asyncio's own loop does.
 ACCEPT_RETRY_DELAY = 1.0
+# Linux's accept() reports a queued connection's own network error (accept(2), "Error
+# handling"), which the man page says to treat like EAGAIN: they say nothing of the listener.
+PASSED_ON_NETWORK_ERRORS = frozenset(
+    {
+        errno.ENETDOWN,
+        errno.EPROTO,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+    }
+)
 # Connections accepted per readiness of a listening socket: asyncio's own loop accepts up to its
 # backlog (100 by default) at once, nginx one (multi_accept off).
 ACCEPT_BATCH = 64
@@ -226,7 +241,7 @@ class _Acceptor:
         self._refused_unlogged = 0
         self._limit_logged_at: float | None = None
         self._warned: OrderedDict[str, None] = OrderedDict()
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Task[bool]] = set()
         self._listening = sockets
         self._paused: dict[socket.socket, asyncio.TimerHandle] = {}
         for listening in sockets:
@@ -239,6 +254,7 @@ class _Acceptor:
             else:
                 self._loop.remove_reader(listening)
             listening.close()
+        self._listening = []
         # Connections not yet handed to aiohttp have sent no complete request: drop them, as
         # the kernel drops those still queued when a listening socket closes.
         for task in self._pending:
@@ -257,7 +273,10 @@ class _Acceptor:
                 return
             except ConnectionAbortedError:
                 continue  # the client left while queued
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: keep what is served, retry
+            except OSError as exc:
+                if exc.errno in PASSED_ON_NETWORK_ERRORS:
+                    continue  # that client's connection failed: the next may be fine
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM or worse: keep what is served, retry later
                 log.error(
                     "listener.accept_failed",
                     error=exc.strerror or repr(exc),
@@ -276,7 +295,7 @@ class _Acceptor:
             self._opened()
             task = self._loop.create_task(self._serve(sock, str(peer[0])))
             self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            task.add_done_callback(partial(self._served, sock))
 
     def _resume(self, listening: socket.socket) -> None:
         del self._paused[listening]
@@ -308,10 +327,21 @@ class _Acceptor:
         )
         self._limit_logged_at, self._refused_unlogged = now, 0
 
-    async def _serve(self, sock: socket.socket, client: str) -> None:
-        """One connection: peek, then hand it to aiohttp or refuse it. `sock` is always closed
-        here unless aiohttp's transport took it."""
-        handed_over = False
+    def _served(self, sock: socket.socket, task: asyncio.Task[bool]) -> None:
+        """Close and uncount a connection aiohttp did not take, however `_serve` ended: also
+        cancelled (servegate stopping) before it ever ran, when its own code could not."""
+        self._pending.discard(task)
+        if not task.cancelled():
+            if (exc := task.exception()) is None and task.result():
+                return  # aiohttp's transport has it; ClientConnection uncounts it on close
+            if exc is not None:
+                log.error("listener.serve_failed", error=repr(exc), exc_info=exc)
+        sock.close()
+        self._closed()
+
+    async def _serve(self, sock: socket.socket, client: str) -> bool:
+        """One connection: peek, then hand it to aiohttp or refuse it. True once aiohttp's
+        transport has taken `sock`; otherwise `_served` closes it."""
         try:
             try:  # most clients send the request as soon as they connect: no wait then
                 first = sock.recv(1, socket.MSG_PEEK)
@@ -323,13 +353,13 @@ class _Acceptor:
                     self._metrics.record_client_timeout(TimeoutPhase.IDLE)
                     raise
             if not first:
-                return  # the client closed without sending anything
+                return False  # the client closed without sending anything
             decision = route(first[0], self._mode)
             if isinstance(decision, Mismatch):
                 self._refused(decision, client)
                 if decision is Mismatch.PLAIN_ON_TLS_PORT:
                     await _answer_bad_request(sock)
-                return
+                return False
             tls = self._tls if decision == "tls" else None
             await self._loop.connect_accepted_socket(
                 lambda: ClientConnection(
@@ -343,13 +373,10 @@ class _Acceptor:
                 # A handshake is part of the request's head: the same deadline (nginx).
                 ssl_handshake_timeout=self._header_timeout if tls else None,
             )
-            handed_over = True
         except OSError as exc:  # silent, reset, or a failed TLS handshake (TimeoutError too)
             log.debug("listener.connection_dropped", client=client, error=repr(exc))
-        finally:
-            if not handed_over:
-                sock.close()
-                self._closed()
+            return False
+        return True
 
     def _refused(self, mismatch: Mismatch, client: str) -> None:
         self._metrics.record_listener_mismatch(mismatch)

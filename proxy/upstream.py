@@ -244,15 +244,18 @@ class _WatchingConnector(aiohttp.TCPConnector):
     ) -> tuple[asyncio.Transport, ResponseHandler]:
         """Connect to a single address with the event loop's own connect.
 
-        aiohttp connects through aiohappyeyeballs, which builds a Python socket and awaits
-        its connect before handing it to the loop: a sixth of servegate's CPU per new
-        connection in a burst of them (docs/benchmarks.md). With one address there is no race
-        to run; several (a name with IPv4 and IPv6 addresses) still go through it, as does a call
-        with options servegate does not know. The
-        connect's time limit is `_create_connection`'s; errors are mapped as aiohttp's own
-        `_wrap_create_connection` maps them (connector.py), which `failures.classify` reads.
+        aiohttp connects through aiohappyeyeballs, which builds a Python socket object and
+        awaits its connect in Python before handing it to the loop, work and memory that every
+        new connection paid (docs/benchmarks.md, held requests). With one address there is no
+        race to run; several (a name with IPv4 and IPv6 addresses) still go through it, as
+        does a call with options servegate does not know or an aiohttp connect timeout
+        (servegate sets none, nor a local address or socket factory, which this path would not
+        honour). The connect's time limit is `_create_connection`'s; errors are mapped as
+        aiohttp's own `_wrap_create_connection` maps them (connector.py), which
+        `failures.classify` reads.
         """
-        if len(addr_infos) != 1 or len(args) != 1 or kwargs.keys() - _NATIVE_CONNECT_OPTIONS:
+        native = len(addr_infos) == 1 and len(args) == 1 and timeout.sock_connect is None
+        if not native or kwargs.keys() - _NATIVE_CONNECT_OPTIONS:
             return await super()._wrap_create_connection(
                 *args,
                 addr_infos=addr_infos,
