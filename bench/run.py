@@ -99,15 +99,24 @@ def section_throughput(procs: Processes, args: argparse.Namespace) -> Table:
 
 def section_latency(procs: Processes, args: argparse.Namespace) -> Table:
     upstream = targets.fixed_upstream(procs, cpus="1")
-    floor = targets.byte_pipe(procs, upstream.port, "0")
-    ports = {"direct": upstream.port, "byte pipe (floor)": floor.port} | {
-        name: p.port for name, p in _proxies(procs, upstream.port, "0", args).items()
+    started = {
+        "direct": upstream,
+        "byte pipe (floor)": targets.byte_pipe(procs, upstream.port, "0"),
+        **_proxies(procs, upstream.port, "0", args),
     }
-    p50s: dict[str, list[float]] = {name: [] for name in ports}
-    achieved: dict[str, list[float]] = {name: [] for name in ports}
+    p50s: dict[str, list[float]] = {name: [] for name in started}
+    achieved: dict[str, list[float]] = {name: [] for name in started}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in started}
     for rep in range(args.reps):
-        for name in rotated(list(ports), rep):
-            p50, rate = load.latency_p50(ports[name], args.rate, args.seconds, args.scratch, "1")
+        for name in rotated(list(started), rep):
+            pid = started[name].pid
+            before = targets.cpu_seconds(pid)
+            p50, rate = load.latency_p50(
+                started[name].port, args.rate, args.seconds, args.scratch, "1"
+            )
+            cpu_ms[name].append(
+                1000 * (targets.cpu_seconds(pid) - before) / max(1.0, rate * args.seconds)
+            )
             p50s[name].append(p50)
             achieved[name].append(rate)
     direct = statistics.median(p50s["direct"])
@@ -118,10 +127,12 @@ def section_latency(procs: Processes, args: argparse.Namespace) -> Table:
             "—" if name == "direct" else f"+{statistics.median(values) - direct:.3f}",
             " / ".join(f"{v:.3f}" for v in values),
             f"{statistics.median(achieved[name]):.0f}",
+            "—" if name == "direct" else f"{statistics.median(cpu_ms[name]):.2f}",
         ]
         for name, values in p50s.items()
     ]
-    return ["", "p50 ms (median)", "added ms", "each repetition", "req/s achieved"], rows
+    header = ["", "p50 ms (median)", "added ms", "each repetition", "req/s achieved"]
+    return [*header, "proxy CPU ms per request"], rows
 
 
 class PeakRss:
@@ -152,6 +163,10 @@ def section_held(procs: Processes, args: argparse.Namespace) -> Table:
         "nginx": targets.nginx_proxy(procs, model.port),
         "servegate": targets.servegate(procs, model.port),
     }
+    if args.compare:
+        proxies["servegate@base"] = targets.servegate(
+            procs, model.port, name="servegate-base", root=args.compare
+        )
     results: dict[str, list[tuple[int, float, float]]] = {name: [] for name in proxies}
     for rep in range(args.reps):
         for name in rotated(list(proxies), rep):
