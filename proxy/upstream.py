@@ -49,7 +49,7 @@ _ATTEMPT: ContextVar[AttemptFacts | None] = ContextVar("servegate_attempt", defa
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None)
 # One resolved address as aiohttp passes them (socket.getaddrinfo's shape: family, type, proto,
 # canonical name, address).
-AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
+_AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
 # What aiohttp's TCPConnector passes `_wrap_create_connection` besides the protocol factory and
 # its own keywords (connector.py, _create_direct_connection); anything else: aiohttp's path.
 _NATIVE_CONNECT_OPTIONS = frozenset({"ssl", "server_hostname"})
@@ -238,7 +238,7 @@ class _WatchingConnector(aiohttp.TCPConnector):
     async def _wrap_create_connection(
         self,
         *args: Any,
-        addr_infos: list[AddrInfo],
+        addr_infos: list[_AddrInfo],
         req: ClientRequest,
         timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
         client_error: type[Exception] = aiohttp.ClientConnectorError,
