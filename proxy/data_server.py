@@ -84,26 +84,40 @@ class _JsonErrorHandler(RequestHandler):
             manager.on_rejected if isinstance(manager, JsonErrorServer) else _count_nothing
         )
         self._max_line: int = options.get("max_line_size", 8190)
-        self._head_start = b""  # the first bytes of the head being parsed: its request line
+        # The first bytes of the head being parsed: up to the end of its request line, and at
+        # most as long as one can be. Bytes that may be a body are no head's: none are taken
+        # while a queued head waits to be handled or the handled request's body is still
+        # arriving, so a long upload without a line break is neither copied nor kept here.
+        self._head_start = b""
+        self._head_cap = self._max_line + 64
         # The first bytes of each head aiohttp has queued, taken in order by
         # `JsonErrorServer._request` as each is handled. Kept when aiohttp queues the head (or
         # its parse error): bytes that arrive before an error is answered belong to no request
         # and must not change the verdict on it. Read only for an error (`head`).
         self._heads: list[bytes] = []
         self._current = b""  # those of the request being handled
+        self._body: StreamReader | None = None  # of the request being handled
 
     def data_received(self, data: bytes) -> None:
         requests_before = request_count(self)
-        if b"\n" not in self._head_start:
-            self._head_start += data[: self._max_line + 64]
+        if b"\n" not in self._head_start and self._between_requests():
+            room = self._head_cap - len(self._head_start)
+            end = data.find(b"\n", 0, room)
+            self._head_start += data[: end + 1 if end >= 0 else room]
         super().data_received(data)
         if (requests := request_count(self)) != requests_before:
             self._heads.extend([self._head_start] * (requests - requests_before))
             self._head_start = b""
 
-    def next_head(self) -> None:
-        """The next queued head is now the one being handled."""
+    def _between_requests(self) -> bool:
+        """Whether the parser stands at the start of a head: every head parsed so far has been
+        handled, and the body of the last one has fully arrived."""
+        return not self._heads and (self._body is None or self._body.is_eof())
+
+    def next_head(self, body: StreamReader) -> None:
+        """The next queued head, whose body is `body`, is now the one being handled."""
         self._current = self._heads.pop(0) if self._heads else b""
+        self._body = body
 
     @property
     def head(self) -> _Head:
@@ -168,7 +182,7 @@ class JsonErrorServer(HandlerServer):
         """aiohttp gives an unparseable request a stand-in message that says HTTP/1.0, and its
         answer's status line says the same; it gets the version the client spoke instead."""
         if isinstance(protocol, _JsonErrorHandler):
-            protocol.next_head()
+            protocol.next_head(payload)
             if is_parse_error(message):
                 message = message._replace(version=protocol.head.spoke)
         return web.BaseRequest(message, payload, protocol, writer, task, self.loop)

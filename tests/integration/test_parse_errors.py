@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -45,3 +46,32 @@ async def test_a_request_that_cannot_be_parsed_is_answered_in_the_clients_versio
     code = status_line.split(b" ")[1].decode()
     rejected = sample(await scrape(gate), "servegate_requests_rejected_total", code=code)
     assert rejected == 1
+
+
+async def test_the_body_of_an_earlier_request_is_not_read_as_the_next_requests_head(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """The status of an unparseable head is read from its own request line, not from bytes of
+    the body before it on the same connection (a body sent after its head, as curl sends one
+    after `100 Continue`, holding a line break)."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        async with asyncio.timeout(10):
+            writer.write(
+                b"POST /predict HTTP/1.1\r\nHost: model\r\nContent-Length: 9\r\n"
+                b"Expect: 100-continue\r\n\r\n"
+            )
+            # servegate has parsed the head when it invites the body, which comes on its own.
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b'{\n"a": 1}')
+            first = await reader.readuntil(b"\r\n\r\n")
+            assert first.startswith(b"HTTP/1.1 200")
+            await reader.readexactly(int(first.split(b"Content-Length: ")[1].split(b"\r")[0]))
+            writer.write(head(LONG_TARGET))
+            second = await reader.read(-1)
+    finally:
+        writer.close()
+    assert second.split(b"\r\n")[0] == b"HTTP/1.1 414 Request-URI Too Long"
+    assert len(model.seen) == 1
