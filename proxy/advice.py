@@ -90,7 +90,8 @@ FIX: dict[Cause, str] = {
     ),
     Cause.OVERLOADED: "Try again after Retry-After, or add instances.",
     Cause.RESPONSE_HEADER_TOO_LARGE: (
-        "Raise upstream.max_response_header_bytes, or make the model server send less."
+        "Raise upstream.max_response_header_bytes (a long line) or "
+        "upstream.max_response_headers (many fields), or make the model server send less."
     ),
     Cause.RESPONSE_FRAMING: (
         "Fix how the server or its framework frames answers: one Content-Length, counted in "

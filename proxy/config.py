@@ -146,6 +146,9 @@ class UpstreamSettings(_Section):
     # Longest response status line or header line accepted from the model server; a longer
     # one is a 502 protocol/response_header_too_large. 8190 bytes is aiohttp's default.
     max_response_header_bytes: int = Field(default=8190, ge=256)
+    # Most header fields accepted in one answer from the model server; more is a 502
+    # protocol/response_header_too_large. 128 is aiohttp's default, as server.max_headers.
+    max_response_headers: int = Field(default=128, ge=8)
     tls: UpstreamTLSSettings = UpstreamTLSSettings()
 
     @field_validator("url")

@@ -239,13 +239,16 @@ _FRAMING_FAULTS = (
 
 
 def _unparseable_head(message: str, failure: Callable[[Cause, str], Failure]) -> Failure:
-    if message.startswith("Got more than") or "Too many headers" in message:
+    if message.startswith("Got more than"):
         limit = message.removeprefix("Got more than ").split(" ", 1)[0]
         return failure(
             Cause.RESPONSE_HEADER_TOO_LARGE,
             f"a response status or header line longer than {limit} bytes "
-            f"(upstream.max_response_header_bytes), or too many headers: {message[:200]}",
+            f"(upstream.max_response_header_bytes): {message[:200]}",
         )
+    if "Too many headers" in message:
+        detail = "more header fields in the response than upstream.max_response_headers allows"
+        return failure(Cause.RESPONSE_HEADER_TOO_LARGE, detail)
     if any(marker in message for marker in _FRAMING_FAULTS):
         return failure(Cause.RESPONSE_FRAMING, f"the response's framing is invalid: {message}")
     return failure(Cause.MALFORMED_RESPONSE, f"unparseable response head: {message}")

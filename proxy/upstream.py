@@ -173,6 +173,7 @@ class Upstream:
             auto_decompress=False,  # bytes pass through exactly as the model sent them
             max_line_size=self.settings.max_response_header_bytes,
             max_field_size=self.settings.max_response_header_bytes,
+            max_headers=self.settings.max_response_headers,
         )
         acks = protocol.acks
         begins = acks.mark() if acks is not None else None

@@ -308,6 +308,23 @@ async def test_a_response_header_too_large_has_its_own_cause_and_setting(
     assert cookie in raw.split(b"\r\n")
 
 
+async def test_an_answer_with_more_header_fields_than_allowed_names_the_setting(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    fields = [b"X-Field-%d: %d" % (i, i) for i in range(200)]
+    model = await raw_server(RecordingModel(answer=answer(*fields)))
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/many", method=b"GET"))
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 502 Bad Gateway"
+    body = json_body(raw)
+    assert (body["category"], body["cause"]) == ("protocol", "response_header_too_large")
+    assert "upstream.max_response_headers" in body["hint"]
+    raised = await start_gate(model.url, **{"upstream.max_response_headers": 256})
+    raw = await exchange(raised.data_port, request(b"/many", method=b"GET"))
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+    assert all(field in raw.split(b"\r\n") for field in fields)
+
+
 @pytest.mark.parametrize(
     "head",
     [
