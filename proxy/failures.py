@@ -135,7 +135,7 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
     if isinstance(exc, ssl.SSLError):  # a handshake made without aiohttp (health checks)
         return failure(*connect_failure(exc))
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return failure(*connect_failure(TimeoutError()))
+        return failure(Cause.CONNECT_TIMEOUT, str(exc) or "no connection within the timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):  # SSL errors included
         return failure(*connect_failure(exc.os_error))
     if isinstance(exc, aiohttp.ClientResponseError) and not facts.response_started:

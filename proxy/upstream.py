@@ -98,6 +98,7 @@ class Upstream:
         self.idle_expiry = settings.idle_expiry
         ssl_context = client_ssl_context(settings.tls)
         lag = lag or LoopLag()
+        self.lag = lag
         # A pool limit would be a queue no metric shows and no budget sees (aiohttp waits for
         # a free connection without end), so the pools never limit on their own: admission
         # does, in the open. A request holds one connection at a time (its retry's fresh one
@@ -227,9 +228,19 @@ class _WatchingConnector(aiohttp.TCPConnector):
     ) -> ResponseHandler:
         # Called for a new connection only: one taken from the pool never comes here.
         began = time.monotonic()
-        # A TimeoutError from here becomes aiohttp's ConnectionTimeoutError (connect_timeout).
-        async with ResponsiveTimeout(self._connect_timeout, self._lag):
-            protocol = await super()._create_connection(req, traces, timeout)
+        try:
+            async with ResponsiveTimeout(self._connect_timeout, self._lag):
+                protocol = await super()._create_connection(req, traces, timeout)
+        except TimeoutError as exc:
+            if isinstance(exc, aiohttp.ClientError):
+                raise
+            # The connect timeout passed (the request's own deadline cancels instead): the
+            # type `failures.classify` reads as a connection that never opened.
+            what = "TCP connect and TLS handshake" if req.is_ssl() else "TCP connect"
+            raise aiohttp.ConnectionTimeoutError(
+                f"no {what} to {req.host}:{req.port} within upstream.connect_timeout "
+                f"({self._connect_timeout:g} s)"
+            ) from exc
         facts = _ATTEMPT.get()
         if facts is not None:
             facts.reused = False

@@ -5,9 +5,13 @@ backing off and the half-open trial, is answered at once with Retry-After."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
+from collections.abc import Iterator
 
 import aiohttp
+import pytest
 
 from proxy.app import Servegate
 from proxy.circuit import CircuitState
@@ -25,6 +29,34 @@ async def post(client: aiohttp.ClientSession, gate: Servegate) -> tuple[float, i
         body = await response.json()
         body["retry_after"] = response.headers.get("Retry-After", "")
         return time.monotonic() - began, response.status, body
+
+
+@contextlib.contextmanager
+def accepting_nothing() -> Iterator[int]:
+    """A port whose accept queue is full: the kernel drops further SYNs, so a connect to it
+    neither succeeds nor fails, as to a host that is down or firewalled without a reply."""
+    listening = socket.socket()
+    queued: list[socket.socket] = []
+    try:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(0)
+        port = listening.getsockname()[1]
+        for _ in range(3):  # more than the queue holds: it is full for good
+            filler = socket.socket()
+            queued.append(filler)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        yield port
+    finally:
+        for sock in [*queued, listening]:
+            sock.close()
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    with accepting_nothing() as port:
+        yield port
 
 
 async def refused_attempts(gate: Servegate) -> float:
@@ -91,3 +123,24 @@ async def test_refusals_during_a_crash_loop_are_named_for_the_crash_loop(
     assert seconds < AT_ONCE
     assert int(body["retry_after"]) >= 1
     assert "keeps restarting" in body["hint"]
+
+
+async def test_a_connect_that_never_completes_is_a_connect_timeout_and_is_retried(
+    start_gate: StartGate, client: aiohttp.ClientSession, silent_port: int
+) -> None:
+    """Never a crash: nothing reached the model, so the request is retried within the connect
+    wait and the answer says the connection could not be opened in time."""
+    gate = await start_gate(
+        f"http://127.0.0.1:{silent_port}",
+        **{"circuit.failure_threshold": 1000, "health.unhealthy_threshold": 100,
+           "upstream.connect_timeout": 0.3, "retry.connect_wait": 1.0},
+    )  # fmt: skip
+    seconds, status, body = await post(client, gate)
+    assert (status, body["category"], body["cause"]) == (503, "service", "connect_timeout")
+    assert 0.9 <= seconds < 4.0
+    samples = await scrape(gate)
+    timed_out = sample(samples, "servegate_upstream_failures_total",
+                       category="service", cause="connect_timeout")  # fmt: skip
+    assert timed_out >= 2
+    assert sample(samples, "servegate_upstream_failures_total",
+                  category="service", cause="reset_during_request") == 0  # fmt: skip
