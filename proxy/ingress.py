@@ -31,7 +31,7 @@ from proxy.headers import decoded, request_headers
 from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason
 from proxy.relay import relay
 from proxy.retry import GiveUpReason
-from proxy.upgrade import Upgrader, UpgradeRefused, wants_upgrade
+from proxy.upgrade import Upgrader, UpgradeRefused, UpstreamUnreachable, wants_upgrade
 
 access_log = structlog.get_logger("servegate.access")
 
@@ -256,7 +256,12 @@ class Ingress:
         self, request: web.BaseRequest, request_id: str, budget: Budget, line: AccessLine
     ) -> web.StreamResponse:
         """The budget covers the handshake; server.upgrade_idle_timeout covers the session."""
-        upgrader = Upgrader(self.settings.server, self.settings.upstream, self.metrics)
+        upgrader = Upgrader(
+            self.settings.server,
+            self.settings.upstream,
+            self.metrics,
+            self.forwarder.upstream.lag,
+        )
         headers = self._outbound_headers(request, request_id)
         line.attempts = 1
         try:
@@ -270,8 +275,11 @@ class Ingress:
         except TimeoutError:
             failure = Failure(Cause.DEADLINE_EXCEEDED, "no answer to the upgrade request")
             return self._refuse(Refusal(failure), request_id, budget, line)
-        except OSError as exc:
-            failure = Failure(Cause.CONNECT_REFUSED, exc.strerror or str(exc))
+        except UpstreamUnreachable as exc:
+            return self._refuse(Refusal(Failure(exc.cause, exc.detail)), request_id, budget, line)
+        except OSError as exc:  # the connection opened, then failed before an answer
+            detail = f"the connection failed during the upgrade handshake: {exc.strerror or exc}"
+            failure = Failure(Cause.RESET_DURING_REQUEST, detail)
             return self._refuse(Refusal(failure), request_id, budget, line)
         except UpgradeRefused as exc:
             failure = Failure(Cause.MALFORMED_RESPONSE, str(exc))

@@ -20,7 +20,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.config import ServerSettings, UpstreamSettings
+from proxy.failures import Cause, connect_failure
 from proxy.headers import serialize_head
+from proxy.lag import LoopLag, ResponsiveTimeout
 from proxy.metrics import Metrics
 from proxy.upstream import client_ssl_context
 
@@ -36,7 +38,17 @@ def wants_upgrade(request: web.BaseRequest) -> bool:
 
 
 class UpgradeRefused(Exception):
-    """The model server could not be reached or did not answer the handshake as HTTP."""
+    """The model server did not answer the handshake as HTTP."""
+
+
+class UpstreamUnreachable(Exception):
+    """No connection to the model server opened: `cause` and `detail` as
+    `failures.connect_failure` names them for every other connect."""
+
+    def __init__(self, cause: Cause, detail: str) -> None:
+        super().__init__(detail)
+        self.cause = cause
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class Upgrader:
     server: ServerSettings
     upstream: UpstreamSettings
     metrics: Metrics
+    lag: LoopLag  # upstream.connect_timeout counts only the time the loop could run
 
     async def handshake(
         self,
@@ -54,19 +67,27 @@ class Upgrader:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
         """Send the upgrade request; returns the connection and the model's response head.
 
-        Raises OSError when the model server cannot be reached, UpgradeRefused when its answer
-        is not an HTTP head within upstream.max_response_header_bytes."""
+        Raises UpstreamUnreachable when no connection opens within upstream.connect_timeout,
+        UpgradeRefused when the answer is not an HTTP head within
+        upstream.max_response_header_bytes, and OSError when the connection fails after it
+        opened."""
         origin = self.upstream.origin
         context: ssl.SSLContext | None = None
         if scheme == "https":
             context = client_ssl_context(self.upstream.tls)
-        reader, writer = await asyncio.open_connection(
-            origin.host,
-            origin.port,
-            ssl=context,
-            server_hostname=(self.upstream.tls.server_name or origin.host) if context else None,
-            limit=self.upstream.max_response_header_bytes * 4,
-        )
+        try:
+            async with ResponsiveTimeout(self.upstream.connect_timeout, self.lag):
+                reader, writer = await asyncio.open_connection(
+                    origin.host,
+                    origin.port,
+                    ssl=context,
+                    server_hostname=(self.upstream.tls.server_name or origin.host)
+                    if context
+                    else None,
+                    limit=self.upstream.max_response_header_bytes * 4,
+                )
+        except OSError as exc:  # refused, a TLS failure, or the connect timeout passed
+            raise UpstreamUnreachable(*connect_failure(exc)) from exc
         fields = CIMultiDict(headers)
         fields["Connection"] = "Upgrade"
         fields["Upgrade"] = upgrade

@@ -3,13 +3,19 @@ off."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
-from tests.conftest import StartGate, gate_url, sample, scrape
+from tests.conftest import Certificates, StartGate, gate_url, sample, scrape
+from tests.integration.test_down_fast import accepting_nothing
+from tests.upstreams.gunicorn import Gunicorn, free_port
 from tests.upstreams.recording import RecordingModel
+
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Key": "k"}
 
 
 def echo_app() -> web.Application:
@@ -72,3 +78,32 @@ async def test_a_refused_handshake_is_relayed_as_the_model_answered(
         assert await response.read() == b"no"
     assert model.last().header(b"upgrade") == [b"websocket"]
     assert sample(await scrape(gate), "servegate_upgraded_connections_total") == 0
+
+
+@pytest.mark.parametrize("server", ["silent", "refusing", "untrusted_tls"])
+async def test_a_handshake_that_cannot_connect_is_named_as_every_other_connect(
+    server: str,
+    start_gate: StartGate,
+    client: aiohttp.ClientSession,
+    gunicorn: Callable[..., Gunicorn],
+    certificates: Certificates,
+) -> None:
+    """The same cause as a request's attempt gets: never a refusal for a timeout or a
+    certificate."""
+    expected = {
+        "silent": ("service", "connect_timeout"),
+        "refusing": ("service", "connect_refused"),
+        "untrusted_tls": ("protocol", "tls_certificate"),
+    }[server]
+    with accepting_nothing() as silent:
+        if server == "silent":
+            url = f"http://127.0.0.1:{silent}"
+        elif server == "refusing":
+            url = f"http://127.0.0.1:{free_port()}"
+        else:
+            url = gunicorn(certfile=certificates.cert_file, keyfile=certificates.key_file).url
+        gate = await start_gate(url, **{"upstream.connect_timeout": 0.3})
+        async with client.get(gate_url(gate, "/ws"), headers=UPGRADE) as response:
+            body = await response.json()
+        assert response.status == 503
+        assert (body["category"], body["cause"]) == expected
