@@ -38,7 +38,10 @@ class Readiness:
                 finding
             )
         if self.health.state is not Health.UP:
-            return f"the model server at {where} is {self.health.state}: health checks fail"
+            reason = f"the model server at {where} is {self.health.state}: health checks fail"
+            if (failed := self.health.last_failure) is not None:
+                reason += f" ({failed.category}/{failed.cause}: {failed.detail})"
+            return reason
         if self.scheme.mismatch():  # a fixed server is ready again within seconds
             await self.scheme.detect(since=time.monotonic() - MISMATCH_RECHECK)
         return self.scheme.mismatch()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -185,6 +186,8 @@ def connect_failure(error: BaseException) -> tuple[Cause, str]:
         return Cause.TLS_HANDSHAKE, _ssl_reason(error)
     if isinstance(error, TimeoutError):
         return Cause.CONNECT_TIMEOUT, "no TCP connection within the connect timeout"
+    if isinstance(error, socket.gaierror):  # nothing to connect to: the name has no address
+        return Cause.CONNECT_REFUSED, f"the host name did not resolve: {error.strerror}"
     if isinstance(error, OSError) and error.errno:
         return Cause.CONNECT_REFUSED, os.strerror(error.errno).lower()
     return Cause.CONNECT_REFUSED, str(error)

@@ -23,7 +23,7 @@ import structlog
 from yarl import URL
 
 from proxy.config import HealthSettings
-from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
+from proxy.failures import AttemptFacts, Category, Cause, Failure, classify, connect_failure
 from proxy.lag import LoopLag, LoopLagged, ResponsiveTimeout
 
 log = structlog.get_logger("servegate.health")
@@ -101,6 +101,9 @@ class HealthMonitor:
         # What the last check found wrong in how the server speaks (a certificate servegate
         # cannot verify, a failed handshake): it answers, so it is not down, and not ready.
         self.finding: Failure | None = None
+        # Why the last check failed, when it did not answer at all (refused, silent, a name
+        # that does not resolve): what /readyz says of a server that is down.
+        self.last_failure: Failure | None = None
 
     # Decisions: plain methods, no I/O.
 
@@ -109,6 +112,7 @@ class HealthMonitor:
         the server answered, so for up and down the check counts as passed."""
         protocol = failed is not None and failed.category is Category.PROTOCOL
         self.finding = failed if protocol else None
+        self.last_failure = None if protocol else failed
         self.record_check(failed is None or protocol)
 
     def record_check(self, ok: bool) -> None:
@@ -246,6 +250,7 @@ async def check_upstream(
     time). Raises LoopLagged when CHECK_WALL_FACTOR timeouts of wall time pass before that.
     """
     facts = AttemptFacts(scheme=scheme)
+    within = f"health.timeout ({settings.timeout:g} s)"
     timeout = ResponsiveTimeout(
         settings.timeout, lag or LoopLag(), at_most=settings.timeout * CHECK_WALL_FACTOR
     )
@@ -254,9 +259,12 @@ async def check_upstream(
             if settings.path is None:
                 context = tls if scheme == "https" else None
                 hostname = (server_name or host) if context else None
-                _, writer = await asyncio.open_connection(
-                    host, port, ssl=context, server_hostname=hostname
-                )
+                try:
+                    _, writer = await asyncio.open_connection(
+                        host, port, ssl=context, server_hostname=hostname
+                    )
+                except OSError as exc:  # refused, a TLS failure, a name without an address
+                    return Failure(*connect_failure(exc))
                 writer.close()
                 await writer.wait_closed()
                 return None
@@ -269,5 +277,11 @@ async def check_upstream(
                 return Failure(Cause.UPSTREAM_UNHEALTHY, detail)
     except LoopLagged:
         raise
-    except (aiohttp.ClientError, OSError) as exc:  # TimeoutError and ssl.SSLError are OSErrors
+    except TimeoutError as exc:
+        if isinstance(exc, aiohttp.ClientError) or not timeout.expired():
+            return classify(exc, facts, deadline_passed=False)
+        if settings.path is None:  # the TCP check: the connect (and handshake) never ended
+            return Failure(Cause.CONNECT_TIMEOUT, f"no connection within {within}")
+        return Failure(Cause.UPSTREAM_UNHEALTHY, f"GET {settings.path}: no answer within {within}")
+    except (aiohttp.ClientError, OSError) as exc:  # ssl.SSLError is an OSError
         return classify(exc, facts, deadline_passed=False)

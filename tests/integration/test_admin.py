@@ -8,9 +8,11 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+import pytest
 
 from proxy.failures import Category, Cause
 from tests.conftest import StartGate, require_tool, sample, scrape
+from tests.integration.test_down_fast import accepting_nothing
 from tests.upstreams.gunicorn import Gunicorn, free_port
 
 
@@ -70,3 +72,30 @@ async def test_readiness_follows_the_model_server_and_liveness_does_not(
     assert "health checks fail" in body["reason"]
     async with client.get(f"{admin}/healthz") as response:
         assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("server", "reason"),
+    [
+        ("refusing", "(service/connect_refused: connection refused)"),
+        ("silent", "(service/connect_timeout: no connection within health.timeout (0.3 s))"),
+    ],
+)
+async def test_readiness_says_why_the_health_checks_fail(
+    server: str, reason: str, start_gate: StartGate, client: aiohttp.ClientSession
+) -> None:
+    with accepting_nothing() as silent:
+        port = silent if server == "silent" else free_port()
+        gate = await start_gate(
+            f"http://127.0.0.1:{port}",
+            **{"health.interval": 0.2, "health.timeout": 0.3, "health.unhealthy_threshold": 1},
+        )
+        began = time.monotonic()
+        while True:  # bounded below
+            async with client.get(f"http://127.0.0.1:{gate.admin_port}/readyz") as response:
+                body = await response.json()
+            if response.status == 503 and "health checks fail" in body["reason"]:
+                break
+            assert time.monotonic() - began < 5.0, body
+            await asyncio.sleep(0.05)
+    assert body["reason"].endswith(reason)

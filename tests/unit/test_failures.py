@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 
 import aiohttp
@@ -9,7 +10,7 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from proxy import answer
-from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
+from proxy.failures import AttemptFacts, Category, Cause, Failure, classify, connect_failure
 
 KEY = ConnectionKey("127.0.0.1", 8000, False, True, None, None, None)
 
@@ -97,6 +98,17 @@ def test_refused_and_timed_out_connects_never_reached_the_model() -> None:
     assert classify(timed_out, AttemptFacts(), deadline_passed=False).cause is (
         Cause.CONNECT_TIMEOUT
     )
+
+
+def test_a_host_name_that_does_not_resolve_is_named_so() -> None:
+    """What getaddrinfo raises, as aiohttp passes it on (ClientConnectorDNSError.os_error) and
+    asyncio's own connect raises it."""
+    unknown = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    cause, detail = connect_failure(unknown)
+    assert cause is Cause.CONNECT_REFUSED
+    assert detail == "the host name did not resolve: Name or service not known"
+    wrapped = aiohttp.ClientConnectorDNSError(KEY, unknown)
+    assert classify(wrapped, AttemptFacts(), deadline_passed=False).detail == detail
 
 
 def test_the_budget_running_out_is_a_timeout_before_and_during_the_stream() -> None:
