@@ -27,11 +27,12 @@ One request's path through the package, file by file, in order:
     headers.py           which headers cross servegate, both ways, written byte for byte
 11. forward.py           the attempt loop: attempt, classify, decide, back off or give up;
                          each attempt's deadline waits on one shared timer (deadlines.py)
-12. upstream.py          the connection pool and one attempt on it; reports reused / sent, and
-                         from the kernel how many request bytes the model's TCP acknowledged
-                         (acked.py: the proof a replay needs); exchange.py writes the request
-                         head byte for byte and reads the answer's head; framing.py holds each
-                         answer to its own framing and names the bytes beyond it
+12. upstream.py          the pools (pool.py: no cap, the connection used last first, idle ones
+                         expired) and one attempt on them; reports reused / sent, and from the
+                         kernel how many request bytes the model's TCP acknowledged (acked.py:
+                         the proof a replay needs); exchange.py writes the request head byte
+                         for byte and reads the answer's head; framing.py holds each answer to
+                         its own framing and names the bytes beyond it
 13. failures.py          Category, Cause, Failure: the one translation of what went wrong
 14. retry.py             decide() -> Retry | GiveUp; pure
 15. relay.py             relays the model's response to the client unchanged: in one write

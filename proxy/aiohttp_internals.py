@@ -1,16 +1,15 @@
 """The only module that reaches into aiohttp's private attributes, and the start-up check that
 says so loudly when an aiohttp release has moved one.
 
-aiohttp offers no public switch for what servegate needs here: changing a connector's idle
-expiry once the server announces its keep-alive, building each client connection's protocol and
-the data port's request handlers from servegate's own classes, reading an answer on a connection
-servegate wrote the request to itself (proxy/exchange.py, which needs no session and so none of
-the session's hidden one-time retry of idempotent requests), holding an answer to its framing,
-timing a request's head, writing heads byte for byte, and sending a buffered answer's head with
-its body. A renamed attribute would not fail: Python would quietly set a new one, and pooled
-connections would outlive the server's idle timer. So `check()` verifies every one of them
-before servegate serves anything, and each use below names the aiohttp 3.14 source it relies
-on.
+aiohttp offers no public switch for what servegate needs here: building the data port's
+request handlers from servegate's own class, reading an answer on a connection servegate opened
+and wrote the request to itself (proxy/pool.py, proxy/exchange.py, which need no session and so
+none of the session's hidden one-time retry of idempotent requests), holding an answer to its
+framing, timing a request's head, writing heads byte for byte, and sending a buffered answer's
+head with its body. A renamed attribute would not fail: Python would quietly set a new one, and
+an answer's surplus bytes would be read as the next one's. So `check()` verifies every one of
+them before servegate serves anything, and each use below names the aiohttp 3.14 source it
+relies on.
 """
 
 from __future__ import annotations
@@ -26,13 +25,6 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 
-# aiohttp's BaseConnector reads this when it takes a pooled connection and when it sweeps idle
-# ones (connector.py, BaseConnector._get / _cleanup); the constructor's keepalive_timeout sets it.
-_KEEPALIVE = "_keepalive_timeout"
-# connector.py, BaseConnector.__init__: "self._factory = functools.partial(ResponseHandler,
-# loop=loop)"; TCPConnector._create_direct_connection and _wrap_create_connection call it for
-# every new connection's protocol.
-_PROTOCOL_FACTORY = "_factory"
 # client_proto.py, ResponseHandler.data_received: bytes that arrive while no parser is set
 # (before the request is sent) wait in `_tail`; set_response_params builds the response parser
 # in `_parser` (base_protocol.py, BaseProtocol) and then feeds it `_tail`.
@@ -54,8 +46,6 @@ _PARSE_ERROR = "ERROR"
 # http_writer.py: StreamWriter.write_headers calls the module-level `_serialize_headers` (the C
 # writer's, or the Python one), for the client's requests and the server's answers alike.
 _SERIALIZER = "_serialize_headers"
-# connector.py, TCPConnector._wrap_create_connection's keyword parameters.
-_WRAP_KEYWORDS = frozenset({"addr_infos", "req", "timeout", "client_error"})
 # What `_parses_as_llhttp` feeds a response parser.
 _WHOLE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 _CHUNKED_THEN_SURPLUS = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX"
@@ -71,26 +61,6 @@ def _missing(*needs: tuple[str, str]) -> MissingInternal:
         f"aiohttp {aiohttp.__version__} has no {named}: "
         "install an aiohttp version servegate was tested with (see pyproject.toml)"
     )
-
-
-def set_keepalive_timeout(connector: aiohttp.BaseConnector, seconds: float) -> None:
-    """Expire `connector`'s idle pooled connections after `seconds` from now on.
-
-    Raises MissingInternal if the attribute is gone."""
-    if not hasattr(connector, _KEEPALIVE):
-        raise _missing((f"BaseConnector.{_KEEPALIVE}", "expire idle pooled connections"))
-    setattr(connector, _KEEPALIVE, seconds)
-
-
-def use_protocol_factory(
-    connector: aiohttp.BaseConnector, factory: Callable[[], ResponseHandler]
-) -> None:
-    """Build every new connection's protocol of `connector` with `factory` (no arguments).
-
-    Raises MissingInternal if the attribute is gone."""
-    if not hasattr(connector, _PROTOCOL_FACTORY):
-        raise _missing((f"BaseConnector.{_PROTOCOL_FACTORY}", "hold answers to their framing"))
-    setattr(connector, _PROTOCOL_FACTORY, factory)
 
 
 def take_unparsed(handler: ResponseHandler) -> bytes:
@@ -186,56 +156,32 @@ async def check() -> None:
 
 async def _client_missing() -> list[tuple[str, str]]:
     missing: list[tuple[str, str]] = []
-    connector = aiohttp.TCPConnector(keepalive_timeout=12.5)
+    handler = ResponseHandler(asyncio.get_running_loop())
+    if getattr(handler, _UNPARSED, None) != b"":
+        missing.append((f"ResponseHandler.{_UNPARSED}", "hold answers to their framing"))
+    # proxy/upstream.py sets these for each exchange it runs on a connection itself.
     try:
-        if getattr(connector, _KEEPALIVE, None) != 12.5:
-            missing.append((f"BaseConnector.{_KEEPALIVE}", "expire idle pooled connections"))
-        factory = getattr(connector, _PROTOCOL_FACTORY, None)
-        handler = factory() if callable(factory) else None
-        if not isinstance(handler, ResponseHandler):
-            why = "hold answers to their framing"
-            missing.append((f"BaseConnector.{_PROTOCOL_FACTORY}", why))
-            handler = ResponseHandler(asyncio.get_running_loop())
-        if getattr(handler, _UNPARSED, None) != b"":
-            missing.append((f"ResponseHandler.{_UNPARSED}", "hold answers to their framing"))
-        # upstream._WatchingConnector overrides it: called for a new connection only, never
-        # for a pooled one (connector.py, BaseConnector.connect), it times the connect.
-        if not inspect.iscoroutinefunction(
-            getattr(aiohttp.TCPConnector, "_create_connection", None)
-        ):
-            what = "TCPConnector._create_connection"
-            missing.append((what, "time a new connection and tell it from a pooled one"))
-        # upstream._WatchingConnector overrides it to connect to a single address with the
-        # event loop's own connect (connector.py, TCPConnector._create_direct_connection calls
-        # it with these keywords).
-        wrap = getattr(aiohttp.TCPConnector, "_wrap_create_connection", None)
-        keywords = inspect.signature(wrap).parameters if callable(wrap) else {}
-        if not inspect.iscoroutinefunction(wrap) or not keywords.keys() >= _WRAP_KEYWORDS:
-            what = "TCPConnector._wrap_create_connection(addr_infos, req, timeout, client_error)"
-            missing.append((what, "open a connection to the model server with one connect"))
-        # proxy/upstream.py sets these for each exchange it runs on a connection itself.
-        try:
-            handler.set_response_params(
-                skip_payload=False,
-                read_until_eof=True,
-                auto_decompress=False,
-                max_line_size=8190,
-                max_field_size=8190,
-            )
-        except TypeError:
-            why = "read an answer on a connection it wrote the request to itself"
-            missing.append(("ResponseHandler.set_response_params's options", why))
-        parser = getattr(handler, _PARSER, None)
-        if parser is None:
-            missing.append((f"ResponseHandler.{_PARSER}", "hold answers to their framing"))
-        elif not _parses_as_llhttp(parser):
-            what = (
-                "response parser that refuses bytes after a last chunk (its compiled llhttp "
-                "parser: unset AIOHTTP_NO_EXTENSIONS, or install a build with its C extensions)"
-            )
-            missing.append((what, "hold answers to their framing"))
-    finally:
-        await connector.close()
+        handler.set_response_params(
+            skip_payload=False,
+            read_until_eof=True,
+            auto_decompress=False,
+            max_line_size=8190,
+            max_field_size=8190,
+            max_headers=128,
+        )
+    except TypeError:
+        why = "read an answer on a connection it wrote the request to itself"
+        missing.append(("ResponseHandler.set_response_params's options", why))
+        return missing
+    parser = getattr(handler, _PARSER, None)
+    if parser is None:
+        missing.append((f"ResponseHandler.{_PARSER}", "hold answers to their framing"))
+    elif not _parses_as_llhttp(parser):
+        what = (
+            "response parser that refuses bytes after a last chunk (its compiled llhttp "
+            "parser: unset AIOHTTP_NO_EXTENSIONS, or install a build with its C extensions)"
+        )
+        missing.append((what, "hold answers to their framing"))
     return missing
 
 

@@ -89,10 +89,7 @@ class Servegate:
         install_byte_exact_writer()  # obs-text and raw target bytes pass byte for byte
         self.lag.start()
         self._upstream = Upstream(
-            self.settings.upstream,
-            self.settings.admission.max_concurrency,
-            self.metrics.record_failed_attempt,
-            self.lag,
+            self.settings.upstream, self.metrics.record_failed_attempt, self.lag
         )
         forwarder = Forwarder(
             self._upstream,

@@ -4,9 +4,9 @@ parser reads the answer.
 servegate writes the request head itself (headers.serialize_head) rather than through
 aiohttp's ClientSession: every header in the order and spelling the client sent, repeats
 included (the session merges `X-A: 1` and `x-a: 2` into one), and the head and a buffered body
-leave in one write. aiohttp's connector still opens, pools and expires the connections, and its
-protocol (proxy/framing.py) still parses the answer; errors keep aiohttp's types, so
-`failures.classify` reads them as before.
+leave in one write, on a connection from servegate's pool (proxy/pool.py). aiohttp's protocol
+(proxy/framing.py) parses the answer; errors keep aiohttp's types, which `failures.classify`
+reads.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 from aiohttp import hdrs
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.connector import Connection
 from aiohttp.http import StreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -27,6 +26,7 @@ from yarl import URL
 
 from proxy.acked import AckCounter
 from proxy.headers import serialize_head
+from proxy.pool import PooledConnection
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +59,7 @@ class UpstreamResponse:
         self,
         message: Any,
         content: aiohttp.StreamReader,
-        connection: Connection,
+        connection: PooledConnection,
         writer: asyncio.Task[None] | None,
     ) -> None:
         self.status: int = message.code
@@ -130,7 +130,7 @@ def request_head(
 
 
 def send_request(
-    connection: Connection, head: bytes, body: Body, acks: AckCounter | None = None
+    connection: PooledConnection, head: bytes, body: Body, acks: AckCounter | None = None
 ) -> asyncio.Task[None] | None:
     """Write the request; a streamed body goes on in a task (returned), so that an answer the
     model sends before reading all of it is read meanwhile, as aiohttp does. `acks` hears of
@@ -187,7 +187,7 @@ async def _stream_body(
 
 
 async def read_answer(
-    connection: Connection, writer: asyncio.Task[None] | None, method: str, url: URL
+    connection: PooledConnection, writer: asyncio.Task[None] | None, method: str, url: URL
 ) -> UpstreamResponse:
     """Wait for the final answer's head (interim 1xx answers are skipped; 101 is final).
 

@@ -231,14 +231,15 @@ def close_when_reused(gate: Servegate, server: ClosesIdleOnReuse) -> None:
     and the reset are real; only their order is arranged."""
     upstream = gate.upstream
     assert upstream is not None, "start the gate first"
-    connect = upstream.pool.connect
+    pool = upstream.pool("http", fresh=False)
+    acquire = pool.acquire
 
-    async def connect_then_close(*args: Any, **kwargs: Any) -> Any:
-        connection = await connect(*args, **kwargs)
+    async def acquire_then_close(*args: Any, **kwargs: Any) -> Any:
+        connection = await acquire(*args, **kwargs)
         server.close_idle()
         return connection
 
-    upstream.pool.connect = connect_then_close  # type: ignore[method-assign]
+    pool.acquire = acquire_then_close  # type: ignore[method-assign]
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import aiohttp
 import pytest
 
 from proxy import config, limits
-from proxy.upstream import Upstream
 from tests.conftest import StartGate, gate_url, sample, scrape
 from tests.upstreams.apps import Busy, busy_app
 
@@ -74,16 +73,3 @@ def test_the_listen_backlog_is_a_setting_and_the_admission_queue_is_envoy_sized(
     defaults = config.load(None, environ={})
     assert defaults.server.backlog == 4096
     assert defaults.admission.max_queue == 1024
-
-
-async def test_the_pools_are_unlimited_by_default_and_sized_by_admission_when_it_is_set() -> None:
-    settings = config.UpstreamSettings()
-    unlimited, sized = Upstream(settings), Upstream(settings, max_concurrency=8)
-    try:
-        for pool in (unlimited.pool, unlimited.fresh_pool):
-            assert (pool.limit, pool.limit_per_host) == (0, 0)
-        for pool in (sized.pool, sized.fresh_pool):
-            assert (pool.limit, pool.limit_per_host) == (8, 0)
-    finally:
-        await unlimited.close()
-        await sized.close()

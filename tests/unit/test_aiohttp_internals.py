@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from functools import partial
-
 import aiohttp
 import pytest
 from aiohttp import client_proto, http_writer, web, web_protocol
-from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_parser import HttpResponseParserPy
 
 from proxy import aiohttp_internals
@@ -19,8 +14,6 @@ from tests.conftest import make_settings
 RENAMED = "_renamed_in_a_future_release"
 # Every private aiohttp name servegate reads or writes, as aiohttp_internals names it.
 NAMES = [
-    "_KEEPALIVE",
-    "_PROTOCOL_FACTORY",
     "_UNPARSED",
     "_PARSER",
     "_HEAD_NOW",
@@ -78,30 +71,6 @@ async def test_a_private_attribute_gone_from_aiohttp_itself_is_found(
         await aiohttp_internals.check()
 
 
-WRITES: dict[str, Callable[[aiohttp.ClientSession, aiohttp.BaseConnector], None]] = {
-    "_KEEPALIVE": lambda _session, connector: aiohttp_internals.set_keepalive_timeout(
-        connector, 1.0
-    ),
-    "_PROTOCOL_FACTORY": lambda _session, connector: aiohttp_internals.use_protocol_factory(
-        connector, partial(ResponseHandler, asyncio.get_running_loop())
-    ),
-}
-
-
-@pytest.mark.parametrize("name", sorted(WRITES))
-async def test_a_write_to_a_renamed_attribute_is_refused_not_made(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(aiohttp_internals, name, RENAMED)
-    async with aiohttp.ClientSession() as session:
-        connector = session.connector
-        assert connector is not None
-        with pytest.raises(aiohttp_internals.MissingInternal, match=RENAMED):
-            WRITES[name](session, connector)
-        assert not hasattr(session, RENAMED)
-        assert not hasattr(connector, RENAMED)
-
-
 async def test_aiohttps_pure_python_response_parser_stops_start_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -114,16 +83,3 @@ async def test_aiohttps_pure_python_response_parser_stops_start_up(
     assert "\n" not in message
     assert "response parser that refuses bytes after a last chunk" in message
     assert "AIOHTTP_NO_EXTENSIONS" in message
-
-
-async def test_a_connect_hook_with_other_keywords_stops_start_up(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A release that renames what it passes the hook upstream._WatchingConnector overrides.
-    async def renamed(self: object, *args: object, addresses: object, **kwargs: object) -> None:
-        del self, args, addresses, kwargs
-
-    monkeypatch.setattr(aiohttp.TCPConnector, "_wrap_create_connection", renamed)
-    with pytest.raises(aiohttp_internals.MissingInternal) as raised:
-        await aiohttp_internals.check()
-    assert "TCPConnector._wrap_create_connection(addr_infos, req" in str(raised.value)

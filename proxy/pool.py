@@ -1,0 +1,224 @@
+"""Connections to the model server at one origin: opened on demand, kept idle for reuse, and
+expired before the server's own idle timer can close them.
+
+There is no limit and no queue here: every request that needs a connection gets one at once,
+pooled or new. A limit on requests to the model server is admission's (proxy/admission.py),
+where a wait is counted and bounded by the budget; a request holds one connection at a time, so
+with admission set the pool never holds more than its limit.
+
+The idle connection taken is the one used last (LIFO), as nginx's upstream keep-alive cache and
+Go's http.Transport take it: it is the least likely to be near the server's idle timeout, and
+after a burst the connections left over age out together instead of being kept alive in turn.
+
+A new connection is opened with the event loop's own connect and timed in responsive time
+(proxy/lag.py). Its failures are raised as aiohttp's connector exceptions, which
+`failures.classify` reads for every connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp.client_reqrep import ConnectionKey
+
+from proxy.failures import AttemptFacts
+from proxy.framing import FramedResponseHandler
+from proxy.lag import LoopLag, ResponsiveTimeout
+
+CLOSE_WAIT = 2.0  # seconds `Pool.close` waits for its connections to be closed
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a pool connects: host (a name or an IP address), port, and TLS when it is set."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext | None = None
+    server_hostname: str | None = None  # the name the certificate is checked against
+
+    @property
+    def key(self) -> ConnectionKey:
+        """aiohttp's description of the origin, which its connector exceptions carry."""
+        return ConnectionKey(
+            self.host, self.port, self.tls is not None, self.tls or True, None, None, None
+        )
+
+
+class PooledConnection:
+    """One connection taken from a pool, until `release()` (back to the pool, if it can be
+    reused) or `close()`; after either, both do nothing."""
+
+    __slots__ = ("_pool", "protocol")
+
+    def __init__(self, protocol: FramedResponseHandler, pool: Pool) -> None:
+        self.protocol: FramedResponseHandler | None = protocol
+        self._pool = pool
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.protocol.transport if self.protocol is not None else None
+
+    def release(self) -> None:
+        """The answer was read to its end: the connection may serve another request."""
+        if self.protocol is not None:
+            protocol, self.protocol = self.protocol, None
+            self._pool.put_back(protocol)
+
+    def close(self) -> None:
+        if self.protocol is not None:
+            protocol, self.protocol = self.protocol, None
+            self._pool.drop(protocol)
+
+
+class Pool:
+    """The connections to one origin.
+
+    `idle_expiry`: seconds an idle connection is kept (None: none is kept, each connection
+    serves one request). `connect_timeout`: seconds a new connection may take, TCP and TLS,
+    counted only while the event loop could run."""
+
+    def __init__(
+        self,
+        origin: Origin,
+        factory: Callable[[], FramedResponseHandler],
+        *,
+        idle_expiry: float | None,
+        connect_timeout: float,
+        lag: LoopLag,
+    ) -> None:
+        self._origin = origin
+        self._factory = factory
+        self._expiry = idle_expiry
+        self._connect_timeout = connect_timeout
+        self._lag = lag
+        self._loop = asyncio.get_running_loop()
+        self._idle: deque[tuple[FramedResponseHandler, float]] = deque()  # oldest first
+        self._in_use: set[FramedResponseHandler] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def idle(self) -> int:
+        """Connections kept for reuse now."""
+        return len(self._idle)
+
+    def set_idle_expiry(self, seconds: float) -> None:
+        """Keep idle connections `seconds` from now on (a server announced its timeout)."""
+        if self._expiry is not None:
+            self._expiry = seconds
+
+    async def acquire(self, facts: AttemptFacts) -> PooledConnection:
+        """The connection used last if one is idle and fresh, else a new one; `facts` learns
+        which (`reused`) and how long a new one took (`connect_seconds`).
+
+        Raises aiohttp.ConnectionTimeoutError past the connect timeout, and
+        aiohttp.ClientConnectorError (its certificate, SSL and DNS subclasses included) when
+        the connect fails."""
+        idle = self._idle
+        if idle:
+            protocol, since = idle.pop()
+            if self._expiry is not None and self._loop.time() - since <= self._expiry:
+                if protocol.is_connected():
+                    facts.reused = True
+                    self._in_use.add(protocol)
+                    return PooledConnection(protocol, self)
+                protocol.close()
+            else:  # the one used last has expired, so every older one has too
+                protocol.close()
+                self._close_idle()
+        began = time.monotonic()
+        protocol = await self._open()
+        facts.reused = False
+        facts.connect_seconds = time.monotonic() - began
+        self._in_use.add(protocol)
+        return PooledConnection(protocol, self)
+
+    def put_back(self, protocol: FramedResponseHandler) -> None:
+        """Keep `protocol`'s connection for the next request, or close it if it cannot serve
+        one: its answer was not read to its end, the server said close, or a fault."""
+        self._in_use.discard(protocol)
+        if self._closed or self._expiry is None or protocol.should_close:
+            protocol.close()
+            return
+        self._idle.append((protocol, self._loop.time()))
+        if self._sweep is None:
+            self._sweep = self._loop.call_later(self._expiry, self._expire)
+
+    def drop(self, protocol: FramedResponseHandler) -> None:
+        """Close `protocol`'s connection: its state is unknown, or its request failed."""
+        self._in_use.discard(protocol)
+        protocol.close()
+
+    async def close(self) -> None:
+        """Close every connection, idle or in use, and wait up to CLOSE_WAIT seconds for them
+        to be closed (a TLS connection sends its close_notify first), as aiohttp's connector
+        waits for its own."""
+        self._closed = True
+        protocols = [*(protocol for protocol, _ in self._idle), *self._in_use]
+        self._idle.clear()
+        self._in_use.clear()
+        self._close_idle()
+        closing: list[asyncio.Future[None]] = []
+        for protocol in protocols:
+            protocol.close()
+            if (closed := protocol.closed) is not None:
+                closing.append(closed)
+        if closing:
+            await asyncio.wait(closing, timeout=CLOSE_WAIT)
+
+    def _close_idle(self) -> None:
+        while self._idle:
+            self._idle.popleft()[0].close()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    def _expire(self) -> None:
+        """Close the idle connections past their expiry, oldest first, and wake again for the
+        oldest one left."""
+        self._sweep = None
+        if self._expiry is None:
+            return
+        now, idle = self._loop.time(), self._idle
+        while idle and now - idle[0][1] >= self._expiry:
+            idle.popleft()[0].close()
+        if idle:
+            wake = idle[0][1] + self._expiry - now
+            self._sweep = self._loop.call_later(wake, self._expire)
+
+    async def _open(self) -> FramedResponseHandler:
+        origin = self._origin
+        try:
+            async with ResponsiveTimeout(self._connect_timeout, self._lag):
+                _, protocol = await self._loop.create_connection(
+                    self._factory,
+                    origin.host,
+                    origin.port,
+                    ssl=origin.tls,
+                    server_hostname=(origin.server_hostname or origin.host) if origin.tls else None,
+                )
+        except ssl.CertificateError as exc:
+            raise aiohttp.ClientConnectorCertificateError(origin.key, exc) from exc
+        except ssl.SSLError as exc:
+            raise aiohttp.ClientConnectorSSLError(origin.key, exc) from exc
+        except TimeoutError as exc:
+            if exc.errno is not None:  # the kernel's own (ETIMEDOUT), not the connect timeout
+                raise aiohttp.ClientConnectorError(origin.key, exc) from exc
+            what = "TCP connect and TLS handshake" if origin.tls else "TCP connect"
+            raise aiohttp.ConnectionTimeoutError(
+                f"no {what} to {origin.host}:{origin.port} within upstream.connect_timeout "
+                f"({self._connect_timeout:g} s)"
+            ) from exc
+        except socket.gaierror as exc:
+            raise aiohttp.ClientConnectorDNSError(origin.key, exc) from exc
+        except OSError as exc:
+            raise aiohttp.ClientConnectorError(origin.key, exc) from exc
+        return protocol

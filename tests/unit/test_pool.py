@@ -1,0 +1,135 @@
+"""The pool of connections to the model server, against a real server on loopback: no cap,
+the connection used last taken first, idle ones expired, connect failures in aiohttp's types."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+
+from proxy.failures import AttemptFacts
+from proxy.framing import FramedResponseHandler
+from proxy.lag import LoopLag
+from proxy.pool import Origin, Pool, PooledConnection
+from tests.integration.test_down_fast import accepting_nothing
+from tests.upstreams.gunicorn import free_port
+
+
+@dataclass
+class Listener:
+    """Counts the connections it accepted and those the other side has closed."""
+
+    port: int = 0
+    accepted: int = 0
+    closed: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.writers.append(writer)
+        self.changed.set()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the pool closes its end
+        self.closed += 1
+        self.changed.set()
+        writer.close()
+
+    async def until(self, *, accepted: int = 0, closed: int = 0) -> None:
+        async with asyncio.timeout(5):
+            while self.accepted < accepted or self.closed < closed:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[Listener]:
+    listening = Listener()
+    server = await asyncio.start_server(listening.serve, "127.0.0.1", 0, backlog=1024)
+    listening.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield listening
+        for writer in listening.writers:
+            writer.close()
+        await listening.until(closed=listening.accepted)
+
+
+def pool(port: int, idle_expiry: float | None = 5.0, connect_timeout: float = 2.0) -> Pool:
+    factory = functools.partial(
+        FramedResponseHandler, loop=asyncio.get_running_loop(), on_fault=lambda _fault: None
+    )
+    return Pool(
+        Origin("127.0.0.1", port),
+        factory,
+        idle_expiry=idle_expiry,
+        connect_timeout=connect_timeout,
+        lag=LoopLag(),
+    )
+
+
+async def test_every_request_gets_a_connection_at_once_however_many_there_are(
+    listener: Listener,
+) -> None:
+    connections = pool(listener.port)
+    facts = [AttemptFacts() for _ in range(300)]
+    taken = await asyncio.gather(*(connections.acquire(f) for f in facts))
+    await listener.until(accepted=300)
+    assert all(f.reused is False for f in facts)
+    taken[0].close()
+    await connections.close()  # the ones still in use too
+    await listener.until(closed=300)
+
+
+async def test_the_connection_used_last_is_taken_first_and_reported_reused(
+    listener: Listener,
+) -> None:
+    connections = pool(listener.port)
+    first = await connections.acquire(AttemptFacts())
+    second = await connections.acquire(AttemptFacts())
+    kept = second.protocol
+    first.release()
+    second.release()
+    assert connections.idle == 2
+    facts = AttemptFacts()
+    again = await connections.acquire(facts)
+    assert (facts.reused, again.protocol) == (True, kept)
+    again.close()
+    again.release()  # after close: nothing, and never back to the pool
+    assert connections.idle == 1
+    await connections.close()
+    await listener.until(accepted=2, closed=2)
+
+
+async def test_idle_connections_are_closed_at_their_expiry_and_never_handed_out_after_it(
+    listener: Listener,
+) -> None:
+    connections = pool(listener.port, idle_expiry=0.2)
+    taken = await connections.acquire(AttemptFacts())
+    taken.release()
+    await listener.until(accepted=1, closed=1)  # the pool's own sweep closed it
+    assert connections.idle == 0
+    facts = AttemptFacts()
+    (await connections.acquire(facts)).close()
+    assert facts.reused is False
+
+
+async def test_a_one_shot_pool_keeps_nothing(listener: Listener) -> None:
+    connections = pool(listener.port, idle_expiry=None)
+    taken: PooledConnection = await connections.acquire(AttemptFacts())
+    taken.release()
+    assert connections.idle == 0
+    await listener.until(accepted=1, closed=1)
+
+
+async def test_a_refused_connect_and_a_silent_one_raise_what_classify_reads() -> None:
+    with pytest.raises(aiohttp.ClientConnectorError) as refused:
+        await pool(free_port()).acquire(AttemptFacts())
+    assert isinstance(refused.value.os_error, ConnectionRefusedError)
+    with accepting_nothing() as port, pytest.raises(aiohttp.ConnectionTimeoutError) as timed_out:
+        await pool(port, connect_timeout=0.2).acquire(AttemptFacts())
+    assert "upstream.connect_timeout (0.2 s)" in str(timed_out.value)
