@@ -1,7 +1,7 @@
 """One exchange on one upstream connection: servegate writes the request, aiohttp's response
 parser reads the answer.
 
-servegate writes the request head itself (headers.serialize_head) rather than through
+servegate writes the request head itself (proxy/headers.py) rather than through
 aiohttp's ClientSession: every header in the order and spelling the client sent, repeats
 included (the session merges `X-A: 1` and `x-a: 2` into one), and the head and a buffered body
 leave in one write, on a connection from servegate's pool (proxy/pool.py). aiohttp's protocol
@@ -12,7 +12,7 @@ reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.acked import AckCounter
-from proxy.headers import serialize_head
+from proxy.headers import Fields, serialize_fields, serialize_start
 from proxy.pool import PooledConnection
 
 
@@ -103,10 +103,10 @@ class UpstreamResponse:
 def request_head(
     method: str,
     raw_path: str,
-    headers: Iterable[tuple[str, str]],
+    headers: Fields,
     body: Body,
     *,
-    authority: str,
+    authority: bytes,
     close: bool,
 ) -> bytes:
     """The request head as it goes upstream (RFC 9112 §3): the target as given, the client's
@@ -114,19 +114,21 @@ def request_head(
     `authority` only if the client sent none (§3.2), the body's Content-Length, and
     `Connection: close` on a one-shot connection.
 
-    Raises ValueError on a control byte (serialize_head)."""
-    fields = list(headers)
-    if not any(name.lower() == "host" for name, _ in fields):
-        fields.insert(0, ("Host", authority))
+    Raises ValueError on a control byte (headers.serialize_fields)."""
+    fields = headers
+    if not any(name.lower() == b"host" for name, _ in headers):
+        fields = [(b"Host", authority), *headers]
     if isinstance(body, bytes):
-        fields.append(("Content-Length", str(len(body))))
+        length: int | None = len(body)
     elif isinstance(body, StreamedBody):
-        fields.append(("Content-Length", str(body.length)))
-    elif method not in _NO_CONTENT_METHODS:
-        fields.append(("Content-Length", "0"))
+        length = body.length
+    else:
+        length = None if method in _NO_CONTENT_METHODS else 0
+    framing = b"" if length is None else b"Content-Length: %d\r\n" % length
     if close:
-        fields.append(("Connection", "close"))
-    return serialize_head(f"{method} {raw_path} HTTP/1.1", fields)
+        framing += b"Connection: close\r\n"
+    start = serialize_start(f"{method} {raw_path} HTTP/1.1")
+    return b"".join((start, serialize_fields(fields), framing, b"\r\n"))
 
 
 def send_request(

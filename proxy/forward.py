@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from proxy.config import RetrySettings
 from proxy.deadlines import Deadlines
 from proxy.exchange import UpstreamResponse
 from proxy.failures import AttemptFacts, Cause, Failure, classify
+from proxy.headers import Fields, has_control_byte
 from proxy.metrics import Metrics, ShedReason
 from proxy.probe import SchemeProbe
 from proxy.retry import Decision, GiveUp, GiveUpReason, Outcome, RetryState, decide, retry_outcome
@@ -30,6 +30,7 @@ from proxy.upstream_state import UNREACHABLE, UpstreamState
 
 log = structlog.get_logger("servegate.forward")
 
+REMAINING_FIELD = REMAINING_HEADER.encode()
 BUFFERED_ANSWER_MAX = 256 * 1024  # predictions are small; larger answers stream as they come
 
 
@@ -39,7 +40,7 @@ class Outbound:
 
     method: str
     raw_path: str
-    headers: list[tuple[str, str]]
+    headers: Fields
     body: RequestBody | None
 
 
@@ -197,7 +198,7 @@ class Forwarder:
         fresh: bool,
     ) -> tuple[ModelResponse | None, Failure | None]:
         started = time.monotonic()
-        headers = [*outbound.headers, (REMAINING_HEADER, budget.remaining_ms_header())]
+        headers = [*outbound.headers, (REMAINING_FIELD, budget.remaining_ms_header().encode())]
         body = outbound.body.for_attempt() if outbound.body is not None else None
         deadline = self.deadlines.scope(budget.remaining())
         response: UpstreamResponse | None = None
@@ -240,16 +241,13 @@ class Forwarder:
         return ModelResponse(response, complete), None
 
 
-# aiohttp will not send a header holding a control character (RFC 9110 §5.5): a model that
-# sends one has a framing fault, to be answered as one, not as servegate's own error.
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-
-
 def _unrelayable(response: UpstreamResponse) -> bool:
-    """One search over the head's raw bytes, on every answer: no string built per header."""
-    head = b"".join(name + value for name, value in response.raw_headers)
+    """Whether the head holds a control byte no header may carry (RFC 9110 §5.5): a model that
+    sends one has a framing fault, answered as one, not as servegate's own error when the head
+    is written. One search over the head's raw bytes, on every answer."""
+    head = b"".join(map(b"".join, response.raw_headers))
     reason = (response.reason or "").encode("utf-8", "surrogateescape")
-    return _CONTROL.search(head) is not None or _CONTROL.search(reason) is not None
+    return has_control_byte(head) or has_control_byte(reason)
 
 
 def cut_short(failure: Failure, response: UpstreamResponse) -> Failure:

@@ -30,54 +30,59 @@ HOP_BY_HOP = frozenset(
 _HANDLED_ON_REQUEST = frozenset({"expect", "content-length"})
 # servegate sets X-Request-Id itself (the client's, when it is safe to pass on).
 _REQUEST_DROP = HOP_BY_HOP | _HANDLED_ON_REQUEST | {"x-request-id"}
+# Headers cross as the bytes they came as: names compared lowercased, never decoded.
+_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+_REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP)
+
+Fields = list[tuple[bytes, bytes]]  # header fields as sent: (name, value), in order
 
 
-def _connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
-    values = [value for name, value in headers if name.lower() == "connection"]
+def _connection_named(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    values = [value for name, value in headers if name.lower() == b"connection"]
     if not values:
         return frozenset()
-    return frozenset(token.strip().lower() for value in values for token in value.split(","))
+    return frozenset(token.strip().lower() for value in values for token in value.split(b","))
 
 
 def request_headers(
-    headers: Iterable[tuple[str, str]],
+    headers: Iterable[tuple[bytes, bytes]],
     *,
     client_ip: str | None,
     scheme: str,
     host: str | None,
     request_id: str,
-) -> list[tuple[str, str]]:
-    """The client's headers as the model server should see them."""
+) -> Fields:
+    """The client's header fields, as received, as the model server should see them."""
     items = list(headers)
     named = _connection_named(items)
-    drop = _REQUEST_DROP | named if named else _REQUEST_DROP
-    forwarded: list[tuple[str, str]] = []
-    prior_for: list[str] = []
+    drop = _REQUEST_DROP_BYTES | named if named else _REQUEST_DROP_BYTES
+    forwarded: Fields = []
+    prior_for: list[bytes] = []
     has_proto = has_host = False
     for name, value in items:  # one pass: this runs on every request
         lower = name.lower()
         if lower in drop:
             continue
-        if lower == "x-forwarded-for":
+        if lower == b"x-forwarded-for":
             prior_for.append(value)
             continue
-        has_proto = has_proto or lower == "x-forwarded-proto"
-        has_host = has_host or lower == "x-forwarded-host"
+        has_proto = has_proto or lower == b"x-forwarded-proto"
+        has_host = has_host or lower == b"x-forwarded-host"
         forwarded.append((name, value))
-    chain = ", ".join([*prior_for, client_ip] if client_ip else prior_for)
+    chain = b", ".join([*prior_for, _wire(client_ip)] if client_ip else prior_for)
     if chain:
-        forwarded.append(("X-Forwarded-For", chain))
+        forwarded.append((b"X-Forwarded-For", chain))
     # A gateway in front may have terminated TLS: what it says about the original request wins.
     if not has_proto:
-        forwarded.append(("X-Forwarded-Proto", scheme))
+        forwarded.append((b"X-Forwarded-Proto", _wire(scheme)))
     if not has_host and host:
-        forwarded.append(("X-Forwarded-Host", host))
-    forwarded.append(("X-Request-Id", request_id))
+        forwarded.append((b"X-Forwarded-Host", _wire(host)))
+    forwarded.append((b"X-Request-Id", _wire(request_id)))
     return forwarded
 
 
 def decoded(raw: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[str, str]]:
-    """Raw header bytes as the sender spelled them (aiohttp's parsed view may respell names).
+    """Raw header bytes as text for aiohttp's response, which takes no bytes.
 
     Bytes that are not UTF-8 (obs-text, RFC 9110 §5.5) become lone surrogates, as aiohttp's
     parsers carry them; `serialize_head` writes them back as the same bytes."""
@@ -87,16 +92,54 @@ def decoded(raw: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[str, str]]:
     )
 
 
-def response_headers(headers: Iterable[tuple[str, str]]) -> Iterator[tuple[str, str]]:
-    """The model server's headers as the client should see them."""
+def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+    """The model server's header fields, as received, as the client should see them."""
     items = list(headers)
     named = _connection_named(items)
-    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
+    drop = _HOP_BY_HOP_BYTES | named if named else _HOP_BY_HOP_BYTES
     return ((name, value) for name, value in items if name.lower() not in drop)
+
+
+def _wire(text: str) -> bytes:
+    """Text servegate received or made, as the bytes it came as (surrogates restored)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 # RFC 9110 §5.5 and RFC 9112 §4: no control bytes but HTAB in a field or the start line.
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Every byte but those: what `bytes.translate` deletes to leave only the control bytes.
+_NOT_CONTROL = bytes(
+    byte for byte in range(256) if byte == 0x09 or 0x20 <= byte < 0x7F or byte > 0x7F
+)
+_FIELD = b": "
+
+
+def has_control_byte(data: bytes) -> bool:
+    """Whether `data` holds a control byte other than HTAB (RFC 9110 §5.5 allows none else in a
+    field, RFC 9112 §4 none in a status line)."""
+    return bool(data.translate(None, _NOT_CONTROL))
+
+
+def serialize_start(line: str) -> bytes:
+    """A request or status line with its CRLF, its surrogate-escaped bytes restored.
+
+    Raises ValueError on a control byte but HTAB."""
+    if _FORBIDDEN.search(line):
+        raise ValueError("Forbidden control character detected in headers.")
+    return line.encode("utf-8", "surrogateescape") + b"\r\n"
+
+
+def serialize_fields(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """`Name: value` lines, each ended by CRLF (RFC 9112 §5), as one block of bytes.
+
+    Raises ValueError if a name or value holds a control byte but HTAB (RFC 9110 §5.5): a CR
+    or LF in one would end the field early and start another (header injection)."""
+    lines = list(map(_FIELD.join, fields))
+    block = b"\r\n".join(lines) + b"\r\n"
+    # The control bytes of the block must be its line ends alone: one search, in C.
+    if block.translate(None, _NOT_CONTROL) != b"\r\n" * len(lines):
+        raise ValueError("Forbidden control character detected in headers.")
+    return block
 
 
 def serialize_head(start_line: str, headers: Iterable[tuple[str, str]]) -> bytes:

@@ -27,7 +27,7 @@ from proxy.circuit import Circuit
 from proxy.config import Settings
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
-from proxy.headers import decoded, request_headers
+from proxy.headers import Fields, request_headers
 from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason
 from proxy.relay import relay
 from proxy.retry import GiveUpReason
@@ -332,9 +332,9 @@ class Ingress:
             self.settings.server.max_body_bytes,
         )
 
-    def _outbound_headers(self, request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
+    def _outbound_headers(self, request: web.BaseRequest, request_id: str) -> Fields:
         headers = request_headers(
-            decoded(request.raw_headers),
+            request.raw_headers,
             client_ip=request.remote,
             scheme=request.scheme,
             host=request.host,
@@ -343,5 +343,6 @@ class Ingress:
         # RFC 9112 §3.2.2: an absolute-form target's authority replaces Host; it never picks
         # where the request goes, which is always the configured upstream.
         if authority := target_authority(request.raw_path):
-            headers = [("Host", authority), *((n, v) for n, v in headers if n.lower() != "host")]
+            host = (b"Host", authority.encode("utf-8", "surrogateescape"))
+            headers = [host, *((n, v) for n, v in headers if n.lower() != b"host")]
         return headers

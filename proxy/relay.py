@@ -25,7 +25,7 @@ from proxy.budget import Budget
 from proxy.exchange import UpstreamResponse
 from proxy.failures import AttemptFacts, Failure, classify
 from proxy.forward import ModelResponse, cut_short
-from proxy.headers import decoded, response_headers, serialize_head
+from proxy.headers import Fields, decoded, response_headers, serialize_fields, serialize_start
 
 # Statuses whose responses carry no body, whatever their headers say (RFC 9110 §6.4.1).
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -97,7 +97,7 @@ async def relay(
     if answer.body is not None:
         # The head waits for the body read whole: both leave in one write, as web.Response's do.
         hold_head_for_body(response)
-    for name, value in response_headers(decoded(upstream.raw_headers)):
+    for name, value in decoded(response_headers(upstream.raw_headers)):
         response.headers.add(name, value)
     response.headers.update(extra_headers)
     has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
@@ -176,10 +176,13 @@ async def _relay_whole(
     keep_alive = request.keep_alive
     version = request.version
     fields = _whole_head(upstream.raw_headers, extra_headers, version, keep_alive)
-    start = f"HTTP/{version.major}.{version.minor} {upstream.status} {upstream.reason}"
+    start = serialize_start(
+        f"HTTP/{version.major}.{version.minor} {upstream.status} {upstream.reason}"
+    )
     relayed = Relayed(_Written(upstream.status, keep_alive), 0)
     try:
-        await request.writer.write(serialize_head(start, fields) + answer.body)
+        head = b"".join((start, serialize_fields(fields), b"\r\n"))
+        await request.writer.write(head + answer.body)
     except ConnectionResetError:  # aiohttp's write error when the client has gone
         relayed.client_gone = True
         upstream.close()
@@ -195,38 +198,41 @@ def _whole_head(
     extra_headers: dict[str, str],
     version: tuple[int, int],
     keep_alive: bool,
-) -> list[tuple[str, str]]:
+) -> Fields:
     """The header fields of an answer with a body of known length, in the order the streamed
     path writes them: the model's end-to-end fields as sent (its Content-Length frames the
     body), servegate's `extra_headers` each in place of the model's first field of that name
     (later ones dropped) or else after them, Date if the model sent none (RFC 9110 §6.6.1),
     and the connection's fate where the version does not imply it (RFC 9112 §9.3, §9.6)."""
-    extra = {name.lower(): (name, value) for name, value in extra_headers.items()}
+    extra = {
+        name.lower().encode(): (name.encode(), value.encode("utf-8", "surrogateescape"))
+        for name, value in extra_headers.items()
+    }
     replaced = frozenset(extra)  # every field of the model's by these names gives way
-    fields: list[tuple[str, str]] = []
+    fields: Fields = []
     dated = False
-    for name, value in response_headers(decoded(raw_headers)):
+    for name, value in response_headers(raw_headers):
         lower = name.lower()
         if lower in replaced:
             if (ours := extra.pop(lower, None)) is not None:
                 fields.append(ours)
             continue
-        dated = dated or lower == "date"
+        dated = dated or lower == b"date"
         fields.append((name, value))
     fields.extend(extra.values())
     if not dated:
-        fields.append(("Date", _imf_fixdate(int(time.time()))))
+        fields.append((b"Date", _imf_fixdate(int(time.time()))))
     if keep_alive and version == HttpVersion10:
-        fields.append(("Connection", "keep-alive"))
+        fields.append((b"Connection", b"keep-alive"))
     elif not keep_alive and version == HttpVersion11:
-        fields.append(("Connection", "close"))
+        fields.append((b"Connection", b"close"))
     return fields
 
 
 @functools.lru_cache(maxsize=1)  # formatted once a second
-def _imf_fixdate(second: int) -> str:
+def _imf_fixdate(second: int) -> bytes:
     """A time in seconds since the epoch as an IMF-fixdate (RFC 9110 §5.6.7)."""
-    return email.utils.formatdate(second, usegmt=True)
+    return email.utils.formatdate(second, usegmt=True).encode()
 
 
 class _ModelBroke(Exception):

@@ -12,16 +12,14 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy.config import ServerSettings, UpstreamSettings
 from proxy.failures import Cause, connect_failure
-from proxy.headers import serialize_head
+from proxy.headers import Fields, serialize_fields, serialize_start
 from proxy.lag import LoopLag, ResponsiveTimeout
 from proxy.metrics import Metrics
 from proxy.upstream import client_ssl_context
@@ -62,7 +60,7 @@ class Upgrader:
         self,
         scheme: str,
         target: str,
-        headers: Iterable[tuple[str, str]],
+        headers: Fields,
         upgrade: str,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
         """Send the upgrade request; returns the connection and the model's response head.
@@ -88,10 +86,14 @@ class Upgrader:
                 )
         except OSError as exc:  # refused, a TLS failure, or the connect timeout passed
             raise UpstreamUnreachable(*connect_failure(exc)) from exc
-        fields = CIMultiDict(headers)
-        fields["Connection"] = "Upgrade"
-        fields["Upgrade"] = upgrade
-        writer.write(serialize_head(f"GET {target} HTTP/1.1", fields.items()))
+        # `headers` hold no hop-by-hop field (headers.request_headers): these are the only ones.
+        fields = [
+            *headers,
+            (b"Connection", b"Upgrade"),
+            (b"Upgrade", upgrade.encode("utf-8", "surrogateescape")),
+        ]
+        start = serialize_start(f"GET {target} HTTP/1.1")
+        writer.write(start + serialize_fields(fields) + b"\r\n")
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:

@@ -14,7 +14,7 @@ import asyncio
 import functools
 import re
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import structlog
 from yarl import URL
@@ -23,6 +23,7 @@ from proxy.config import UpstreamSettings, UpstreamTLSSettings
 from proxy.exchange import Body, UpstreamResponse, read_answer, request_head, send_request
 from proxy.failures import AttemptFacts, Failure
 from proxy.framing import FramedResponseHandler, report
+from proxy.headers import Fields
 from proxy.lag import LoopLag
 from proxy.pool import Origin, Pool
 
@@ -70,6 +71,7 @@ class Upstream:
         # the port must not change with it. An IPv6 host keeps its brackets.
         host = f"[{origin.raw_host}]" if ":" in (origin.raw_host or "") else origin.raw_host
         self._authority = f"{host}:{origin.port}"
+        self._host_field = self._authority.encode()  # Host, for a request that has none
         self.idle_expiry = settings.idle_expiry
         self._tls = client_ssl_context(settings.tls)
         self.lag = lag or LoopLag()
@@ -109,7 +111,7 @@ class Upstream:
         self,
         method: str,
         raw_path: str,
-        headers: Iterable[tuple[str, str]],
+        headers: Fields,
         body: Body,
         facts: AttemptFacts,
         *,
@@ -134,7 +136,7 @@ class Upstream:
         begins = acks.mark() if acks is not None else None
         try:
             head = request_head(
-                method, raw_path, headers, body, authority=self._authority, close=fresh
+                method, raw_path, headers, body, authority=self._host_field, close=fresh
             )
             writer = send_request(connection, head, body, acks)
             facts.request_sent = True

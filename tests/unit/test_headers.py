@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.headers import HOP_BY_HOP, request_headers, response_headers
+from proxy.headers import HOP_BY_HOP, request_headers, response_headers, serialize_fields
 
 NAMES = st.sampled_from(
     ["Content-Type", "X-A", "x-b", "Connection", "Keep-Alive", "TE", "Upgrade", "X-Named",
@@ -22,7 +23,8 @@ def test_no_hop_by_hop_or_connection_named_header_crosses(headers: list[tuple[st
         if name.lower() == "connection"
         for token in value.split(",")
     }
-    passed = list(response_headers(headers))
+    raw = [(name.encode(), value.encode()) for name, value in headers]
+    passed = [(name.decode(), value.decode()) for name, value in response_headers(raw)]
     for name, _ in passed:
         assert name.lower() not in HOP_BY_HOP | named
     expected = [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP | named]
@@ -31,13 +33,28 @@ def test_no_hop_by_hop_or_connection_named_header_crosses(headers: list[tuple[st
 
 def test_forwarded_headers_are_added_and_a_gateways_own_are_kept() -> None:
     out = request_headers(
-        [("X-Forwarded-Proto", "https"), ("X-Forwarded-For", "10.0.0.1"), ("Host", "h")],
+        [(b"X-Forwarded-Proto", b"https"), (b"X-Forwarded-For", b"10.0.0.1"), (b"Host", b"h")],
         client_ip="127.0.0.1",
         scheme="http",
         host="h",
         request_id="rid",
     )
-    assert ("X-Forwarded-Proto", "https") in out
-    assert ("X-Forwarded-For", "10.0.0.1, 127.0.0.1") in out
-    assert ("X-Forwarded-Host", "h") in out
-    assert ("X-Request-Id", "rid") in out
+    assert (b"X-Forwarded-Proto", b"https") in out
+    assert (b"X-Forwarded-For", b"10.0.0.1, 127.0.0.1") in out
+    assert (b"X-Forwarded-Host", b"h") in out
+    assert (b"X-Request-Id", b"rid") in out
+
+
+@pytest.mark.parametrize(
+    "value", [b"a\r\nX-Injected: 1", b"a\nb", b"a\rb", b"a\x00b", b"a\x7fb", b"a\x1bb"]
+)
+def test_a_control_byte_in_a_field_is_refused_not_written(value: bytes) -> None:
+    with pytest.raises(ValueError, match="Forbidden control character"):
+        serialize_fields([(b"X-Ok", b"fine"), (b"X-Bad", value)])
+    with pytest.raises(ValueError, match="Forbidden control character"):
+        serialize_fields([(b"X-Bad" + value, b"v")])
+
+
+def test_fields_are_written_as_received_tab_and_obs_text_included() -> None:
+    fields = [(b"X-A", b"1"), (b"x-a", b"a\tb \xe9\xff"), (b"Set-Cookie", b"")]
+    assert serialize_fields(fields) == b"X-A: 1\r\nx-a: a\tb \xe9\xff\r\nSet-Cookie: \r\n"
