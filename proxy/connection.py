@@ -76,6 +76,11 @@ class ClientConnection(asyncio.Protocol):
         self._handler.data_received(data)
         if not waiting:
             return  # a request is being handled: its body is the budget's business
+        if data:
+            # A request has begun: the keep-alive's idle timer, which aiohttp leaves armed for
+            # the whole request (server.client_keepalive, 620 s), has nothing left to time.
+            # Its public switch cancels it; aiohttp arms it again once the request is answered.
+            self._handler.keep_alive(True)
         if not awaits_request(self._handler):
             self._disarm()  # the head is complete (or unparseable, and answered so)
         elif data and self._timer is None:

@@ -20,7 +20,7 @@ import pytest
 from proxy import listener
 from proxy.app import Servegate
 from tests.conftest import Certificates, LogCapture, StartGate, gate_url, sample, scrape
-from tests.upstreams.apps import Recorder
+from tests.upstreams.apps import Busy, Recorder, busy_app
 
 
 @dataclass
@@ -226,6 +226,29 @@ async def test_the_header_timeout_applies_to_every_request_of_a_keep_alive_conne
     assert [seen.raw_path for seen in recorder.seen] == ["/first", "/first"]
     metrics = await scrape(gate)
     assert sample(metrics, "servegate_client_timeouts_total", phase="headers") == 1
+
+
+async def test_an_idle_kept_connection_is_closed_at_the_keep_alive_timeout_a_busy_one_never(
+    start_gate: StartGate, aiohttp_server: Any
+) -> None:
+    """server.client_keepalive times the idle time between requests only: a request that
+    outlasts it (the model takes 1.5 s, the keep-alive is 0.5 s) is answered, and the
+    connection is closed once it has stayed idle that long after the answer."""
+    model = await aiohttp_server(busy_app(Busy(), 1.5))
+    gate = await start_gate(f"http://127.0.0.1:{model.port}", **{"server.client_keepalive": 0.5})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    predict = b"POST /predict HTTP/1.1\r\nHost: model\r\nContent-Length: 2\r\n\r\n{}"
+    try:
+        for _ in range(2):  # the second comes within the keep-alive, after a long first one
+            writer.write(predict)
+            assert (await read_answer(reader)).status == 200
+            await asyncio.sleep(0.2)
+        idle = time.monotonic()
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # servegate closed it
+        assert time.monotonic() - idle >= 0.2
+    finally:
+        writer.close()
 
 
 @pytest.mark.time_limit(30)
