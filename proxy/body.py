@@ -29,6 +29,8 @@ class BodyTooLarge(Exception):
 
 
 class RequestBody:
+    __slots__ = ("_declared", "_head", "_rest", "_spool", "_streaming_started", "size")
+
     def __init__(
         self,
         head: list[bytes],

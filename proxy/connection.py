@@ -51,6 +51,17 @@ class ClientConnection(asyncio.Protocol):
     head is read from its private state, through proxy/aiohttp_internals.py.
     """
 
+    # One per client connection: no instance dictionary.
+    __slots__ = (
+        "_expired",
+        "_handler",
+        "_on_closed",
+        "_on_timeout",
+        "_timeout",
+        "_timer",
+        "_transport",
+    )
+
     def __init__(
         self,
         handler: RequestHandler,

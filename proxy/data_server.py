@@ -76,6 +76,17 @@ class _JsonErrorHandler(RequestHandler):
     servegate's handler runs, in plain text; this gives that answer the JSON body too, and the
     status RFC 9110 and RFC 6585 give a too-long target (414) or header section (431)."""
 
+    # One per client connection: no instance dictionary (RequestHandler has none either).
+    __slots__ = (
+        "_body",
+        "_current",
+        "_head_cap",
+        "_head_start",
+        "_heads",
+        "_max_line",
+        "_on_rejected",
+    )
+
     def __init__(
         self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **options: Any
     ) -> None:
