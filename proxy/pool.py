@@ -11,19 +11,23 @@ Go's http.Transport take it: it is the least likely to be near the server's idle
 after a burst the connections left over age out together instead of being kept alive in turn.
 
 A new connection is opened with the event loop's own connect and timed in responsive time
-(proxy/lag.py). Its failures are raised as aiohttp's connector exceptions, which
-`failures.classify` reads for every connect.
+(proxy/lag.py). A host name is resolved once for every connection opened within
+DNS_CACHE_SECONDS (aiohttp's connector kept its answers as long), by one lookup however many
+connections wait for it, and its addresses are tried in the resolver's order. Failures are
+raised as aiohttp's connector exceptions, which `failures.classify` reads for every connect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp.client_reqrep import ConnectionKey
@@ -33,6 +37,9 @@ from proxy.framing import FramedResponseHandler
 from proxy.lag import LoopLag, ResponsiveTimeout
 
 CLOSE_WAIT = 2.0  # seconds `Pool.close` waits for its connections to be closed
+DNS_CACHE_SECONDS = 10.0  # aiohttp's TCPConnector default (ttl_dns_cache)
+
+_Address = tuple[int, tuple[Any, ...]]  # (family, socket address), as getaddrinfo gives them
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,16 @@ class Pool:
         self._in_use: set[FramedResponseHandler] = set()
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
+        self._addresses: list[_Address] = []
+        self._resolved_until = 0.0
+        self._resolving: asyncio.Future[list[_Address]] | None = None
+        try:  # an address needs no lookup, ever
+            ip = ipaddress.ip_address(origin.host)
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            self._addresses, self._resolved_until = [(family, (origin.host, origin.port))], 1e300
 
     @property
     def idle(self) -> int:
@@ -194,17 +211,57 @@ class Pool:
             wake = idle[0][1] + self._expiry - now
             self._sweep = self._loop.call_later(wake, self._expire)
 
+    async def _resolve(self) -> list[_Address]:
+        """The origin's addresses, from the last lookup while it is fresh.
+
+        Raises socket.gaierror when the name does not resolve."""
+        if self._loop.time() < self._resolved_until:
+            return self._addresses
+        if self._resolving is None:  # one lookup, whoever else needs it meanwhile
+            self._resolving = self._loop.create_task(self._lookup())
+        # A waiter cancelled (its budget ended) must not cancel the lookup for the others.
+        return await asyncio.shield(self._resolving)
+
+    async def _lookup(self) -> list[_Address]:
+        try:
+            infos = await self._loop.getaddrinfo(
+                self._origin.host, self._origin.port, type=socket.SOCK_STREAM
+            )
+        finally:
+            self._resolving = None
+        self._addresses = list(dict.fromkeys((family, address) for family, *_, address in infos))
+        self._resolved_until = self._loop.time() + DNS_CACHE_SECONDS
+        return self._addresses
+
+    async def _connect(self) -> FramedResponseHandler:
+        """Each address in turn until one connects; the last one's error if none does."""
+        origin = self._origin
+        hostname = (origin.server_hostname or origin.host) if origin.tls else None
+        failed: OSError | None = None
+        for family, address in await self._resolve():
+            try:
+                _, protocol = await self._loop.create_connection(
+                    self._factory,
+                    address[0],
+                    address[1],
+                    family=family,
+                    ssl=origin.tls,
+                    server_hostname=hostname,
+                )
+            except ssl.SSLError:
+                raise  # the server answered: another address is the same server
+            except OSError as exc:
+                failed = exc
+                continue
+            return protocol
+        assert failed is not None  # getaddrinfo gives at least one address or raises
+        raise failed
+
     async def _open(self) -> FramedResponseHandler:
         origin = self._origin
         try:
             async with ResponsiveTimeout(self._connect_timeout, self._lag):
-                _, protocol = await self._loop.create_connection(
-                    self._factory,
-                    origin.host,
-                    origin.port,
-                    ssl=origin.tls,
-                    server_hostname=(origin.server_hostname or origin.host) if origin.tls else None,
-                )
+                protocol = await self._connect()
         except ssl.CertificateError as exc:
             raise aiohttp.ClientConnectorCertificateError(origin.key, exc) from exc
         except ssl.SSLError as exc:

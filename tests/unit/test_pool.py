@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
@@ -133,3 +135,47 @@ async def test_a_refused_connect_and_a_silent_one_raise_what_classify_reads() ->
     with accepting_nothing() as port, pytest.raises(aiohttp.ConnectionTimeoutError) as timed_out:
         await pool(port, connect_timeout=0.2).acquire(AttemptFacts())
     assert "upstream.connect_timeout (0.2 s)" in str(timed_out.value)
+
+
+class CountingLookups(Pool):
+    lookups = 0
+
+    async def _lookup(self) -> list[Any]:
+        self.lookups += 1
+        return await super()._lookup()
+
+
+class RefusingFirst(Pool):
+    """A name whose first address refuses (nothing listens there), as ::1 does for a server
+    bound to 127.0.0.1 only."""
+
+    async def _lookup(self) -> list[Any]:
+        listening = await super()._lookup()
+        return [(socket.AF_INET, ("127.0.0.1", free_port())), *listening]
+
+
+def named_pool(kind: type[Pool], port: int) -> Pool:
+    factory = functools.partial(
+        FramedResponseHandler, loop=asyncio.get_running_loop(), on_fault=lambda _fault: None
+    )
+    return kind(
+        Origin("localhost", port), factory, idle_expiry=None, connect_timeout=2.0, lag=LoopLag()
+    )
+
+
+async def test_a_host_name_is_looked_up_once_for_many_connections(listener: Listener) -> None:
+    connections = named_pool(CountingLookups, listener.port)
+    assert isinstance(connections, CountingLookups)
+    taken = await asyncio.gather(*(connections.acquire(AttemptFacts()) for _ in range(20)))
+    taken.append(await connections.acquire(AttemptFacts()))
+    await listener.until(accepted=21)
+    assert connections.lookups == 1
+    await connections.close()
+
+
+async def test_each_address_of_a_name_is_tried_in_turn(listener: Listener) -> None:
+    connections = named_pool(RefusingFirst, listener.port)
+    facts = AttemptFacts()
+    (await connections.acquire(facts)).close()
+    assert facts.reused is False
+    await listener.until(accepted=1, closed=1)
