@@ -165,6 +165,8 @@ class Pool:
         if self._closed or self._expiry is None or protocol.should_close:
             protocol.close()
             return
+        if not protocol.is_connected():  # the server closed it as the answer ended
+            return
         self._idle.append((protocol, self._loop.time()))
         if self._sweep is None:
             self._sweep = self._loop.call_later(self._expiry, self._expire)
