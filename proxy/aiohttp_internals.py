@@ -23,6 +23,7 @@ import aiohttp
 from aiohttp import http_writer, web, web_protocol
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 # client_proto.py, ResponseHandler.data_received: bytes that arrive while no parser is set
@@ -40,6 +41,9 @@ _PREPARE_HEADERS = "_prepare_headers"
 # queued; data_received counts every head it parses (or fails to) in `_request_count`.
 _WAITER = "_waiter"
 _REQUEST_COUNT = "_request_count"
+# web_protocol.py, RequestHandler.data_received: each parsed head is queued in `_messages` as
+# (message, payload) until start() takes it.
+_MESSAGES = "_messages"
 # web_protocol.py: the stand-in message ERROR that RequestHandler.start hands the request factory
 # for a head it could not parse.
 _PARSE_ERROR = "ERROR"
@@ -100,6 +104,13 @@ def awaits_request(handler: RequestHandler) -> bool:
 def request_count(handler: RequestHandler) -> int:
     """How many heads the request handler has parsed on its connection, unparseable ones too."""
     return handler._request_count
+
+
+def last_queued_body(handler: RequestHandler) -> StreamReader | None:
+    """The body of the last head the request handler has parsed and not yet handled (None:
+    none waits)."""
+    queued = handler._messages
+    return queued[-1][1] if queued else None
 
 
 def is_parse_error(message: RawRequestMessage) -> bool:
@@ -220,6 +231,11 @@ def _server_missing() -> list[tuple[str, str]]:
                 "time each request's head (server.header_timeout)",
             )
             for name in (_WAITER, _REQUEST_COUNT)
+        ),
+        (
+            _MESSAGES in getattr(RequestHandler, "__slots__", ()),
+            f"RequestHandler.{_MESSAGES}",
+            "tell a request's body from the next request's head",
         ),
         (
             isinstance(getattr(web_protocol, _PARSE_ERROR, None), RawRequestMessage),

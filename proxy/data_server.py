@@ -22,7 +22,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from proxy import answer
-from proxy.aiohttp_internals import HandlerServer, is_parse_error, request_count
+from proxy.aiohttp_internals import HandlerServer, is_parse_error, last_queued_body, request_count
 from proxy.config import ServerSettings
 from proxy.logs import without_client_bytes
 
@@ -96,9 +96,9 @@ class _JsonErrorHandler(RequestHandler):
         )
         self._max_line: int = options.get("max_line_size", 8190)
         # The first bytes of the head being parsed: up to the end of its request line, and at
-        # most as long as one can be. Bytes that may be a body are no head's: none are taken
-        # while a queued head waits to be handled or the handled request's body is still
-        # arriving, so a long upload without a line break is neither copied nor kept here.
+        # most as long as one can be. A body's bytes are no head's: none are taken while the
+        # body of the last head parsed is still arriving, so a long upload without a line
+        # break is neither copied nor kept here.
         self._head_start = b""
         self._head_cap = self._max_line + 64
         # The first bytes of each head aiohttp has queued, taken in order by
@@ -121,9 +121,11 @@ class _JsonErrorHandler(RequestHandler):
             self._head_start = b""
 
     def _between_requests(self) -> bool:
-        """Whether the parser stands at the start of a head: every head parsed so far has been
-        handled, and the body of the last one has fully arrived."""
-        return not self._heads and (self._body is None or self._body.is_eof())
+        """Whether the parser stands at the start of a head: the body of the last head it
+        parsed (queued, else the one being handled) has fully arrived."""
+        queued = last_queued_body(self)
+        body = queued if queued is not None else self._body
+        return body is None or body.is_eof()
 
     def next_head(self, body: StreamReader) -> None:
         """The next queued head, whose body is `body`, is now the one being handled."""

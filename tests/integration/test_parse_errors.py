@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import StartGate, sample, scrape
 from tests.integration.test_fidelity import exchange, json_body
+from tests.upstreams.apps import Busy, busy_app
 from tests.upstreams.recording import RecordingModel
 
 LONG_TARGET = b"/" + b"t" * 12_000
@@ -75,3 +76,25 @@ async def test_the_body_of_an_earlier_request_is_not_read_as_the_next_requests_h
         writer.close()
     assert second.split(b"\r\n")[0] == b"HTTP/1.1 414 Request-URI Too Long"
     assert len(model.seen) == 1
+
+
+async def test_a_pipelined_head_behind_a_queued_request_is_read_from_its_own_line(
+    start_gate: StartGate, aiohttp_server: Any
+) -> None:
+    """Three requests on one connection, each sent while the one before is handled or still
+    queued: the third, unparseable, is judged by its own request line."""
+    model = await aiohttp_server(busy_app(Busy(), 0.3))
+    gate = await start_gate(f"http://127.0.0.1:{model.port}")
+    predict = b"POST /predict HTTP/1.1\r\nHost: model\r\nContent-Length: 2\r\n\r\n{}"
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        async with asyncio.timeout(10):
+            for sent in (predict, predict, head(LONG_TARGET)):
+                writer.write(sent)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            answers = await reader.read(-1)
+    finally:
+        writer.close()
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert b"HTTP/1.1 414 Request-URI Too Long\r\n" in answers

@@ -20,6 +20,7 @@ NAMES = [
     "_PREPARE_HEADERS",
     "_WAITER",
     "_REQUEST_COUNT",
+    "_MESSAGES",
     "_PARSE_ERROR",
     "_SERIALIZER",
 ]
