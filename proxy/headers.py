@@ -135,6 +135,8 @@ def serialize_fields(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
     Raises ValueError if a name or value holds a control byte but HTAB (RFC 9110 §5.5): a CR
     or LF in one would end the field early and start another (header injection)."""
     lines = list(map(_FIELD.join, fields))
+    if not lines:
+        return b""
     block = b"\r\n".join(lines) + b"\r\n"
     # The control bytes of the block must be its line ends alone: one search, in C.
     if block.translate(None, _NOT_CONTROL) != b"\r\n" * len(lines):

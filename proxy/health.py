@@ -258,7 +258,7 @@ async def check_upstream(
         async with timeout:
             if settings.path is None:
                 context = tls if scheme == "https" else None
-                hostname = (server_name or host) if context else None
+                hostname = (server_name or host).rstrip(".") if context else None
                 try:
                     _, writer = await asyncio.open_connection(
                         host, port, ssl=context, server_hostname=hostname

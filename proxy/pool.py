@@ -20,6 +20,7 @@ raised as aiohttp's connector exceptions, which `failures.classify` reads for ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import ssl
@@ -136,9 +137,12 @@ class Pool:
         """The connection used last if one is idle and fresh, else a new one; `facts` learns
         which (`reused`) and how long a new one took (`connect_seconds`).
 
-        Raises aiohttp.ConnectionTimeoutError past the connect timeout, and
+        Raises aiohttp.ConnectionTimeoutError past the connect timeout,
         aiohttp.ClientConnectorError (its certificate, SSL and DNS subclasses included) when
-        the connect fails."""
+        the connect fails, and aiohttp.ClientConnectionError once the pool is closed (as
+        aiohttp's connector does)."""
+        if self._closed:
+            raise aiohttp.ClientConnectionError("Connector is closed.")
         idle = self._idle
         if idle:
             protocol, since = idle.pop()
@@ -191,7 +195,9 @@ class Pool:
             if (closed := protocol.closed) is not None:
                 closing.append(closed)
         if closing:
-            await asyncio.wait(closing, timeout=CLOSE_WAIT)
+            gathered = asyncio.gather(*closing, return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gathered, CLOSE_WAIT)
 
     def _close_idle(self) -> None:
         while self._idle:
@@ -221,6 +227,9 @@ class Pool:
             return self._addresses
         if self._resolving is None:  # one lookup, whoever else needs it meanwhile
             self._resolving = self._loop.create_task(self._lookup())
+            # Its failure is read by every waiter; with none left (all past their connect
+            # timeout), it is read here, not reported as never retrieved.
+            self._resolving.add_done_callback(_retrieve)
         # A waiter cancelled (its budget ended) must not cancel the lookup for the others.
         return await asyncio.shield(self._resolving)
 
@@ -235,12 +244,13 @@ class Pool:
         self._resolved_until = self._loop.time() + DNS_CACHE_SECONDS
         return self._addresses
 
-    async def _connect(self) -> FramedResponseHandler:
+    async def _connect(self, addresses: list[_Address]) -> FramedResponseHandler:
         """Each address in turn until one connects; the last one's error if none does."""
         origin = self._origin
-        hostname = (origin.server_hostname or origin.host) if origin.tls else None
+        # The certificate names the host without the root's trailing dot (aiohttp strips it).
+        hostname = (origin.server_hostname or origin.host).rstrip(".") if origin.tls else None
         failed: OSError | None = None
-        for family, address in await self._resolve():
+        for family, address in addresses:
             try:
                 _, protocol = await self._loop.create_connection(
                     self._factory,
@@ -261,9 +271,11 @@ class Pool:
 
     async def _open(self) -> FramedResponseHandler:
         origin = self._origin
+        addresses: list[_Address] | None = None
         try:
             async with ResponsiveTimeout(self._connect_timeout, self._lag):
-                protocol = await self._connect()
+                addresses = await self._resolve()
+                protocol = await self._connect(addresses)
         except ssl.CertificateError as exc:
             raise aiohttp.ClientConnectorCertificateError(origin.key, exc) from exc
         except ssl.SSLError as exc:
@@ -271,13 +283,22 @@ class Pool:
         except TimeoutError as exc:
             if exc.errno is not None:  # the kernel's own (ETIMEDOUT), not the connect timeout
                 raise aiohttp.ClientConnectorError(origin.key, exc) from exc
-            what = "TCP connect and TLS handshake" if origin.tls else "TCP connect"
+            if addresses is None:
+                what = f"address for {origin.host} (the DNS lookup did not answer)"
+            elif origin.tls:
+                what = f"TCP connect and TLS handshake to {origin.host}:{origin.port}"
+            else:
+                what = f"TCP connect to {origin.host}:{origin.port}"
             raise aiohttp.ConnectionTimeoutError(
-                f"no {what} to {origin.host}:{origin.port} within upstream.connect_timeout "
-                f"({self._connect_timeout:g} s)"
+                f"no {what} within upstream.connect_timeout ({self._connect_timeout:g} s)"
             ) from exc
         except socket.gaierror as exc:
             raise aiohttp.ClientConnectorDNSError(origin.key, exc) from exc
         except OSError as exc:
             raise aiohttp.ClientConnectorError(origin.key, exc) from exc
         return protocol
+
+
+def _retrieve(lookup: asyncio.Task[list[_Address]]) -> None:
+    if not lookup.cancelled():
+        lookup.exception()

@@ -69,19 +69,21 @@ class Upgrader:
         UpgradeRefused when the answer is not an HTTP head within
         upstream.max_response_header_bytes, and OSError when the connection fails after it
         opened."""
-        origin = self.upstream.origin
+        host, port = self.upstream.origin.raw_host, self.upstream.origin.port
+        assert host is not None  # a validated URL has one
         context: ssl.SSLContext | None = None
+        hostname: str | None = None
         if scheme == "https":
             context = client_ssl_context(self.upstream.tls)
+            # The certificate names the host without the root's trailing dot (aiohttp's rule).
+            hostname = (self.upstream.tls.server_name or host).rstrip(".")
         try:
             async with ResponsiveTimeout(self.upstream.connect_timeout, self.lag):
                 reader, writer = await asyncio.open_connection(
-                    origin.host,
-                    origin.port,
+                    host,
+                    port,
                     ssl=context,
-                    server_hostname=(self.upstream.tls.server_name or origin.host)
-                    if context
-                    else None,
+                    server_hostname=hostname,
                     limit=self.upstream.max_response_header_bytes * 4,
                 )
         except OSError as exc:  # refused, a TLS failure, or the connect timeout passed

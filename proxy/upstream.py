@@ -85,7 +85,8 @@ class Upstream:
         """The pool for `scheme` ("http" or "https"): the one-shot one when `fresh`."""
         pool = self._pools.get((scheme, fresh))
         if pool is None:
-            host, port = self.settings.origin.host, self.settings.origin.port
+            # The host as it is looked up and named in TLS: IDNA-encoded, as in Host.
+            host, port = self.settings.origin.raw_host, self.settings.origin.port
             assert host is not None  # a validated URL has both
             assert port is not None
             tls = self._tls if scheme == "https" else None

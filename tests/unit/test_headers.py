@@ -55,6 +55,10 @@ def test_a_control_byte_in_a_field_is_refused_not_written(value: bytes) -> None:
         serialize_fields([(b"X-Bad" + value, b"v")])
 
 
+def test_no_fields_are_no_bytes() -> None:
+    assert serialize_fields([]) == b""
+
+
 def test_fields_are_written_as_received_tab_and_obs_text_included() -> None:
     fields = [(b"X-A", b"1"), (b"x-a", b"a\tb \xe9\xff"), (b"Set-Cookie", b"")]
     assert serialize_fields(fields) == b"X-A: 1\r\nx-a: a\tb \xe9\xff\r\nSet-Cookie: \r\n"

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from proxy.failures import AttemptFacts
 from proxy.framing import FramedResponseHandler
 from proxy.lag import LoopLag
 from proxy.pool import Origin, Pool, PooledConnection
+from tests.conftest import Certificates
 from tests.integration.test_down_fast import accepting_nothing
 from tests.upstreams.gunicorn import free_port
 
@@ -179,3 +181,76 @@ async def test_each_address_of_a_name_is_tried_in_turn(listener: Listener) -> No
     (await connections.acquire(facts)).close()
     assert facts.reused is False
     await listener.until(accepted=1, closed=1)
+
+
+async def test_an_expiry_shortened_by_the_server_applies_to_connections_already_idle(
+    listener: Listener,
+) -> None:
+    connections = pool(listener.port, idle_expiry=5.0)
+    (await connections.acquire(AttemptFacts())).release()
+    connections.set_idle_expiry(0.1)  # a Keep-Alive: timeout=N learnt meanwhile
+    await asyncio.sleep(0.2)  # before the sweep armed for 5 s
+    facts = AttemptFacts()
+    (await connections.acquire(facts)).close()
+    assert facts.reused is False
+    await connections.close()
+
+
+async def test_a_connection_closing_as_it_comes_back_is_not_kept(listener: Listener) -> None:
+    connections = pool(listener.port)
+    taken = await connections.acquire(AttemptFacts())
+    assert taken.transport is not None
+    taken.transport.close()  # as when the server's close arrives with the answer's end
+    taken.release()
+    assert connections.idle == 0
+    await listener.until(accepted=1, closed=1)
+
+
+async def test_a_closed_pool_opens_nothing(listener: Listener) -> None:
+    connections = pool(listener.port)
+    await connections.close()
+    with pytest.raises(aiohttp.ClientConnectionError, match="closed"):
+        await connections.acquire(AttemptFacts())
+    assert listener.accepted == 0
+
+
+class SilentResolver(Pool):
+    async def _lookup(self) -> list[Any]:
+        await asyncio.sleep(3600)
+        return []
+
+
+async def test_a_lookup_that_outlasts_the_connect_timeout_is_named_as_one() -> None:
+    factory = functools.partial(
+        FramedResponseHandler, loop=asyncio.get_running_loop(), on_fault=lambda _fault: None
+    )
+    connections = SilentResolver(
+        Origin("model.example", 80), factory, idle_expiry=None, connect_timeout=0.2, lag=LoopLag()
+    )
+    with pytest.raises(aiohttp.ConnectionTimeoutError, match="DNS lookup did not answer"):
+        await connections.acquire(AttemptFacts())
+    await connections.close()
+
+
+async def test_a_tls_host_name_with_the_roots_trailing_dot_is_verified_without_it(
+    certificates: Certificates,
+) -> None:
+    """Certificates name hosts without the trailing dot of a fully qualified name (given here
+    as upstream.tls.server_name: a name such as `localhost.` resolves only where a resolver
+    answers for it)."""
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(certificates.cert_file, certificates.key_file)
+    server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0, ssl=served)
+    port = server.sockets[0].getsockname()[1]
+    trusting = ssl.create_default_context(cafile=str(certificates.ca_file))
+    factory = functools.partial(
+        FramedResponseHandler, loop=asyncio.get_running_loop(), on_fault=lambda _fault: None
+    )
+    connections = Pool(
+        Origin("127.0.0.1", port, trusting, "localhost."), factory, idle_expiry=None,
+        connect_timeout=5.0,
+        lag=LoopLag(),
+    )  # fmt: skip
+    async with server:
+        (await connections.acquire(AttemptFacts())).close()
+        await connections.close()
