@@ -23,6 +23,7 @@ WHAT: dict[Cause, str] = {
     Cause.DEADLINE_DURING_STREAM: "The response was still streaming when the budget ran out.",
     Cause.CONNECT_REFUSED: "The model server refused connections for the whole wait.",
     Cause.CONNECT_TIMEOUT: "No connection to the model server could be opened in time.",
+    Cause.NAME_NOT_RESOLVED: "The model server's host name did not resolve to an address.",
     Cause.RESET_DURING_REQUEST: (
         "The model server dropped the connection while handling the request, as a crashing "
         "worker does."
@@ -78,6 +79,10 @@ FIX: dict[Cause, str] = {
     ),
     Cause.CONNECT_TIMEOUT: (
         "Check the upstream address, firewalls, and that the server's accept queue is not full."
+    ),
+    Cause.NAME_NOT_RESOLVED: (
+        "Check the host name in upstream.url and the resolver (in Kubernetes: the Service's "
+        "name and namespace, and the cluster DNS)."
     ),
     Cause.RESET_DURING_REQUEST: "Check the model server's log for crashing workers.",
     Cause.CRASH_LOOP: (

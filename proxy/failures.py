@@ -37,6 +37,7 @@ class Cause(StrEnum):
     DEADLINE_DURING_STREAM = "deadline_during_stream"
     CONNECT_REFUSED = "connect_refused"
     CONNECT_TIMEOUT = "connect_timeout"
+    NAME_NOT_RESOLVED = "name_not_resolved"  # the upstream host name has no address
     RESET_DURING_REQUEST = "reset_during_request"
     CRASH_LOOP = "crash_loop"
     CIRCUIT_OPEN = "circuit_open"
@@ -62,6 +63,7 @@ _CATEGORY_OF: dict[Cause, Category] = {
     Cause.DEADLINE_DURING_STREAM: Category.TIMEOUT,
     Cause.CONNECT_REFUSED: Category.SERVICE,
     Cause.CONNECT_TIMEOUT: Category.SERVICE,
+    Cause.NAME_NOT_RESOLVED: Category.SERVICE,
     Cause.RESET_DURING_REQUEST: Category.SERVICE,
     Cause.CRASH_LOOP: Category.SERVICE,
     Cause.CIRCUIT_OPEN: Category.SERVICE,
@@ -70,6 +72,9 @@ _CATEGORY_OF: dict[Cause, Category] = {
     Cause.RESPONSE_HEADER_TOO_LARGE: Category.PROTOCOL,
     Cause.RESPONSE_FRAMING: Category.PROTOCOL,
 }
+
+# Causes of an attempt that reached no server process at all: no connection opened.
+UNREACHABLE = frozenset({Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT, Cause.NAME_NOT_RESOLVED})
 
 
 @dataclass(slots=True)
@@ -187,7 +192,7 @@ def connect_failure(error: BaseException) -> tuple[Cause, str]:
     if isinstance(error, TimeoutError):
         return Cause.CONNECT_TIMEOUT, "no TCP connection within the connect timeout"
     if isinstance(error, socket.gaierror):  # nothing to connect to: the name has no address
-        return Cause.CONNECT_REFUSED, f"the host name did not resolve: {error.strerror}"
+        return Cause.NAME_NOT_RESOLVED, f"the host name did not resolve: {error.strerror}"
     if isinstance(error, OSError) and error.errno:
         return Cause.CONNECT_REFUSED, os.strerror(error.errno).lower()
     return Cause.CONNECT_REFUSED, str(error)

@@ -20,13 +20,13 @@ from proxy.budget import REMAINING_HEADER, Budget, Spent
 from proxy.config import RetrySettings
 from proxy.deadlines import Deadlines
 from proxy.exchange import UpstreamResponse
-from proxy.failures import AttemptFacts, Cause, Failure, classify
+from proxy.failures import UNREACHABLE, AttemptFacts, Cause, Failure, classify
 from proxy.headers import Fields, has_control_byte
 from proxy.metrics import Metrics, ShedReason
 from proxy.probe import SchemeProbe
 from proxy.retry import Decision, GiveUp, GiveUpReason, Outcome, RetryState, decide, retry_outcome
 from proxy.upstream import Upstream
-from proxy.upstream_state import UNREACHABLE, UpstreamState
+from proxy.upstream_state import UpstreamState
 
 log = structlog.get_logger("servegate.forward")
 

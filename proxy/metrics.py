@@ -20,6 +20,7 @@ RETRYABLE_CAUSES = (
     Cause.STALE_CONNECTION,
     Cause.CONNECT_REFUSED,
     Cause.CONNECT_TIMEOUT,
+    Cause.NAME_NOT_RESOLVED,
     Cause.TLS_TO_PLAIN_SERVER,  # retried only with upstream.scheme: auto
     Cause.PLAIN_TO_TLS_SERVER,
     Cause.RESET_DURING_REQUEST,  # retried only for methods in retry.replay_after_reset

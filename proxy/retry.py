@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from proxy.config import RetrySettings
-from proxy.failures import Cause, Failure
+from proxy.failures import UNREACHABLE, Cause, Failure
 
 # One retry after a stale pooled connection is enough: it runs on a brand-new connection, which
 # no idle timer can have closed. A brand-new connection closed before the request reached it
@@ -116,7 +116,7 @@ def decide(
             return GiveUp(GiveUpReason.NO_BUDGET)
         delay = min(backoff(state.stale_retries, settings, rng), remaining - LAST_ATTEMPT_RESERVE)
         return Retry(delay=delay, fresh_connection=True)
-    if failure.cause in (Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT):
+    if failure.cause in UNREACHABLE:
         # Nothing was sent, so even a streamed body is intact; only time limits these. The
         # last backoff is cut short so one more attempt lands just before the deadline.
         if remaining < LAST_ATTEMPT_RESERVE:

@@ -14,12 +14,9 @@ from collections.abc import Awaitable, Callable
 
 from proxy.circuit import Circuit, Signal
 from proxy.config import CircuitSettings, HealthSettings
-from proxy.failures import Category, Cause, Failure
+from proxy.failures import UNREACHABLE, Category, Failure
 from proxy.health import Health, HealthMonitor
 from proxy.metrics import Metrics
-
-# An attempt that reached no server process at all.
-UNREACHABLE = frozenset({Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT})
 
 # One health check: None when it passed, else the failure, classified (health.check_upstream).
 Check = Callable[[], Awaitable[Failure | None]]

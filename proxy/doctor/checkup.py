@@ -14,7 +14,7 @@ import time
 from proxy.advice import FIX
 from proxy.doctor.verdicts import Check, Fact, Target, Verdict, worse
 from proxy.doctor.wire import ProbeError, Response, close, connect, exchange
-from proxy.failures import Category, Cause
+from proxy.failures import UNREACHABLE, Category, Cause
 from proxy.probe import speaks_tls
 
 PROBE_WAIT = 3.0  # the TLS probe: run mode allows 1 s; a one-off diagnosis can wait longer
@@ -121,7 +121,7 @@ async def check_service(target: Target, tls: bool) -> Check:
         stream = await connect(target, tls)
     except ProbeError as exc:
         facts["error"] = exc.detail
-        if exc.cause in (Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT):
+        if exc.cause in UNREACHABLE:
             note = f"No connection to {target.address}: {exc.detail}."
         else:
             note = "The connection failed in its TLS handshake: see protocol."

@@ -17,7 +17,7 @@ from proxy.config import Settings
 from proxy.doctor.checkup import check_protocol, check_service, check_timeout
 from proxy.doctor.keepalive import check_communication
 from proxy.doctor.verdicts import Fact, Report, Target, Verdict, skipped
-from proxy.failures import Category, Cause
+from proxy.failures import UNREACHABLE, Category
 
 
 async def diagnose(target: Target) -> Report:
@@ -26,7 +26,7 @@ async def diagnose(target: Target) -> Report:
     speaks = protocol.facts.get("server_speaks") or target.scheme
     tls = speaks == "https"
     service = await check_service(target, tls)
-    if service.cause in (Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT):
+    if service.cause in UNREACHABLE:
         why = f"no connection to {target.address}"
         timeout, communication = (
             skipped(Category.TIMEOUT, why),

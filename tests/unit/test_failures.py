@@ -100,12 +100,12 @@ def test_refused_and_timed_out_connects_never_reached_the_model() -> None:
     )
 
 
-def test_a_host_name_that_does_not_resolve_is_named_so() -> None:
+def test_a_host_name_that_does_not_resolve_is_its_own_cause_not_a_refusal() -> None:
     """What getaddrinfo raises, as aiohttp passes it on (ClientConnectorDNSError.os_error) and
     asyncio's own connect raises it."""
     unknown = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     cause, detail = connect_failure(unknown)
-    assert cause is Cause.CONNECT_REFUSED
+    assert cause is Cause.NAME_NOT_RESOLVED
     assert detail == "the host name did not resolve: Name or service not known"
     wrapped = aiohttp.ClientConnectorDNSError(KEY, unknown)
     assert classify(wrapped, AttemptFacts(), deadline_passed=False).detail == detail

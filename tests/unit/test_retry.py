@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.config import RetrySettings
-from proxy.failures import Cause, Failure
+from proxy.failures import UNREACHABLE, Cause, Failure
 from proxy.retry import (
     Decision,
     GiveUp,
@@ -77,8 +77,7 @@ def test_a_streamed_body_cannot_be_replayed() -> None:
 
 @pytest.mark.parametrize(
     "cause",
-    [c for c in Cause if c not in (Cause.STALE_CONNECTION, Cause.CONNECT_REFUSED,
-                                   Cause.CONNECT_TIMEOUT)],
+    [c for c in Cause if c not in (Cause.STALE_CONNECTION, *UNREACHABLE)],
 )  # fmt: skip
 def test_nothing_that_may_have_reached_the_model_is_retried(cause: Cause) -> None:
     assert decide_for(cause) == GiveUp(GiveUpReason.NOT_RETRYABLE)

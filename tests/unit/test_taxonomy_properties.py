@@ -17,19 +17,20 @@ from yarl import URL
 
 from proxy import failures
 from proxy.config import RetrySettings
-from proxy.failures import AttemptFacts, Category, Cause, Failure, classify
+from proxy.failures import UNREACHABLE, AttemptFacts, Category, Cause, Failure, classify
 from proxy.retry import RetryState, decide
 
 KEY = ConnectionKey("127.0.0.1", 8000, False, True, None, None, None)
 REQUEST = aiohttp.RequestInfo(URL("http://m/p"), "POST", CIMultiDictProxy(CIMultiDict()))
 # Failures that provably happened before the model's application could read the request:
-# no connection (refused, timed out), a pooled connection the server had closed (stale), or a
-# server that could not read a byte of it (the other scheme).
+# no connection (refused, timed out, no address), a pooled connection the server had closed
+# (stale), or a server that could not read a byte of it (the other scheme).
 NEVER_REACHED = frozenset(
     {
         Cause.STALE_CONNECTION,
         Cause.CONNECT_REFUSED,
         Cause.CONNECT_TIMEOUT,
+        Cause.NAME_NOT_RESOLVED,
         Cause.TLS_TO_PLAIN_SERVER,
         Cause.PLAIN_TO_TLS_SERVER,
     }
@@ -151,6 +152,6 @@ def test_no_decision_replays_what_may_have_reached_the_model_without_the_opt_in(
         assert failure.cause is Cause.RESET_DURING_REQUEST
         assert opted_in
         assert state.reset_retries + state.stale_retries == 0
-    if failure.cause not in (Cause.CONNECT_REFUSED, Cause.CONNECT_TIMEOUT):
+    if failure.cause not in UNREACHABLE:
         assert body_replayable  # a body that already streamed cannot be sent again
     assert getattr(decision, "delay", 0.0) <= remaining  # a retry never outlives the budget
