@@ -6,7 +6,9 @@ What it measures
 
     * sends a warm-up request each way and reads servegate's VmRSS at rest (the baseline);
     * uploads `--size-mib` MiB (default 200) to the upstream's `POST /sink`, generated on the
-      fly in 64 KiB chunks, once with chunked encoding and once with a Content-Length;
+      fly in 64 KiB chunks, once with chunked encoding and once with a Content-Length, and
+      once more with a Content-Length and no line break anywhere in the body (one JSON
+      document on a single line, as a base64-encoded input makes it);
     * downloads as much from `GET /source?bytes=N`, once chunked and once with a Content-Length,
       reading and discarding it as it streams;
 
@@ -240,12 +242,17 @@ async def generated_body(size: int, block: bytes) -> AsyncIterator[bytes]:
 
 
 async def upload(
-    session: aiohttp.ClientSession, base: str, size: int, *, content_length: bool
+    session: aiohttp.ClientSession,
+    base: str,
+    size: int,
+    *,
+    content_length: bool,
+    block: bytes | None = None,
 ) -> tuple[int, int]:
     headers = {"Content-Type": "application/octet-stream"}
     if content_length:
         headers["Content-Length"] = str(size)
-    body = generated_body(size, _pattern())
+    body = generated_body(size, block or _pattern())
     async with session.post(f"{base}/sink", data=body, headers=headers) as response:
         if response.status != 200:
             return response.status, -1
@@ -253,6 +260,14 @@ async def upload(
         # 12 MiB replay buffer) with a Content-Length, whatever the client used.
         answer = await response.json()
         return response.status, int(answer["received"])
+
+
+async def upload_one_line(
+    session: aiohttp.ClientSession, base: str, size: int, *, content_length: bool
+) -> tuple[int, int]:
+    """As `upload`, with no line break anywhere in the body."""
+    block = _pattern().replace(b"\n", b" ")
+    return await upload(session, base, size, content_length=content_length, block=block)
 
 
 async def download(
@@ -323,6 +338,7 @@ async def run_transfers(pid: int, port: int, size: int) -> tuple[float, list[Res
         plan = [
             ("upload, chunked", upload, False),
             ("upload, Content-Length", upload, True),
+            ("upload, one line", upload_one_line, True),
             ("download, chunked", download, False),
             ("download, Content-Length", download, True),
         ]
