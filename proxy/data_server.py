@@ -127,6 +127,13 @@ class _JsonErrorHandler(RequestHandler):
         body = queued if queued is not None else self._body
         return body is None or body.is_eof()
 
+    def connection_lost(self, exc: BaseException | None) -> None:
+        # The body refers back to this handler (its flow control): without the reference the
+        # two are freed as the connection ends, not left to the cyclic garbage collector,
+        # which servegate runs rarely (app.GC_THRESHOLDS).
+        self._body = None
+        super().connection_lost(exc)
+
     def next_head(self, body: StreamReader) -> None:
         """The next queued head, whose body is `body`, is now the one being handled."""
         self._current = self._heads.pop(0) if self._heads else b""

@@ -4,10 +4,12 @@ clients send, and a setting that used to cap them out of sight is refused by nam
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.web_protocol import RequestHandler
 
 from proxy import config, limits
 from tests.conftest import StartGate, gate_url, sample, scrape
@@ -73,3 +75,31 @@ def test_the_listen_backlog_is_a_setting_and_the_admission_queue_is_envoy_sized(
     defaults = config.load(None, environ={})
     assert defaults.server.backlog == 4096
     assert defaults.admission.max_queue == 1024
+
+
+async def test_a_finished_connection_leaves_no_handler_for_the_garbage_collector(
+    start_gate: StartGate, aiohttp_server: Any
+) -> None:
+    """What a connection held is freed as it closes: servegate runs the cyclic collector
+    rarely (app.GC_THRESHOLDS), so a cycle through a connection's handler would keep it, and
+    all it refers to, for thousands of requests."""
+    server = await aiohttp_server(busy_app(Busy(), seconds=0.0))
+    gate = await start_gate(f"http://127.0.0.1:{server.port}")
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage, to look at
+    try:
+        for _ in range(5):  # a connection per request, each with a body
+            async with (
+                aiohttp.ClientSession() as client,
+                client.post(gate_url(gate, "/predict"), json={"x": 1}) as response,
+            ):
+                assert response.status == 200
+        await asyncio.sleep(0.2)  # every connection's close has run
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, RequestHandler)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
