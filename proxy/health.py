@@ -25,6 +25,7 @@ from yarl import URL
 from proxy.config import HealthSettings
 from proxy.failures import AttemptFacts, Category, Cause, Failure, classify, connect_failure
 from proxy.lag import LoopLag, LoopLagged, ResponsiveTimeout
+from proxy.pool import tls_name
 
 log = structlog.get_logger("servegate.health")
 
@@ -258,7 +259,7 @@ async def check_upstream(
         async with timeout:
             if settings.path is None:
                 context = tls if scheme == "https" else None
-                hostname = (server_name or host).rstrip(".") if context else None
+                hostname = tls_name(server_name, host) if context else None
                 try:
                     _, writer = await asyncio.open_connection(
                         host, port, ssl=context, server_hostname=hostname

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import socket
 import ssl
 import time
@@ -41,6 +42,13 @@ CLOSE_WAIT = 2.0  # seconds `Pool.close` waits for its connections to be closed
 DNS_CACHE_SECONDS = 10.0  # aiohttp's TCPConnector default (ttl_dns_cache)
 
 _Address = tuple[int, tuple[Any, ...]]  # (family, socket address), as getaddrinfo gives them
+
+
+def tls_name(server_name: str | None, host: str) -> str:
+    """The name a server's certificate is checked against: upstream.tls.server_name, else the
+    host, without the root's trailing dot (`model.example.`), which no certificate carries
+    (aiohttp strips it too)."""
+    return (server_name or host).rstrip(".")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +129,7 @@ class Pool:
             pass
         else:
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            self._addresses, self._resolved_until = [(family, (origin.host, origin.port))], 1e300
+            self._addresses, self._resolved_until = [(family, (origin.host, origin.port))], math.inf
 
     @property
     def idle(self) -> int:
@@ -144,17 +152,17 @@ class Pool:
         if self._closed:
             raise aiohttp.ClientConnectionError("Connector is closed.")
         idle = self._idle
-        if idle:
+        while idle:
             protocol, since = idle.pop()
-            if self._expiry is not None and self._loop.time() - since <= self._expiry:
-                if protocol.is_connected():
-                    facts.reused = True
-                    self._in_use.add(protocol)
-                    return PooledConnection(protocol, self)
+            if self._expiry is None or self._loop.time() - since > self._expiry:
                 protocol.close()
-            else:  # the one used last has expired, so every older one has too
-                protocol.close()
-                self._close_idle()
+                self._close_idle()  # the one used last has expired, so every older one has
+                break
+            if protocol.is_connected():
+                facts.reused = True
+                self._in_use.add(protocol)
+                return PooledConnection(protocol, self)
+            protocol.close()  # the server closed it while it was idle: the next one may serve
         began = time.monotonic()
         protocol = await self._open()
         facts.reused = False
@@ -247,8 +255,7 @@ class Pool:
     async def _connect(self, addresses: list[_Address]) -> FramedResponseHandler:
         """Each address in turn until one connects; the last one's error if none does."""
         origin = self._origin
-        # The certificate names the host without the root's trailing dot (aiohttp strips it).
-        hostname = (origin.server_hostname or origin.host).rstrip(".") if origin.tls else None
+        hostname = tls_name(origin.server_hostname, origin.host) if origin.tls else None
         failed: OSError | None = None
         for family, address in addresses:
             try:

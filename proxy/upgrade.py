@@ -22,6 +22,7 @@ from proxy.failures import Cause, connect_failure
 from proxy.headers import Fields, serialize_fields, serialize_start
 from proxy.lag import LoopLag, ResponsiveTimeout
 from proxy.metrics import Metrics
+from proxy.pool import tls_name
 from proxy.upstream import client_ssl_context
 
 log = structlog.get_logger("servegate.upgrade")
@@ -75,8 +76,7 @@ class Upgrader:
         hostname: str | None = None
         if scheme == "https":
             context = client_ssl_context(self.upstream.tls)
-            # The certificate names the host without the root's trailing dot (aiohttp's rule).
-            hostname = (self.upstream.tls.server_name or host).rstrip(".")
+            hostname = tls_name(self.upstream.tls.server_name, host)
         try:
             async with ResponsiveTimeout(self.upstream.connect_timeout, self.lag):
                 reader, writer = await asyncio.open_connection(

@@ -254,3 +254,23 @@ async def test_a_tls_host_name_with_the_roots_trailing_dot_is_verified_without_i
     async with server:
         (await connections.acquire(AttemptFacts())).close()
         await connections.close()
+
+
+async def test_an_idle_connection_the_server_closed_is_passed_over_for_the_next(
+    listener: Listener,
+) -> None:
+    connections = pool(listener.port)
+    older = await connections.acquire(AttemptFacts())
+    newer = await connections.acquire(AttemptFacts())
+    kept, closed = older.protocol, newer.protocol
+    assert kept is not None
+    assert closed is not None
+    older.release()
+    newer.release()
+    assert closed.transport is not None
+    closed.transport.close()  # as when the server's idle close arrives
+    facts = AttemptFacts()
+    taken = await connections.acquire(facts)
+    assert (facts.reused, taken.protocol) == (True, kept)
+    taken.close()
+    await connections.close()
