@@ -63,16 +63,19 @@ async def listener() -> AsyncIterator[Listener]:
         await listening.until(closed=listening.accepted)
 
 
-def pool(port: int, idle_expiry: float | None = 5.0, connect_timeout: float = 2.0) -> Pool:
+def pool(
+    to: int | Origin,
+    idle_expiry: float | None = 5.0,
+    connect_timeout: float = 2.0,
+    kind: type[Pool] = Pool,
+) -> Pool:
+    """A pool to `to`: a port on 127.0.0.1, or an origin."""
     factory = functools.partial(
         FramedResponseHandler, loop=asyncio.get_running_loop(), on_fault=lambda _fault: None
     )
-    return Pool(
-        Origin("127.0.0.1", port),
-        factory,
-        idle_expiry=idle_expiry,
-        connect_timeout=connect_timeout,
-        lag=LoopLag(),
+    origin = to if isinstance(to, Origin) else Origin("127.0.0.1", to)
+    return kind(
+        origin, factory, idle_expiry=idle_expiry, connect_timeout=connect_timeout, lag=LoopLag()
     )
 
 
@@ -156,17 +159,8 @@ class RefusingFirst(Pool):
         return [(socket.AF_INET, ("127.0.0.1", free_port())), *listening]
 
 
-def named_pool(kind: type[Pool], port: int) -> Pool:
-    factory = functools.partial(
-        FramedResponseHandler, loop=asyncio.get_running_loop(), on_fault=lambda _fault: None
-    )
-    return kind(
-        Origin("localhost", port), factory, idle_expiry=None, connect_timeout=2.0, lag=LoopLag()
-    )
-
-
 async def test_a_host_name_is_looked_up_once_for_many_connections(listener: Listener) -> None:
-    connections = named_pool(CountingLookups, listener.port)
+    connections = pool(Origin("localhost", listener.port), None, kind=CountingLookups)
     assert isinstance(connections, CountingLookups)
     taken = await asyncio.gather(*(connections.acquire(AttemptFacts()) for _ in range(20)))
     taken.append(await connections.acquire(AttemptFacts()))
@@ -176,7 +170,7 @@ async def test_a_host_name_is_looked_up_once_for_many_connections(listener: List
 
 
 async def test_each_address_of_a_name_is_tried_in_turn(listener: Listener) -> None:
-    connections = named_pool(RefusingFirst, listener.port)
+    connections = pool(Origin("localhost", listener.port), None, kind=RefusingFirst)
     facts = AttemptFacts()
     (await connections.acquire(facts)).close()
     assert facts.reused is False
@@ -221,12 +215,7 @@ class SilentResolver(Pool):
 
 
 async def test_a_lookup_that_outlasts_the_connect_timeout_is_named_as_one() -> None:
-    factory = functools.partial(
-        FramedResponseHandler, loop=asyncio.get_running_loop(), on_fault=lambda _fault: None
-    )
-    connections = SilentResolver(
-        Origin("model.example", 80), factory, idle_expiry=None, connect_timeout=0.2, lag=LoopLag()
-    )
+    connections = pool(Origin("model.example", 80), None, 0.2, kind=SilentResolver)
     with pytest.raises(aiohttp.ConnectionTimeoutError, match="DNS lookup did not answer"):
         await connections.acquire(AttemptFacts())
     await connections.close()
@@ -243,14 +232,7 @@ async def test_a_tls_host_name_with_the_roots_trailing_dot_is_verified_without_i
     server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0, ssl=served)
     port = server.sockets[0].getsockname()[1]
     trusting = ssl.create_default_context(cafile=str(certificates.ca_file))
-    factory = functools.partial(
-        FramedResponseHandler, loop=asyncio.get_running_loop(), on_fault=lambda _fault: None
-    )
-    connections = Pool(
-        Origin("127.0.0.1", port, trusting, "localhost."), factory, idle_expiry=None,
-        connect_timeout=5.0,
-        lag=LoopLag(),
-    )  # fmt: skip
+    connections = pool(Origin("127.0.0.1", port, trusting, "localhost."), None, 5.0)
     async with server:
         (await connections.acquire(AttemptFacts())).close()
         await connections.close()
