@@ -221,10 +221,12 @@ def _ssl_reason(error: BaseException) -> str:
 def _disconnect_reason(exc: BaseException, facts: AttemptFacts) -> str:
     if facts.response_started:
         return "the server closed the connection in the middle of its response"
-    if facts.request_bytes_acked:
+    if acked := facts.request_bytes_acked:
+        # Without a FIN first, the end was a reset: the server closed with bytes unread.
+        how = "closed" if facts.peer_finished else "reset"
         return (
-            f"the server closed the connection after its TCP acknowledged "
-            f"{facts.request_bytes_acked} bytes of the request, before answering"
+            f"the server {how} the connection after its TCP acknowledged {acked} "
+            f"byte{'s' if acked != 1 else ''} of the request, before answering"
         )
     if facts.request_sent and facts.request_bytes_acked == 0 and not facts.peer_finished:
         return (

@@ -54,11 +54,22 @@ def test_a_reset_alone_proves_nothing_however_little_was_acknowledged(reused: bo
     assert "a reset does not tell whether it had read any of the request" in failure.detail
 
 
-def test_a_reused_connection_whose_peer_acknowledged_any_of_the_request_is_not_stale() -> None:
-    facts = AttemptFacts(reused=True, request_sent=True, request_bytes_acked=1)
+@pytest.mark.parametrize(
+    ("acked", "peer_finished", "detail"),
+    [
+        (1, True, "the server closed the connection after its TCP acknowledged 1 byte of"),
+        (378, False, "the server reset the connection after its TCP acknowledged 378 bytes of"),
+    ],
+)
+def test_a_reused_connection_whose_peer_acknowledged_any_of_the_request_is_not_stale(
+    acked: int, peer_finished: bool, detail: str
+) -> None:
+    facts = AttemptFacts(
+        reused=True, request_sent=True, request_bytes_acked=acked, peer_finished=peer_finished
+    )
     failure = classify(aiohttp.ServerDisconnectedError(), facts, deadline_passed=False)
     assert failure.cause is Cause.RESET_DURING_REQUEST
-    assert "acknowledged 1 bytes" in failure.detail
+    assert failure.detail.startswith(detail)
 
 
 def test_without_the_kernels_count_a_drop_after_the_request_left_is_never_stale() -> None:
