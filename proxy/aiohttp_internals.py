@@ -5,26 +5,32 @@ aiohttp offers no public switch for what servegate needs here: building the data
 request handlers from servegate's own class, reading an answer on a connection servegate opened
 and wrote the request to itself (proxy/pool.py, proxy/exchange.py, which need no session and so
 none of the session's hidden one-time retry of idempotent requests), holding an answer to its
-framing, timing a request's head, writing heads byte for byte, and sending a buffered answer's
-head with its body. A renamed attribute would not fail: Python would quietly set a new one, and
-an answer's surplus bytes would be read as the next one's. So `check()` verifies every one of
-them before servegate serves anything, and each use below names the aiohttp 3.14 source it
-relies on.
+framing, timing a request's head, writing heads byte for byte, sending a buffered answer's
+head with its body, parsing pipelined requests one at a time, and telling a too-long target
+from a too-long header line. A renamed attribute would not fail: Python would quietly set a
+new one, and an answer's surplus bytes would be read as the next one's. So `check()` verifies
+every one of them before servegate serves anything, and each use below names the aiohttp 3.14
+source it relies on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
 from aiohttp import http_writer, web, web_protocol
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http import RawRequestMessage
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 # client_proto.py, ResponseHandler.data_received: bytes that arrive while no parser is set
 # (before the request is sent) wait in `_tail`; set_response_params builds the response parser
@@ -50,6 +56,18 @@ _PARSE_ERROR = "ERROR"
 # http_writer.py: StreamWriter.write_headers calls the module-level `_serialize_headers` (the C
 # writer's, or the Python one), for the client's requests and the server's answers alike.
 _SERIALIZER = "_serialize_headers"
+# web_protocol.py, RequestHandler: `_max_msg_queue_size` parsed heads may wait in `_messages`;
+# at that many it stops reading, and start() feeds the parser again (`data_received(b"")`) as
+# the queue drains.
+_QUEUE_SIZE = "_max_msg_queue_size"
+# _http_parser.pyx: the callback that takes the request target, where llhttp's parser raises
+# LineTooLong for a target over max_line_size (the header callbacks raise it for header lines).
+_TARGET_CALLBACK = "cb_on_url"
+# What `_server_missing` feeds a request parser: two requests in one read, the second
+# unparseable, and a target and a header line over a 256-byte limit.
+_GOOD_THEN_BAD = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nBad Name: x\r\n\r\n"
+_LONG_TARGET = b"GET /" + b"t" * 300 + b" HTTP/1.1\r\n\r\n"
+_LONG_FIELD = b"GET / HTTP/1.1\r\nX: " + b"v" * 300 + b"\r\n\r\n"
 # What `_parses_as_llhttp` feeds a response parser.
 _WHOLE_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 _CHUNKED_THEN_SURPLUS = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nX"
@@ -111,6 +129,45 @@ def last_queued_body(handler: RequestHandler) -> StreamReader | None:
     none waits)."""
     queued = handler._messages
     return queued[-1][1] if queued else None
+
+
+def parse_one_request_per_feed(
+    handler: RequestHandler, loop: asyncio.AbstractEventLoop, options: Mapping[str, Any]
+) -> None:
+    """Give `handler` a request parser that stops after each complete request and keeps the
+    rest of the read for the next feed (llhttp's pause, which aiohttp's own parser makes only
+    once 32 are queued).
+
+    aiohttp's parser parses every request of one read in a single call, and a parse error in
+    any of them raises and discards the complete requests before it (_http_parser.pyx,
+    HttpParser.feed_data): two pipelined requests sent together, the second malformed, were
+    answered with one error alone, which the client reads as the answer to the first.
+    `options` are the handler's own keyword arguments (data_server.server_options)."""
+    handler._parser = HttpRequestParser(
+        handler,
+        loop,
+        options.get("read_bufsize", DEFAULT_CHUNK_SIZE),
+        max_line_size=handler.max_line_size,
+        max_field_size=handler.max_field_size,
+        max_headers=handler.max_headers,
+        payload_exception=RequestPayloadError,
+        auto_decompress=options.get("auto_decompress", True),
+        max_msg_queue_size=1,
+    )
+
+
+def queue_full(handler: RequestHandler) -> bool:
+    """Whether as many parsed requests wait as the request handler queues: it parses more as
+    the queue drains."""
+    return len(handler._messages) >= handler._max_msg_queue_size
+
+
+def target_too_long(error: BaseException) -> bool:
+    """Whether a LineTooLong from the request parser is about the request target (414), not a
+    header line (431): llhttp's parser raises both from its callbacks, the target's own."""
+    return isinstance(error, LineTooLong) and any(
+        frame.name.endswith(_TARGET_CALLBACK) for frame in traceback.extract_tb(error.__traceback__)
+    )
 
 
 def is_parse_error(message: RawRequestMessage) -> bool:
@@ -238,6 +295,21 @@ def _server_missing() -> list[tuple[str, str]]:
             "tell a request's body from the next request's head",
         ),
         (
+            _QUEUE_SIZE in getattr(RequestHandler, "__slots__", ()),
+            f"RequestHandler.{_QUEUE_SIZE}",
+            "parse one pipelined request after another",
+        ),
+        (
+            _parses_one_request_per_feed(),
+            "request parser that pauses after each request (max_msg_queue_size)",
+            "answer the requests before a malformed pipelined one",
+        ),
+        (
+            _tells_a_long_target(),
+            f"_http_parser.{_TARGET_CALLBACK} raising LineTooLong for a long target",
+            "answer a too-long target 414 rather than 431",
+        ),
+        (
             isinstance(getattr(web_protocol, _PARSE_ERROR, None), RawRequestMessage),
             f"web_protocol.{_PARSE_ERROR}",
             "answer an unparseable request in the version its client spoke",
@@ -259,3 +331,42 @@ def _server_missing() -> list[tuple[str, str]]:
         ),
     )
     return [(what, why) for ok, what, why in needs if not ok]
+
+
+class _Parsed(BaseProtocol):
+    """The least a request parser needs of its protocol, for the start-up checks."""
+
+
+def _parser(max_line: int = 8190, *, one_per_feed: bool = False) -> Any:
+    loop = asyncio.get_running_loop()
+    return HttpRequestParser(
+        _Parsed(loop),
+        loop,
+        DEFAULT_CHUNK_SIZE,
+        max_line_size=max_line,
+        max_field_size=max_line,
+        max_msg_queue_size=1 if one_per_feed else 0,
+    )
+
+
+def _parses_one_request_per_feed() -> bool:
+    parser = _parser(one_per_feed=True)
+    try:
+        first = parser.feed_data(_GOOD_THEN_BAD)[0]
+    except HttpProcessingError:
+        return False
+    try:
+        parser.feed_data(b"")
+    except HttpProcessingError:
+        return len(first) == 1
+    return False
+
+
+def _tells_a_long_target() -> bool:
+    verdicts = []
+    for head in (_LONG_TARGET, _LONG_FIELD):
+        try:
+            _parser(256).feed_data(head)
+        except LineTooLong as error:
+            verdicts.append(target_too_long(error))
+    return verdicts == [True, False]

@@ -22,7 +22,15 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from proxy import answer
-from proxy.aiohttp_internals import HandlerServer, is_parse_error, last_queued_body, request_count
+from proxy.aiohttp_internals import (
+    HandlerServer,
+    is_parse_error,
+    last_queued_body,
+    parse_one_request_per_feed,
+    queue_full,
+    request_count,
+    target_too_long,
+)
 from proxy.config import ServerSettings
 from proxy.logs import without_client_bytes
 
@@ -53,28 +61,29 @@ _UNCARRIED_TARGET = (
 class _Head:
     """What a request's first line says, for answering a head aiohttp could not parse.
 
-    aiohttp reports a long target and a long header line with the same exception; the request
-    line's own length tells them apart. `spoke` is the version the answer is written in: RFC
-    9110 §2.5, the highest one servegate conforms to within the request's major version, so
-    HTTP/1.1 for any HTTP/1.x client, also when the line was too long to reach its version,
-    and HTTP/1.0 only for a client that said so (as aiohttp answers a well-formed 1.0 request).
+    `spoke` is the version the answer is written in: RFC 9110 §2.5, the highest one servegate
+    conforms to within the request's major version, so HTTP/1.1 for any HTTP/1.x client, also
+    when the line was too long to reach its version or was not seen, and HTTP/1.0 only for a
+    client that said so (as aiohttp answers a well-formed 1.0 request).
     """
 
-    target_too_long: bool = False
     spoke: HttpVersion = HttpVersion11
 
     @classmethod
-    def of(cls, head_start: bytes, max_line: int) -> _Head:
+    def of(cls, head_start: bytes) -> _Head:
         line = head_start.split(b"\n", 1)[0]
-        target = line.split(b" ", 1)[-1].rsplit(b" HTTP/", 1)[0]
         ended = b"\n" in head_start and line.rstrip(b"\r").endswith(b" HTTP/1.0")
-        return cls(len(target) > max_line, HttpVersion10 if ended else HttpVersion11)
+        return cls(HttpVersion10 if ended else HttpVersion11)
 
 
 class _JsonErrorHandler(RequestHandler):
     """aiohttp answers a request it cannot parse (bad request line, oversized headers) before
     servegate's handler runs, in plain text; this gives that answer the JSON body too, and the
-    status RFC 9110 and RFC 6585 give a too-long target (414) or header section (431)."""
+    status RFC 9110 and RFC 6585 give a too-long target (414) or header section (431).
+
+    Requests pipelined in one read are parsed one at a time, so that each one before a
+    malformed one is answered first, in order (RFC 9112 §9.3.2), as nginx does; aiohttp would
+    answer the error alone."""
 
     # One per client connection: no instance dictionary (RequestHandler has none either).
     __slots__ = (
@@ -83,7 +92,6 @@ class _JsonErrorHandler(RequestHandler):
         "_head_cap",
         "_head_start",
         "_heads",
-        "_max_line",
         "_on_rejected",
     )
 
@@ -91,16 +99,16 @@ class _JsonErrorHandler(RequestHandler):
         self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **options: Any
     ) -> None:
         super().__init__(manager, loop=loop, **options)
+        parse_one_request_per_feed(self, loop, options)
         self._on_rejected = (
             manager.on_rejected if isinstance(manager, JsonErrorServer) else _count_nothing
         )
-        self._max_line: int = options.get("max_line_size", 8190)
         # The first bytes of the head being parsed: up to the end of its request line, and at
         # most as long as one can be. A body's bytes are no head's: none are taken while the
         # body of the last head parsed is still arriving, so a long upload without a line
         # break is neither copied nor kept here.
         self._head_start = b""
-        self._head_cap = self._max_line + 64
+        self._head_cap = options.get("max_line_size", 8190) + 64
         # The first bytes of each head aiohttp has queued, taken in order by
         # `JsonErrorServer._request` as each is handled. Kept when aiohttp queues the head (or
         # its parse error): bytes that arrive before an error is answered belong to no request
@@ -116,9 +124,17 @@ class _JsonErrorHandler(RequestHandler):
             end = data.find(b"\n", 0, room)
             self._head_start += data[: end + 1 if end >= 0 else room]
         super().data_received(data)
-        if (requests := request_count(self)) != requests_before:
+        # The parser stops after each complete request and keeps the rest of the read: fed
+        # again until no further request comes of it, or until aiohttp's queue is full (aiohttp
+        # feeds it again as the queue drains). The line captured above is the first request's;
+        # one whose line was not seen is answered in HTTP/1.1.
+        while (requests := request_count(self)) != requests_before:
             self._heads.extend([self._head_start] * (requests - requests_before))
             self._head_start = b""
+            if queue_full(self):
+                return
+            requests_before = requests
+            super().data_received(b"")
 
     def _between_requests(self) -> bool:
         """Whether the parser stands at the start of a head: the body of the last head it
@@ -142,7 +158,7 @@ class _JsonErrorHandler(RequestHandler):
     @property
     def head(self) -> _Head:
         """What the request line of the request being handled said."""
-        return _Head.of(self._current, self._max_line)
+        return _Head.of(self._current)
 
     def handle_error(
         self,
@@ -155,7 +171,7 @@ class _JsonErrorHandler(RequestHandler):
             return super().handle_error(request, status, exc, message)
         # A client's mistake, answered and logged as one (aiohttp logs it as a server error).
         reason = without_client_bytes(message) if message else HTTPStatus(status).phrase
-        if isinstance(exc, LineTooLong) and self.head.target_too_long:
+        if isinstance(exc, LineTooLong) and target_too_long(exc):
             status = 414
             reason = (
                 f"the request target is longer than server.max_request_line_bytes ({exc.args[1]})"

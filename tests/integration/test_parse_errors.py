@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
@@ -98,3 +99,48 @@ async def test_a_pipelined_head_behind_a_queued_request_is_read_from_its_own_lin
         writer.close()
     assert answers.count(b"HTTP/1.1 200 OK\r\n") == 2
     assert b"HTTP/1.1 414 Request-URI Too Long\r\n" in answers
+
+
+@pytest.mark.parametrize(
+    ("behind", "status_line"),
+    [
+        (head(LONG_TARGET), b"HTTP/1.1 414 Request-URI Too Long"),
+        (head(b"/", b"X-Big: " + b"a" * 9000), b"HTTP/1.1 431 Request Header Fields Too Large"),
+        (head(b"/", *(b"X-%d: v" % i for i in range(200))),
+         b"HTTP/1.1 431 Request Header Fields Too Large"),
+        (head(b"/", b"Bad Name: x"), b"HTTP/1.1 400 Bad Request"),
+    ],
+    ids=["414", "431-long-header", "431-many-headers", "400"],
+)  # fmt: skip
+async def test_requests_pipelined_in_one_write_before_a_malformed_one_are_answered_first(
+    behind: bytes, status_line: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    """Sent together, in one packet: each request before the malformed one reaches the model
+    and is answered, in order, and the malformed one then gets its own verdict, as nginx
+    answers. aiohttp alone parses a read whole, so the error discarded the requests before it:
+    the client got the error alone and read it as the answer to its first request."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    first = b"POST /first HTTP/1.1\r\nHost: model\r\nContent-Length: 2\r\n\r\n{}"
+    second = (
+        b"POST /second HTTP/1.1\r\nHost: model\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n"
+    )
+    raw = await exchange(gate.data_port, first + second + behind)
+    status_lines = re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", raw)
+    assert status_lines == [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", status_line]
+    assert [seen.target for seen in model.seen] == [b"/first", b"/second"]
+    assert json_body(raw.rsplit(b"HTTP/1.1 ", 1)[1])["error_code"] == "servegate.bad_request"
+
+
+async def test_many_requests_pipelined_in_one_write_are_all_answered(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """More requests in one read than aiohttp queues at once (32): the rest wait in the parser
+    and are all answered, in order."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    requests = b"".join(b"GET /%d HTTP/1.1\r\nHost: model\r\n\r\n" % i for i in range(99))
+    raw = await exchange(gate.data_port, requests + head(b"/last"))
+    assert raw.count(b"HTTP/1.1 200 OK\r\n") == 100
+    assert [seen.target for seen in model.seen] == [b"/%d" % i for i in range(99)] + [b"/last"]
