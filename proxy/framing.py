@@ -34,6 +34,9 @@ log = structlog.get_logger("servegate.upstream")
 # The end of a response head: CRLF CRLF, or a bare LF where aiohttp's lenient parser takes one.
 _HEAD_ENDS = (b"\n\r\n", b"\n\n")
 _NO_BODY_STATUSES = frozenset({204, 304})  # RFC 9110 §15.3.5, §15.4.5
+# How a chunked body ends when no trailer field and no extension follow its last chunk (RFC
+# 9112 §7.1): the line before ends, a lone 0, and an empty trailer section.
+_BARE_LAST_CHUNK = b"\n0\r\n\r\n"
 
 
 class Fault(StrEnum):
@@ -87,6 +90,7 @@ class _FramedParser:
         self._declared = ""
         self._status = 0
         self._payload: Any = None
+        self._body_end = b""  # the last bytes of a chunked body so far
 
     def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         messages: list[Any] = []
@@ -134,6 +138,9 @@ class _FramedParser:
             piece = data[: self._remaining]
             self._remaining -= len(piece)
             return piece, data[len(piece) :]
+        if self._stage is _Stage.CHUNKED:
+            keep = len(_BARE_LAST_CHUNK)
+            self._body_end = (self._body_end + data[-keep:])[-keep:]
         return data, b""
 
     def _head_end(self, data: bytes) -> int:
@@ -162,6 +169,7 @@ class _FramedParser:
             self._stage, self._declared = _Stage.DONE, f"no body ({why})"
         elif message.chunked:
             self._stage, self._declared = _Stage.CHUNKED, "chunked"
+            self._body_end = b"\n"  # the head's last byte
         elif length is not None:  # the parser has refused a malformed or repeated one
             self._stage, self._declared = _Stage.LENGTH, f"Content-Length: {length}"
             self._remaining = int(length)
@@ -191,8 +199,14 @@ class _FramedParser:
     @property
     def ended_cleanly(self) -> bool:
         """The answer ended exactly where its framing said, with nothing after it: aiohttp's
-        parser then stands at the start of the next answer, as on any keep-alive connection."""
-        return self.complete and not self._parser_failed
+        parser then stands at the start of the next answer, as on any keep-alive connection.
+
+        Not after a chunked body that may have ended with trailer fields (RFC 9112 §7.1.2):
+        aiohttp's parser (3.14, _http_parser.pyx) keeps them and adds them to the headers of
+        the connection's next answer, which may be another client's."""
+        if not self.complete or self._parser_failed:
+            return False
+        return self._declared != "chunked" or self._body_end.endswith(_BARE_LAST_CHUNK)
 
     def feed_eof(self) -> Any:
         if self._parser_failed or self._stage is _Stage.DONE:

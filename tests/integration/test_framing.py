@@ -205,3 +205,31 @@ async def test_a_long_body_cut_short_cuts_the_clients_connection(
     access = log_capture.access()[0]
     assert (access["cause"], access["bytes_out"]) == ("reset_during_request", sent)
     assert f"({sent} of the {declared} bytes" in access["detail"]
+
+
+TRAILED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Cost\r\n\r\n"
+    b"3\r\nabc\r\n0\r\nX-Cost: 7\r\nServer-Timing: model;dur=12\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("cut", [None, len(TRAILED) - 4, len(TRAILED) - 30])
+async def test_trailer_fields_of_an_answer_never_reach_the_next_answer_on_its_connection(
+    cut: int | None, start_gate: StartGate, raw_server: Any
+) -> None:
+    """A chunked answer that ends with trailer fields, whole or split around them: the next
+    answer on that pooled connection, which may be another client's, carries only its own
+    headers. aiohttp's parser (3.14) keeps an answer's trailer fields and adds them to the
+    next answer it parses; servegate then gives the next answer a parser of its own."""
+    parts = [TRAILED] if cut is None else [TRAILED[:cut], TRAILED[cut:]]
+    model = await raw_server(MisframedModel(first=parts, pause=0.05))
+    gate = await start_gate(model.url)
+    first = await exchange(gate.data_port, request(b"/trailed", method=b"GET"))
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\n3\r\nabc\r\n0\r\n" in first
+    second = await exchange(gate.data_port, request(b"/next", method=b"GET"))
+    status, headers, body = split(second)
+    assert (status, body) == (b"HTTP/1.1 200 OK", b"ok")
+    assert b"x-cost" not in headers
+    assert b"server-timing" not in headers
+    assert model.connection_of[0] == model.connection_of[1]  # the connection itself is kept
