@@ -268,6 +268,7 @@ class Ingress:
             async with asyncio.timeout(budget.remaining()):
                 reader, writer, head = await upgrader.handshake(
                     self.forwarder.probe.speaking,
+                    request.method,
                     origin_form(request.raw_path),
                     headers,
                     request.headers["Upgrade"],

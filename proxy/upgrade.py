@@ -31,9 +31,13 @@ CHUNK = 64 * 1024
 
 
 def wants_upgrade(request: web.BaseRequest) -> bool:
-    """An Upgrade the client asked for, with `Connection: upgrade` (RFC 9110 §7.8)."""
+    """An Upgrade the client asked for, with `Connection: upgrade` (RFC 9110 §7.8), on a request
+    without a body, as a WebSocket handshake is (RFC 6455 §4.1).
+
+    A request with a body goes on as plain HTTP, its Upgrade ignored as RFC 9110 §7.8 lets a
+    server do: curl offers `Upgrade: h2c` on a POST, and the handshake carries no body."""
     tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
-    return "upgrade" in tokens and bool(request.headers.get("Upgrade"))
+    return "upgrade" in tokens and bool(request.headers.get("Upgrade")) and not request.body_exists
 
 
 class UpgradeRefused(Exception):
@@ -60,11 +64,13 @@ class Upgrader:
     async def handshake(
         self,
         scheme: str,
+        method: str,
         target: str,
         headers: Fields,
         upgrade: str,
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
-        """Send the upgrade request; returns the connection and the model's response head.
+        """Send the upgrade request, with the client's method; returns the connection and the
+        model's response head.
 
         Raises UpstreamUnreachable when no connection opens within upstream.connect_timeout,
         UpgradeRefused when the answer is not an HTTP head within
@@ -94,7 +100,7 @@ class Upgrader:
             (b"Connection", b"Upgrade"),
             (b"Upgrade", upgrade.encode("utf-8", "surrogateescape")),
         ]
-        start = serialize_start(f"GET {target} HTTP/1.1")
+        start = serialize_start(f"{method} {target} HTTP/1.1")
         writer.write(start + serialize_fields(fields) + b"\r\n")
         try:
             head = await reader.readuntil(b"\r\n\r\n")

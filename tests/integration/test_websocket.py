@@ -66,6 +66,43 @@ async def test_upgrades_switched_off_reach_the_model_as_plain_http(
     assert seen.header(b"sec-websocket-key") == [b"k"]
 
 
+async def test_an_upgrade_offered_on_a_request_with_a_body_is_ignored_not_made_a_get(
+    start_gate: StartGate, raw_server: Any, client: aiohttp.ClientSession
+) -> None:
+    """curl offers HTTP/2 (`Upgrade: h2c`) on a POST with its body: the POST and its body reach
+    the model as sent, as plain HTTP (RFC 9110 §7.8 lets a server ignore an Upgrade), rather
+    than a bodiless GET handshake."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    headers = {
+        "Connection": "Upgrade, HTTP2-Settings",
+        "Upgrade": "h2c",
+        "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
+    }
+    async with client.post(gate_url(gate, "/predict"), data=b'{"x": 1}', headers=headers) as answer:
+        assert answer.status == 200
+        assert await answer.read() == b"ok"
+    seen = model.last()
+    assert seen.request_line == b"POST /predict HTTP/1.1"
+    assert seen.body == b'{"x": 1}'
+    assert seen.header(b"upgrade") == []
+    assert seen.header(b"http2-settings") == []  # named by Connection: hop-by-hop
+
+
+async def test_a_bodiless_upgrade_reaches_the_model_with_the_clients_method(
+    start_gate: StartGate, raw_server: Any, client: aiohttp.ClientSession
+) -> None:
+    model = await raw_server(RecordingModel(close_after=True))
+    gate = await start_gate(model.url)
+    headers = {"Connection": "Upgrade", "Upgrade": "h2c"}
+    async with client.options(gate_url(gate, "/predict"), headers=headers) as answer:
+        assert answer.status == 200
+        assert await answer.read() == b"ok"
+    seen = model.last()
+    assert seen.request_line == b"OPTIONS /predict HTTP/1.1"
+    assert seen.header(b"upgrade") == [b"h2c"]
+
+
 async def test_a_refused_handshake_is_relayed_as_the_model_answered(
     start_gate: StartGate, raw_server: Any, client: aiohttp.ClientSession
 ) -> None:
