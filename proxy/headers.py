@@ -28,7 +28,7 @@ HOP_BY_HOP = frozenset(
 # Not hop-by-hop, but servegate answers them itself: it sends "100 Continue" to the client,
 # and it frames the body it sends upstream (a buffered chunked upload gets a Content-Length).
 _HANDLED_ON_REQUEST = frozenset({"expect", "content-length"})
-# servegate sets X-Request-Id itself (the client's, when it is safe to pass on).
+# servegate sets X-Request-Id itself (the client's, when it can be logged as sent).
 _REQUEST_DROP = HOP_BY_HOP | _HANDLED_ON_REQUEST | {"x-request-id"}
 # Headers cross as the bytes they came as: names compared lowercased, never decoded.
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)

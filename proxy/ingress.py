@@ -35,8 +35,10 @@ from proxy.upgrade import Upgrader, UpgradeRefused, UpstreamUnreachable, wants_u
 
 access_log = structlog.get_logger("servegate.access")
 
-# A passed-on request id is kept only if it is safe to log and to echo in a header.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# A client's request id is passed on as it came when it is printable ASCII (a field value of
+# visible characters and spaces, RFC 9110 §5.5): trace ids carry `=`, `/`, `+`, `;` or braces.
+# One with bytes outside ASCII cannot be written into a UTF-8 log line as sent: a new one.
+_REQUEST_ID = re.compile(r"[\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?")
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 
 

@@ -92,15 +92,48 @@ async def test_headers_keep_order_and_repeats_and_lose_hop_by_hop_ones(
     assert seen.body == b"hi"
 
 
-async def test_a_request_id_is_created_when_the_client_sends_none_or_an_unsafe_one(
-    start_gate: StartGate, upstream_url: str, recorder: Recorder, client: aiohttp.ClientSession
+async def _request_id_exchange(port: int, field: bytes) -> bytes:
+    """The head servegate answers a GET carrying `field` (a header line, or b"") with."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /id HTTP/1.1\r\nHost: model\r\n" + field + b"Connection: close\r\n\r\n")
+        async with asyncio.timeout(10):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "passed",
+    [
+        b"abc-123",
+        b"Root=1-5759e988-bd862e3fe1be46a994272793;Sampled=1",  # an AWS trace id
+        b"{6F9619FF-8B86-D011-B42D-00C04FC964FF}",
+        b"dGhlIHJlcXVlc3Q+aWQ/PQ==",  # base64
+        b"batch 7 / item 12",
+        b"r" * 300,
+    ],
+)
+async def test_a_clients_request_id_reaches_the_model_and_comes_back_as_sent(
+    passed: bytes, start_gate: StartGate, upstream_url: str, recorder: Recorder
 ) -> None:
     gate = await start_gate(upstream_url)
-    for sent in ({}, {"X-Request-Id": "bad id with spaces"}):
-        async with client.get(gate_url(gate, "/id"), headers=sent) as response:
-            created = response.headers["X-Request-Id"]
-        assert len(created) == 32
-        assert CIMultiDict(recorder.last().headers)["X-Request-Id"] == created
+    head = await _request_id_exchange(gate.data_port, b"X-Request-Id: " + passed + b"\r\n")
+    assert b"\r\nX-Request-Id: " + passed + b"\r\n" in head
+    assert CIMultiDict(recorder.last().headers).getall("X-Request-Id") == [passed.decode()]
+
+
+@pytest.mark.parametrize(
+    "field", [b"", b"X-Request-Id:\r\n", "X-Request-Id: caf\u00e9\r\n".encode()]
+)
+async def test_a_request_id_is_created_when_the_client_sends_none_or_one_not_ascii(
+    field: bytes, start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    gate = await start_gate(upstream_url)
+    head = await _request_id_exchange(gate.data_port, field)
+    created = head.split(b"\r\nX-Request-Id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+    assert len(created) == 32
+    assert CIMultiDict(recorder.last().headers).getall("X-Request-Id") == [created]
 
 
 @pytest.mark.parametrize("code", [400, 404, 418, 500, 502, 503])
