@@ -342,6 +342,7 @@ class _Acceptor:
     async def _serve(self, sock: socket.socket, client: str) -> bool:
         """One connection: peek, then hand it to aiohttp or refuse it. True once aiohttp's
         transport has taken `sock`; otherwise `_served` closes it."""
+        tls: ssl.SSLContext | None = None
         try:
             try:  # most clients send the request as soon as they connect: no wait then
                 first = sock.recv(1, socket.MSG_PEEK)
@@ -373,8 +374,25 @@ class _Acceptor:
                 # A handshake is part of the request's head: the same deadline (nginx).
                 ssl_handshake_timeout=self._header_timeout if tls else None,
             )
-        except OSError as exc:  # silent, reset, or a failed TLS handshake (TimeoutError too)
-            log.debug("listener.connection_dropped", client=client, error=repr(exc))
+        except ConnectionAbortedError as exc:
+            if tls is None:
+                log.debug("listener.connection_dropped", client=client, error=repr(exc))
+                return False
+            # asyncio's and uvloop's handshake timeout. There is no TLS channel to answer on:
+            # the connection is closed, counted and named.
+            self._metrics.record_client_timeout(TimeoutPhase.TLS_HANDSHAKE)
+            log.info(
+                "listener.tls_handshake_timeout",
+                reason=f"TLS handshake not complete within server.header_timeout "
+                f"({self._header_timeout:g} s)",
+                client=client,
+            )
+            return False
+        except OSError as exc:
+            if tls is not None:  # a handshake that failed, or that the client gave up
+                self._tls_failed(client, exc)
+                return False
+            log.debug("listener.connection_dropped", client=client, error=repr(exc))  # reset
             return False
         return True
 
@@ -391,6 +409,32 @@ class _Acceptor:
             message=WARNINGS[mismatch].format(client=client),
             client=client,
             note="logged once per client address; the metric counts every connection",
+        )
+
+    def _tls_failed(self, client: str, error: OSError) -> None:
+        """One line per client address: a client retrying a handshake it cannot complete
+        must not flood the log."""
+        key = f"tls {client}"
+        if key in self._warned:
+            self._warned.move_to_end(key)
+            return
+        self._warned[key] = None
+        if len(self._warned) > REMEMBERED_CLIENTS:
+            self._warned.popitem(last=False)
+        if isinstance(error, ssl.SSLError):
+            reason = str(error.reason or error).lower().replace("_", " ")
+        else:
+            # TLS 1.3 finishes servegate's side of the handshake before the client checks the
+            # certificate; a client that refuses it then closes, and only the close arrives.
+            reason = "the client closed the connection during the handshake"
+        log.warning(
+            "listener.tls_handshake_failed",
+            message=f"a TLS handshake from {client} failed ({reason}); a client that does not "
+            "trust servegate's certificate ends it so (with server.tls: auto and no files, the "
+            "certificate is self-signed)",
+            client=client,
+            reason=reason,
+            note="logged once per client address",
         )
 
     def _header_timed_out(self, client: str) -> None:

@@ -53,6 +53,7 @@ class TimeoutPhase(StrEnum):
     """The `phase` label of servegate_client_timeouts_total."""
 
     HEADERS = "headers"  # a request's headers did not all arrive within server.header_timeout
+    TLS_HANDSHAKE = "tls_handshake"  # a TLS handshake was not done within server.header_timeout
     IDLE = "idle"  # a new connection sent nothing at all (the listener's PEEK_TIMEOUT)
 
 
@@ -151,8 +152,8 @@ class Metrics:
         )
         self.client_timeouts = Counter(
             "servegate_client_timeouts",
-            "Client connections closed for being too slow: headers not complete within "
-            "server.header_timeout, or nothing sent at all (idle).",
+            "Client connections closed for being too slow: headers or a TLS handshake not "
+            "complete within server.header_timeout, or nothing sent at all (idle).",
             ["phase"],
             registry=registry,
         )

@@ -253,7 +253,11 @@ async def test_an_idle_kept_connection_is_closed_at_the_keep_alive_timeout_a_bus
 
 @pytest.mark.time_limit(30)
 async def test_over_https_an_unfinished_handshake_or_head_is_closed_at_the_header_timeout(
-    start_gate: StartGate, upstream_url: str, recorder: Recorder, certificates: Certificates
+    start_gate: StartGate,
+    upstream_url: str,
+    recorder: Recorder,
+    certificates: Certificates,
+    log_capture: LogCapture,
 ) -> None:
     gate = await start_gate(
         upstream_url,
@@ -279,7 +283,12 @@ async def test_over_https_an_unfinished_handshake_or_head_is_closed_at_the_heade
         writer.close()
     assert answer.status == 408
     assert recorder.seen == []
-    assert sample(await scrape(gate), "servegate_client_timeouts_total", phase="headers") == 1
+    metrics = await scrape(gate)
+    assert sample(metrics, "servegate_client_timeouts_total", phase="tls_handshake") == 1
+    assert sample(metrics, "servegate_client_timeouts_total", phase="headers") == 1
+    assert [line["client"] for line in log_capture.events("listener.tls_handshake_timeout")] == [
+        "127.0.0.1"
+    ]
     await wait_for_gauge(gate, "servegate_client_connections", 0)
 
 

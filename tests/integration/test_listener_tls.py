@@ -155,6 +155,46 @@ async def test_a_plain_port_refuses_a_tls_handshake_counts_it_and_warns_once_per
         assert response.headers["X-Upstream-Method"] == "GET"
 
 
+async def test_a_client_that_distrusts_the_certificate_is_named_once_and_costs_others_nothing(
+    start_gate: StartGate,
+    upstream_url: str,
+    log_capture: LogCapture,
+    client: aiohttp.ClientSession,
+    trusting: ssl.SSLContext,
+) -> None:
+    gate = await start_gate(upstream_url, **{"server.tls": "auto"})  # self-signed
+    for _ in range(2):
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            async with client.get(https_url(gate, "/refused"), ssl=trusting):
+                pass
+    async with client.get(https_url(gate, "/s"), ssl=False) as response:
+        assert response.status == 200
+    [line] = log_capture.events("listener.tls_handshake_failed")
+    assert (line["level"], line["client"]) == ("warning", "127.0.0.1")
+    # TLS 1.3 ends servegate's side before the client checks the certificate (on uvloop, so
+    # does TLS 1.2): a client that refuses it closes, and only the close arrives.
+    assert line["reason"] == "the client closed the connection during the handshake"
+    assert "a client that does not trust servegate's certificate" in line["message"]
+
+
+async def test_a_malformed_tls_handshake_is_named_with_its_reason(
+    start_gate: StartGate, upstream_url: str, log_capture: LogCapture
+) -> None:
+    gate = await start_gate(upstream_url, **{"server.tls": "auto"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    writer.write(b"\x16\x03\x01\x00\x04\x01\x00\x00\x00")  # a ClientHello of nothing
+    try:
+        async with asyncio.timeout(10):
+            while await reader.read(65536):
+                pass  # servegate's alert, then its close
+    finally:
+        writer.close()
+    [line] = log_capture.events("listener.tls_handshake_failed")
+    assert line["client"] == "127.0.0.1"
+    assert line["reason"] != "the client closed the connection during the handshake"
+    assert line["reason"] in line["message"]
+
+
 async def test_tls_on_answers_plain_http_with_a_400_naming_the_fix_and_serves_https(
     start_gate: StartGate,
     upstream_url: str,
