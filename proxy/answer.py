@@ -95,6 +95,17 @@ def bad_request(message: str, request_id: str, status: int = 400) -> web.Respons
     return _json(status, body, {"X-Request-Id": request_id})
 
 
+def insufficient_storage(message: str, request_id: str) -> web.Response:
+    """servegate could not store what the request needs (RFC 4918 §11.5): the model was never
+    asked."""
+    body = {
+        "error_code": "servegate.insufficient_storage",
+        "error_msg": message,
+        "request_id": request_id,
+    }
+    return _json(507, body, {"X-Request-Id": request_id})
+
+
 def internal_error(request_id: str) -> web.Response:
     body = {
         "error_code": "servegate.internal_error",

@@ -28,6 +28,18 @@ class BodyTooLarge(Exception):
         super().__init__(f"the request body is larger than server.max_body_bytes ({limit} bytes)")
 
 
+class SpoolFailed(Exception):
+    """The temporary file for a chunked body over the replay buffer could not be written
+    (answered 507): its directory ($TMPDIR) is full, read-only or missing."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(
+            f"servegate could not spool the request body to a temporary file in "
+            f"{tempfile.gettempdir()}: {error.strerror or error}; a chunked body over "
+            "retry.replay_buffer_bytes is spooled there to be sent with a length"
+        )
+
+
 class RequestBody:
     __slots__ = ("_declared", "_head", "_rest", "_spool", "_streaming_started", "size")
 
@@ -81,14 +93,17 @@ class RequestBody:
         cls, head: list[bytes], size: int, content: StreamReader, max_body: int
     ) -> RequestBody:
         # Unlinked at once, so nothing is left behind; closed by close() or below.
-        spool = tempfile.TemporaryFile()  # noqa: SIM115
         try:
-            spool.writelines(head)
+            spool = tempfile.TemporaryFile()  # noqa: SIM115
+        except OSError as exc:
+            raise SpoolFailed(exc) from exc
+        try:
+            _write(spool, head)
             async for chunk in content.iter_chunked(CHUNK):
                 size += len(chunk)
                 if size > max_body:
                     raise BodyTooLarge(max_body)
-                spool.write(chunk)
+                _write(spool, [chunk])
         except BaseException:
             spool.close()
             raise
@@ -128,3 +143,11 @@ class RequestBody:
         async for chunk in rest.iter_chunked(CHUNK):
             self.size += len(chunk)
             yield chunk
+
+
+def _write(spool: IO[bytes], parts: list[bytes]) -> None:
+    """Raises SpoolFailed: a failed write is the disk's fault, not the client's."""
+    try:
+        spool.writelines(parts)
+    except OSError as exc:
+        raise SpoolFailed(exc) from exc

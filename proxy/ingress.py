@@ -21,7 +21,7 @@ from yarl import URL
 
 from proxy import answer, logs
 from proxy.admission import Admission, QueueFull
-from proxy.body import BodyTooLarge, RequestBody
+from proxy.body import BodyTooLarge, RequestBody, SpoolFailed
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
 from proxy.config import Settings
@@ -164,6 +164,10 @@ class Ingress:
         except RequestPayloadError as exc:  # broken chunked framing, a body cut short
             line.status = 400
             return answer.bad_request(f"the request body could not be read: {exc}", request_id)
+        except SpoolFailed as exc:
+            access_log.error("request.body_spool_failed", error=str(exc))
+            line.status = 507
+            return answer.insufficient_storage(str(exc), request_id)
         except TimeoutError:
             detail = "the budget ran out while the client was still sending its request"
             refusal: Refusal | None = Refusal(Failure(Cause.DEADLINE_EXCEEDED, detail))

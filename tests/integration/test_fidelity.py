@@ -7,7 +7,9 @@ import asyncio
 import gzip
 import json
 import os
+import tempfile
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -237,6 +239,33 @@ async def test_a_large_chunked_upload_reaches_the_model_with_its_length(
     assert seen.framing == "length"
     assert seen.header(b"content-length") == [str(len(body)).encode()]
     assert seen.body == body
+
+
+async def test_a_chunked_upload_that_cannot_be_spooled_is_a_507_that_names_the_directory(
+    start_gate: StartGate,
+    raw_server: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    log_capture: LogCapture,
+) -> None:
+    """The directory large chunked bodies are spooled to is gone (a full or read-only one
+    fails the same way): the client is told what servegate could not do, not a bare 500."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url, **{"retry.replay_buffer_bytes": 1024})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+    data = request(b"/up", b"Transfer-Encoding: chunked") + b"1388\r\n" + b"x" * 5000
+    raw = await exchange(gate.data_port, data + b"\r\n0\r\n\r\n")
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 507 Insufficient Storage"
+    body = json_body(raw)
+    assert body["error_code"] == "servegate.insufficient_storage"
+    assert str(tmp_path / "gone") in body["error_msg"]
+    assert "retry.replay_buffer_bytes" in body["error_msg"]
+    assert model.seen == []
+    [line] = log_capture.events("request.body_spool_failed")
+    assert line["level"] == "error"
+    ok = await exchange(gate.data_port, request(b"/small", b"Transfer-Encoding: chunked")
+                        + b"2\r\nok\r\n0\r\n\r\n")  # fmt: skip
+    assert ok.startswith(b"HTTP/1.1 200")
 
 
 @pytest.mark.parametrize("chunked", [True, False])
