@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from proxy import aiohttp_internals
 from proxy.admin import Readiness, admin_app
 from proxy.admission import Admission
+from proxy.body import BufferPool
 from proxy.config import Settings, effective, split_address
 from proxy.data_server import JsonErrorServer, server_options
 from proxy.failures import Failure
@@ -99,7 +100,11 @@ class Servegate:
             self.metrics,
             self._rng,
         )
-        ingress = Ingress(self.settings, forwarder, self.admission, self.circuit, self.metrics)
+        bodies = BufferPool(self.settings.retry.replay_buffer_total_bytes, self.metrics)
+        self.metrics.body_buffer_limit.set(bodies.limit)
+        ingress = Ingress(
+            self.settings, forwarder, self.admission, self.circuit, self.metrics, bodies
+        )
         data_server = JsonErrorServer(
             ingress.handle,
             on_rejected=lambda status: self.metrics.requests_rejected.labels(str(status)).inc(),

@@ -6,13 +6,18 @@ servegate's memory stays flat; once its first byte has left, it cannot be replay
 chunked body is spooled to an unlinked temporary file, as nginx's proxy_request_buffering
 does, so the model server gets a Content-Length (a WSGI app reads CONTENT_LENGTH bytes, and
 reads nothing without it); a spooled body can be replayed too.
+
+The bodies kept in memory share one bound (retry.replay_buffer_total_bytes, a `BufferPool`):
+bodies are read before a request waits for admission, so without it as many could be held as
+there are connections. A body that finds the pool full is handled as one over the
+per-request limit, so memory stays within the bound and the request still goes through.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import AsyncIterator
-from typing import IO
+from typing import IO, Protocol
 
 from aiohttp import StreamReader
 
@@ -40,8 +45,53 @@ class SpoolFailed(Exception):
         )
 
 
+class BufferMetrics(Protocol):
+    """What a BufferPool reports (proxy.metrics.Metrics does)."""
+
+    def record_body_buffer(self, change: int) -> None: ...
+    def record_body_buffer_full(self) -> None: ...
+
+
+class BufferPool:
+    """The memory, in bytes, that the request bodies kept for a replay may take together:
+    `limit` (retry.replay_buffer_total_bytes); `used` is what they take now."""
+
+    __slots__ = ("_metrics", "limit", "used")
+
+    def __init__(self, limit: int, metrics: BufferMetrics) -> None:
+        self.limit = limit
+        self.used = 0
+        self._metrics = metrics
+
+    def take(self, size: int) -> bool:
+        """Count `size` more bytes if they fit; False (and counted as full) if not."""
+        if self.used + size > self.limit:
+            self._metrics.record_body_buffer_full()
+            return False
+        self.hold(size)
+        return True
+
+    def hold(self, size: int) -> None:
+        """Count `size` bytes that are in memory already, whether or not they fit."""
+        self.used += size
+        self._metrics.record_body_buffer(size)
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        self._metrics.record_body_buffer(-size)
+
+
 class RequestBody:
-    __slots__ = ("_declared", "_head", "_rest", "_spool", "_streaming_started", "size")
+    __slots__ = (
+        "_declared",
+        "_head",
+        "_held",
+        "_pool",
+        "_rest",
+        "_spool",
+        "_streaming_started",
+        "size",
+    )
 
     def __init__(
         self,
@@ -49,6 +99,7 @@ class RequestBody:
         rest: StreamReader | None,
         spool: IO[bytes] | None = None,
         declared: int = 0,
+        pool: BufferPool | None = None,
     ) -> None:
         self._head = head  # what was read ahead; the whole body when `rest` is None
         self._rest = rest
@@ -56,13 +107,21 @@ class RequestBody:
         self._spool = spool  # the whole body, when it was spooled to disk
         self._streaming_started = False
         self.size = sum(len(part) for part in head)  # bytes read from the client so far
+        self._pool = pool  # that counts `head` (already counted) until it is let go
+        self._held = self.size if pool is not None else 0
 
     @classmethod
     async def read(
-        cls, content: StreamReader, limit: int, content_length: int | None, max_body: int
+        cls,
+        content: StreamReader,
+        limit: int,
+        content_length: int | None,
+        max_body: int,
+        pool: BufferPool,
     ) -> RequestBody:
-        """Buffer up to `limit` bytes; a body declared larger is not buffered at all, a
-        chunked one larger is spooled to disk. Raises BodyTooLarge beyond `max_body` bytes."""
+        """Buffer up to `limit` bytes, within what `pool` has left; a body declared larger
+        is not buffered at all, a chunked one larger is spooled to disk. Raises BodyTooLarge
+        beyond `max_body` bytes, SpoolFailed when the spool file cannot be written."""
         if content_length is not None and content_length > max_body:
             raise BodyTooLarge(max_body)
         if content_length is not None and content_length > limit:
@@ -71,21 +130,34 @@ class RequestBody:
             whole = content.read_nowait()
             if len(whole) > max_body:
                 raise BodyTooLarge(max_body)
-            if len(whole) <= limit:
-                return cls([whole], None)
-            return await cls._spooled([whole], len(whole), content, max_body)  # chunked
+            if len(whole) > limit:
+                return await cls._spooled([whole], len(whole), content, max_body)  # chunked
+            if pool.take(len(whole)):
+                return cls([whole], None, pool=pool)
+            pool.hold(len(whole))  # read already: counted until it has been sent
+            return cls([whole], content, declared=len(whole), pool=pool)
         head: list[bytes] = []
         size = 0
-        while size <= limit:
-            chunk = await content.readany()
-            if not chunk:
-                return cls(head, None)
-            head.append(chunk)
-            size += len(chunk)
-            if size > max_body:
-                raise BodyTooLarge(max_body)
-        if content_length is not None:
-            return cls(head, content, declared=content_length)
+        try:
+            while size <= limit:
+                chunk = await content.readany()
+                if not chunk:
+                    return cls(head, None, pool=pool)
+                fits = pool.take(len(chunk))
+                if not fits:
+                    pool.hold(len(chunk))  # read already; the rest goes as over the limit
+                head.append(chunk)
+                size += len(chunk)
+                if size > max_body:
+                    raise BodyTooLarge(max_body)
+                if not fits:
+                    break
+            if content_length is not None:
+                return cls(head, content, declared=content_length, pool=pool)
+        except BaseException:
+            pool.give(size)
+            raise
+        pool.give(size)  # written to the spool file next, not kept
         return await cls._spooled(head, size, content, max_body)
 
     @classmethod
@@ -129,6 +201,13 @@ class RequestBody:
     def close(self) -> None:
         if self._spool is not None:
             self._spool.close()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """The pool no longer counts the bytes read ahead: sent, or never to be."""
+        if self._pool is not None and self._held:
+            self._pool.give(self._held)
+            self._held = 0
 
     async def _from_spool(self, spool: IO[bytes]) -> AsyncIterator[bytes]:
         spool.seek(0)
@@ -140,6 +219,7 @@ class RequestBody:
         for part in self._head:
             yield part
         self._head = []  # the memory of a large body must not grow with its length
+        self._let_go()
         async for chunk in rest.iter_chunked(CHUNK):
             self.size += len(chunk)
             yield chunk

@@ -186,6 +186,11 @@ class BudgetSettings(_Section):
 class RetrySettings(_Section):
     # The platform refuses request bodies over 12 MB, so every request it passes on fits.
     replay_buffer_bytes: int = Field(default=12 * MiB, ge=0)
+    # The memory all bodies kept for a replay may take together, per process. Bodies are read
+    # before a request waits for a concurrency slot, so one is held per request in flight;
+    # past this, a body is handled as one over replay_buffer_bytes (streamed, or spooled when
+    # chunked), and is not replayed once sent.
+    replay_buffer_total_bytes: int = Field(default=256 * MiB, ge=0)
     # Jittered exponential backoff for a refused connection (a restarting server).
     backoff_initial: Seconds = 0.05
     backoff_max: Seconds = 1.0

@@ -21,7 +21,7 @@ from yarl import URL
 
 from proxy import answer, logs
 from proxy.admission import Admission, QueueFull
-from proxy.body import BodyTooLarge, RequestBody, SpoolFailed
+from proxy.body import BodyTooLarge, BufferPool, RequestBody, SpoolFailed
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
 from proxy.config import Settings
@@ -114,6 +114,7 @@ class Ingress:
     admission: Admission
     circuit: Circuit
     metrics: Metrics
+    bodies: BufferPool  # the memory all bodies kept for a replay share
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         arrived = time.monotonic()
@@ -337,6 +338,7 @@ class Ingress:
             self.settings.retry.replay_buffer_bytes,
             request.content_length,
             self.settings.server.max_body_bytes,
+            self.bodies,
         )
 
     def _outbound_headers(self, request: web.BaseRequest, request_id: str) -> Fields:

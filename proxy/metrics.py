@@ -159,6 +159,24 @@ class Metrics:
         )
         for phase in TimeoutPhase:
             self.client_timeouts.labels(phase)
+        self.body_buffer = Gauge(
+            "servegate_request_body_buffer_bytes",
+            "Bytes of request bodies kept in memory for a replay now.",
+            registry=registry,
+            multiprocess_mode=SUMMED,
+        )
+        self.body_buffer_limit = Gauge(
+            "servegate_request_body_buffer_limit_bytes",
+            "retry.replay_buffer_total_bytes: what those bodies may take together.",
+            registry=registry,
+            multiprocess_mode=SUMMED,
+        )
+        self.body_buffer_full = Counter(
+            "servegate_request_body_buffer_full",
+            "Request bodies that found that memory full, and went on as bodies over "
+            "retry.replay_buffer_bytes do (streamed, or spooled when chunked).",
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "servegate_queue_depth",
             "Requests waiting for a concurrency slot.",
@@ -265,6 +283,12 @@ class Metrics:
 
     def record_listener_mismatch(self, direction: Mismatch) -> None:
         self.listener_mismatches.labels(direction).inc()
+
+    def record_body_buffer(self, change: int) -> None:
+        self.body_buffer.inc(change)
+
+    def record_body_buffer_full(self) -> None:
+        self.body_buffer_full.inc()
 
     def record_client_timeout(self, phase: TimeoutPhase) -> None:
         self.client_timeouts.labels(phase).inc()

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from proxy import config, limits
@@ -103,3 +107,56 @@ async def test_a_finished_connection_leaves_no_handler_for_the_garbage_collector
         gc.garbage.clear()
         gc.enable()
     assert left == []
+
+
+@pytest.mark.time_limit(60)
+async def test_bodies_kept_for_a_replay_share_one_bound_and_those_past_it_still_go_through(
+    start_gate: StartGate, aiohttp_server: Any, client: aiohttp.ClientSession
+) -> None:
+    """Bodies are read before a request waits for admission, so each request in flight holds
+    one: together they stay within retry.replay_buffer_total_bytes. A body that finds it full
+    goes on as one over retry.replay_buffer_bytes does (streamed, or spooled when chunked),
+    and reaches the model whole."""
+    arrived: list[tuple[bytes, str | None]] = []
+    all_arrived = asyncio.Event()
+
+    async def predict(request: web.Request) -> web.Response:
+        body = await request.read()
+        arrived.append((body, request.headers.get("Content-Length")))
+        if len(arrived) == len(bodies):
+            all_arrived.set()
+        await asyncio.wait_for(all_arrived.wait(), 20)
+        await asyncio.sleep(0.5)  # held together, while the gauge is read
+        return web.Response(body=hashlib.sha256(body).hexdigest().encode())
+
+    app = web.Application()
+    app.router.add_post("/predict", predict)
+    server = await aiohttp_server(app)
+    gate = await start_gate(
+        f"http://127.0.0.1:{server.port}",
+        **{"retry.replay_buffer_bytes": 64 * 1024, "retry.replay_buffer_total_bytes": 128 * 1024},
+    )
+    bodies = [os.urandom(60_000) for _ in range(6)]
+
+    async def send(body: bytes, chunked: bool) -> str:
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(body), 16_384):
+                yield body[start : start + 16_384]
+
+        data = chunks() if chunked else body
+        async with client.post(gate_url(gate, "/predict"), data=data) as response:
+            assert response.status == 200
+            return await response.text()
+
+    sending = asyncio.gather(*(send(body, i % 2 == 1) for i, body in enumerate(bodies)))
+    await asyncio.wait_for(all_arrived.wait(), 20)
+    during = await scrape(gate)
+    digests = await sending
+    assert digests == [hashlib.sha256(body).hexdigest() for body in bodies]
+    assert sorted(body for body, _ in arrived) == sorted(bodies)
+    assert {length for _, length in arrived} == {"60000"}  # chunked ones too, when spooled
+    held = sample(during, "servegate_request_body_buffer_bytes")
+    assert 0 < held <= 128 * 1024
+    assert sample(during, "servegate_request_body_buffer_limit_bytes") == 128 * 1024
+    assert sample(during, "servegate_request_body_buffer_full_total") >= len(bodies) - 2
+    assert sample(await scrape(gate), "servegate_request_body_buffer_bytes") == 0
