@@ -31,7 +31,13 @@ from proxy.headers import Fields, request_headers
 from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason
 from proxy.relay import relay
 from proxy.retry import GiveUpReason
-from proxy.upgrade import Upgrader, UpgradeRefused, UpstreamUnreachable, wants_upgrade
+from proxy.upgrade import (
+    UpgradeHeadTooLarge,
+    Upgrader,
+    UpgradeRefused,
+    UpstreamUnreachable,
+    wants_upgrade,
+)
 
 access_log = structlog.get_logger("servegate.access")
 
@@ -291,6 +297,9 @@ class Ingress:
             return self._refuse(Refusal(failure), request_id, budget, line)
         except UpgradeRefused as exc:
             failure = Failure(Cause.MALFORMED_RESPONSE, str(exc))
+            return self._refuse(Refusal(failure), request_id, budget, line)
+        except UpgradeHeadTooLarge as exc:
+            failure = Failure(Cause.RESPONSE_HEADER_TOO_LARGE, str(exc))
             return self._refuse(Refusal(failure), request_id, budget, line)
         line.status = int(head[9:12]) if head[9:12].isdigit() else 502
         line.bytes_out = await upgrader.pipe(request, reader, writer, head)

@@ -44,6 +44,12 @@ class UpgradeRefused(Exception):
     """The model server did not answer the handshake as HTTP."""
 
 
+class UpgradeHeadTooLarge(Exception):
+    """The model's answer to the handshake has a line longer than
+    upstream.max_response_header_bytes, or more fields than upstream.max_response_headers:
+    the limits every other answer's head is held to."""
+
+
 class UpstreamUnreachable(Exception):
     """No connection to the model server opened: `cause` and `detail` as
     `failures.connect_failure` names them for every other connect."""
@@ -73,9 +79,12 @@ class Upgrader:
         model's response head.
 
         Raises UpstreamUnreachable when no connection opens within upstream.connect_timeout,
-        UpgradeRefused when the answer is not an HTTP head within
-        upstream.max_response_header_bytes, and OSError when the connection fails after it
-        opened."""
+        UpgradeRefused when the answer is not an HTTP head, UpgradeHeadTooLarge when its head
+        is over upstream.max_response_header_bytes (a line) or max_response_headers (fields),
+        and OSError when the connection fails after it opened."""
+        line_limit = self.upstream.max_response_header_bytes
+        fields_limit = self.upstream.max_response_headers
+        head_limit = (line_limit + 2) * (fields_limit + 2)  # within both, CRLFs included
         host, port = self.upstream.origin.raw_host, self.upstream.origin.port
         assert host is not None  # a validated URL has one
         context: ssl.SSLContext | None = None
@@ -90,7 +99,7 @@ class Upgrader:
                     port,
                     ssl=context,
                     server_hostname=hostname,
-                    limit=self.upstream.max_response_header_bytes * 4,
+                    limit=head_limit,
                 )
         except OSError as exc:  # refused, a TLS failure, or the connect timeout passed
             raise UpstreamUnreachable(*connect_failure(exc)) from exc
@@ -104,12 +113,31 @@ class Upgrader:
         writer.write(start + serialize_fields(fields) + b"\r\n")
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        except asyncio.LimitOverrunError:
+            writer.close()
+            raise UpgradeHeadTooLarge(
+                f"the answer to the upgrade request has a head over {head_limit} bytes, more "
+                "than upstream.max_response_header_bytes and max_response_headers allow"
+            ) from None
+        except asyncio.IncompleteReadError as exc:
             writer.close()
             raise UpgradeRefused(f"no HTTP answer to the upgrade request: {exc}") from None
         if not head.startswith(b"HTTP/1."):
             writer.close()
             raise UpgradeRefused("the answer to the upgrade request is not HTTP")
+        lines = head.split(b"\r\n")[:-2]  # the status line and the fields
+        if any(len(line) > line_limit for line in lines):
+            writer.close()
+            raise UpgradeHeadTooLarge(
+                f"the answer to the upgrade request has a line longer than {line_limit} bytes "
+                "(upstream.max_response_header_bytes)"
+            )
+        if len(lines) - 1 > fields_limit:
+            writer.close()
+            raise UpgradeHeadTooLarge(
+                f"the answer to the upgrade request has {len(lines) - 1} header fields, more "
+                f"than upstream.max_response_headers ({fields_limit})"
+            )
         return reader, writer, head
 
     async def pipe(

@@ -117,6 +117,45 @@ async def test_a_refused_handshake_is_relayed_as_the_model_answered(
     assert sample(await scrape(gate), "servegate_upgraded_connections_total") == 0
 
 
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ([b"Set-Cookie: " + b"c" * 9000], "upstream.max_response_header_bytes"),
+        ([b"X-%d: v" % n for n in range(200)], "upstream.max_response_headers"),
+    ],
+    ids=["long-line", "many-fields"],
+)  # fmt: skip
+async def test_a_handshake_answer_over_the_head_limits_is_a_502_naming_the_setting(
+    fields: list[bytes],
+    named: str,
+    start_gate: StartGate,
+    raw_server: Any,
+    client: aiohttp.ClientSession,
+) -> None:
+    """The same head limits as every other answer, and the same cause."""
+    refusal = b"\r\n".join([b"HTTP/1.1 401 Unauthorized", *fields, b"Content-Length: 0", b"", b""])
+    model = await raw_server(RecordingModel(answer=lambda _seen: refusal, close_after=True))
+    gate = await start_gate(model.url)
+    async with client.get(gate_url(gate, "/ws"), headers=UPGRADE) as response:
+        assert response.status == 502
+        body = await response.json()
+    assert (body["category"], body["cause"]) == ("protocol", "response_header_too_large")
+    assert named in body["hint"] or named in str(body)
+
+
+async def test_a_handshake_answer_within_the_head_limits_is_relayed_however_long(
+    start_gate: StartGate, raw_server: Any, client: aiohttp.ClientSession
+) -> None:
+    """40 fields of 8,000 bytes: 320 KB of head, each line within its limit."""
+    fields = [b"X-%d: %s" % (n, b"v" * 8000) for n in range(40)]
+    refusal = b"\r\n".join([b"HTTP/1.1 401 Unauthorized", *fields, b"Content-Length: 0", b"", b""])
+    model = await raw_server(RecordingModel(answer=lambda _seen: refusal, close_after=True))
+    gate = await start_gate(model.url)
+    async with client.get(gate_url(gate, "/ws"), headers=UPGRADE) as response:
+        assert response.status == 401
+        assert response.headers["X-39"] == "v" * 8000
+
+
 @pytest.mark.parametrize("server", ["silent", "refusing", "untrusted_tls"])
 async def test_a_handshake_that_cannot_connect_is_named_as_every_other_connect(
     server: str,
