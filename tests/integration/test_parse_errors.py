@@ -32,8 +32,10 @@ def head(target: bytes, *fields: bytes, version: bytes = b"HTTP/1.1") -> bytes:
         (head(b"/", b"X-Big: " + b"a" * 9000, version=b"HTTP/1.0"),
          b"HTTP/1.0 431 Request Header Fields Too Large"),
         (head(b"/", b"Bad Name: x"), b"HTTP/1.1 400 Bad Request"),
+        (head(b"/", b"User-Agent: a", b"User-Agent: b"), b"HTTP/1.1 400 Bad Request"),
     ],
-    ids=["414", "431-long-header", "431-many-headers", "431-http10-client", "400"],
+    ids=["414", "431-long-header", "431-many-headers", "431-http10-client", "400",
+         "400-repeated-singleton"],
 )  # fmt: skip
 async def test_a_request_that_cannot_be_parsed_is_answered_in_the_clients_version(
     sent: bytes, status_line: bytes, start_gate: StartGate, raw_server: Any
