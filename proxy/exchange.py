@@ -12,7 +12,7 @@ reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,9 +189,14 @@ async def _stream_body(
 
 
 async def read_answer(
-    connection: PooledConnection, writer: asyncio.Task[None] | None, method: str, url: URL
+    connection: PooledConnection,
+    writer: asyncio.Task[None] | None,
+    method: str,
+    url: URL,
+    on_interim: Callable[[Any], None] | None = None,
 ) -> UpstreamResponse:
-    """Wait for the final answer's head (interim 1xx answers are skipped; 101 is final).
+    """Wait for the final answer's head; each interim 1xx answer before it goes to
+    `on_interim` (101 is final).
 
     Raises aiohttp.ClientResponseError for an unparseable head, and the connection's errors
     (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ...) as aiohttp raises them."""
@@ -208,6 +213,8 @@ async def read_answer(
                 ) from exc
             if not 100 <= message.code <= 199 or message.code == 101:
                 return UpstreamResponse(message, content, connection, writer)
+            if on_interim is not None:
+                on_interim(message)
     except BaseException:
         if writer is not None:
             writer.cancel()  # the connection is dropped by the caller: nothing to finish

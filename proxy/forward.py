@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import structlog
@@ -42,6 +43,8 @@ class Outbound:
     raw_path: str
     headers: Fields
     body: RequestBody | None
+    # Hears each interim 1xx answer's head (the message aiohttp parsed) as it comes.
+    on_interim: Callable[[Any], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +215,7 @@ class Forwarder:
                     facts,
                     scheme=facts.scheme,
                     fresh=fresh,
+                    on_interim=outbound.on_interim,
                 )
                 if _unrelayable(response):
                     response.close()

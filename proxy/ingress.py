@@ -29,7 +29,7 @@ from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import Fields, request_headers
 from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason
-from proxy.relay import relay
+from proxy.relay import interim_relay, relay
 from proxy.retry import GiveUpReason
 from proxy.upgrade import (
     UpgradeHeadTooLarge,
@@ -236,6 +236,7 @@ class Ingress:
             raw_path=origin_form(request.raw_path),
             headers=self._outbound_headers(request, request_id),
             body=line.body,
+            on_interim=interim_relay(request, line.count_sent),
         )
         forwarded = await self.forwarder.forward(
             outbound, budget, line.spent, on_attempt=line.count_attempt

@@ -15,6 +15,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -144,6 +145,37 @@ async def relay(
     if relayed.failure is not None:
         _abort(request)
     return relayed
+
+
+def interim_relay(
+    request: web.BaseRequest, sent: Callable[[int], None]
+) -> Callable[[Any], None] | None:
+    """Where the model's interim 1xx answers (103 Early Hints, 102) go: to an HTTP/1.1 client
+    at once, before the final answer, as RFC 9110 §15.2 asks of a proxy; nowhere for an
+    HTTP/1.0 client, which cannot read them (§15.2). A 100 Continue is not passed on:
+    servegate answers a client's Expect itself and passes no Expect to the model. An interim
+    answer with a control byte in its head is dropped: it cannot be written as sent."""
+    transport = request.transport
+    if request.version < HttpVersion11 or transport is None:
+        return None
+
+    def forward(message: Any) -> None:
+        if message.code == 100 or transport.is_closing():
+            return
+        try:
+            head = b"".join(
+                (
+                    serialize_start(f"HTTP/1.1 {message.code} {message.reason}".rstrip()),
+                    serialize_fields(response_headers(message.raw_headers)),
+                    b"\r\n",
+                )
+            )
+        except ValueError:
+            return
+        transport.write(head)
+        sent(len(head))
+
+    return forward
 
 
 def _leaves_at_once(request: web.BaseRequest, answer: ModelResponse) -> bool:

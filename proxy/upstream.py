@@ -15,6 +15,7 @@ import functools
 import re
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from yarl import URL
@@ -118,8 +119,10 @@ class Upstream:
         *,
         scheme: str,
         fresh: bool,
+        on_interim: Callable[[Any], None] | None = None,
     ) -> UpstreamResponse:
-        """One attempt: returns once the answer's head has arrived; the body is read later.
+        """One attempt: returns once the answer's head has arrived (interim 1xx answers go to
+        `on_interim` as they come); the body is read later.
 
         Raises what aiohttp's client raises for the same failure (failures.classify)."""
         connection = await self.pool(scheme, fresh=fresh).acquire(facts)
@@ -141,7 +144,7 @@ class Upstream:
             )
             writer = send_request(connection, head, body, acks)
             facts.request_sent = True
-            answer = await read_answer(connection, writer, method, self._url(scheme))
+            answer = await read_answer(connection, writer, method, self._url(scheme), on_interim)
         except BaseException:
             if acks is not None and begins is not None:
                 facts.request_bytes_acked = acks.acked_since(begins)

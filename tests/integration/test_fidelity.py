@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import LogCapture, StartGate
+from tests.upstreams.misframed import MisframedModel
 from tests.upstreams.recording import RecordingModel, Seen
 
 # Headers servegate adds on the way in (DESIGN.md §4), and the framing it may set.
@@ -370,3 +371,49 @@ async def test_an_answer_with_contradictory_framing_is_named_and_never_blames_th
     assert (body["category"], body["cause"]) == ("protocol", "response_framing")
     assert "port" not in body["hint"]
     assert log_capture.access()[-1]["cause"] == "response_framing"
+
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload; as=style\r\n\r\n"
+
+
+async def test_early_hints_reach_an_http11_client_before_the_final_answer_as_sent(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """RFC 9110 §15.2: a proxy forwards 1xx answers. The 103 leaves at once, while the model
+    is still working on the final answer."""
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    model = await raw_server(MisframedModel(first=[EARLY_HINTS, final], pause=1.0))
+    gate = await start_gate(model.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        writer.write(request(b"/page", method=b"GET"))
+        async with asyncio.timeout(0.8):  # before the model sends its final answer
+            assert await reader.readuntil(b"\r\n\r\n") == EARLY_HINTS
+        async with asyncio.timeout(10):
+            rest = await reader.read()
+    finally:
+        writer.close()
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert rest.endswith(b"\r\n\r\nok")
+
+
+@pytest.mark.parametrize(
+    ("version", "interim", "expected_first"),
+    [
+        (b"HTTP/1.0", EARLY_HINTS, b"HTTP/1.0 200"),  # RFC 9110 §15.2: never to HTTP/1.0
+        (b"HTTP/1.1", b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 200"),  # servegate's own
+    ],
+    ids=["http10-client", "100-continue"],
+)
+async def test_interim_answers_a_client_must_not_get_are_not_passed_on(
+    version: bytes, interim: bytes, expected_first: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    model = await raw_server(MisframedModel(first=[interim, final], pause=0.1))
+    gate = await start_gate(model.url)
+    sent = request(b"/page", method=b"GET").replace(b"HTTP/1.1", version, 1)
+    raw = await exchange(gate.data_port, sent)
+    assert raw.startswith(expected_first)
+    assert raw.count(b" 200 OK\r\n") == 1
+    assert b" 103 " not in raw
+    assert b" 100 " not in raw

@@ -160,8 +160,7 @@ async def test_one_pooled_connection_carries_answers_of_every_framing_in_turn(
     for target in order:
         method, answer, ends = SEQUENCE[target]
         raw = await exchange(gate.data_port, request(target, method=method))
-        final_status = answer.rsplit(b"HTTP/1.1 ", 1)[1][:3]
-        assert raw.startswith(b"HTTP/1.1 " + final_status), (target, raw)
+        assert raw.startswith(answer[:12]), (target, raw)  # an interim answer too
         assert raw.endswith(ends), (target, raw)
     assert [seen.target for seen in model.seen] == order
     # Health checks open connections of their own: the access lines tell the pooled one.
