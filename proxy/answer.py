@@ -45,7 +45,8 @@ _AGAIN = (
 )
 
 _NOT_REPLAYED = (
-    " The request body was larger than retry.replay_buffer_bytes and had already been "
+    " The request body was not kept for a replay (larger than retry.replay_buffer_bytes, or "
+    "retry.replay_buffer_total_bytes was taken by other bodies) and had already been "
     "streamed, so it could not be replayed on a fresh connection."
 )
 

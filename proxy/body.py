@@ -15,6 +15,7 @@ per-request limit, so memory stays within the bound and the request still goes t
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import AsyncIterator
 from typing import IO, Protocol
@@ -35,13 +36,19 @@ class BodyTooLarge(Exception):
 
 class SpoolFailed(Exception):
     """The temporary file for a chunked body over the replay buffer could not be written
-    (answered 507): its directory ($TMPDIR) is full, read-only or missing."""
+    (answered 507): its directory ($TMPDIR) is full, read-only or missing. The message is for
+    the log; `to_client` says what the client may know (no paths, DESIGN.md §2)."""
+
+    to_client = (
+        "servegate could not store the request body to send it on: a chunked body over "
+        "retry.replay_buffer_bytes is spooled to a temporary file, and that failed; "
+        "servegate's log says why"
+    )
 
     def __init__(self, error: OSError) -> None:
         super().__init__(
-            f"servegate could not spool the request body to a temporary file in "
-            f"{tempfile.gettempdir()}: {error.strerror or error}; a chunked body over "
-            "retry.replay_buffer_bytes is spooled there to be sent with a length"
+            f"the spool file in {tempfile.gettempdir()} could not be written: "
+            f"{error.strerror or error}"
         )
 
 
@@ -77,6 +84,7 @@ class BufferPool:
         self._metrics.record_body_buffer(size)
 
     def give(self, size: int) -> None:
+        """Stop counting `size` bytes taken or held before."""
         self.used -= size
         self._metrics.record_body_buffer(-size)
 
@@ -171,13 +179,18 @@ class RequestBody:
             raise SpoolFailed(exc) from exc
         try:
             _write(spool, head)
+            head.clear()  # on disk now: the memory goes before the rest arrives
             async for chunk in content.iter_chunked(CHUNK):
                 size += len(chunk)
                 if size > max_body:
                     raise BodyTooLarge(max_body)
                 _write(spool, [chunk])
+            try:  # the file's own buffer: a full disk fails here, not when it is sent
+                spool.flush()
+            except OSError as exc:
+                raise SpoolFailed(exc) from exc
         except BaseException:
-            spool.close()
+            _close(spool)
             raise
         body = cls([], None, spool)
         body.size = size
@@ -200,7 +213,7 @@ class RequestBody:
 
     def close(self) -> None:
         if self._spool is not None:
-            self._spool.close()
+            _close(self._spool)
         self._let_go()
 
     def _let_go(self) -> None:
@@ -231,3 +244,9 @@ def _write(spool: IO[bytes], parts: list[bytes]) -> None:
         spool.writelines(parts)
     except OSError as exc:
         raise SpoolFailed(exc) from exc
+
+
+def _close(spool: IO[bytes]) -> None:
+    """Close a spool file; its unwritten buffer is of no use, so a write error then is none."""
+    with contextlib.suppress(OSError):
+        spool.close()

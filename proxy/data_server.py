@@ -26,12 +26,14 @@ from proxy.aiohttp_internals import (
     HandlerServer,
     is_parse_error,
     last_queued_body,
+    last_queued_failed,
     parse_one_request_per_feed,
     queue_full,
     request_count,
     target_too_long,
 )
 from proxy.config import ServerSettings
+from proxy.framing import BARE_LAST_CHUNK
 from proxy.logs import without_client_bytes
 
 access_log = structlog.get_logger("servegate.access")
@@ -92,6 +94,7 @@ class _JsonErrorHandler(RequestHandler):
         "_head_cap",
         "_head_start",
         "_heads",
+        "_last_bytes",
         "_on_rejected",
     )
 
@@ -116,25 +119,39 @@ class _JsonErrorHandler(RequestHandler):
         self._heads: list[bytes] = []
         self._current = b""  # those of the request being handled
         self._body: StreamReader | None = None  # of the request being handled
+        self._last_bytes = b""  # the connection's last bytes so far
 
     def data_received(self, data: bytes) -> None:
+        if data:
+            keep = len(BARE_LAST_CHUNK)
+            self._last_bytes = (self._last_bytes + data[-keep:])[-keep:]
         requests_before = request_count(self)
         if b"\n" not in self._head_start and self._between_requests():
             room = self._head_cap - len(self._head_start)
             end = data.find(b"\n", 0, room)
             self._head_start += data[: end + 1 if end >= 0 else room]
         super().data_received(data)
-        # The parser stops after each complete request and keeps the rest of the read: fed
-        # again until no further request comes of it, or until aiohttp's queue is full (aiohttp
-        # feeds it again as the queue drains). The line captured above is the first request's;
-        # one whose line was not seen is answered in HTTP/1.1.
-        while (requests := request_count(self)) != requests_before:
-            self._heads.extend([self._head_start] * (requests - requests_before))
-            self._head_start = b""
-            if queue_full(self):
-                return
-            requests_before = requests
+        grew = self._queue_heads(requests_before)
+        # The parser stops at the end of each request, also of one whose body began in an
+        # earlier read, and keeps the rest of the read: it is fed again until a feed brings no
+        # further request, a parse error (llhttp's is final: each further feed repeats it), or
+        # aiohttp's full queue (aiohttp feeds it again as the queue drains). The line captured
+        # above is the first request's; one whose line was not seen is answered in HTTP/1.1.
+        while (grew or data) and not queue_full(self) and not last_queued_failed(self):
+            data = b""
+            requests_before = request_count(self)
             super().data_received(b"")
+            grew = self._queue_heads(requests_before)
+
+    def _queue_heads(self, requests_before: int) -> bool:
+        """Keep the captured line for each head parsed since `requests_before`; whether any
+        was."""
+        requests = request_count(self)
+        if requests == requests_before:
+            return False
+        self._heads.extend([self._head_start] * (requests - requests_before))
+        self._head_start = b""
+        return True
 
     def _between_requests(self) -> bool:
         """Whether the parser stands at the start of a head: the body of the last head it
@@ -154,6 +171,12 @@ class _JsonErrorHandler(RequestHandler):
         """The next queued head, whose body is `body`, is now the one being handled."""
         self._current = self._heads.pop(0) if self._heads else b""
         self._body = body
+
+    @property
+    def ended_with_bare_last_chunk(self) -> bool:
+        """Whether the connection's bytes so far end as a chunked body with no trailer field
+        (and no extension) does."""
+        return self._last_bytes.endswith(BARE_LAST_CHUNK)
 
     @property
     def head(self) -> _Head:
@@ -189,6 +212,25 @@ class _JsonErrorHandler(RequestHandler):
         response = answer.bad_request(reason, uuid.uuid4().hex, status)
         response.force_close()  # the stream cannot be trusted after a parse error
         return response
+
+
+def trailer_fields_possible(request: web.BaseRequest) -> bool:
+    """Whether the request's body is chunked and may end with trailer fields (RFC 9112
+    §7.1.2): it was not read to its end, or the connection's last bytes are not a bare last
+    chunk.
+
+    aiohttp's parser (3.14, _http_parser.pyx) keeps the last trailer field and adds it to the
+    headers of the next request it parses on the connection, which a gateway in front may be
+    sending for another client. Bytes of a next request that came with the body's end read as
+    a possible trailer too: the safe side."""
+    if not request.body_exists or request.content_length is not None:
+        return False  # no body, or one of declared length: no trailer section
+    protocol = request.protocol
+    return (
+        not request.content.is_eof()
+        or not isinstance(protocol, _JsonErrorHandler)
+        or not protocol.ended_with_bare_last_chunk
+    )
 
 
 def _count_nothing(_status: int) -> None:

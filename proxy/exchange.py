@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import hdrs
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.http import StreamWriter
+from aiohttp.http import RawResponseMessage, StreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -193,7 +193,7 @@ async def read_answer(
     writer: asyncio.Task[None] | None,
     method: str,
     url: URL,
-    on_interim: Callable[[Any], None] | None = None,
+    on_interim: Callable[[RawResponseMessage], None] | None = None,
 ) -> UpstreamResponse:
     """Wait for the final answer's head; each interim 1xx answer before it goes to
     `on_interim` (101 is final).

@@ -11,10 +11,10 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp.http import RawResponseMessage
 
 from proxy.body import RequestBody
 from proxy.budget import REMAINING_HEADER, Budget, Spent
@@ -44,7 +44,7 @@ class Outbound:
     headers: Fields
     body: RequestBody | None
     # Hears each interim 1xx answer's head (the message aiohttp parsed) as it comes.
-    on_interim: Callable[[Any], None] | None = None
+    on_interim: Callable[[RawResponseMessage], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ _HEAD_ENDS = (b"\n\r\n", b"\n\n")
 _NO_BODY_STATUSES = frozenset({204, 304})  # RFC 9110 §15.3.5, §15.4.5
 # How a chunked body ends when no trailer field and no extension follow its last chunk (RFC
 # 9112 §7.1): the line before ends, a lone 0, and an empty trailer section.
-_BARE_LAST_CHUNK = b"\n0\r\n\r\n"
+BARE_LAST_CHUNK = b"\n0\r\n\r\n"
 
 
 class Fault(StrEnum):
@@ -139,7 +139,7 @@ class _FramedParser:
             self._remaining -= len(piece)
             return piece, data[len(piece) :]
         if self._stage is _Stage.CHUNKED:
-            keep = len(_BARE_LAST_CHUNK)
+            keep = len(BARE_LAST_CHUNK)
             self._body_end = (self._body_end + data[-keep:])[-keep:]
         return data, b""
 
@@ -206,7 +206,7 @@ class _FramedParser:
         the connection's next answer, which may be another client's."""
         if not self.complete or self._parser_failed:
             return False
-        return self._declared != "chunked" or self._body_end.endswith(_BARE_LAST_CHUNK)
+        return self._declared != "chunked" or self._body_end.endswith(BARE_LAST_CHUNK)
 
     def feed_eof(self) -> Any:
         if self._parser_failed or self._stage is _Stage.DONE:

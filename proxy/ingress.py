@@ -25,6 +25,7 @@ from proxy.body import BodyTooLarge, BufferPool, RequestBody, SpoolFailed
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
 from proxy.config import Settings
+from proxy.data_server import trailer_fields_possible
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import Fields, request_headers
@@ -142,6 +143,8 @@ class Ingress:
                 raise
             response = answer.internal_error(request_id)
         finally:
+            if line.body is not None:  # whatever the answer, refusals and cancellation too
+                line.body.close()
             # Without a status, the client hung up and the handler was cancelled.
             line.status = line.status or CLIENT_CLOSED
             seconds = time.monotonic() - arrived
@@ -152,6 +155,17 @@ class Ingress:
         return response
 
     async def _serve(
+        self, request: web.BaseRequest, request_id: str, line: AccessLine
+    ) -> web.StreamResponse:
+        response = await self._answer(request, request_id, line)
+        # A chunked body may have ended with trailer fields, or was answered before its end
+        # (aiohttp reads the rest after the answer): aiohttp's parser would add the last
+        # trailer field to the next request's headers, so this connection carries no other.
+        if trailer_fields_possible(request):
+            response.force_close()
+        return response
+
+    async def _answer(
         self, request: web.BaseRequest, request_id: str, line: AccessLine
     ) -> web.StreamResponse:
         if (refused := self._refuse_on_sight(request, request_id)) is not None:
@@ -174,7 +188,7 @@ class Ingress:
         except SpoolFailed as exc:
             access_log.error("request.body_spool_failed", error=str(exc))
             line.status = 507
-            return answer.insufficient_storage(str(exc), request_id)
+            return answer.insufficient_storage(exc.to_client, request_id)
         except TimeoutError:
             detail = "the budget ran out while the client was still sending its request"
             refusal: Refusal | None = Refusal(Failure(Cause.DEADLINE_EXCEEDED, detail))
@@ -184,12 +198,12 @@ class Ingress:
             line.spent.reading_request = budget.elapsed()
         if refusal is not None:
             return self._refuse(refusal, request_id, budget, line)
+        # Known before an answer read whole is written with its Connection field (`_serve`).
+        keep_alive = not trailer_fields_possible(request)
         try:
-            return await self._exchange(request, request_id, budget, line)
+            return await self._exchange(request, request_id, budget, line, keep_alive)
         finally:
             self.admission.leave()
-            if line.body is not None:
-                line.body.close()
 
     def _refuse_on_sight(self, request: web.BaseRequest, request_id: str) -> web.Response | None:
         """Requests answered from their head alone; the connection is closed after them."""
@@ -227,7 +241,12 @@ class Ingress:
         return None
 
     async def _exchange(
-        self, request: web.BaseRequest, request_id: str, budget: Budget, line: AccessLine
+        self,
+        request: web.BaseRequest,
+        request_id: str,
+        budget: Budget,
+        line: AccessLine,
+        keep_alive: bool,
     ) -> web.StreamResponse:
         if self.settings.server.upgrades and wants_upgrade(request):
             return await self._upgrade(request, request_id, budget, line)
@@ -236,7 +255,7 @@ class Ingress:
             raw_path=origin_form(request.raw_path),
             headers=self._outbound_headers(request, request_id),
             body=line.body,
-            on_interim=interim_relay(request, line.count_sent),
+            on_interim=interim_relay(request),
         )
         forwarded = await self.forwarder.forward(
             outbound, budget, line.spent, on_attempt=line.count_attempt
@@ -255,6 +274,7 @@ class Ingress:
             forwarded.facts,
             {"X-Request-Id": request_id},
             sent=line.count_sent,
+            keep_alive=keep_alive,
         )
         line.status = relayed.response.status  # set late: a cancelled relay logs 499
         if relayed.failure is not None:

@@ -396,14 +396,21 @@ class _Acceptor:
             return False
         return True
 
-    def _refused(self, mismatch: Mismatch, client: str) -> None:
-        self._metrics.record_listener_mismatch(mismatch)
-        if client in self._warned:  # one line per client: a retrying client must not flood
-            self._warned.move_to_end(client)
-            return
-        self._warned[client] = None
+    def _first_time(self, key: str) -> bool:
+        """Whether `key` (what happened, from which client) was not seen lately: one line per
+        client, so that a retrying client does not flood the log."""
+        if key in self._warned:
+            self._warned.move_to_end(key)
+            return False
+        self._warned[key] = None
         if len(self._warned) > REMEMBERED_CLIENTS:
             self._warned.popitem(last=False)
+        return True
+
+    def _refused(self, mismatch: Mismatch, client: str) -> None:
+        self._metrics.record_listener_mismatch(mismatch)
+        if not self._first_time(client):
+            return
         log.warning(
             f"listener.{mismatch}",
             message=WARNINGS[mismatch].format(client=client),
@@ -412,15 +419,8 @@ class _Acceptor:
         )
 
     def _tls_failed(self, client: str, error: OSError) -> None:
-        """One line per client address: a client retrying a handshake it cannot complete
-        must not flood the log."""
-        key = f"tls {client}"
-        if key in self._warned:
-            self._warned.move_to_end(key)
+        if not self._first_time(f"tls {client}"):
             return
-        self._warned[key] = None
-        if len(self._warned) > REMEMBERED_CLIENTS:
-            self._warned.popitem(last=False)
         if isinstance(error, ssl.SSLError):
             reason = str(error.reason or error).lower().replace("_", " ")
         else:

@@ -15,11 +15,10 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
-from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http import HttpVersion10, HttpVersion11, RawResponseMessage
 
 from proxy.aiohttp_internals import hold_head_for_body
 from proxy.budget import Budget
@@ -88,13 +87,19 @@ async def relay(
     facts: AttemptFacts,
     extra_headers: dict[str, str],
     sent: Callable[[int], None] = lambda _bytes: None,
+    *,
+    keep_alive: bool = True,
 ) -> Relayed:
     """Relay the model's answer; `sent` hears of every body byte written to the client, so
-    the access line is right even when the client leaves mid-stream."""
+    the access line is right even when the client leaves mid-stream. `keep_alive=False`
+    closes the client's connection after the answer, whatever the request asked."""
     upstream = answer.response
+    keep_alive = keep_alive and request.keep_alive
     if _leaves_at_once(request, answer):
-        return await _relay_whole(request, answer, extra_headers, sent)
+        return await _relay_whole(request, answer, extra_headers, sent, keep_alive)
     response = _AsTheModelSent(status=upstream.status, reason=upstream.reason)
+    if not keep_alive:
+        response.force_close()
     if answer.body is not None:
         # The head waits for the body read whole: both leave in one write, as web.Response's do.
         hold_head_for_body(response)
@@ -147,9 +152,7 @@ async def relay(
     return relayed
 
 
-def interim_relay(
-    request: web.BaseRequest, sent: Callable[[int], None]
-) -> Callable[[Any], None] | None:
+def interim_relay(request: web.BaseRequest) -> Callable[[RawResponseMessage], None] | None:
     """Where the model's interim 1xx answers (103 Early Hints, 102) go: to an HTTP/1.1 client
     at once, before the final answer, as RFC 9110 §15.2 asks of a proxy; nowhere for an
     HTTP/1.0 client, which cannot read them (§15.2). A 100 Continue is not passed on:
@@ -159,7 +162,7 @@ def interim_relay(
     if request.version < HttpVersion11 or transport is None:
         return None
 
-    def forward(message: Any) -> None:
+    def forward(message: RawResponseMessage) -> None:
         if message.code == 100 or transport.is_closing():
             return
         try:
@@ -173,7 +176,6 @@ def interim_relay(
         except ValueError:
             return
         transport.write(head)
-        sent(len(head))
 
     return forward
 
@@ -197,6 +199,7 @@ async def _relay_whole(
     answer: ModelResponse,
     extra_headers: dict[str, str],
     sent: Callable[[int], None],
+    keep_alive: bool,
 ) -> Relayed:
     """An answer read whole, relayed in one write of its head and body.
 
@@ -205,7 +208,6 @@ async def _relay_whole(
     rest of relaying them: the head is written here from the same rules (`_whole_head`)."""
     assert answer.body is not None
     upstream = answer.response
-    keep_alive = request.keep_alive
     version = request.version
     fields = _whole_head(upstream.raw_headers, extra_headers, version, keep_alive)
     start = serialize_start(

@@ -82,9 +82,6 @@ class Upgrader:
         UpgradeRefused when the answer is not an HTTP head, UpgradeHeadTooLarge when its head
         is over upstream.max_response_header_bytes (a line) or max_response_headers (fields),
         and OSError when the connection fails after it opened."""
-        line_limit = self.upstream.max_response_header_bytes
-        fields_limit = self.upstream.max_response_headers
-        head_limit = (line_limit + 2) * (fields_limit + 2)  # within both, CRLFs included
         host, port = self.upstream.origin.raw_host, self.upstream.origin.port
         assert host is not None  # a validated URL has one
         context: ssl.SSLContext | None = None
@@ -99,7 +96,6 @@ class Upgrader:
                     port,
                     ssl=context,
                     server_hostname=hostname,
-                    limit=head_limit,
                 )
         except OSError as exc:  # refused, a TLS failure, or the connect timeout passed
             raise UpstreamUnreachable(*connect_failure(exc)) from exc
@@ -112,32 +108,14 @@ class Upgrader:
         start = serialize_start(f"{method} {target} HTTP/1.1")
         writer.write(start + serialize_fields(fields) + b"\r\n")
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            writer.close()
-            raise UpgradeHeadTooLarge(
-                f"the answer to the upgrade request has a head over {head_limit} bytes, more "
-                "than upstream.max_response_header_bytes and max_response_headers allow"
-            ) from None
-        except asyncio.IncompleteReadError as exc:
-            writer.close()
-            raise UpgradeRefused(f"no HTTP answer to the upgrade request: {exc}") from None
-        if not head.startswith(b"HTTP/1."):
-            writer.close()
-            raise UpgradeRefused("the answer to the upgrade request is not HTTP")
-        lines = head.split(b"\r\n")[:-2]  # the status line and the fields
-        if any(len(line) > line_limit for line in lines):
-            writer.close()
-            raise UpgradeHeadTooLarge(
-                f"the answer to the upgrade request has a line longer than {line_limit} bytes "
-                "(upstream.max_response_header_bytes)"
+            head = await _read_head(
+                reader,
+                self.upstream.max_response_header_bytes,
+                self.upstream.max_response_headers,
             )
-        if len(lines) - 1 > fields_limit:
+        except (UpgradeRefused, UpgradeHeadTooLarge):
             writer.close()
-            raise UpgradeHeadTooLarge(
-                f"the answer to the upgrade request has {len(lines) - 1} header fields, more "
-                f"than upstream.max_response_headers ({fields_limit})"
-            )
+            raise
         return reader, writer, head
 
     async def pipe(
@@ -147,8 +125,9 @@ class Upgrader:
         writer: asyncio.StreamWriter,
         head: bytes,
     ) -> int:
-        """Relay the model's answer head as it came, then both directions until one side
-        closes or both are idle for server.upgrade_idle_timeout; returns bytes to the client."""
+        """Relay the model's answer head as it came (with what came after it in the same
+        reads), then both directions until one side closes or both are idle for
+        server.upgrade_idle_timeout; returns bytes to the client."""
         transport = request.transport
         assert transport is not None
         inbound = _ClientBytes(transport)
@@ -240,3 +219,45 @@ class _ClientBytes:
         if isinstance(self._transport, asyncio.ReadTransport):
             self._transport.resume_reading()
         return data
+
+
+async def _read_head(reader: asyncio.StreamReader, line_limit: int, fields_limit: int) -> bytes:
+    """The model's answer head, and whatever of the stream came with it in the same reads.
+
+    Held to the limits aiohttp holds every answer to: the reason phrase and each field's name
+    and value within `line_limit` bytes (upstream.max_response_header_bytes), at most
+    `fields_limit` fields (upstream.max_response_headers). Read here in pieces, so the
+    connection's own buffer, which the session then pipes through, stays at its usual size.
+
+    Raises UpgradeRefused when the answer is not HTTP or ends first, UpgradeHeadTooLarge past
+    the limits."""
+    most = (line_limit + 4) * (fields_limit + 1)  # every line at its limit, with ": " and CRLF
+    received = bytearray()
+    while (end := received.find(b"\r\n\r\n")) < 0:
+        if len(received) > most:
+            raise UpgradeHeadTooLarge(
+                f"the answer to the upgrade request has a head over {most} bytes, more than "
+                "upstream.max_response_header_bytes and max_response_headers allow"
+            )
+        piece = await reader.read(CHUNK)
+        if not piece:
+            raise UpgradeRefused("no HTTP answer to the upgrade request: it closed first")
+        received += piece
+    if not received.startswith(b"HTTP/1."):
+        raise UpgradeRefused("the answer to the upgrade request is not HTTP")
+    status, *fields = bytes(received[:end]).split(b"\r\n")
+    reason = status.split(b" ", 2)[2] if status.count(b" ") >= 2 else b""
+    parts = (line.partition(b":") for line in fields)
+    sizes = (len(name) + len(value.strip(b" \t")) for name, _, value in parts)
+    longest = max([len(reason), *sizes])
+    if longest > line_limit:
+        raise UpgradeHeadTooLarge(
+            f"the answer to the upgrade request has a reason or a field of {longest} bytes, "
+            f"more than upstream.max_response_header_bytes ({line_limit})"
+        )
+    if len(fields) > fields_limit:
+        raise UpgradeHeadTooLarge(
+            f"the answer to the upgrade request has {len(fields)} header fields, more than "
+            f"upstream.max_response_headers ({fields_limit})"
+        )
+    return bytes(received)

@@ -15,9 +15,9 @@ import functools
 import re
 import ssl
 from collections.abc import Callable
-from typing import Any
 
 import structlog
+from aiohttp.http import RawResponseMessage
 from yarl import URL
 
 from proxy.config import UpstreamSettings, UpstreamTLSSettings
@@ -119,7 +119,7 @@ class Upstream:
         *,
         scheme: str,
         fresh: bool,
-        on_interim: Callable[[Any], None] | None = None,
+        on_interim: Callable[[RawResponseMessage], None] | None = None,
     ) -> UpstreamResponse:
         """One attempt: returns once the answer's head has arrived (interim 1xx answers go to
         `on_interim` as they come); the body is read later.

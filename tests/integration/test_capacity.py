@@ -160,3 +160,25 @@ async def test_bodies_kept_for_a_replay_share_one_bound_and_those_past_it_still_
     assert sample(during, "servegate_request_body_buffer_limit_bytes") == 128 * 1024
     assert sample(during, "servegate_request_body_buffer_full_total") >= len(bodies) - 2
     assert sample(await scrape(gate), "servegate_request_body_buffer_bytes") == 0
+
+
+async def test_a_refused_request_gives_its_body_memory_back(
+    start_gate: StartGate, aiohttp_server: Any, client: aiohttp.ClientSession
+) -> None:
+    """A request read and then shed (429) or cancelled while queued holds its body no longer:
+    after the answers, nothing is counted."""
+    busy = Busy()
+    server = await aiohttp_server(busy_app(busy, seconds=1.0))
+    gate = await start_gate(
+        f"http://127.0.0.1:{server.port}",
+        **{"admission.max_concurrency": 1, "admission.max_queue": 0},
+    )
+
+    async def send() -> int:
+        async with client.post(gate_url(gate, "/predict"), data=os.urandom(100_000)) as response:
+            await response.read()
+            return response.status
+
+    statuses = await asyncio.gather(send(), send())
+    assert sorted(statuses) == [200, 429]
+    assert sample(await scrape(gate), "servegate_request_body_buffer_bytes") == 0

@@ -242,28 +242,39 @@ async def test_a_large_chunked_upload_reaches_the_model_with_its_length(
     assert seen.body == body
 
 
-async def test_a_chunked_upload_that_cannot_be_spooled_is_a_507_that_names_the_directory(
+@pytest.mark.parametrize("disk", ["missing", "full"])
+async def test_a_chunked_upload_that_cannot_be_spooled_is_a_507_and_the_log_says_why(
+    disk: str,
     start_gate: StartGate,
     raw_server: Any,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     log_capture: LogCapture,
 ) -> None:
-    """The directory large chunked bodies are spooled to is gone (a full or read-only one
-    fails the same way): the client is told what servegate could not do, not a bare 500."""
+    """The directory large chunked bodies are spooled to is gone, or full (/dev/full fails
+    every write with ENOSPC, the last of them only when the file's buffer is flushed): the
+    client is told what servegate could not do, not a bare 500 or a fault of the model's."""
     model = await raw_server(RecordingModel())
     gate = await start_gate(model.url, **{"retry.replay_buffer_bytes": 1024})
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
-    data = request(b"/up", b"Transfer-Encoding: chunked") + b"1388\r\n" + b"x" * 5000
+    if disk == "missing":
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))
+        why = str(tmp_path / "gone")
+    else:
+        monkeypatch.setattr(tempfile, "TemporaryFile", lambda: open("/dev/full", "w+b"))  # noqa: SIM115
+        why = "No space left on device"
+    # Over the replay buffer, under the file's buffer: the write itself succeeds.
+    data = request(b"/up", b"Transfer-Encoding: chunked") + b"7d0\r\n" + b"x" * 2000
     raw = await exchange(gate.data_port, data + b"\r\n0\r\n\r\n")
     assert raw.split(b"\r\n")[0] == b"HTTP/1.1 507 Insufficient Storage"
     body = json_body(raw)
     assert body["error_code"] == "servegate.insufficient_storage"
-    assert str(tmp_path / "gone") in body["error_msg"]
     assert "retry.replay_buffer_bytes" in body["error_msg"]
+    assert str(tmp_path) not in body["error_msg"]  # no paths to the client (DESIGN.md §2)
     assert model.seen == []
     [line] = log_capture.events("request.body_spool_failed")
     assert line["level"] == "error"
+    assert why in line["error"]
+    monkeypatch.undo()
     ok = await exchange(gate.data_port, request(b"/small", b"Transfer-Encoding: chunked")
                         + b"2\r\nok\r\n0\r\n\r\n")  # fmt: skip
     assert ok.startswith(b"HTTP/1.1 200")
@@ -417,3 +428,35 @@ async def test_interim_answers_a_client_must_not_get_are_not_passed_on(
     assert raw.count(b" 200 OK\r\n") == 1
     assert b" 103 " not in raw
     assert b" 100 " not in raw
+
+
+@pytest.mark.parametrize("trailer", [b"", b"X-Trailer: leak\r\n"])
+async def test_a_chunked_request_whose_body_may_end_with_trailers_is_the_last_on_its_connection(
+    trailer: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    """aiohttp's parser adds a chunked request's last trailer field to the next request's
+    headers on the connection, which a gateway may send for another client: after a body
+    that may have ended with one, the connection is closed; after one that did not, it
+    carries the next request as usual."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    chunked = (
+        b"POST /first HTTP/1.1\r\nHost: model\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n" + trailer + b"\r\n"
+    )
+    try:
+        async with asyncio.timeout(10):
+            writer.write(chunked)
+            first = await reader.readuntil(b"\r\n\r\nok")
+            if trailer:
+                assert b"\r\nConnection: close\r\n" in first
+                assert await reader.read() == b""
+            else:
+                writer.write(b"GET /second HTTP/1.1\r\nHost: model\r\n\r\n")
+                await reader.readuntil(b"\r\n\r\nok")
+    finally:
+        writer.close()
+    expected = [b"/first"] if trailer else [b"/first", b"/second"]
+    assert [seen.target for seen in model.seen] == expected
+    assert all(seen.header(b"x-trailer") == [] for seen in model.seen)
