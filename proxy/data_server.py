@@ -143,6 +143,19 @@ class _JsonErrorHandler(RequestHandler):
             super().data_received(b"")
             grew = self._queue_heads(requests_before)
 
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's own, which parses what followed a declined upgrade (web_protocol.py)
+        with one feed, past this handler's `data_received`: the rest of it is fed here."""
+        requests_before = request_count(self)
+        finished = await super().finish_response(request, resp, start_time)
+        if requests_before != request_count(self):
+            # Their lines came before the upgrade was declined: answered in HTTP/1.1.
+            self._heads.extend([b""] * (request_count(self) - requests_before))
+            self.data_received(b"")
+        return finished
+
     def _queue_heads(self, requests_before: int) -> bool:
         """Keep the captured line for each head parsed since `requests_before`; whether any
         was."""

@@ -172,3 +172,21 @@ async def test_a_request_that_comes_with_the_end_of_the_body_before_it_is_answer
     assert statuses == ([b"400"] if timeout_field else [b"200"]) + [b"200"]
     targets = [b"/b"] if timeout_field else [b"/a", b"/b"]
     assert [seen.target for seen in model.seen] == targets
+
+
+async def test_requests_pipelined_behind_an_upgrade_that_is_not_made_are_all_answered(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """With upgrades off, a WebSocket handshake is a plain request; aiohttp keeps what came
+    behind it aside and parses it once the answer is ready, in one feed: every request of it
+    is answered, not only the first."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url, **{"server.upgrades": False})
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: model\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: k\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    behind = b"GET /a HTTP/1.1\r\nHost: model\r\n\r\n" + head(b"/b")
+    raw = await exchange(gate.data_port, upgrade + behind)
+    assert raw.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert [seen.target for seen in model.seen] == [b"/ws", b"/a", b"/b"]
