@@ -165,6 +165,11 @@ def last_queued_failed(handler: RequestHandler) -> bool:
     return bool(queued) and isinstance(queued[-1][0], getattr(web_protocol, _FAILED_HEAD))
 
 
+def queued_requests(handler: RequestHandler) -> int:
+    """How many parsed heads wait in the request handler's queue."""
+    return len(handler._messages)
+
+
 def queue_full(handler: RequestHandler) -> bool:
     """Whether as many parsed requests wait as the request handler queues: it parses more as
     the queue drains."""

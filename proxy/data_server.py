@@ -29,6 +29,7 @@ from proxy.aiohttp_internals import (
     last_queued_failed,
     parse_one_request_per_feed,
     queue_full,
+    queued_requests,
     request_count,
     target_too_long,
 )
@@ -95,6 +96,7 @@ class _JsonErrorHandler(RequestHandler):
         "_head_start",
         "_heads",
         "_last_bytes",
+        "_number",
         "_on_rejected",
     )
 
@@ -120,8 +122,11 @@ class _JsonErrorHandler(RequestHandler):
         self._current = b""  # those of the request being handled
         self._body: StreamReader | None = None  # of the request being handled
         self._last_bytes = b""  # the connection's last bytes so far
+        self._number = 0  # of the request being handled, among the heads parsed on it
 
     def data_received(self, data: bytes) -> None:
+        if last_queued_failed(self):
+            return  # llhttp's parse error is final: each further feed would queue it again
         if data:
             keep = len(BARE_LAST_CHUNK)
             self._last_bytes = (self._last_bytes + data[-keep:])[-keep:]
@@ -184,12 +189,15 @@ class _JsonErrorHandler(RequestHandler):
         """The next queued head, whose body is `body`, is now the one being handled."""
         self._current = self._heads.pop(0) if self._heads else b""
         self._body = body
+        self._number = request_count(self) - queued_requests(self)
 
     @property
-    def ended_with_bare_last_chunk(self) -> bool:
-        """Whether the connection's bytes so far end as a chunked body with no trailer field
-        (and no extension) does."""
-        return self._last_bytes.endswith(BARE_LAST_CHUNK)
+    def body_ended_bare(self) -> bool:
+        """Whether the body of the request being handled ended as a chunked body with no
+        trailer field (and no extension) does: the connection's last bytes so far are a bare
+        last chunk, and no head was parsed after this request's (whose bytes would have come
+        after the body's end)."""
+        return request_count(self) == self._number and self._last_bytes.endswith(BARE_LAST_CHUNK)
 
     @property
     def head(self) -> _Head:
@@ -229,20 +237,20 @@ class _JsonErrorHandler(RequestHandler):
 
 def trailer_fields_possible(request: web.BaseRequest) -> bool:
     """Whether the request's body is chunked and may end with trailer fields (RFC 9112
-    §7.1.2): it was not read to its end, or the connection's last bytes are not a bare last
-    chunk.
+    §7.1.2): it was not read to its end, or it cannot be seen to have ended with a bare last
+    chunk (`_JsonErrorHandler.body_ended_bare`).
 
     aiohttp's parser (3.14, _http_parser.pyx) keeps the last trailer field and adds it to the
     headers of the next request it parses on the connection, which a gateway in front may be
-    sending for another client. Bytes of a next request that came with the body's end read as
-    a possible trailer too: the safe side."""
+    sending for another client. When bytes of a next request came after the body, its end is
+    not seen, and it counts as possibly trailed: the safe side."""
     if not request.body_exists or request.content_length is not None:
         return False  # no body, or one of declared length: no trailer section
     protocol = request.protocol
     return (
         not request.content.is_eof()
         or not isinstance(protocol, _JsonErrorHandler)
-        or not protocol.ended_with_bare_last_chunk
+        or not protocol.body_ended_bare
     )
 
 

@@ -142,6 +142,7 @@ class Ingress:
                     request.transport.close()
                 raise
             response = answer.internal_error(request_id)
+            response.force_close()  # what the connection holds next is in doubt
         finally:
             if line.body is not None:  # whatever the answer, refusals and cancellation too
                 line.body.close()

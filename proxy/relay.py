@@ -65,6 +65,9 @@ class _Written(web.StreamResponse):
     def keep_alive(self) -> bool:
         return self._stays_open
 
+    def force_close(self) -> None:
+        self._stays_open = False
+
     async def prepare(self, request: web.BaseRequest) -> None:
         return None
 

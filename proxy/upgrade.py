@@ -28,6 +28,7 @@ from proxy.upstream import client_ssl_context
 log = structlog.get_logger("servegate.upgrade")
 
 CHUNK = 64 * 1024
+HTTP_START = b"HTTP/1."  # how an HTTP/1.x answer begins
 
 
 def wants_upgrade(request: web.BaseRequest) -> bool:
@@ -113,7 +114,7 @@ class Upgrader:
                 self.upstream.max_response_header_bytes,
                 self.upstream.max_response_headers,
             )
-        except (UpgradeRefused, UpgradeHeadTooLarge):
+        except BaseException:  # refused, too large, the budget's end, a reset, a cancel
             writer.close()
             raise
         return reader, writer, head
@@ -224,26 +225,33 @@ class _ClientBytes:
 async def _read_head(reader: asyncio.StreamReader, line_limit: int, fields_limit: int) -> bytes:
     """The model's answer head, and whatever of the stream came with it in the same reads.
 
-    Held to the limits aiohttp holds every answer to: the reason phrase and each field's name
-    and value within `line_limit` bytes (upstream.max_response_header_bytes), at most
-    `fields_limit` fields (upstream.max_response_headers). Read here in pieces, so the
+    Held to the limits aiohttp holds every answer to, as near as bytes tell: the reason
+    phrase and each field's name and value within `line_limit` bytes
+    (upstream.max_response_header_bytes), at most `fields_limit` fields
+    (upstream.max_response_headers). Read here in pieces, so the
     connection's own buffer, which the session then pipes through, stays at its usual size.
 
     Raises UpgradeRefused when the answer is not HTTP or ends first, UpgradeHeadTooLarge past
     the limits."""
-    most = (line_limit + 4) * (fields_limit + 1)  # every line at its limit, with ": " and CRLF
+    # Every line at its limit, with its status or field syntax and CRLF, and some slack for
+    # whitespace around values.
+    most = (line_limit + 64) * (fields_limit + 1)
     received = bytearray()
-    while (end := received.find(b"\r\n\r\n")) < 0:
+    searched = 0  # where the end of the head may start: no byte is searched twice
+    while (end := received.find(b"\r\n\r\n", searched)) < 0:
         if len(received) > most:
             raise UpgradeHeadTooLarge(
                 f"the answer to the upgrade request has a head over {most} bytes, more than "
                 "upstream.max_response_header_bytes and max_response_headers allow"
             )
+        searched = max(0, len(received) - 3)
         piece = await reader.read(CHUNK)
         if not piece:
             raise UpgradeRefused("no HTTP answer to the upgrade request: it closed first")
         received += piece
-    if not received.startswith(b"HTTP/1."):
+        if len(received) >= len(HTTP_START) and not received.startswith(HTTP_START):
+            raise UpgradeRefused("the answer to the upgrade request is not HTTP")
+    if not received.startswith(HTTP_START):
         raise UpgradeRefused("the answer to the upgrade request is not HTTP")
     status, *fields = bytes(received[:end]).split(b"\r\n")
     reason = status.split(b" ", 2)[2] if status.count(b" ") >= 2 else b""

@@ -460,3 +460,26 @@ async def test_a_chunked_request_whose_body_may_end_with_trailers_is_the_last_on
     expected = [b"/first"] if trailer else [b"/first", b"/second"]
     assert [seen.target for seen in model.seen] == expected
     assert all(seen.header(b"x-trailer") == [] for seen in model.seen)
+
+
+async def test_a_trailer_never_reaches_a_chunked_request_pipelined_behind_its_body(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """The second body ends bare, but the first's end is not what the connection's last
+    bytes show: the connection closes after the first answer, and no request of the model's
+    carries the first's trailer field."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    trailed = (
+        b"POST /first HTTP/1.1\r\nHost: model\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\nx\r\n0\r\nX-Trailer: leak\r\n\r\n"
+    )
+    bare = (
+        b"POST /second HTTP/1.1\r\nHost: model\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"1\r\ny\r\n0\r\n\r\n"
+    )
+    raw = await exchange(gate.data_port, trailed + bare)
+    assert raw.count(b"HTTP/1.1 200 OK\r\n") == 1
+    assert b"\r\nConnection: close\r\n" in raw
+    assert all(seen.header(b"x-trailer") == [] for seen in model.seen)
+    assert [seen.target for seen in model.seen] == [b"/first"]
