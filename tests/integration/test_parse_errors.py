@@ -22,21 +22,25 @@ def head(target: bytes, *fields: bytes, version: bytes = b"HTTP/1.1") -> bytes:
     return b"\r\n".join([*lines, b"", b""])
 
 
-@pytest.mark.parametrize(
-    ("sent", "status_line"),
-    [
-        (head(LONG_TARGET), b"HTTP/1.1 414 Request-URI Too Long"),
-        (head(b"/", b"X-Big: " + b"a" * 9000), b"HTTP/1.1 431 Request Header Fields Too Large"),
-        (head(b"/", *(b"X-%d: v" % i for i in range(200))),
-         b"HTTP/1.1 431 Request Header Fields Too Large"),
-        (head(b"/", b"X-Big: " + b"a" * 9000, version=b"HTTP/1.0"),
-         b"HTTP/1.0 431 Request Header Fields Too Large"),
-        (head(b"/", b"Bad Name: x"), b"HTTP/1.1 400 Bad Request"),
-        (head(b"/", b"User-Agent: a", b"User-Agent: b"), b"HTTP/1.1 400 Bad Request"),
-    ],
-    ids=["414", "431-long-header", "431-many-headers", "431-http10-client", "400",
-         "400-repeated-singleton"],
-)  # fmt: skip
+# A head aiohttp cannot parse, and the status line it is answered with.
+MALFORMED = {
+    "414": (head(LONG_TARGET), b"HTTP/1.1 414 Request-URI Too Long"),
+    "431-long-header": (head(b"/", b"X-Big: " + b"a" * 9000),
+                        b"HTTP/1.1 431 Request Header Fields Too Large"),
+    "431-many-headers": (head(b"/", *(b"X-%d: v" % i for i in range(200))),
+                         b"HTTP/1.1 431 Request Header Fields Too Large"),
+    "400": (head(b"/", b"Bad Name: x"), b"HTTP/1.1 400 Bad Request"),
+}  # fmt: skip
+ALONE = {
+    **MALFORMED,
+    "431-http10-client": (head(b"/", b"X-Big: " + b"a" * 9000, version=b"HTTP/1.0"),
+                          b"HTTP/1.0 431 Request Header Fields Too Large"),
+    "400-repeated-singleton": (head(b"/", b"User-Agent: a", b"User-Agent: b"),
+                               b"HTTP/1.1 400 Bad Request"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("sent", "status_line"), list(ALONE.values()), ids=list(ALONE))
 async def test_a_request_that_cannot_be_parsed_is_answered_in_the_clients_version(
     sent: bytes, status_line: bytes, start_gate: StartGate, raw_server: Any
 ) -> None:
@@ -103,17 +107,7 @@ async def test_a_pipelined_head_behind_a_queued_request_is_read_from_its_own_lin
     assert b"HTTP/1.1 414 Request-URI Too Long\r\n" in answers
 
 
-@pytest.mark.parametrize(
-    ("behind", "status_line"),
-    [
-        (head(LONG_TARGET), b"HTTP/1.1 414 Request-URI Too Long"),
-        (head(b"/", b"X-Big: " + b"a" * 9000), b"HTTP/1.1 431 Request Header Fields Too Large"),
-        (head(b"/", *(b"X-%d: v" % i for i in range(200))),
-         b"HTTP/1.1 431 Request Header Fields Too Large"),
-        (head(b"/", b"Bad Name: x"), b"HTTP/1.1 400 Bad Request"),
-    ],
-    ids=["414", "431-long-header", "431-many-headers", "400"],
-)  # fmt: skip
+@pytest.mark.parametrize(("behind", "status_line"), list(MALFORMED.values()), ids=list(MALFORMED))
 async def test_requests_pipelined_in_one_write_before_a_malformed_one_are_answered_first(
     behind: bytes, status_line: bytes, start_gate: StartGate, raw_server: Any
 ) -> None:
@@ -147,7 +141,9 @@ async def test_many_requests_pipelined_in_one_write_are_all_answered(
     assert [seen.target for seen in model.seen] == [b"/%d" % i for i in range(99)] + [b"/last"]
 
 
-@pytest.mark.parametrize("timeout_field", [b"", b"X-Servegate-Timeout-Ms: soon\r\n"])
+@pytest.mark.parametrize(
+    "timeout_field", [b"", b"X-Servegate-Timeout-Ms: soon\r\n"], ids=["read", "answered-unread"]
+)
 async def test_a_request_that_comes_with_the_end_of_the_body_before_it_is_answered(
     timeout_field: bytes, start_gate: StartGate, raw_server: Any
 ) -> None:
