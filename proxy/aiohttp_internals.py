@@ -63,6 +63,7 @@ _QUEUE_SIZE = "_max_msg_queue_size"
 # web_protocol.py, RequestHandler.data_received: a head the parser refused is queued as an
 # `_ErrInfo` in place of its message.
 _FAILED_HEAD = "_ErrInfo"
+_FailedHead: Any = getattr(web_protocol, _FAILED_HEAD, None)  # checked at start-up
 # _http_parser.pyx: the callback that takes the request target, where llhttp's parser raises
 # LineTooLong for a target over max_line_size (the header callbacks raise it for header lines).
 _TARGET_CALLBACK = "cb_on_url"
@@ -162,7 +163,7 @@ def parse_one_request_per_feed(
 def last_queued_failed(handler: RequestHandler) -> bool:
     """Whether the last head the request handler queued is one it could not parse."""
     queued = handler._messages
-    return bool(queued) and isinstance(queued[-1][0], getattr(web_protocol, _FAILED_HEAD))
+    return bool(queued) and isinstance(queued[-1][0], _FailedHead)
 
 
 def queued_requests(handler: RequestHandler) -> int:
@@ -314,7 +315,7 @@ def _server_missing() -> list[tuple[str, str]]:
             "parse one pipelined request after another",
         ),
         (
-            isinstance(getattr(web_protocol, _FAILED_HEAD, None), type),
+            isinstance(_FailedHead, type),
             f"web_protocol.{_FAILED_HEAD}",
             "stop parsing pipelined requests at a malformed one",
         ),

@@ -91,6 +91,7 @@ class _JsonErrorHandler(RequestHandler):
     # One per client connection: no instance dictionary (RequestHandler has none either).
     __slots__ = (
         "_body",
+        "_chunked",
         "_current",
         "_head_cap",
         "_head_start",
@@ -98,6 +99,7 @@ class _JsonErrorHandler(RequestHandler):
         "_last_bytes",
         "_number",
         "_on_rejected",
+        "_recorded",
     )
 
     def __init__(
@@ -123,6 +125,8 @@ class _JsonErrorHandler(RequestHandler):
         self._body: StreamReader | None = None  # of the request being handled
         self._last_bytes = b""  # the connection's last bytes so far
         self._number = 0  # of the request being handled, among the heads parsed on it
+        self._chunked = False  # whether the body of the request being handled is chunked
+        self._recorded = 0  # heads whose lines `_heads` has taken, on this connection
 
     def data_received(self, data: bytes) -> None:
         if last_queued_failed(self):
@@ -148,19 +152,6 @@ class _JsonErrorHandler(RequestHandler):
             super().data_received(b"")
             grew = self._queue_heads(requests_before)
 
-    async def finish_response(
-        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        """aiohttp's own, which parses what followed a declined upgrade (web_protocol.py)
-        with one feed, past this handler's `data_received`: the rest of it is fed here."""
-        requests_before = request_count(self)
-        finished = await super().finish_response(request, resp, start_time)
-        if requests_before != request_count(self):
-            # Their lines came before the upgrade was declined: answered in HTTP/1.1.
-            self._heads.extend([b""] * (request_count(self) - requests_before))
-            self.data_received(b"")
-        return finished
-
     def _queue_heads(self, requests_before: int) -> bool:
         """Keep the captured line for each head parsed since `requests_before`; whether any
         was."""
@@ -169,6 +160,7 @@ class _JsonErrorHandler(RequestHandler):
             return False
         self._heads.extend([self._head_start] * (requests - requests_before))
         self._head_start = b""
+        self._recorded = requests
         return True
 
     def _between_requests(self) -> bool:
@@ -185,19 +177,39 @@ class _JsonErrorHandler(RequestHandler):
         self._body = None
         super().connection_lost(exc)
 
-    def next_head(self, body: StreamReader) -> None:
-        """The next queued head, whose body is `body`, is now the one being handled."""
+    def next_head(self, body: StreamReader, chunked: bool) -> None:
+        """The next queued head, whose body is `body` (chunked or not), is now the one being
+        handled."""
+        parsed = request_count(self)
+        unseen = parsed - self._recorded
+        if unseen:
+            # aiohttp parsed these with a feed of its own: what followed a WebSocket handshake
+            # that was not upgraded (web_protocol.py, finish_response). Their lines were not
+            # seen (answered in HTTP/1.1), and the rest of that feed is parsed below.
+            self._heads.extend([b""] * unseen)
+            self._recorded = parsed
         self._current = self._heads.pop(0) if self._heads else b""
         self._body = body
-        self._number = request_count(self) - queued_requests(self)
+        self._chunked = chunked
+        self._number = parsed - queued_requests(self)
+        if unseen:
+            self.data_received(b"")
 
     @property
-    def body_ended_bare(self) -> bool:
-        """Whether the body of the request being handled ended as a chunked body with no
-        trailer field (and no extension) does: the connection's last bytes so far are a bare
-        last chunk, and no head was parsed after this request's (whose bytes would have come
-        after the body's end)."""
-        return request_count(self) == self._number and self._last_bytes.endswith(BARE_LAST_CHUNK)
+    def trailers_possible(self) -> bool:
+        """Whether the body of the request being handled is chunked and was not seen to end
+        with a bare last chunk (no trailer field, no extension): it has not all arrived, the
+        connection's last bytes are not a bare last chunk, or a head was parsed after this
+        request's (its bytes came after the body's end)."""
+        if not self._chunked:
+            return False
+        body = self._body
+        return (
+            body is None
+            or not body.is_eof()
+            or request_count(self) != self._number
+            or not self._last_bytes.endswith(BARE_LAST_CHUNK)
+        )
 
     @property
     def head(self) -> _Head:
@@ -237,21 +249,14 @@ class _JsonErrorHandler(RequestHandler):
 
 def trailer_fields_possible(request: web.BaseRequest) -> bool:
     """Whether the request's body is chunked and may end with trailer fields (RFC 9112
-    §7.1.2): it was not read to its end, or it cannot be seen to have ended with a bare last
-    chunk (`_JsonErrorHandler.body_ended_bare`).
+    §7.1.2), as `_JsonErrorHandler.trailers_possible` tells.
 
     aiohttp's parser (3.14, _http_parser.pyx) keeps the last trailer field and adds it to the
     headers of the next request it parses on the connection, which a gateway in front may be
     sending for another client. When bytes of a next request came after the body, its end is
     not seen, and it counts as possibly trailed: the safe side."""
-    if not request.body_exists or request.content_length is not None:
-        return False  # no body, or one of declared length: no trailer section
     protocol = request.protocol
-    return (
-        not request.content.is_eof()
-        or not isinstance(protocol, _JsonErrorHandler)
-        or not protocol.body_ended_bare
-    )
+    return isinstance(protocol, _JsonErrorHandler) and protocol.trailers_possible
 
 
 def _count_nothing(_status: int) -> None:
@@ -281,7 +286,7 @@ class JsonErrorServer(HandlerServer):
         """aiohttp gives an unparseable request a stand-in message that says HTTP/1.0, and its
         answer's status line says the same; it gets the version the client spoke instead."""
         if isinstance(protocol, _JsonErrorHandler):
-            protocol.next_head(payload)
+            protocol.next_head(payload, message.chunked)
             if is_parse_error(message):
                 message = message._replace(version=protocol.head.spoke)
         return web.BaseRequest(message, payload, protocol, writer, task, self.loop)

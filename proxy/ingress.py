@@ -132,6 +132,12 @@ class Ingress:
         line = AccessLine(request.method, request.path)
         try:
             response = await self._serve(request, request_id, line)
+            # A chunked body may have ended with trailer fields, or was answered before its
+            # end (aiohttp reads the rest after the answer): aiohttp's parser would add the
+            # last trailer field to the next request's headers, so the connection carries no
+            # other (data_server.trailer_fields_possible).
+            if trailer_fields_possible(request):
+                response.force_close()
         except Exception:
             # A bug in servegate still gets a JSON answer and a traceback in the log, unless
             # the status line is already out: then only a cut connection can tell the client.
@@ -156,17 +162,6 @@ class Ingress:
         return response
 
     async def _serve(
-        self, request: web.BaseRequest, request_id: str, line: AccessLine
-    ) -> web.StreamResponse:
-        response = await self._answer(request, request_id, line)
-        # A chunked body may have ended with trailer fields, or was answered before its end
-        # (aiohttp reads the rest after the answer): aiohttp's parser would add the last
-        # trailer field to the next request's headers, so this connection carries no other.
-        if trailer_fields_possible(request):
-            response.force_close()
-        return response
-
-    async def _answer(
         self, request: web.BaseRequest, request_id: str, line: AccessLine
     ) -> web.StreamResponse:
         if (refused := self._refuse_on_sight(request, request_id)) is not None:
@@ -199,7 +194,7 @@ class Ingress:
             line.spent.reading_request = budget.elapsed()
         if refusal is not None:
             return self._refuse(refusal, request_id, budget, line)
-        # Known before an answer read whole is written with its Connection field (`_serve`).
+        # Known before an answer read whole is written with its Connection field (`handle`).
         keep_alive = not trailer_fields_possible(request)
         try:
             return await self._exchange(request, request_id, budget, line, keep_alive)
