@@ -128,6 +128,14 @@ def request_count(handler: RequestHandler) -> int:
     return handler._request_count
 
 
+def last_queued_message(handler: RequestHandler) -> RawRequestMessage | None:
+    """The last head the request handler has parsed and not yet handled (None: none waits,
+    or it could not be parsed)."""
+    queued = handler._messages
+    message = queued[-1][0] if queued else None
+    return message if isinstance(message, RawRequestMessage) else None
+
+
 def last_queued_body(handler: RequestHandler) -> StreamReader | None:
     """The body of the last head the request handler has parsed and not yet handled (None:
     none waits)."""

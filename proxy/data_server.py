@@ -27,6 +27,7 @@ from proxy.aiohttp_internals import (
     is_parse_error,
     last_queued_body,
     last_queued_failed,
+    last_queued_message,
     parse_one_request_per_feed,
     queue_full,
     queued_requests,
@@ -135,12 +136,16 @@ class _JsonErrorHandler(RequestHandler):
             keep = len(BARE_LAST_CHUNK)
             self._last_bytes = (self._last_bytes + data[-keep:])[-keep:]
         requests_before = request_count(self)
-        if b"\n" not in self._head_start and self._between_requests():
+        between = self._between_requests()
+        begins_head = between and not self._head_start  # this read starts a request
+        if b"\n" not in self._head_start and between:
             room = self._head_cap - len(self._head_start)
             end = data.find(b"\n", 0, room)
             self._head_start += data[: end + 1 if end >= 0 else room]
         super().data_received(data)
         grew = self._queue_heads(requests_before)
+        if begins_head and grew and self._was_one_whole_request(data):
+            return  # the parser has nothing left: most reads are one request, whole
         # The parser stops at the end of each request, also of one whose body began in an
         # earlier read, and keeps the rest of the read: it is fed again until a feed brings no
         # further request, a parse error (llhttp's is final: each further feed repeats it), or
@@ -151,6 +156,17 @@ class _JsonErrorHandler(RequestHandler):
             requests_before = request_count(self)
             super().data_received(b"")
             grew = self._queue_heads(requests_before)
+
+    def _was_one_whole_request(self, data: bytes) -> bool:
+        """Whether `data`, which began with a request's head, held that request to its last
+        byte and nothing more: a head ended by its first empty line (llhttp takes CRLF line
+        ends alone from a client), then a body of the length the head declared. Anything else
+        (a chunked body, an upgrade, more bytes) is fed to the parser again."""
+        message = last_queued_message(self)
+        if message is None or message.chunked or message.upgrade:
+            return False
+        end = data.find(b"\r\n\r\n")
+        return end >= 0 and end + 4 + int(message.headers.get("Content-Length", 0)) == len(data)
 
     def _queue_heads(self, requests_before: int) -> bool:
         """Keep the captured line for each head parsed since `requests_before`; whether any
