@@ -101,6 +101,7 @@ class _JsonErrorHandler(RequestHandler):
         "_number",
         "_on_rejected",
         "_recorded",
+        "_upgrade_asked",
     )
 
     def __init__(
@@ -128,6 +129,7 @@ class _JsonErrorHandler(RequestHandler):
         self._number = 0  # of the request being handled, among the heads parsed on it
         self._chunked = False  # whether the body of the request being handled is chunked
         self._recorded = 0  # heads whose lines `_heads` has taken, on this connection
+        self._upgrade_asked = False  # whether the request being handled asked for an upgrade
 
     def data_received(self, data: bytes) -> None:
         if last_queued_failed(self):
@@ -165,6 +167,10 @@ class _JsonErrorHandler(RequestHandler):
         message = last_queued_message(self)
         if message is None or message.chunked or message.upgrade:
             return False
+        # A head that began in an earlier read can end in this one, even with its CRLF CRLF
+        # split across the two: then this read starts with its rest, not with a method.
+        if not data.startswith(message.method.encode("ascii", "replace") + b" "):
+            return False
         end = data.find(b"\r\n\r\n")
         return end >= 0 and end + 4 + int(message.headers.get("Content-Length", 0)) == len(data)
 
@@ -174,6 +180,8 @@ class _JsonErrorHandler(RequestHandler):
         requests = request_count(self)
         if requests == requests_before:
             return False
+        if requests_before > self._recorded:  # parsed by a feed of aiohttp's own: lines unseen
+            self._heads.extend([b""] * (requests_before - self._recorded))
         self._heads.extend([self._head_start] * (requests - requests_before))
         self._head_start = b""
         self._recorded = requests
@@ -193,9 +201,8 @@ class _JsonErrorHandler(RequestHandler):
         self._body = None
         super().connection_lost(exc)
 
-    def next_head(self, body: StreamReader, chunked: bool) -> None:
-        """The next queued head, whose body is `body` (chunked or not), is now the one being
-        handled."""
+    def next_head(self, message: RawRequestMessage, body: StreamReader) -> None:
+        """The next queued head, `message` with its `body`, is now the one being handled."""
         parsed = request_count(self)
         unseen = parsed - self._recorded
         if unseen:
@@ -206,10 +213,23 @@ class _JsonErrorHandler(RequestHandler):
             self._recorded = parsed
         self._current = self._heads.pop(0) if self._heads else b""
         self._body = body
-        self._chunked = chunked
+        self._chunked = message.chunked
+        # aiohttp keeps what follows a WebSocket handshake; after any other upgrade offer
+        # (h2c) llhttp stops and aiohttp drops the rest of the connection's bytes.
+        self._upgrade_asked = message.upgrade and (
+            message.headers.get("Upgrade", "").lower() != "websocket"
+        )
         self._number = parsed - queued_requests(self)
-        if unseen:
+        if unseen and not is_parse_error(message):  # after an error, nothing more is parsed
             self.data_received(b"")
+
+    @property
+    def closes_after_answer(self) -> bool:
+        """Whether the connection must close once the request being handled is answered: its
+        body may have ended with trailer fields (`trailers_possible`), or it offered an
+        upgrade to a protocol other than WebSocket (h2c), after which llhttp stops and aiohttp
+        drops the rest of the connection's bytes."""
+        return self._upgrade_asked or self.trailers_possible
 
     @property
     def trailers_possible(self) -> bool:
@@ -263,16 +283,19 @@ class _JsonErrorHandler(RequestHandler):
         return response
 
 
-def trailer_fields_possible(request: web.BaseRequest) -> bool:
-    """Whether the request's body is chunked and may end with trailer fields (RFC 9112
-    §7.1.2), as `_JsonErrorHandler.trailers_possible` tells.
+def closes_after_answer(request: web.BaseRequest) -> bool:
+    """Whether the client's connection must close once `request` is answered
+    (`_JsonErrorHandler.closes_after_answer`): its chunked body may have ended with trailer
+    fields, or it asked for an upgrade that was not made.
 
     aiohttp's parser (3.14, _http_parser.pyx) keeps the last trailer field and adds it to the
     headers of the next request it parses on the connection, which a gateway in front may be
-    sending for another client. When bytes of a next request came after the body, its end is
+    sending for another client; when bytes of a next request came after the body, its end is
     not seen, and it counts as possibly trailed: the safe side."""
     protocol = request.protocol
-    return isinstance(protocol, _JsonErrorHandler) and protocol.trailers_possible
+    if isinstance(protocol, _JsonErrorHandler):
+        return protocol.closes_after_answer
+    return request.body_exists and request.content_length is None  # chunked: the safe side
 
 
 def _count_nothing(_status: int) -> None:
@@ -302,7 +325,7 @@ class JsonErrorServer(HandlerServer):
         """aiohttp gives an unparseable request a stand-in message that says HTTP/1.0, and its
         answer's status line says the same; it gets the version the client spoke instead."""
         if isinstance(protocol, _JsonErrorHandler):
-            protocol.next_head(payload, message.chunked)
+            protocol.next_head(message, payload)
             if is_parse_error(message):
                 message = message._replace(version=protocol.head.spoke)
         return web.BaseRequest(message, payload, protocol, writer, task, self.loop)

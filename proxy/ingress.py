@@ -25,7 +25,7 @@ from proxy.body import BodyTooLarge, BufferPool, RequestBody, SpoolFailed
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
 from proxy.config import Settings
-from proxy.data_server import trailer_fields_possible
+from proxy.data_server import closes_after_answer
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import Fields, request_headers
@@ -132,11 +132,9 @@ class Ingress:
         line = AccessLine(request.method, request.path)
         try:
             response = await self._serve(request, request_id, line)
-            # A chunked body may have ended with trailer fields, or was answered before its
-            # end (aiohttp reads the rest after the answer): aiohttp's parser would add the
-            # last trailer field to the next request's headers, so the connection carries no
-            # other (data_server.trailer_fields_possible).
-            if trailer_fields_possible(request):
+            # A chunked body that may have ended with trailer fields, or an upgrade asked for
+            # and not made: the connection can carry no other request (data_server).
+            if closes_after_answer(request):
                 response.force_close()
         except Exception:
             # A bug in servegate still gets a JSON answer and a traceback in the log, unless
@@ -195,7 +193,7 @@ class Ingress:
         if refusal is not None:
             return self._refuse(refusal, request_id, budget, line)
         # Known before an answer read whole is written with its Connection field (`handle`).
-        keep_alive = not trailer_fields_possible(request)
+        keep_alive = not closes_after_answer(request)
         try:
             return await self._exchange(request, request_id, budget, line, keep_alive)
         finally:

@@ -186,3 +186,42 @@ async def test_requests_pipelined_behind_an_upgrade_that_is_not_made_are_all_ans
     raw = await exchange(gate.data_port, upgrade + behind)
     assert raw.count(b"HTTP/1.1 200 OK\r\n") == 3
     assert [seen.target for seen in model.seen] == [b"/ws", b"/a", b"/b"]
+
+
+async def test_a_head_whose_end_straddles_two_reads_leaves_no_request_behind(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """The second read starts with the last LF of a head begun in the first, then holds one
+    whole request: both requests of it are parsed, not only the one whose head it ends."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        async with asyncio.timeout(10):
+            writer.write(
+                b"GET /a HTTP/1.1\r\nHost: model\r\n\r\nGET /b HTTP/1.1\r\nHost: model\r\n\r"
+            )
+            await writer.drain()
+            await asyncio.sleep(0.2)  # servegate has read the first part alone
+            writer.write(b"\n" + head(b"/c"))
+            answers = await reader.read(-1)
+    finally:
+        writer.close()
+    assert answers.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert [seen.target for seen in model.seen] == [b"/a", b"/b", b"/c"]
+
+
+async def test_an_upgrade_offer_other_than_websocket_that_is_not_taken_closes_the_connection(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """After an h2c offer, llhttp stops and aiohttp drops the connection's further bytes: a
+    request pipelined behind it would vanish and a later one be refused 400. The offer is
+    answered as plain HTTP, and the connection closed after it, so the client sends its next
+    request on a new one."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url, **{"server.upgrades": False})
+    offer = b"GET /a HTTP/1.1\r\nHost: model\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    raw = await exchange(gate.data_port, offer + head(b"/b"))
+    assert raw.count(b"HTTP/1.1 200 OK\r\n") == 1
+    assert b"\r\nConnection: close\r\n" in raw
+    assert [seen.target for seen in model.seen] == [b"/a"]
