@@ -286,7 +286,7 @@ class _JsonErrorHandler(RequestHandler):
 def closes_after_answer(request: web.BaseRequest) -> bool:
     """Whether the client's connection must close once `request` is answered
     (`_JsonErrorHandler.closes_after_answer`): its chunked body may have ended with trailer
-    fields, or it asked for an upgrade that was not made.
+    fields, or it offered an upgrade to a protocol other than WebSocket.
 
     aiohttp's parser (3.14, _http_parser.pyx) keeps the last trailer field and adds it to the
     headers of the next request it parses on the connection, which a gateway in front may be
