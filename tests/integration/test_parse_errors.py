@@ -22,6 +22,21 @@ def head(target: bytes, *fields: bytes, version: bytes = b"HTTP/1.1") -> bytes:
     return b"\r\n".join([*lines, b"", b""])
 
 
+async def in_two_reads(port: int, first: bytes, second: bytes) -> bytes:
+    """Send `first`, wait until servegate has read it alone, send `second`; what servegate
+    answers until it closes the connection (the last request says Connection: close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        async with asyncio.timeout(10):
+            writer.write(first)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.write(second)
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
 # A head aiohttp cannot parse, and the status line it is answered with.
 MALFORMED = {
     "414": (head(LONG_TARGET), b"HTTP/1.1 414 Request-URI Too Long"),
@@ -153,17 +168,8 @@ async def test_a_request_that_comes_with_the_end_of_the_body_before_it_is_answer
     header) without servegate reading its body."""
     model = await raw_server(RecordingModel())
     gate = await start_gate(model.url)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
     first = b"POST /a HTTP/1.1\r\nHost: model\r\n%sContent-Length: 5\r\n\r\nhel" % timeout_field
-    try:
-        async with asyncio.timeout(10):
-            writer.write(first)
-            await writer.drain()
-            await asyncio.sleep(0.2)  # servegate has the head and part of the body
-            writer.write(b"lo" + head(b"/b"))
-            answers = await reader.read(-1)
-    finally:
-        writer.close()
+    answers = await in_two_reads(gate.data_port, first, b"lo" + head(b"/b"))
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)
     assert statuses == ([b"400"] if timeout_field else [b"200"]) + [b"200"]
     targets = [b"/b"] if timeout_field else [b"/a", b"/b"]
@@ -195,18 +201,8 @@ async def test_a_head_whose_end_straddles_two_reads_leaves_no_request_behind(
     whole request: both requests of it are parsed, not only the one whose head it ends."""
     model = await raw_server(RecordingModel())
     gate = await start_gate(model.url)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
-    try:
-        async with asyncio.timeout(10):
-            writer.write(
-                b"GET /a HTTP/1.1\r\nHost: model\r\n\r\nGET /b HTTP/1.1\r\nHost: model\r\n\r"
-            )
-            await writer.drain()
-            await asyncio.sleep(0.2)  # servegate has read the first part alone
-            writer.write(b"\n" + head(b"/c"))
-            answers = await reader.read(-1)
-    finally:
-        writer.close()
+    first = b"GET /a HTTP/1.1\r\nHost: model\r\n\r\nGET /b HTTP/1.1\r\nHost: model\r\n\r"
+    answers = await in_two_reads(gate.data_port, first, b"\n" + head(b"/c"))
     assert answers.count(b"HTTP/1.1 200 OK\r\n") == 3
     assert [seen.target for seen in model.seen] == [b"/a", b"/b", b"/c"]
 
