@@ -60,10 +60,6 @@ _SERIALIZER = "_serialize_headers"
 # at that many it stops reading, and start() feeds the parser again (`data_received(b"")`) as
 # the queue drains.
 _QUEUE_SIZE = "_max_msg_queue_size"
-# web_protocol.py, RequestHandler.data_received: a head the parser refused is queued as an
-# `_ErrInfo` in place of its message.
-_FAILED_HEAD = "_ErrInfo"
-_FailedHead: Any = getattr(web_protocol, _FAILED_HEAD, None)  # checked at start-up
 # _http_parser.pyx: the callback that takes the request target, where llhttp's parser raises
 # LineTooLong for a target over max_line_size (the header callbacks raise it for header lines).
 _TARGET_CALLBACK = "cb_on_url"
@@ -169,9 +165,10 @@ def parse_one_request_per_feed(
 
 
 def last_queued_failed(handler: RequestHandler) -> bool:
-    """Whether the last head the request handler queued is one it could not parse."""
+    """Whether the last head the request handler queued is one it could not parse: aiohttp
+    queues a stand-in (`_ErrInfo`) in place of its message."""
     queued = handler._messages
-    return bool(queued) and isinstance(queued[-1][0], _FailedHead)
+    return bool(queued) and not isinstance(queued[-1][0], RawRequestMessage)
 
 
 def queued_requests(handler: RequestHandler) -> int:
@@ -321,11 +318,6 @@ def _server_missing() -> list[tuple[str, str]]:
             _QUEUE_SIZE in getattr(RequestHandler, "__slots__", ()),
             f"RequestHandler.{_QUEUE_SIZE}",
             "parse one pipelined request after another",
-        ),
-        (
-            isinstance(_FailedHead, type),
-            f"web_protocol.{_FAILED_HEAD}",
-            "stop parsing pipelined requests at a malformed one",
         ),
         (
             _parses_one_request_per_feed(),

@@ -184,11 +184,11 @@ def connect_failure(error: BaseException) -> tuple[Cause, str]:
     The one translation for servegate's attempts (aiohttp wraps these errors) and for the
     doctor's raw connections (proxy/doctor/wire.py)."""
     if isinstance(error, ssl.SSLCertVerificationError):
-        return Cause.TLS_CERTIFICATE, _ssl_reason(error)
+        return Cause.TLS_CERTIFICATE, ssl_reason(error)
     if isinstance(error, ssl.SSLError):
         if any(marker in str(error).lower() for marker in _PLAIN_PEER_MARKERS):
-            return Cause.TLS_TO_PLAIN_SERVER, _ssl_reason(error)
-        return Cause.TLS_HANDSHAKE, _ssl_reason(error)
+            return Cause.TLS_TO_PLAIN_SERVER, ssl_reason(error)
+        return Cause.TLS_HANDSHAKE, ssl_reason(error)
     if isinstance(error, TimeoutError):
         return Cause.CONNECT_TIMEOUT, "no TCP connection within the connect timeout"
     if isinstance(error, socket.gaierror):  # nothing to connect to: the name has no address
@@ -210,7 +210,8 @@ def exchange_failure(error: BaseException, *, response_started: bool) -> tuple[C
     return Cause.RESET_DURING_REQUEST, f"the connection failed: {reason}"
 
 
-def _ssl_reason(error: BaseException) -> str:
+def ssl_reason(error: BaseException) -> str:
+    """A TLS error's reason as one lowercase phrase, for a detail or a log line."""
     if isinstance(error, ssl.SSLCertVerificationError):
         return error.verify_message or str(error)
     if isinstance(error, ssl.SSLError):

@@ -29,6 +29,7 @@ from yarl import URL
 
 from proxy.config import ServerSettings
 from proxy.connection import ClientConnection
+from proxy.failures import ssl_reason
 from proxy.metrics import Mismatch, TimeoutPhase
 from proxy.tls import server_tls_context
 
@@ -422,7 +423,7 @@ class _Acceptor:
         if not self._first_time(f"tls {client}"):
             return
         if isinstance(error, ssl.SSLError):
-            reason = str(error.reason or error).lower().replace("_", " ")
+            reason = ssl_reason(error)
         else:
             # TLS 1.3 finishes servegate's side of the handshake before the client checks the
             # certificate; a client that refuses it then closes, and only the close arrives.

@@ -249,10 +249,9 @@ async def _read_head(reader: asyncio.StreamReader, line_limit: int, fields_limit
         if not piece:
             raise UpgradeRefused("no HTTP answer to the upgrade request: it closed first")
         received += piece
-        if len(received) >= len(HTTP_START) and not received.startswith(HTTP_START):
+        # Told from the first bytes: a head shorter than this prefix is no HTTP head either.
+        if not HTTP_START.startswith(received[: len(HTTP_START)]):
             raise UpgradeRefused("the answer to the upgrade request is not HTTP")
-    if not received.startswith(HTTP_START):
-        raise UpgradeRefused("the answer to the upgrade request is not HTTP")
     status, *fields = bytes(received[:end]).split(b"\r\n")
     reason = status.split(b" ", 2)[2] if status.count(b" ") >= 2 else b""
     parts = (line.partition(b":") for line in fields)
