@@ -13,6 +13,7 @@ from proxy.config import BudgetSettings
 
 TIMEOUT_HEADER = "X-Servegate-Timeout-Ms"
 REMAINING_HEADER = "X-Servegate-Remaining-Ms"
+_REMAINING_NAME = REMAINING_HEADER.encode()
 
 Clock = Callable[[], float]
 
@@ -54,6 +55,11 @@ class Budget:
 
     def remaining_ms_header(self) -> str:
         return str(int(self.remaining() * 1000))
+
+    def remaining_field(self) -> tuple[bytes, bytes]:
+        """The header field that tells the model how many milliseconds the budget has left,
+        as sent on every attempt and upgrade handshake."""
+        return _REMAINING_NAME, self.remaining_ms_header().encode()
 
 
 def parse_timeout_ms(raw: str) -> int:

@@ -7,6 +7,7 @@ status the RFCs give and in the HTTP version the client spoke.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ def server_options(settings: ServerSettings) -> dict[str, Any]:
     }
 
 
+# A method as RFC 9110 §9.1 has it (a token), short enough to be named in an answer.
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
 _UNCARRIED_TARGET = (
     "the request target has a byte servegate's HTTP parser (aiohttp's llhttp) refuses: raw "
     "bytes outside ASCII, a space or a control byte; percent-encode them (RFC 3986 §2.1)"
@@ -273,6 +276,12 @@ class _JsonErrorHandler(RequestHandler):
             reason = f"a header line is longer than server.max_header_bytes ({exc.args[1]})"
         elif isinstance(exc, InvalidURLError):
             reason = f"{_UNCARRIED_TARGET}: {reason}"
+        elif isinstance(exc, BadHttpMessage) and "Invalid method" in str(exc):
+            # RFC 9110 §9.1: any token is a method, and a proxy passes on those it does not
+            # know; llhttp, aiohttp's parser, knows a fixed list. Not the client's mistake:
+            # 501, as RFC 9110 §15.6.2 has a server say it lacks what a request needs.
+            status = 501
+            reason = _unknown_method(self._current)
         elif isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
             status = 431
             reason = "the request has more headers than server.max_headers allows"
@@ -281,6 +290,15 @@ class _JsonErrorHandler(RequestHandler):
         response = answer.bad_request(reason, uuid.uuid4().hex, status)
         response.force_close()  # the stream cannot be trusted after a parse error
         return response
+
+
+def _unknown_method(head_start: bytes) -> str:
+    method = head_start.split(b" ", 1)[0]
+    named = method.decode() if _TOKEN.fullmatch(method) else "the request's method"
+    return (
+        f"{named} is not a method servegate's HTTP parser (llhttp) knows, so it cannot be "
+        "passed on to the model server; use a standard one (GET, POST, PUT, PATCH, DELETE, ...)"
+    )
 
 
 def closes_after_answer(request: web.BaseRequest) -> bool:

@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
+from aiohttp import hdrs
 from aiohttp.http import RawResponseMessage
 
 from proxy.body import RequestBody
-from proxy.budget import REMAINING_HEADER, Budget, Spent
+from proxy.budget import Budget, Spent
 from proxy.config import RetrySettings
 from proxy.deadlines import Deadlines
 from proxy.exchange import UpstreamResponse
 from proxy.failures import UNREACHABLE, AttemptFacts, Cause, Failure, classify
-from proxy.headers import Fields, has_control_byte
+from proxy.headers import Fields, has_control_byte, only_chunked
 from proxy.metrics import Metrics, ShedReason
 from proxy.probe import SchemeProbe
 from proxy.retry import Decision, GiveUp, GiveUpReason, Outcome, RetryState, decide, retry_outcome
@@ -31,7 +32,6 @@ from proxy.upstream_state import UpstreamState
 
 log = structlog.get_logger("servegate.forward")
 
-REMAINING_FIELD = REMAINING_HEADER.encode()
 BUFFERED_ANSWER_MAX = 256 * 1024  # predictions are small; larger answers stream as they come
 
 
@@ -201,7 +201,7 @@ class Forwarder:
         fresh: bool,
     ) -> tuple[ModelResponse | None, Failure | None]:
         started = time.monotonic()
-        headers = [*outbound.headers, (REMAINING_FIELD, budget.remaining_ms_header().encode())]
+        headers = [*outbound.headers, budget.remaining_field()]
         body = outbound.body.for_attempt() if outbound.body is not None else None
         deadline = self.deadlines.scope(budget.remaining())
         response: UpstreamResponse | None = None
@@ -217,11 +217,9 @@ class Forwarder:
                     fresh=fresh,
                     on_interim=outbound.on_interim,
                 )
-                if _unrelayable(response):
+                if (fault := _unrelayable(response)) is not None:
                     response.close()
-                    detail = "a header or the reason phrase holds a control character"
-                    failure = Failure(Cause.MALFORMED_RESPONSE, detail, facts.reused, True)
-                    return None, failure
+                    return None, Failure(*fault, facts.reused, True)
                 # A small answer of known length is read whole before the client sees a
                 # status, as nginx's proxy buffering does: a model that dies in the middle of
                 # it is then a clean 503 (and replayable when opted in), not a cut 200.
@@ -245,13 +243,31 @@ class Forwarder:
         return ModelResponse(response, complete), None
 
 
-def _unrelayable(response: UpstreamResponse) -> bool:
-    """Whether the head holds a control byte no header may carry (RFC 9110 §5.5): a model that
-    sends one has a framing fault, answered as one, not as servegate's own error when the head
-    is written. One search over the head's raw bytes, on every answer."""
+def _unrelayable(response: UpstreamResponse) -> tuple[Cause, str] | None:
+    """Why an answer cannot be relayed as the model sent it, or None. Checked on every answer:
+    one search over the head's raw bytes, and a lookup.
+
+    - A control byte no header may carry (RFC 9110 §5.5): a framing fault of the model's,
+      answered as one, not as servegate's own error when the head is written.
+    - 101 Switching Protocols: this path sends no Upgrade field (it is hop-by-hop), and a server
+      may switch only to a protocol the request offered (RFC 9110 §15.2.2).
+    - A transfer coding but chunked: servegate decodes no other (RFC 9112 §6.1) and offered
+      none (it sends no TE field); taking it off would hand the client coded bytes as plain."""
     head = b"".join(map(b"".join, response.raw_headers))
     reason = (response.reason or "").encode("utf-8", "surrogateescape")
-    return has_control_byte(head) or has_control_byte(reason)
+    if has_control_byte(head) or has_control_byte(reason):
+        return Cause.MALFORMED_RESPONSE, "a header or the reason phrase holds a control character"
+    if response.status == 101:
+        return Cause.MALFORMED_RESPONSE, (
+            "a 101 (Switching Protocols) answer to a request that offered no upgrade"
+        )
+    codings = response.headers.getall(hdrs.TRANSFER_ENCODING, None)
+    if codings and not only_chunked(codings):
+        return Cause.RESPONSE_FRAMING, (
+            f"Transfer-Encoding: {', '.join(codings)}: a transfer coding servegate does not "
+            "decode and did not offer (chunked is the only one)"
+        )
+    return None
 
 
 def cut_short(failure: Failure, response: UpstreamResponse) -> Failure:

@@ -28,8 +28,10 @@ HOP_BY_HOP = frozenset(
 # Not hop-by-hop, but servegate answers them itself: it sends "100 Continue" to the client,
 # and it frames the body it sends upstream (a buffered chunked upload gets a Content-Length).
 _HANDLED_ON_REQUEST = frozenset({"expect", "content-length"})
-# servegate sets X-Request-Id itself (the client's, when it can be logged as sent).
-_REQUEST_DROP = HOP_BY_HOP | _HANDLED_ON_REQUEST | {"x-request-id"}
+# servegate sets these itself: X-Request-Id (the client's, when it can be logged as sent) and
+# the budget left (a client's own value would sit before servegate's, and most frameworks read
+# the first).
+_REQUEST_DROP = HOP_BY_HOP | _HANDLED_ON_REQUEST | {"x-request-id", "x-servegate-remaining-ms"}
 # Headers cross as the bytes they came as: names compared lowercased, never decoded.
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 _REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP)
@@ -49,21 +51,30 @@ def request_headers(
     *,
     client_ip: str | None,
     scheme: str,
-    host: str | None,
+    authority: bytes | None,
     request_id: str,
 ) -> Fields:
-    """The client's header fields, as received, as the model server should see them."""
+    """The client's header fields, as received, as the model server should see them.
+
+    `authority` is an absolute-form target's (`GET http://host:81/x`): it replaces Host (RFC
+    9112 §3.2.2). X-Forwarded-Host names the host the client asked for, as it wrote it: that
+    authority, else its Host field; none when it sent neither (an HTTP/1.0 client may not)."""
     items = list(headers)
     named = _connection_named(items)
     drop = _REQUEST_DROP_BYTES | named if named else _REQUEST_DROP_BYTES
-    forwarded: Fields = []
+    forwarded: Fields = [] if authority is None else [(b"Host", authority)]
     prior_for: list[bytes] = []
+    asked = authority
     has_proto = has_host = False
     for name, value in items:  # one pass: this runs on every request
         lower = name.lower()
         if lower in drop:
             continue
-        if lower == b"x-forwarded-for":
+        if lower == b"host":
+            if authority is not None:
+                continue
+            asked = value if asked is None else asked
+        elif lower == b"x-forwarded-for":
             prior_for.append(value)
             continue
         has_proto = has_proto or lower == b"x-forwarded-proto"
@@ -75,10 +86,18 @@ def request_headers(
     # A gateway in front may have terminated TLS: what it says about the original request wins.
     if not has_proto:
         forwarded.append((b"X-Forwarded-Proto", _wire(scheme)))
-    if not has_host and host:
-        forwarded.append((b"X-Forwarded-Host", _wire(host)))
+    if not has_host and asked:
+        forwarded.append((b"X-Forwarded-Host", asked))
     forwarded.append((b"X-Request-Id", _wire(request_id)))
     return forwarded
+
+
+def only_chunked(transfer_encoding: Iterable[str]) -> bool:
+    """Whether Transfer-Encoding field values list chunked alone, the one transfer coding
+    servegate decodes (RFC 9112 §6.1): taking off another undecoded would pass coded bytes on
+    as plain ones."""
+    codings = [coding.strip().lower() for value in transfer_encoding for coding in value.split(",")]
+    return codings == ["chunked"]
 
 
 def decoded(raw: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[str, str]]:

@@ -17,7 +17,6 @@ import structlog
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestPayloadError
-from yarl import URL
 
 from proxy import answer, logs
 from proxy.admission import Admission, QueueFull
@@ -28,7 +27,7 @@ from proxy.config import Settings
 from proxy.data_server import closes_after_answer
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
-from proxy.headers import Fields, request_headers
+from proxy.headers import Fields, only_chunked, request_headers
 from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason
 from proxy.relay import interim_relay, relay
 from proxy.retry import GiveUpReason
@@ -90,18 +89,33 @@ class AccessLine:
         return line
 
 
-def origin_form(target: str) -> str:
-    """The path and query to send upstream, byte for byte; an absolute-form target
-    (`GET http://host/path`, as sent to proxies) keeps its path and query too."""
-    if target.startswith("/"):
+def origin_form(method: str, target: str) -> str:
+    """The target to send upstream, byte for byte. An absolute-form target (`GET
+    http://host/path?q`, as sent to proxies) goes as its path and query, an empty query's `?`
+    kept; `*` (`OPTIONS *`, RFC 9112 §3.2.4: the server itself) goes as sent, and so does an
+    OPTIONS target with neither path nor query (`OPTIONS http://host`), which means it."""
+    if target.startswith("/") or target == "*":
         return target
-    path = URL(target, encoded=True).raw_path_qs
-    return path if path.startswith("/") else "/"  # "*" (OPTIONS *) asks the server itself
+    _, rest = _split_absolute(target)
+    if not rest and method == "OPTIONS":
+        return "*"
+    return rest if rest.startswith("/") else "/" + rest
 
 
-def target_authority(target: str) -> str:
-    """The authority of an absolute-form target (`GET http://host:81/x`), else ""."""
-    return "" if target.startswith("/") else URL(target, encoded=True).raw_authority
+def target_authority(target: str) -> str | None:
+    """The authority of an absolute-form target (`GET http://host:81/x`) as written, else None."""
+    if target.startswith("/") or target == "*":
+        return None
+    return _split_absolute(target)[0]
+
+
+def _split_absolute(target: str) -> tuple[str, str]:
+    """An absolute-form target's authority and what follows it (RFC 3986 §3.2: the authority
+    ends at the first `/` or `?`); aiohttp's parser has checked its shape."""
+    _, _, rest = target.partition("://")
+    ends = [at for at in (rest.find("/"), rest.find("?")) if at >= 0]
+    cut = min(ends) if ends else len(rest)
+    return rest[:cut], rest[cut:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +218,22 @@ class Ingress:
         if request.method == "CONNECT":  # servegate is no tunnel and no open proxy
             refused = answer.bad_request("CONNECT is not served", request_id, 405)
             refused.headers["Allow"] = ", ".join(sorted(KNOWN_METHODS))
+        elif "@" in (target_authority(request.raw_path) or ""):
+            # RFC 9110 §4.2.4: a recipient treats userinfo as an error; it must not become Host.
+            refused = answer.bad_request(
+                "the request target carries userinfo (user:password@), which HTTP forbids",
+                request_id,
+            )
+        elif (codings := request.headers.getall("Transfer-Encoding", None)) and not only_chunked(
+            codings
+        ):
+            refused = answer.bad_request(
+                f"Transfer-Encoding: {', '.join(codings)}: servegate decodes no transfer coding "
+                "but chunked; send the body chunked alone (a Content-Encoding may say how "
+                "its bytes are compressed)",
+                request_id,
+                501,
+            )
         elif (request.content_length or 0) > self.settings.server.max_body_bytes:
             limit = self.settings.server.max_body_bytes
             refused = answer.bad_request(
@@ -246,7 +276,7 @@ class Ingress:
             return await self._upgrade(request, request_id, budget, line)
         outbound = Outbound(
             method=request.method,
-            raw_path=origin_form(request.raw_path),
+            raw_path=origin_form(request.method, request.raw_path),
             headers=self._outbound_headers(request, request_id),
             body=line.body,
             on_interim=interim_relay(request),
@@ -290,14 +320,14 @@ class Ingress:
             self.metrics,
             self.forwarder.upstream.lag,
         )
-        headers = self._outbound_headers(request, request_id)
+        headers = [*self._outbound_headers(request, request_id), budget.remaining_field()]
         line.attempts = 1
         try:
             async with asyncio.timeout(budget.remaining()):
                 reader, writer, head = await upgrader.handshake(
                     self.forwarder.probe.speaking,
                     request.method,
-                    origin_form(request.raw_path),
+                    origin_form(request.method, request.raw_path),
                     headers,
                     request.headers["Upgrade"],
                 )
@@ -366,16 +396,13 @@ class Ingress:
         )
 
     def _outbound_headers(self, request: web.BaseRequest, request_id: str) -> Fields:
-        headers = request_headers(
+        # RFC 9112 §3.2.2: an absolute-form target's authority replaces Host; it never picks
+        # where the request goes, which is always the configured upstream.
+        authority = target_authority(request.raw_path)
+        return request_headers(
             request.raw_headers,
             client_ip=request.remote,
             scheme=request.scheme,
-            host=request.host,
+            authority=None if authority is None else authority.encode("utf-8", "surrogateescape"),
             request_id=request_id,
         )
-        # RFC 9112 §3.2.2: an absolute-form target's authority replaces Host; it never picks
-        # where the request goes, which is always the configured upstream.
-        if authority := target_authority(request.raw_path):
-            host = (b"Host", authority.encode("utf-8", "surrogateescape"))
-            headers = [host, *((n, v) for n, v in headers if n.lower() != b"host")]
-        return headers

@@ -42,14 +42,19 @@ _ADDED_BY_AIOHTTP = (hdrs.SERVER, hdrs.CONTENT_TYPE)
 class _AsTheModelSent(web.StreamResponse):
     """A response that adds no header the model did not send but the ones HTTP requires of a
     proxy (Date, RFC 9110 §6.6.1; framing): aiohttp would add Server and a default
-    Content-Type. aiohttp_internals.check() makes sure aiohttp still calls this hook."""
+    Content-Type. It also keeps a 304's Content-Length, which aiohttp takes off: there it frames
+    nothing and tells the length of the representation the cache holds (RFC 9110 §8.6).
+    aiohttp_internals.check() makes sure aiohttp still calls this hook."""
 
     async def _prepare_headers(self) -> None:
         model_sent = [name in self.headers for name in _ADDED_BY_AIOHTTP]
+        length = self.headers.get(hdrs.CONTENT_LENGTH) if self.status == 304 else None
         await super()._prepare_headers()
         for name, sent in zip(_ADDED_BY_AIOHTTP, model_sent, strict=True):
             if not sent:
                 self.headers.popall(name, None)
+        if length is not None:
+            self.headers[hdrs.CONTENT_LENGTH] = length
 
 
 class _Written(web.StreamResponse):

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import LogCapture, StartGate
 from tests.upstreams.misframed import MisframedModel
+from tests.upstreams.raw import OK
 from tests.upstreams.recording import RecordingModel, Seen
 
 # Headers servegate adds on the way in (DESIGN.md §4), and the framing it may set.
@@ -483,3 +484,161 @@ async def test_a_trailer_never_reaches_a_chunked_request_pipelined_behind_its_bo
     assert b"\r\nConnection: close\r\n" in raw
     assert all(seen.header(b"x-trailer") == [] for seen in model.seen)
     assert [seen.target for seen in model.seen] == [b"/first"]
+
+
+@pytest.mark.parametrize(
+    ("line", "target", "host"),
+    [
+        (b"GET http://h.example//a//b? HTTP/1.1", b"//a//b?", b"h.example"),
+        (b"GET http://h.example?q=1 HTTP/1.1", b"/?q=1", b"h.example"),
+        (b"GET HTTP://H.Example:80/X HTTP/1.1", b"/X", b"H.Example:80"),
+        (b"GET http://[::1]:8080/x HTTP/1.1", b"/x", b"[::1]:8080"),
+        (b"OPTIONS http://h.example:8001 HTTP/1.1", b"*", b"h.example:8001"),  # §3.2.4
+        (b"OPTIONS * HTTP/1.1", b"*", b"model"),
+    ],
+)  # fmt: skip
+async def test_a_target_as_proxies_get_it_reaches_the_model_as_the_client_meant_it(
+    line: bytes, target: bytes, host: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    """RFC 9112 §3.2.2-§3.2.4: an absolute-form target goes on as its path and query, its
+    authority as Host; X-Forwarded-Host names the host asked for, as written."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, line + b"\r\nHost: model\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200")
+    seen = model.last()
+    assert seen.target == target
+    assert seen.header(b"host") == [host]
+    assert seen.header(b"x-forwarded-host") == [host]
+
+
+async def test_a_request_without_host_gets_the_models_and_no_forwarded_host(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, b"GET /x HTTP/1.0\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.0 200")
+    seen = model.last()
+    assert seen.header(b"host") == [b"127.0.0.1:%d" % model.port]
+    assert seen.header(b"x-forwarded-host") == []  # the client named no host
+
+
+async def test_a_target_with_userinfo_is_refused_and_never_becomes_host(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """RFC 9110 §4.2.4: userinfo in a target is an error (nginx: 400)."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"http://u:p@h.example/x", method=b"GET"))
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 400 Bad Request"
+    assert "userinfo" in json_body(raw)["error_msg"]
+    assert model.seen == []
+
+
+async def test_a_clients_own_remaining_budget_field_never_reaches_the_model(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    sent = request(b"/r", b"X-Servegate-Remaining-Ms: 99999999", method=b"GET")
+    assert (await exchange(gate.data_port, sent)).startswith(b"HTTP/1.1 200")
+    [remaining] = model.last().header(b"x-servegate-remaining-ms")
+    assert 0 < int(remaining) <= 40_000
+
+
+@pytest.mark.parametrize("codings", [b"gzip, chunked", b"deflate,chunked", b"x-custom, chunked"])
+async def test_a_request_transfer_coding_but_chunked_is_a_501_never_passed_on_undecoded(
+    codings: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    """RFC 9112 §6.1: servegate decodes chunked alone; taking off another coding unread would
+    hand the model coded bytes as plain ones (nginx: 501)."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    body = gzip.compress(PAYLOAD)
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    sent = request(b"/p", b"Transfer-Encoding: " + codings) + chunked
+    raw = await exchange(gate.data_port, sent)
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 501 Not Implemented"
+    assert codings.decode() in json_body(raw)["error_msg"]
+    assert model.seen == []
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\nConnection: close\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nConnection: close\r\n\r\nabc",
+    ],
+)  # fmt: skip
+async def test_an_answer_transfer_coding_but_chunked_is_a_framing_fault_not_relayed_as_plain(
+    head: bytes, start_gate: StartGate, raw_server: Any, log_capture: LogCapture
+) -> None:
+    """servegate offers no transfer coding (it sends no TE field) and decodes chunked alone
+    (RFC 9112 §6.1): an answer in another one would reach the client labelled as plain."""
+    model = await raw_server(RecordingModel(answer=lambda _seen: head, close_after=True))
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/f", method=b"GET"))
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 502 Bad Gateway"
+    body = json_body(raw)
+    assert (body["category"], body["cause"]) == ("protocol", "response_framing")
+    assert "Transfer-Encoding" in log_capture.access()[-1]["detail"]
+    assert b"abc" not in raw
+
+
+async def test_a_switch_of_protocols_nobody_asked_for_is_a_protocol_failure(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """RFC 9110 §15.2.2: a server switches only to a protocol the request offered, and this
+    request offered none (Upgrade is hop-by-hop)."""
+    head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\nraw"
+    model = await raw_server(RecordingModel(answer=lambda _seen: head, close_after=True))
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/x", method=b"GET"))
+    body = json_body(raw)
+    assert (body["category"], body["cause"]) == ("protocol", "malformed_response")
+    assert b"raw" not in raw.split(b"\r\n\r\n", 1)[1]
+    assert len(model.seen) == 1  # it reached the model: never replayed
+
+
+async def test_a_304_keeps_the_content_length_the_model_gave_it(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """RFC 9110 §8.6: a 304's Content-Length tells the cached representation's length; it
+    frames nothing, and the connection stays usable after it (nginx relays it too)."""
+    not_modified = b'HTTP/1.1 304 Not Modified\r\nETag: "v"\r\nContent-Length: 1234\r\n\r\n'
+    answers = iter([not_modified, OK])
+    model = await raw_server(RecordingModel(answer=lambda _seen: next(answers)))
+    gate = await start_gate(model.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        writer.write(b"GET /c HTTP/1.1\r\nHost: model\r\nIf-None-Match: \"v\"\r\n\r\n")
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"GET /d HTTP/1.1\r\nHost: model\r\nConnection: close\r\n\r\n")
+            rest = await reader.read()
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 304 Not Modified\r\n")
+    assert b"\r\nContent-Length: 1234\r\n" in head
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert rest.endswith(b"\r\n\r\nok")
+
+
+@pytest.mark.parametrize("method", [b"FOO", b"BREW", b"get"])
+async def test_a_method_the_parser_does_not_know_is_a_501_that_names_it(
+    method: bytes, start_gate: StartGate, raw_server: Any, log_capture: LogCapture
+) -> None:
+    """RFC 9110 §9.1: any token is a method. aiohttp's parser (llhttp) knows a fixed list,
+    so servegate cannot carry another; it says so, and that it is no mistake of the client's."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/m", method=method))
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 501 Not Implemented"
+    message = json_body(raw)["error_msg"]
+    assert message.startswith(f"{method.decode()} is not a method servegate's HTTP parser")
+    assert model.seen == []
+    [line] = log_capture.events("request.rejected")
+    assert line["status"] == 501

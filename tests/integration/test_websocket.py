@@ -101,6 +101,9 @@ async def test_a_bodiless_upgrade_reaches_the_model_with_the_clients_method(
     seen = model.last()
     assert seen.request_line == b"OPTIONS /predict HTTP/1.1"
     assert seen.header(b"upgrade") == [b"h2c"]
+    # The handshake is an attempt like any other: the model hears the budget left.
+    [remaining] = seen.header(b"x-servegate-remaining-ms")
+    assert 0 < int(remaining) <= 40_000
 
 
 async def test_a_refused_handshake_is_relayed_as_the_model_answered(
@@ -114,6 +117,7 @@ async def test_a_refused_handshake_is_relayed_as_the_model_answered(
         assert response.status == 403
         assert await response.read() == b"no"
     assert model.last().header(b"upgrade") == [b"websocket"]
+    assert len(model.last().header(b"x-servegate-remaining-ms")) == 1
     assert sample(await scrape(gate), "servegate_upgraded_connections_total") == 0
 
 

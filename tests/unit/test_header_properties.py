@@ -60,7 +60,7 @@ def outbound(headers: list[tuple[str, str]], client_ip: str) -> list[tuple[str, 
         as_bytes(headers),
         client_ip=client_ip,
         scheme="https",
-        host="model.example",
+        authority=None,
         request_id="rid-1",
     )
     return as_text(sent)
@@ -103,9 +103,11 @@ def test_a_gateway_s_forwarded_proto_and_host_win_else_servegate_sets_them(
 ) -> None:
     stopped = HOP_BY_HOP | named_by_connection(headers)
     out = outbound(headers, client_ip)
-    for name, own in (("x-forwarded-proto", "https"), ("x-forwarded-host", "model.example")):
+    # The host the client asked for: its first Host field that crosses, if it names one.
+    asked = [v for n, v in headers if n.lower() == "host" and "host" not in stopped][:1]
+    for name, own in (("x-forwarded-proto", ["https"]), ("x-forwarded-host", asked)):
         sent = [v for n, v in headers if n.lower() == name and name not in stopped]
-        assert [v for n, v in out if n.lower() == name] == (sent or [own])
+        assert [v for n, v in out if n.lower() == name] == (sent or [v for v in own if v])
 
 
 @given(HEADERS, IP)

@@ -36,13 +36,26 @@ def test_forwarded_headers_are_added_and_a_gateways_own_are_kept() -> None:
         [(b"X-Forwarded-Proto", b"https"), (b"X-Forwarded-For", b"10.0.0.1"), (b"Host", b"h")],
         client_ip="127.0.0.1",
         scheme="http",
-        host="h",
+        authority=None,
         request_id="rid",
     )
     assert (b"X-Forwarded-Proto", b"https") in out
     assert (b"X-Forwarded-For", b"10.0.0.1, 127.0.0.1") in out
     assert (b"X-Forwarded-Host", b"h") in out
     assert (b"X-Request-Id", b"rid") in out
+
+
+def test_an_absolute_form_authority_is_host_and_forwarded_host_as_written() -> None:
+    out = request_headers(
+        [(b"Host", b"ignored"), (b"Accept", b"*/*")],
+        client_ip=None,
+        scheme="http",
+        authority=b"H.Example:8080",
+        request_id="rid",
+    )
+    assert out[:2] == [(b"Host", b"H.Example:8080"), (b"Accept", b"*/*")]
+    assert (b"X-Forwarded-Host", b"H.Example:8080") in out
+    assert b"ignored" not in [value for _, value in out]
 
 
 @pytest.mark.parametrize(
