@@ -614,7 +614,7 @@ async def test_a_304_keeps_the_content_length_the_model_gave_it(
     gate = await start_gate(model.url)
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
     try:
-        writer.write(b"GET /c HTTP/1.1\r\nHost: model\r\nIf-None-Match: \"v\"\r\n\r\n")
+        writer.write(b'GET /c HTTP/1.1\r\nHost: model\r\nIf-None-Match: "v"\r\n\r\n')
         async with asyncio.timeout(10):
             head = await reader.readuntil(b"\r\n\r\n")
             writer.write(b"GET /d HTTP/1.1\r\nHost: model\r\nConnection: close\r\n\r\n")
