@@ -39,8 +39,9 @@ WHAT: dict[Cause, str] = {
         "servegate accepts."
     ),
     Cause.RESPONSE_FRAMING: (
-        "The model server's answer disagrees with its own framing (Content-Length and "
-        "Transfer-Encoding both, two lengths, or a length that is not a number)."
+        "The model server's answer breaks its own framing (Content-Length and "
+        "Transfer-Encoding both, two lengths, a length that is not a number, an invalid "
+        "chunk, or a transfer coding other than chunked)."
     ),
 }
 
@@ -100,7 +101,7 @@ FIX: dict[Cause, str] = {
     ),
     Cause.RESPONSE_FRAMING: (
         "Fix how the server or its framework frames answers: one Content-Length, counted in "
-        "bytes, not characters."
+        "bytes, not characters, or chunked alone (compression goes in Content-Encoding)."
     ),
 }
 

@@ -122,6 +122,11 @@ class Failure:
         return Failure(cause, detail, self.reused, self.request_sent, self.response_started)
 
 
+class BodyFramingBroken(aiohttp.ClientPayloadError):
+    """An answer's body broke its own framing (an invalid chunk) after its head was read: the
+    reader of the body hears this, not a hang until the budget ends."""
+
+
 _DISCONNECTS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
 _PLAIN_PEER_MARKERS = ("wrong version number", "record layer failure", "packet length too long")
 
@@ -146,6 +151,8 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
         return failure(*connect_failure(exc.os_error))
     if isinstance(exc, aiohttp.ClientResponseError) and not facts.response_started:
         return _unparseable_head(exc.message, failure)
+    if isinstance(exc, BodyFramingBroken):
+        return failure(Cause.RESPONSE_FRAMING, str(exc))
     if isinstance(exc, (aiohttp.ClientPayloadError, *_DISCONNECTS)):
         # A fresh connection counts only with the kernel's proof: without it, a fresh one
         # dropped after sending is a TLS server's answer to plain HTTP as often as not.
@@ -241,11 +248,12 @@ def _disconnect_reason(exc: BaseException, facts: AttemptFacts) -> str:
 
 # aiohttp's parser messages for an answer that is HTTP but framed against the rules
 # (RFC 9112 §6.3): conflicting, repeated or invalid lengths, or bytes after a complete answer.
+# Compared lowercased: llhttp says "Invalid character in chunk size" but "Chunk size overflow".
 _FRAMING_FAULTS = (
-    "Content-Length",
-    "Transfer-Encoding",
+    "content-length",
+    "transfer-encoding",
     "chunk",
-    "Data after `Connection: close`",
+    "data after `connection: close`",
 )
 
 
@@ -260,6 +268,6 @@ def _unparseable_head(message: str, failure: Callable[[Cause, str], Failure]) ->
     if "Too many headers" in message:
         detail = "more header fields in the response than upstream.max_response_headers allows"
         return failure(Cause.RESPONSE_HEADER_TOO_LARGE, detail)
-    if any(marker in message for marker in _FRAMING_FAULTS):
+    if any(marker in message.lower() for marker in _FRAMING_FAULTS):
         return failure(Cause.RESPONSE_FRAMING, f"the response's framing is invalid: {message}")
     return failure(Cause.MALFORMED_RESPONSE, f"unparseable response head: {message}")

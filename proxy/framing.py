@@ -23,11 +23,12 @@ from enum import Enum, StrEnum
 from typing import Any
 
 import structlog
+from aiohttp import ClientPayloadError
 from aiohttp.client_proto import ResponseHandler
 
 from proxy.acked import AckCounter
 from proxy.aiohttp_internals import replace_response_parser, response_parser, take_unparsed
-from proxy.failures import Cause, Failure
+from proxy.failures import BodyFramingBroken, Cause, Failure
 
 log = structlog.get_logger("servegate.upstream")
 
@@ -104,8 +105,14 @@ class _FramedParser:
             piece, data = self._split(data)
             try:
                 parsed, upgraded, tail = self._parser.feed_data(piece)
-            except Exception:
+            except Exception as exc:
                 if self._stage is not _Stage.CHUNKED or not self._payload.is_eof():
+                    if self._stage is _Stage.CHUNKED:
+                        # aiohttp puts a parse error on the connection's queue alone: whoever
+                        # reads this body, its head relayed already, would wait for the budget.
+                        self._payload.set_exception(
+                            BodyFramingBroken(f"the answer's chunked body is malformed: {exc}")
+                        )
                     raise
                 # The last chunk ended the body; what followed it could not be parsed.
                 self._parser_failed = True
@@ -191,6 +198,16 @@ class _FramedParser:
             fault = Fault.BODY_ON_BODILESS_ANSWER
         self._handler.framing_fault(FramingFault(fault, self._status, self._declared, size))
 
+    def reset(self, error: ConnectionResetError) -> None:
+        """The connection was reset. A body that ends with the connection (no length, not
+        chunked) ends with a close (RFC 9112 §6.3), not a reset, which may have dropped bytes
+        the server sent: its reader hears an error, not the end."""
+        payload = self._payload
+        if self._stage is _Stage.UNTIL_CLOSE and payload is not None and not payload.is_eof():
+            payload.set_exception(
+                ClientPayloadError(f"the connection was reset before the answer's end: {error}")
+            )
+
     @property
     def complete(self) -> bool:
         """The whole framed answer has reached the payload (nothing left in the parser)."""
@@ -262,6 +279,9 @@ class FramedResponseHandler(ResponseHandler):
             if (exc is None and not self._closed_here) or isinstance(exc, BrokenPipeError):
                 self.acks.peer_finished = True
             self.acks.close()
+        parser = response_parser(self)
+        if isinstance(exc, ConnectionResetError) and isinstance(parser, _FramedParser):
+            parser.reset(exc)
         super().connection_lost(exc)
 
     def set_response_params(self, **params: Any) -> None:

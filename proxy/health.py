@@ -134,10 +134,17 @@ class HealthMonitor:
         """Passive evidence from a real request."""
         if self.restarts_from_log:
             return
-        if failure.cause is Cause.RESET_DURING_REQUEST and failure.reused is False:
+        if (
+            failure.cause is Cause.RESET_DURING_REQUEST
+            and failure.reused is False
+            and not failure.response_started
+        ):
+            # A worker that died on the request. An answer begun and then cut is not counted:
+            # a server that frames an answer wrong, or closes after part of it, is up and
+            # answering, and calling that a crash loop would fail /readyz for every request.
             now = self._clock()
             if not self._restarts or now - self._restarts[-1] > SAME_RESTART_WINDOW:
-                self.record_restart("a fresh connection was reset during a request")
+                self.record_restart(f"a fresh connection ended before any answer: {failure.detail}")
         elif (
             failure.cause is Cause.CONNECT_REFUSED
             and self.state is Health.UP

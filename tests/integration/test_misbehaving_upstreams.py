@@ -17,6 +17,7 @@ from tests.upstreams.misbehaving import (
     AnswersWith,
     CutsBody,
     EndlessInterim,
+    InParts,
     NeverReads,
     Trickles,
 )
@@ -75,6 +76,11 @@ MALFORMED = {  # the model's bytes, and the cause and status the client gets for
         "response_framing",
         502,
     ),
+    "chunk_size_overflow": (  # llhttp says "Chunk size overflow": framing, not a bad port
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 20 + b"\r\nx\r\n",
+        "response_framing",
+        502,
+    ),
     "control_byte_in_a_header": (
         b"HTTP/1.1 200 OK\r\nX-Trace: a\x01b\r\nContent-Length: 0\r\n\r\n",
         "malformed_response",
@@ -127,6 +133,39 @@ async def test_a_large_body_cut_mid_way_aborts_the_client_connection_at_once(
     assert b"Content-Length: %d" % declared in head
     assert len(rest) == sent < declared  # cut, as the model cut it: never a silent success
     assert seconds < 5  # aborted, not left hanging until some timeout
+    await assert_classified(gate, log_capture, "service", "reset_during_request", 200)
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n"
+
+
+@pytest.mark.parametrize("bad", [b"zz\r\nabc\r\n", b"f" * 20 + b"\r\n"])
+async def test_a_chunk_that_breaks_mid_stream_cuts_the_client_at_once_as_a_framing_fault(
+    bad: bytes, start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    """The model keeps its connection open after the bad chunk: the client must not wait for
+    that close, or for the budget, and the verdict is the model's framing, not a timeout."""
+    model = await raw_server(InParts(parts=[CHUNKED_HEAD, bad], hold=15))
+    gate = await start_gate(model.url)
+    head, rest, seconds = await exchange(gate, GET + b"\r\n")
+    assert status_of(head) == 200
+    assert rest == b"5\r\nabcde\r\n"  # no last chunk: the client sees the answer is cut
+    assert seconds < 5
+    await assert_classified(gate, log_capture, "protocol", "response_framing", 200)
+
+
+async def test_an_answer_ended_by_its_connection_is_cut_not_completed_by_a_reset(
+    start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    """RFC 9112 §6.3: a body without a length ends with the close. A reset is no close: it
+    may have dropped bytes the model sent, so the client must not get a last chunk."""
+    until_close = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart-one "
+    model = await raw_server(InParts(parts=[until_close, b"part-two"], reset=True))
+    gate = await start_gate(model.url)
+    head, rest, _ = await exchange(gate, GET + b"\r\n")
+    assert status_of(head) == 200
+    assert b"part-one" in rest
+    assert not rest.endswith(b"0\r\n\r\n")
     await assert_classified(gate, log_capture, "service", "reset_during_request", 200)
 
 

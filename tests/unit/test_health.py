@@ -97,3 +97,19 @@ def test_a_timeout_while_the_server_is_down_is_a_service_failure() -> None:
     timed_out = health.explain(Failure(Cause.DEADLINE_EXCEEDED, "budget"))
     assert timed_out.cause is Cause.UPSTREAM_UNHEALTHY
     assert timed_out.category == "service"
+
+
+def test_an_answer_cut_short_on_a_fresh_connection_is_no_restart() -> None:
+    """A server that frames an answer wrong, or closes after part of it, is up and answering:
+    three such answers must not declare a crash loop (and fail /readyz)."""
+    clock = Clock()
+    health, _, restarts = monitor(clock)
+    health.record_check(True)
+    cut = Failure(
+        Cause.RESET_DURING_REQUEST, "cut", reused=False, request_sent=True, response_started=True
+    )
+    for _ in range(5):
+        clock.now += 1
+        health.record_failure(cut)
+    assert restarts == []
+    assert health.state is Health.UP

@@ -1,9 +1,12 @@
 """Raw model servers that break HTTP on purpose: garbage heads, bodies cut short, endless
-interim answers, answers that trickle, and a server that accepts but never reads."""
+interim answers, answers that trickle or break mid-way, and a server that accepts but never
+reads."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from dataclasses import dataclass, field
 
 from tests.upstreams.raw import RawServer
@@ -128,3 +131,30 @@ class NeverReads(Misbehaving):
             return  # a health check's connect, or the scheme probe
         self.accepted += 1
         await asyncio.Event().wait()  # until the test stops the server
+
+
+@dataclass
+class InParts(Misbehaving):
+    """Answers with `parts`, `pause` seconds apart, then holds the connection `hold` seconds
+    and closes it: with a reset (SO_LINGER 0) if `reset`, else with a FIN."""
+
+    parts: list[bytes] = field(default_factory=list)
+    pause: float = 0.3
+    hold: float = 0.0
+    reset: bool = False
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if not await self._request(reader):
+            return
+        for part in self.parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(self.pause)
+        await asyncio.sleep(self.hold)
+        if self.reset:
+            writer.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            writer.transport.abort()
