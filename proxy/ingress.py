@@ -28,7 +28,7 @@ from proxy.data_server import closes_after_answer
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import Fields, only_chunked, request_headers
-from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason
+from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason, TimeoutPhase
 from proxy.relay import interim_relay, relay
 from proxy.retry import GiveUpReason
 from proxy.upgrade import (
@@ -198,8 +198,18 @@ class Ingress:
             line.status = 507
             return answer.insufficient_storage(exc.to_client, request_id)
         except TimeoutError:
-            detail = "the budget ran out while the client was still sending its request"
-            refusal: Refusal | None = Refusal(Failure(Cause.DEADLINE_EXCEEDED, detail))
+            # The client's slowness, not the model's: no 4503 (the model was never asked),
+            # and 408, as nginx's client_body_timeout answers. What is left of the body is
+            # unread, so the connection closes.
+            line.status = 408
+            self.metrics.record_client_timeout(TimeoutPhase.BODY)
+            refused = answer.bad_request(
+                f"the request body did not all arrive within the budget ({budget.total:g} s)",
+                request_id,
+                408,
+            )
+            refused.force_close()
+            return refused
         else:
             refusal = await self._admit(budget, line)
         finally:
