@@ -103,7 +103,13 @@ class Servegate:
         bodies = BufferPool(self.settings.retry.replay_buffer_total_bytes, self.metrics)
         self.metrics.body_buffer_limit.set(bodies.limit)
         ingress = Ingress(
-            self.settings, forwarder, self.admission, self.circuit, self.metrics, bodies
+            self.settings,
+            forwarder,
+            self.admission,
+            self.circuit,
+            self.metrics,
+            bodies,
+            self.readiness,
         )
         data_server = JsonErrorServer(
             ingress.handle,

@@ -19,6 +19,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestPayloadError
 
 from proxy import answer, logs
+from proxy.admin import Readiness
 from proxy.admission import Admission, QueueFull
 from proxy.body import BodyTooLarge, BufferPool, RequestBody, SpoolFailed
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
@@ -136,6 +137,7 @@ class Ingress:
     circuit: Circuit
     metrics: Metrics
     bodies: BufferPool  # the memory all bodies kept for a replay share
+    readiness: Readiness  # shutting down: every answer then closes its connection
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         arrived = time.monotonic()
@@ -146,9 +148,7 @@ class Ingress:
         line = AccessLine(request.method, request.path)
         try:
             response = await self._serve(request, request_id, line)
-            # A chunked body that may have ended with trailer fields, or an upgrade asked for
-            # and not made: the connection can carry no other request (data_server).
-            if closes_after_answer(request):
+            if not self._keeps_connection(request):
                 response.force_close()
         except Exception:
             # A bug in servegate still gets a JSON answer and a traceback in the log, unless
@@ -217,11 +217,20 @@ class Ingress:
         if refusal is not None:
             return self._refuse(refusal, request_id, budget, line)
         # Known before an answer read whole is written with its Connection field (`handle`).
-        keep_alive = not closes_after_answer(request)
+        keep_alive = self._keeps_connection(request)
         try:
             return await self._exchange(request, request_id, budget, line, keep_alive)
         finally:
             self.admission.leave()
+
+    def _keeps_connection(self, request: web.BaseRequest) -> bool:
+        """Whether the client's connection may carry another request after this one's answer.
+        Not after a chunked body that may have ended with trailer fields, or an upgrade asked
+        for and not made (data_server). Nor once servegate is shutting down: each answer then
+        says `Connection: close`, so that a keep-alive client moves to another instance
+        instead of sending its next request on a connection about to close (Envoy's drain
+        does the same)."""
+        return not closes_after_answer(request) and not self.readiness.shutting_down
 
     def _refuse_on_sight(self, request: web.BaseRequest, request_id: str) -> web.Response | None:
         """Requests answered from their head alone; the connection is closed after them."""

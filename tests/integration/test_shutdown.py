@@ -96,6 +96,35 @@ def test_sigterm_fails_readiness_keeps_serving_through_the_quiet_period_then_ref
     assert process.wait(timeout=10) == 0
 
 
+@pytest.mark.time_limit(60)
+def test_answers_in_the_quiet_period_close_their_keep_alive_connection(
+    gunicorn: Callable[..., Gunicorn],
+    servegate: Callable[[str], tuple[subprocess.Popen[bytes], int, int]],
+) -> None:
+    """A keep-alive client told `Connection: close` moves on to another instance; one not told
+    sends its next request on a connection that closes under it when the quiet period ends."""
+    process, data, admin = servegate(gunicorn().url)
+    connection = http.client.HTTPConnection("127.0.0.1", data, timeout=10)
+    try:
+        connection.request("POST", "/predict", body=b'{"inputs": [[1, 2, 3, 4]]}')
+        before = connection.getresponse()
+        before.read()
+        assert (before.status, before.will_close) == (200, False)
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while readyz(admin)[0] != 503:  # the signal has been handled
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        connection.request("POST", "/predict", body=b'{"inputs": [[1, 2, 3, 4]]}')
+        during = connection.getresponse()
+        during.read()
+        assert during.status == 200
+        assert during.getheader("Connection") == "close"
+    finally:
+        connection.close()
+    assert process.wait(timeout=15) == 0
+
+
 @pytest.mark.time_limit(30)
 def test_a_second_signal_exits_at_once_with_code_1(
     gunicorn: Callable[..., Gunicorn],
