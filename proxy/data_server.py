@@ -25,6 +25,7 @@ from aiohttp.web_protocol import RequestHandler
 from proxy import answer
 from proxy.aiohttp_internals import (
     HandlerServer,
+    feed_request_parser,
     is_parse_error,
     last_queued_body,
     last_queued_failed,
@@ -105,6 +106,7 @@ class _JsonErrorHandler(RequestHandler):
         "_on_rejected",
         "_recorded",
         "_upgrade_asked",
+        "draining",
     )
 
     def __init__(
@@ -133,8 +135,15 @@ class _JsonErrorHandler(RequestHandler):
         self._chunked = False  # whether the body of the request being handled is chunked
         self._recorded = 0  # heads whose lines `_heads` has taken, on this connection
         self._upgrade_asked = False  # whether the request being handled asked for an upgrade
+        self.draining = False  # servegate shuts down: no request after the one being handled
 
     def data_received(self, data: bytes) -> None:
+        if self.draining:
+            # aiohttp drops what it reads from now on: the rest of a body still arriving would
+            # never reach the request reading it, which would wait for its budget.
+            if data and self._body is not None and not self._body.is_eof():
+                feed_request_parser(self, data)
+            return
         if last_queued_failed(self):
             return  # llhttp's parse error is final: each further feed would queue it again
         if data:
@@ -331,6 +340,14 @@ class JsonErrorServer(HandlerServer):
         super().__init__(
             handler, handler_class=_JsonErrorHandler, request_factory=self._request, **kwargs
         )
+
+    def pre_shutdown(self) -> None:
+        """Close every connection to new requests (aiohttp's), each still reading the body of
+        the request it is handling (`_JsonErrorHandler.data_received`)."""
+        for handler in self.connections:
+            if isinstance(handler, _JsonErrorHandler):
+                handler.draining = True
+        super().pre_shutdown()
 
     def _request(
         self,

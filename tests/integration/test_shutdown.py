@@ -125,6 +125,35 @@ def test_answers_in_the_quiet_period_close_their_keep_alive_connection(
     assert process.wait(timeout=15) == 0
 
 
+@pytest.mark.time_limit(60)
+def test_a_body_still_arriving_when_the_quiet_period_ends_is_read_and_answered(
+    gunicorn: Callable[..., Gunicorn],
+    servegate: Callable[[str], tuple[subprocess.Popen[bytes], int, int]],
+) -> None:
+    """aiohttp stops reading its connections when the server shuts down: the request whose
+    body straddled the end of the quiet period waited for its budget (39 s) and was answered
+    as a slow client's."""
+    process, data, admin = servegate(gunicorn().url)
+    body = b'{"inputs": [[5.1, 3.5, 1.4, 0.2]]}'
+    with socket.create_connection(("127.0.0.1", data), timeout=15) as client:
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        deadline = signalled + 5
+        while readyz(admin)[0] != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        head = b"POST /predict HTTP/1.1\r\nHost: m\r\nContent-Type: application/json\r\n"
+        client.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        time.sleep(max(0.0, signalled + QUIET + 1.0 - time.monotonic()))  # past the quiet end
+        client.sendall(body[10:])
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := client.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert process.wait(timeout=15) == 0
+    assert time.monotonic() - signalled < QUIET + 10  # not held for the budget
+
+
 @pytest.mark.time_limit(30)
 def test_a_second_signal_exits_at_once_with_code_1(
     gunicorn: Callable[..., Gunicorn],
