@@ -285,12 +285,21 @@ class _JsonErrorHandler(RequestHandler):
             reason = f"a header line is longer than server.max_header_bytes ({exc.args[1]})"
         elif isinstance(exc, InvalidURLError):
             reason = f"{_UNCARRIED_TARGET}: {reason}"
-        elif isinstance(exc, BadHttpMessage) and "Invalid method" in str(exc):
+        elif (
+            isinstance(exc, BadHttpMessage)
+            and "Invalid method" in str(exc)
+            and (method := _method_token(self._current)) is not None
+        ):
             # RFC 9110 §9.1: any token is a method, and a proxy passes on those it does not
             # know; llhttp, aiohttp's parser, knows a fixed list. Not the client's mistake:
-            # 501, as RFC 9110 §15.6.2 has a server say it lacks what a request needs.
+            # 501, as RFC 9110 §15.6.2 has a server say it lacks what a request needs. A
+            # method that is no token is garbage: 400.
             status = 501
-            reason = _unknown_method(self._current)
+            reason = (
+                f"{method} is not a method servegate's HTTP parser (llhttp) knows, so it cannot "
+                "be passed on to the model server; use a standard one (GET, POST, PUT, PATCH, "
+                "DELETE, ...)"
+            )
         elif isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
             status = 431
             reason = "the request has more headers than server.max_headers allows"
@@ -301,13 +310,10 @@ class _JsonErrorHandler(RequestHandler):
         return response
 
 
-def _unknown_method(head_start: bytes) -> str:
+def _method_token(head_start: bytes) -> str | None:
+    """The request line's method, if it is a token (RFC 9110 §9.1) short enough to name."""
     method = head_start.split(b" ", 1)[0]
-    named = method.decode() if _TOKEN.fullmatch(method) else "the request's method"
-    return (
-        f"{named} is not a method servegate's HTTP parser (llhttp) knows, so it cannot be "
-        "passed on to the model server; use a standard one (GET, POST, PUT, PATCH, DELETE, ...)"
-    )
+    return method.decode() if _TOKEN.fullmatch(method) else None
 
 
 def closes_after_answer(request: web.BaseRequest) -> bool:

@@ -210,10 +210,9 @@ class Ingress:
             )
             refused.force_close()
             return refused
-        else:
-            refusal = await self._admit(budget, line)
         finally:
-            line.spent.reading_request = budget.elapsed()
+            line.spent.reading_request = budget.elapsed()  # the wait for a slot is `queued`
+        refusal = await self._admit(budget, line)
         if refusal is not None:
             return self._refuse(refusal, request_id, budget, line)
         # Known before an answer read whole is written with its Connection field (`handle`).

@@ -33,6 +33,8 @@ RETRYABLE_CAUSES = (
 # that never sets a gauge reports 0, which neither a sum nor a maximum is changed by.
 SUMMED: Final = "livesum"
 HIGHEST: Final = "livemax"
+# Facts of each worker's own listening socket, one series per live worker (label `pid`).
+PER_PROCESS: Final = "liveall"
 
 
 class ShedReason(StrEnum):
@@ -140,11 +142,13 @@ class Metrics:
             "servegate_client_connections",
             "Client connections open on the data port.",
             registry=registry,
+            multiprocess_mode=PER_PROCESS,
         )
         self.client_connections_limit = Gauge(
             "servegate_client_connections_limit",
             "server.max_connections in force: client connections beyond it are closed.",
             registry=registry,
+            multiprocess_mode=PER_PROCESS,
         )
         self.client_connections_refused = Counter(
             "servegate_client_connections_refused",
@@ -154,7 +158,8 @@ class Metrics:
         self.client_timeouts = Counter(
             "servegate_client_timeouts",
             "Client connections closed for being too slow: headers or a TLS handshake not "
-            "complete within server.header_timeout, or nothing sent at all (idle).",
+            "complete within server.header_timeout, nothing sent at all (idle), or a request "
+            "body not all sent within the budget.",
             ["phase"],
             registry=registry,
         )
@@ -229,6 +234,7 @@ class Metrics:
             "servegate_upgraded_connections_inflight",
             "Upgraded connections open now.",
             registry=registry,
+            multiprocess_mode=PER_PROCESS,
         )
         # servegate's own slowness (proxy/lag.py), kept apart from the model server's.
         self.loop_lag = Counter(

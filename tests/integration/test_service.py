@@ -152,5 +152,29 @@ async def test_a_slow_client_is_cut_at_its_budget_without_holding_the_models_cap
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
     writer.close()
     await writer.wait_closed()
-    assert head.startswith(b"HTTP/1.1 504")
-    assert b"X-Servegate-Category: timeout" in head
+    assert head.startswith(b"HTTP/1.1 408")  # the client's slowness, not a 4503
+    assert b"X-Servegate-Category" not in head
+
+
+async def test_the_wait_for_a_slot_is_queued_time_not_reading_time(
+    start_gate: StartGate,
+    aiohttp_server: Any,
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
+) -> None:
+    """The access line and the hint say where the budget went: a request whose body came with
+    its head and then waited for the one slot spent its time queued, not reading the request."""
+    server = await aiohttp_server(busy_app(Busy(), seconds=2.0))
+    gate = await start_gate(f"http://127.0.0.1:{server.port}", **{"admission.max_concurrency": 1})
+    holder = asyncio.create_task(client.post(gate_url(gate, "/predict"), json=PREDICTION))
+    await asyncio.sleep(0.3)  # the slot is taken
+    headers = {"X-Servegate-Timeout-Ms": "1000"}
+    async with client.post(gate_url(gate, "/predict"), json=PREDICTION, headers=headers) as late:
+        assert late.status == 504
+        hint = (await late.json())["hint"]
+        assert "queued" in hint
+        assert "reading request" not in hint  # the body came with the head
+    (await holder).release()
+    late_line = next(line for line in log_capture.access() if line["status"] == 504)
+    assert late_line["spent"]["queued"] > 0.5
+    assert late_line["spent"]["reading_request"] < 0.2

@@ -144,3 +144,15 @@ async def test_a_killed_worker_is_restarted_counted_and_its_requests_stay_counte
         counted = await requests_total(session, parent)
     assert counted[POST_200] == 2 * REQUESTS  # the dead worker's count is kept
     assert counted[RESTARTS] == 1
+    # Its per-process gauges are gone: a sum over `pid` would count its connections forever.
+    metrics_url = f"http://127.0.0.1:{parent.admin_port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(metrics_url) as response:
+        families = text_string_to_metric_families(await response.text())
+    pids = {
+        sample.labels["pid"]
+        for family in families
+        if family.name == "servegate_client_connections"
+        for sample in family.samples
+    }
+    assert str(victim) not in pids
+    assert str(restarted["pid"]) in pids
