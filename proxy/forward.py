@@ -217,7 +217,7 @@ class Forwarder:
                     fresh=fresh,
                     on_interim=outbound.on_interim,
                 )
-                if (fault := _unrelayable(response)) is not None:
+                if (fault := _unrelayable(response, outbound.method)) is not None:
                     response.close()
                     return None, Failure(*fault, facts.reused, True)
                 # A small answer of known length is read whole before the client sees a
@@ -243,7 +243,7 @@ class Forwarder:
         return ModelResponse(response, complete), None
 
 
-def _unrelayable(response: UpstreamResponse) -> tuple[Cause, str] | None:
+def _unrelayable(response: UpstreamResponse, method: str) -> tuple[Cause, str] | None:
     """Why an answer cannot be relayed as the model sent it, or None. Checked on every answer:
     one search over the head's raw bytes, and a lookup.
 
@@ -251,8 +251,9 @@ def _unrelayable(response: UpstreamResponse) -> tuple[Cause, str] | None:
       answered as one, not as servegate's own error when the head is written.
     - 101 Switching Protocols: this path sends no Upgrade field (it is hop-by-hop), and a server
       may switch only to a protocol the request offered (RFC 9110 §15.2.2).
-    - A transfer coding but chunked: servegate decodes no other (RFC 9112 §6.1) and offered
-      none (it sends no TE field); taking it off would hand the client coded bytes as plain."""
+    - A transfer coding but chunked, on an answer with a body: servegate decodes no other
+      (RFC 9112 §6.1) and offered none (it sends no TE field); taking it off would hand the
+      client coded bytes as plain. On an answer to HEAD, a 204 or a 304 it frames nothing."""
     head = b"".join(map(b"".join, response.raw_headers))
     reason = (response.reason or "").encode("utf-8", "surrogateescape")
     if has_control_byte(head) or has_control_byte(reason):
@@ -262,7 +263,8 @@ def _unrelayable(response: UpstreamResponse) -> tuple[Cause, str] | None:
             "a 101 (Switching Protocols) answer to a request that offered no upgrade"
         )
     codings = response.headers.getall(hdrs.TRANSFER_ENCODING, None)
-    if codings and not only_chunked(codings):
+    bodiless = method == "HEAD" or response.status in (204, 304)
+    if codings and not bodiless and not only_chunked(codings):
         return Cause.RESPONSE_FRAMING, (
             f"Transfer-Encoding: {', '.join(codings)}: a transfer coding servegate does not "
             "decode and did not offer (chunked is the only one)"

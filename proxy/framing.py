@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 from aiohttp import ClientPayloadError
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import TransferEncodingError
 
 from proxy.acked import AckCounter
 from proxy.aiohttp_internals import replace_response_parser, response_parser, take_unparsed
@@ -107,13 +108,16 @@ class _FramedParser:
                 parsed, upgraded, tail = self._parser.feed_data(piece)
             except Exception as exc:
                 if self._stage is not _Stage.CHUNKED or not self._payload.is_eof():
-                    if self._stage is _Stage.CHUNKED:
-                        # aiohttp puts a parse error on the connection's queue alone: whoever
-                        # reads this body, its head relayed already, would wait for the budget.
-                        self._payload.set_exception(
-                            BodyFramingBroken(f"the answer's chunked body is malformed: {exc}")
-                        )
-                    raise
+                    if self._stage is not _Stage.CHUNKED:
+                        raise
+                    # In the body, not the head (parsed on its own): a chunk or trailer field
+                    # that breaks the framing, which the error's name must say, whatever llhttp
+                    # called it. aiohttp puts it on the connection's queue alone: whoever
+                    # reads this body, its head relayed already, must hear of it too, or it
+                    # waits for the budget.
+                    what = f"the answer's chunked body is malformed: {getattr(exc, 'message', exc)}"
+                    self._payload.set_exception(BodyFramingBroken(what))
+                    raise TransferEncodingError(what) from exc
                 # The last chunk ended the body; what followed it could not be parsed.
                 self._parser_failed = True
                 self._stage = _Stage.DONE

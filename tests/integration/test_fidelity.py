@@ -588,6 +588,17 @@ async def test_an_answer_transfer_coding_but_chunked_is_a_framing_fault_not_rela
     assert b"abc" not in raw
 
 
+async def test_a_transfer_coding_on_an_answer_without_a_body_frames_nothing_and_is_relayed(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nX-Kept: 1\r\n\r\n"
+    model = await raw_server(RecordingModel(answer=lambda _seen: head))
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/h", method=b"HEAD"))
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+    assert b"\r\nX-Kept: 1\r\n" in raw
+
+
 async def test_a_switch_of_protocols_nobody_asked_for_is_a_protocol_failure(
     start_gate: StartGate, raw_server: Any
 ) -> None:

@@ -81,6 +81,12 @@ MALFORMED = {  # the model's bytes, and the cause and status the client gets for
         "response_framing",
         502,
     ),
+    "malformed_trailer_field": (  # in the body: framing, whatever llhttp calls it
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nBad Trailer\r\n\r\n",
+        "response_framing",
+        502,
+    ),
     "control_byte_in_a_header": (
         b"HTTP/1.1 200 OK\r\nX-Trace: a\x01b\r\nContent-Length: 0\r\n\r\n",
         "malformed_response",
