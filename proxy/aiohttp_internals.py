@@ -16,7 +16,6 @@ source it relies on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import traceback
 from collections.abc import Callable, Mapping
@@ -176,12 +175,11 @@ def feed_request_parser(handler: RequestHandler, data: bytes) -> None:
     """Feed `data` to the connection's request parser, past aiohttp's data_received, which
     drops every byte once the server shuts down (web_protocol.py: close() sets `_close`): the
     rest of the body of the request being handled reaches its reader. A head parsed after that body
-    is not queued (the connection closes after this answer), and a parse error ends nothing
-    but the feed."""
+    is not queued (the connection closes after this answer). An empty feed resumes a parser
+    paused for a full body buffer. Raises what the parser raises (a malformed chunk)."""
     parser = handler._parser
     if parser is not None:
-        with contextlib.suppress(Exception):
-            parser.feed_data(data)
+        parser.feed_data(data)
 
 
 def queued_requests(handler: RequestHandler) -> int:

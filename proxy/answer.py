@@ -91,7 +91,8 @@ def failure_response(
 
 
 def bad_request(message: str, request_id: str, status: int = 400) -> web.Response:
-    """A client mistake servegate caught itself (not a 4503: the model was never asked)."""
+    """A request servegate answers itself, before the model is asked (not a 4503): a client's
+    mistake, one too slow to send, or one servegate cannot carry (a 501)."""
     body = {"error_code": "servegate.bad_request", "error_msg": message, "request_id": request_id}
     return _json(status, body, {"X-Request-Id": request_id})
 

@@ -20,7 +20,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from proxy import answer
 from proxy.aiohttp_internals import (
@@ -141,8 +141,12 @@ class _JsonErrorHandler(RequestHandler):
         if self.draining:
             # aiohttp drops what it reads from now on: the rest of a body still arriving would
             # never reach the request reading it, which would wait for its budget.
-            if data and self._body is not None and not self._body.is_eof():
-                feed_request_parser(self, data)
+            body = self._body
+            if body is not None and not body.is_eof():
+                try:
+                    feed_request_parser(self, data)
+                except Exception as exc:  # a malformed chunk: the reader hears it at once
+                    body.set_exception(RequestPayloadError(f"the request body is malformed: {exc}"))
             return
         if last_queued_failed(self):
             return  # llhttp's parse error is final: each further feed would queue it again

@@ -248,7 +248,8 @@ def _disconnect_reason(exc: BaseException, facts: AttemptFacts) -> str:
 
 # aiohttp's parser messages for an answer that is HTTP but framed against the rules
 # (RFC 9112 §6.3): conflicting, repeated or invalid lengths, or bytes after a complete answer.
-# Compared lowercased: llhttp says "Invalid character in chunk size" but "Chunk size overflow".
+# Compared lowercased with the description's first line (llhttp says "Invalid character in
+# chunk size" but "Chunk size overflow"), not with the head bytes it quotes after it.
 _FRAMING_FAULTS = (
     "content-length",
     "transfer-encoding",
@@ -268,6 +269,7 @@ def _unparseable_head(message: str, failure: Callable[[Cause, str], Failure]) ->
     if "Too many headers" in message:
         detail = "more header fields in the response than upstream.max_response_headers allows"
         return failure(Cause.RESPONSE_HEADER_TOO_LARGE, detail)
-    if any(marker in message.lower() for marker in _FRAMING_FAULTS):
+    described = message.split("\n", 1)[0].lower()
+    if any(marker in described for marker in _FRAMING_FAULTS):
         return failure(Cause.RESPONSE_FRAMING, f"the response's framing is invalid: {message}")
     return failure(Cause.MALFORMED_RESPONSE, f"unparseable response head: {message}")

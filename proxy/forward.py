@@ -219,7 +219,12 @@ class Forwarder:
                 )
                 if (fault := _unrelayable(response, outbound.method)) is not None:
                     response.close()
-                    return None, Failure(*fault, facts.reused, True)
+                    # Its head was parsed: no sign of a TLS server, nothing to probe for.
+                    cause, detail = fault
+                    failure = Failure(
+                        cause, detail, facts.reused, request_sent=True, response_started=True
+                    )
+                    return None, failure
                 # A small answer of known length is read whole before the client sees a
                 # status, as nginx's proxy buffering does: a model that dies in the middle of
                 # it is then a clean 503 (and replayable when opted in), not a cut 200.
@@ -251,7 +256,7 @@ def _unrelayable(response: UpstreamResponse, method: str) -> tuple[Cause, str] |
       answered as one, not as servegate's own error when the head is written.
     - 101 Switching Protocols: this path sends no Upgrade field (it is hop-by-hop), and a server
       may switch only to a protocol the request offered (RFC 9110 §15.2.2).
-    - A transfer coding but chunked, on an answer with a body: servegate decodes no other
+    - A transfer coding other than chunked, on an answer with a body: servegate decodes no other
       (RFC 9112 §6.1) and offered none (it sends no TE field); taking it off would hand the
       client coded bytes as plain. On an answer to HEAD, a 204 or a 304 it frames nothing."""
     head = b"".join(map(b"".join, response.raw_headers))
@@ -266,8 +271,8 @@ def _unrelayable(response: UpstreamResponse, method: str) -> tuple[Cause, str] |
     bodiless = method == "HEAD" or response.status in (204, 304)
     if codings and not bodiless and not only_chunked(codings):
         return Cause.RESPONSE_FRAMING, (
-            f"Transfer-Encoding: {', '.join(codings)}: a transfer coding servegate does not "
-            "decode and did not offer (chunked is the only one)"
+            f"Transfer-Encoding {', '.join(codings)[:200]!r}: a transfer coding other than "
+            "chunked, which servegate does not decode and did not offer"
         )
     return None
 

@@ -107,9 +107,9 @@ class _FramedParser:
             try:
                 parsed, upgraded, tail = self._parser.feed_data(piece)
             except Exception as exc:
-                if self._stage is not _Stage.CHUNKED or not self._payload.is_eof():
-                    if self._stage is not _Stage.CHUNKED:
-                        raise
+                if self._stage is not _Stage.CHUNKED:
+                    raise
+                if not self._payload.is_eof():
                     # In the body, not the head (parsed on its own): a chunk or trailer field
                     # that breaks the framing, which the error's name must say, whatever llhttp
                     # called it. aiohttp puts it on the connection's queue alone: whoever

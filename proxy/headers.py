@@ -95,8 +95,13 @@ def request_headers(
 def only_chunked(transfer_encoding: Iterable[str]) -> bool:
     """Whether Transfer-Encoding field values list chunked alone, the one transfer coding
     servegate decodes (RFC 9112 §6.1): taking off another undecoded would pass coded bytes on
-    as plain ones."""
-    codings = [coding.strip().lower() for value in transfer_encoding for coding in value.split(",")]
+    as plain ones. Empty list elements do not count (RFC 9110 §5.6.1)."""
+    codings = [
+        lowered
+        for value in transfer_encoding
+        for coding in value.split(",")
+        if (lowered := coding.strip().lower())
+    ]
     return codings == ["chunked"]
 
 

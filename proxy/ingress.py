@@ -112,9 +112,9 @@ def target_authority(target: str) -> str | None:
 
 def _split_absolute(target: str) -> tuple[str, str]:
     """An absolute-form target's authority and what follows it (RFC 3986 §3.2: the authority
-    ends at the first `/` or `?`); aiohttp's parser has checked its shape."""
+    ends at the first `/`, `?` or `#`); aiohttp's parser has checked its shape."""
     _, _, rest = target.partition("://")
-    ends = [at for at in (rest.find("/"), rest.find("?")) if at >= 0]
+    ends = [at for at in (rest.find("/"), rest.find("?"), rest.find("#")) if at >= 0]
     cut = min(ends) if ends else len(rest)
     return rest[:cut], rest[cut:]
 
@@ -215,10 +215,8 @@ class Ingress:
         refusal = await self._admit(budget, line)
         if refusal is not None:
             return self._refuse(refusal, request_id, budget, line)
-        # Known before an answer read whole is written with its Connection field (`handle`).
-        keep_alive = self._keeps_connection(request)
         try:
-            return await self._exchange(request, request_id, budget, line, keep_alive)
+            return await self._exchange(request, request_id, budget, line)
         finally:
             self.admission.leave()
 
@@ -288,7 +286,6 @@ class Ingress:
         request_id: str,
         budget: Budget,
         line: AccessLine,
-        keep_alive: bool,
     ) -> web.StreamResponse:
         if self.settings.server.upgrades and wants_upgrade(request):
             return await self._upgrade(request, request_id, budget, line)
@@ -316,7 +313,9 @@ class Ingress:
             forwarded.facts,
             {"X-Request-Id": request_id},
             sent=line.count_sent,
-            keep_alive=keep_alive,
+            # Decided as the answer goes out, with its Connection field: a shutdown may have
+            # begun while the model worked.
+            keep_alive=self._keeps_connection(request),
         )
         line.status = relayed.response.status  # set late: a cancelled relay logs 499
         if relayed.failure is not None:

@@ -33,7 +33,8 @@ RETRYABLE_CAUSES = (
 # that never sets a gauge reports 0, which neither a sum nor a maximum is changed by.
 SUMMED: Final = "livesum"
 HIGHEST: Final = "livemax"
-# Facts of each worker's own listening socket, one series per live worker (label `pid`).
+# Facts of each worker's own data port (its connections, their limit, its upgraded ones): one
+# series per live worker (label `pid`).
 PER_PROCESS: Final = "liveall"
 
 

@@ -48,13 +48,25 @@ class _AsTheModelSent(web.StreamResponse):
 
     async def _prepare_headers(self) -> None:
         model_sent = [name in self.headers for name in _ADDED_BY_AIOHTTP]
-        length = self.headers.get(hdrs.CONTENT_LENGTH) if self.status == 304 else None
+        length = (
+            [
+                (at, field)
+                for at, field in enumerate(self.headers.items())
+                if field[0].lower() == "content-length"
+            ]
+            if self.status == 304
+            else []
+        )
         await super()._prepare_headers()
         for name, sent in zip(_ADDED_BY_AIOHTTP, model_sent, strict=True):
             if not sent:
                 self.headers.popall(name, None)
-        if length is not None:
-            self.headers[hdrs.CONTENT_LENGTH] = length
+        if length:  # back where the model put it
+            fields = list(self.headers.items())
+            for at, field in length:
+                fields.insert(at, field)
+            self.headers.clear()
+            self.headers.extend(fields)
 
 
 class _Written(web.StreamResponse):

@@ -491,6 +491,7 @@ async def test_a_trailer_never_reaches_a_chunked_request_pipelined_behind_its_bo
     [
         (b"GET http://h.example//a//b? HTTP/1.1", b"//a//b?", b"h.example"),
         (b"GET http://h.example?q=1 HTTP/1.1", b"/?q=1", b"h.example"),
+        (b"GET http://h.example/p#f HTTP/1.1", b"/p#f", b"h.example"),  # `#` ends the host
         (b"GET HTTP://H.Example:80/X HTTP/1.1", b"/X", b"H.Example:80"),
         (b"GET http://[::1]:8080/x HTTP/1.1", b"/x", b"[::1]:8080"),
         (b"OPTIONS http://h.example:8001 HTTP/1.1", b"*", b"h.example:8001"),  # §3.2.4
@@ -588,6 +589,20 @@ async def test_an_answer_transfer_coding_but_chunked_is_a_framing_fault_not_rela
     assert b"abc" not in raw
 
 
+async def test_empty_elements_of_a_transfer_encoding_list_are_ignored_both_ways(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """RFC 9110 §5.6.1: a recipient ignores empty list elements: `, chunked` is chunked."""
+    answer_head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: , chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    model = await raw_server(RecordingModel(answer=lambda _seen: answer_head))
+    gate = await start_gate(model.url)
+    sent = request(b"/p", b"Transfer-Encoding: , chunked") + b"3\r\nxyz\r\n0\r\n\r\n"
+    raw = await exchange(gate.data_port, sent)
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+    assert raw.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert model.last().body == b"xyz"
+
+
 async def test_a_transfer_coding_on_an_answer_without_a_body_frames_nothing_and_is_relayed(
     start_gate: StartGate, raw_server: Any
 ) -> None:
@@ -633,7 +648,7 @@ async def test_a_304_keeps_the_content_length_the_model_gave_it(
     finally:
         writer.close()
     assert head.startswith(b"HTTP/1.1 304 Not Modified\r\n")
-    assert b"\r\nContent-Length: 1234\r\n" in head
+    assert b'\r\nETag: "v"\r\nContent-Length: 1234\r\n' in head  # where the model put it
     assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
     assert rest.endswith(b"\r\n\r\nok")
 

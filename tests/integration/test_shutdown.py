@@ -126,7 +126,38 @@ def test_answers_in_the_quiet_period_close_their_keep_alive_connection(
 
 
 @pytest.mark.time_limit(60)
+def test_an_answer_in_flight_when_the_signal_comes_closes_its_connection(
+    gunicorn: Callable[..., Gunicorn],
+    servegate: Callable[[str], tuple[subprocess.Popen[bytes], int, int]],
+) -> None:
+    """The request came before the signal, its answer after it: the answer says so too."""
+    process, data, _admin = servegate(gunicorn().url)
+    connection = http.client.HTTPConnection("127.0.0.1", data, timeout=10)
+    try:
+        connection.request("POST", "/predict?sleep=1", body=b'{"inputs": [[1, 2, 3, 4]]}')
+        time.sleep(0.3)  # the model is working on it
+        process.send_signal(signal.SIGTERM)
+        answer = connection.getresponse()
+        answer.read()
+        assert answer.status == 200
+        assert answer.getheader("Connection") == "close"
+    finally:
+        connection.close()
+    assert process.wait(timeout=15) == 0
+
+
+@pytest.mark.time_limit(60)
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/predict", b'{"inputs": [[5.1, 3.5, 1.4, 0.2]]}'),
+        ("/echo", b"x" * (600 * 1024)),  # past the body reader's buffer: aiohttp pauses it
+    ],
+    ids=["small", "large"],
+)
 def test_a_body_still_arriving_when_the_quiet_period_ends_is_read_and_answered(
+    path: str,
+    body: bytes,
     gunicorn: Callable[..., Gunicorn],
     servegate: Callable[[str], tuple[subprocess.Popen[bytes], int, int]],
 ) -> None:
@@ -134,7 +165,6 @@ def test_a_body_still_arriving_when_the_quiet_period_ends_is_read_and_answered(
     body straddled the end of the quiet period waited for its budget (39 s) and was answered
     as a slow client's."""
     process, data, admin = servegate(gunicorn().url)
-    body = b'{"inputs": [[5.1, 3.5, 1.4, 0.2]]}'
     with socket.create_connection(("127.0.0.1", data), timeout=15) as client:
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -142,10 +172,13 @@ def test_a_body_still_arriving_when_the_quiet_period_ends_is_read_and_answered(
         while readyz(admin)[0] != 503:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        head = b"POST /predict HTTP/1.1\r\nHost: m\r\nContent-Type: application/json\r\n"
-        client.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        head = b"POST %s HTTP/1.1\r\nHost: m\r\nContent-Type: application/json\r\n" % (
+            path.encode()
+        )
+        half = len(body) // 2
+        client.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body[:half])
         time.sleep(max(0.0, signalled + QUIET + 1.0 - time.monotonic()))  # past the quiet end
-        client.sendall(body[10:])
+        client.sendall(body[half:])
         answer = b""
         while b"\r\n\r\n" not in answer and (chunk := client.recv(65536)):
             answer += chunk
