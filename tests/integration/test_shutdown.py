@@ -61,6 +61,14 @@ def readyz(admin: int) -> tuple[int, str]:
             return int(error.code), json.loads(error.read())["reason"]
 
 
+def post_and_read(connection: http.client.HTTPConnection, path: str) -> http.client.HTTPResponse:
+    """A prediction on a kept-alive connection, its answer read to the end."""
+    connection.request("POST", path, body=b'{"inputs": [[1, 2, 3, 4]]}')
+    answer = connection.getresponse()
+    answer.read()
+    return answer
+
+
 def accepts(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -106,20 +114,15 @@ def test_answers_in_the_quiet_period_close_their_keep_alive_connection(
     process, data, admin = servegate(gunicorn().url)
     connection = http.client.HTTPConnection("127.0.0.1", data, timeout=10)
     try:
-        connection.request("POST", "/predict", body=b'{"inputs": [[1, 2, 3, 4]]}')
-        before = connection.getresponse()
-        before.read()
+        before = post_and_read(connection, "/predict")
         assert (before.status, before.will_close) == (200, False)
         process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 5
         while readyz(admin)[0] != 503:  # the signal has been handled
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        connection.request("POST", "/predict", body=b'{"inputs": [[1, 2, 3, 4]]}')
-        during = connection.getresponse()
-        during.read()
-        assert during.status == 200
-        assert during.getheader("Connection") == "close"
+        during = post_and_read(connection, "/predict")
+        assert (during.status, during.getheader("Connection")) == (200, "close")
     finally:
         connection.close()
     assert process.wait(timeout=15) == 0
@@ -134,13 +137,10 @@ def test_an_answer_in_flight_when_the_signal_comes_closes_its_connection(
     process, data, _admin = servegate(gunicorn().url)
     connection = http.client.HTTPConnection("127.0.0.1", data, timeout=10)
     try:
-        connection.request("POST", "/predict?sleep=1", body=b'{"inputs": [[1, 2, 3, 4]]}')
-        time.sleep(0.3)  # the model is working on it
-        process.send_signal(signal.SIGTERM)
-        answer = connection.getresponse()
-        answer.read()
-        assert answer.status == 200
-        assert answer.getheader("Connection") == "close"
+        # The signal comes while the model works on the request (it sleeps 1 s).
+        threading.Timer(0.3, process.send_signal, (signal.SIGTERM,)).start()
+        answer = post_and_read(connection, "/predict?sleep=1")
+        assert (answer.status, answer.getheader("Connection")) == (200, "close")
     finally:
         connection.close()
     assert process.wait(timeout=15) == 0
