@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.answer import hint_for
+from proxy.circuit import Circuit
 from proxy.health import CRASH_LOOP_ADVICE, Health, HealthMonitor
 from proxy.probe import SchemeProbe
 
@@ -23,6 +24,7 @@ class Readiness:
 
     scheme: SchemeProbe
     health: HealthMonitor
+    circuit: Circuit
     shutting_down: bool = False
 
     async def check(self) -> str | None:
@@ -42,6 +44,15 @@ class Readiness:
             if (failed := self.health.last_failure) is not None:
                 reason += f" ({failed.category}/{failed.cause}: {failed.detail})"
             return reason
+        if self.circuit.open and (wait := self.circuit.retry_after()) > 0:
+            # Requests found it unreachable before the next health check did, and fail fast
+            # for the circuit's cool-down: the load balancer should send none meanwhile. Only
+            # then: were the pod unready until a request closed the circuit, none would come.
+            return (
+                f"the model server at {where} takes no connections: requests opened the "
+                f"circuit (circuit.failure_threshold failures in a row); it is tried again "
+                f"in {wait:.1f} s"
+            )
         if self.scheme.mismatch():  # a fixed server is ready again within seconds
             await self.scheme.detect(since=time.monotonic() - MISMATCH_RECHECK)
         return self.scheme.mismatch()

@@ -69,7 +69,7 @@ class Servegate:
         self.circuit, self.health = self.state.circuit, self.state.health
         self.lag = LoopLag(on_lag=self.metrics.loop_lag.inc)
         self.admission = Admission(settings.admission, self.metrics)
-        self.readiness = Readiness(self._probe, self.health)
+        self.readiness = Readiness(self._probe, self.health, self.circuit)
         self._upstream: Upstream | None = None
         self._checks: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None

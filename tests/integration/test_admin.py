@@ -74,6 +74,27 @@ async def test_readiness_follows_the_model_server_and_liveness_does_not(
         assert response.status == 200
 
 
+async def test_readiness_fails_while_requests_keep_the_circuit_open(
+    start_gate: StartGate, gunicorn: Callable[..., Gunicorn], client: aiohttp.ClientSession
+) -> None:
+    """Requests that find the model gone open the circuit before the next health check runs;
+    /readyz says so for the circuit's cool-down, and not after it (were the pod unready until
+    a request came, none would come)."""
+    model = gunicorn()
+    settings = {"health.interval": 60, "circuit.open_seconds": 2.0, "retry.connect_wait": 0.5}
+    gate = await start_gate(model.url, **settings)
+    admin = f"http://127.0.0.1:{gate.admin_port}"
+    model.stop()
+    async with client.post(f"http://127.0.0.1:{gate.data_port}/predict", json={}) as failed:
+        assert failed.status == 503
+    async with client.get(f"{admin}/readyz") as response:
+        assert response.status == 503
+        assert "opened the circuit" in (await response.json())["reason"]
+    await asyncio.sleep(2.2)  # the cool-down is over: the health checks decide again
+    async with client.get(f"{admin}/readyz") as response:
+        assert response.status == 200
+
+
 @pytest.mark.parametrize(
     ("server", "reason"),
     [
