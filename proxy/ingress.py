@@ -46,6 +46,10 @@ access_log = structlog.get_logger("servegate.access")
 # visible characters and spaces, RFC 9110 §5.5): trace ids carry `=`, `/`, `+`, `;` or braces.
 # One with bytes outside ASCII cannot be written into a UTF-8 log line as sent: a new one.
 _REQUEST_ID = re.compile(r"[\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?")
+# RFC 9112 §3.2: Host is uri-host [":" port] (RFC 3986 §3.2.2: an IP literal in brackets, or a
+# reg-name, which may be empty); any other value is a 400. It reaches the model, and may build
+# its URLs: a space, `@` or `/` in it is no host.
+_HOST = re.compile(r"(?:\[[0-9A-Za-z.:_~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 
 
@@ -234,6 +238,12 @@ class Ingress:
         if request.method == "CONNECT":  # servegate is no tunnel and no open proxy
             refused = answer.bad_request("CONNECT is not served", request_id, 405)
             refused.headers["Allow"] = ", ".join(sorted(KNOWN_METHODS))
+        elif (host := request.headers.get("Host")) is not None and not _HOST.fullmatch(host):
+            refused = answer.bad_request(
+                f"Host {host[:100]!r} is not a host name or address with an optional port "
+                "(RFC 9112 §3.2)",
+                request_id,
+            )
         elif "@" in (target_authority(request.raw_path) or ""):
             # RFC 9110 §4.2.4: a recipient treats userinfo as an error; it must not become Host.
             refused = answer.bad_request(

@@ -513,6 +513,21 @@ async def test_a_target_as_proxies_get_it_reaches_the_model_as_the_client_meant_
     assert seen.header(b"x-forwarded-host") == [host]
 
 
+@pytest.mark.parametrize(
+    "host", [b"", b"[::1]:8080", b"Model_Server:80", b"xn--bcher-kva.example."]
+)
+async def test_every_host_an_authority_can_be_reaches_the_model_as_sent(
+    host: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    raw = await exchange(
+        gate.data_port, b"GET /h HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host
+    )
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert model.last().header(b"host") == [host]
+
+
 async def test_a_request_without_host_gets_the_models_and_no_forwarded_host(
     start_gate: StartGate, raw_server: Any
 ) -> None:

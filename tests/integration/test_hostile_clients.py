@@ -85,6 +85,17 @@ SMUGGLING_AND_GARBAGE = {
         {400},
     ),
     "garbage_request_line": (b"\x01\x02 hello there\r\n\r\n", {400}),
+    # RFC 9112 §3.2: a Host that is no host[:port] (it would reach the model, and its URLs).
+    **{
+        f"host_{name}": (b"GET /h HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", {400})
+        for name, host in [
+            ("with_a_space", b"a b"),
+            ("with_userinfo", b"user@evil.example"),
+            ("with_a_path", b"a/b?c"),
+            ("with_raw_bytes", b"\xff\xfe"),
+            ("with_two_colons", b"a:b:c"),
+        ]
+    },
     "request_line_with_a_bare_lf_and_two_targets": (b"GET /a /b HTTP/1.1\nHost: m\n\n", {400}),
     "control_byte_in_header_value": (HEAD + b"X-Bad: a\x00b\r\nContent-Length: 0\r\n\r\n", {400}),
     "space_in_header_name": (HEAD + b"X Bad: value\r\nContent-Length: 0\r\n\r\n", {400}),
