@@ -11,6 +11,7 @@ import errno
 import gc
 import random
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
@@ -177,10 +178,18 @@ class Servegate:
         checks = self._checks
 
         async def check() -> Failure | None:
-            return await check_upstream(
-                checks, self._probe.host, self._probe.port, self._probe.speaking,
+            began, spoke = time.monotonic(), self._probe.speaking
+            failed = await check_upstream(
+                checks, self._probe.host, self._probe.port, spoke,
                 self.settings.health, tls, self.settings.upstream.tls.server_name, self.lag,
             )  # fmt: skip
+            if failed is None:
+                return None
+            # A check that meets the other scheme asks the probe, as a request does: with
+            # upstream.scheme: auto the next check speaks what the server speaks now. Without
+            # it, a model restarted in the other scheme while no request came stayed unready,
+            # and so got no request to trigger the probe.
+            return await self._probe.confirm(failed, spoke, began, self.settings.health.timeout)
 
         self._health_task = await self.state.start_checks(check)  # the first verdict is known
 

@@ -3,6 +3,7 @@ where it safely can be (upstream.scheme: auto, never downgrading an https:// URL
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -183,3 +184,35 @@ async def test_a_client_certificate_is_presented_to_a_server_that_requires_one(
     mutual = await start_gate(model.url, **trust, **identity)
     async with client.get(gate_url(mutual, "/health")) as response:
         assert response.status == 200
+
+
+async def test_auto_follows_a_server_that_drops_tls_while_no_request_comes(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    certificates: Certificates,
+    client: aiohttp.ClientSession,
+) -> None:
+    """Only the health checks meet the restarted server. Were it left to a request to probe
+    again, /readyz would stay 503 for good: an unready pod gets no request."""
+    tls = tls_gunicorn(gunicorn, certificates)
+    trust = {"upstream.scheme": "auto", "upstream.tls.ca_file": str(certificates.ca_file)}
+    gate = await start_gate(f"http://127.0.0.1:{tls.port}", **trust, **{"health.interval": 0.2})
+    readyz = f"http://127.0.0.1:{gate.admin_port}/readyz"
+    async with client.get(readyz) as response:
+        assert response.status == 200  # speaking HTTPS, as the server does
+    tls.stop()
+    gunicorn(port=tls.port)  # the same address, now plain HTTP
+    plain_now = (
+        "servegate_upstream_scheme_info",
+        frozenset({("configured", "auto"), ("detected", "http")}),
+    )
+    deadline = time.monotonic() + 10
+    while not (await scrape(gate)).get(plain_now):
+        assert time.monotonic() < deadline, "the checks never probed the server again"
+        await asyncio.sleep(0.1)
+    while True:  # the next check speaks plain HTTP, and passes
+        async with client.get(readyz) as response:
+            if response.status == 200:
+                break
+        assert time.monotonic() < deadline, "readyz never ready again without a request"
+        await asyncio.sleep(0.1)
