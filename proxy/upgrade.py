@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 
 from proxy.config import ServerSettings, UpstreamSettings
 from proxy.failures import Cause, connect_failure
@@ -32,11 +33,14 @@ HTTP_START = b"HTTP/1."  # how an HTTP/1.x answer begins
 
 
 def wants_upgrade(request: web.BaseRequest) -> bool:
-    """An Upgrade the client asked for, with `Connection: upgrade` (RFC 9110 §7.8), on a request
-    without a body, as a WebSocket handshake is (RFC 6455 §4.1).
+    """An Upgrade the client asked for, with `Connection: upgrade` (RFC 9110 §7.8), on an
+    HTTP/1.1 request without a body, as a WebSocket handshake is (RFC 6455 §4.1).
 
     A request with a body goes on as plain HTTP, its Upgrade ignored as RFC 9110 §7.8 lets a
-    server do: curl offers `Upgrade: h2c` on a POST, and the handshake carries no body."""
+    server do: curl offers `Upgrade: h2c` on a POST, and the handshake carries no body. So
+    does an HTTP/1.0 one, whose Upgrade a server must ignore (§7.8)."""
+    if request.version < HttpVersion11:
+        return False
     tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
     return "upgrade" in tokens and bool(request.headers.get("Upgrade")) and not request.body_exists
 

@@ -3,6 +3,7 @@ off."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -187,3 +188,26 @@ async def test_a_handshake_that_cannot_connect_is_named_as_every_other_connect(
             body = await response.json()
         assert response.status == 503
         assert (body["category"], body["cause"]) == expected
+
+
+async def test_an_http10_upgrade_is_ignored_and_the_request_goes_on_as_plain_http(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """RFC 9110 §7.8: a server must ignore Upgrade in an HTTP/1.0 request; it went to the model
+    as an HTTP/1.1 handshake without Host, and a 101 reached the HTTP/1.0 client."""
+    model = await raw_server(RecordingModel(close_after=True))
+    gate = await start_gate(model.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        writer.write(
+            b"GET /ws HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.0 200 OK\r\n")
+    seen = model.last()
+    assert seen.header(b"upgrade") == []
+    assert len(seen.header(b"host")) == 1
