@@ -310,7 +310,8 @@ def _server_missing() -> list[tuple[str, str]]:
         (
             inspect.iscoroutinefunction(getattr(web.StreamResponse, _PREPARE_HEADERS, None)),
             f"StreamResponse.{_PREPARE_HEADERS}",
-            "add no Server or Content-Type header the model did not send",
+            "add no Server or Content-Type header the model did not send, and no Server "
+            "to servegate's own answers",
         ),
         *(
             (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from proxy import advice
 from proxy.budget import Spent
@@ -117,8 +117,19 @@ def internal_error(request_id: str) -> web.Response:
     return _json(500, body, {"X-Request-Id": request_id})
 
 
+class _Own(web.Response):
+    """An answer of servegate's own, without the Server field aiohttp would add: it names
+    aiohttp's and Python's versions, which scanners flag (nginx has server_tokens off), and
+    servegate's other answers (the listener's 400, the header timeout's 408) send none.
+    aiohttp_internals.check() makes sure aiohttp still calls this hook."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall(hdrs.SERVER, None)
+
+
 def _json(status: int, body: dict[str, str], headers: dict[str, str]) -> web.Response:
-    return web.Response(
+    return _Own(
         status=status,
         body=json.dumps(body).encode(),
         content_type="application/json",
