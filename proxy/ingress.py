@@ -63,6 +63,7 @@ class AccessLine:
     attempts: int = 0
     reused: bool | None = None
     body: RequestBody | None = None
+    bytes_upgraded_in: int = 0  # what the client sent after an upgrade (it has no body)
     bytes_out: int = 0
     spent: Spent = field(default_factory=Spent)
     failure: Failure | None = None
@@ -81,7 +82,7 @@ class AccessLine:
             "duration_s": round(seconds, 4),
             "attempts": self.attempts,
             "reused": self.reused,
-            "bytes_in": self.body.size if self.body else 0,
+            "bytes_in": self.body.size if self.body else self.bytes_upgraded_in,
             "bytes_out": self.bytes_out,
             "spent": self.spent.as_log(),
         }
@@ -374,7 +375,7 @@ class Ingress:
             failure = Failure(Cause.RESPONSE_HEADER_TOO_LARGE, str(exc))
             return self._refuse(Refusal(failure), request_id, budget, line)
         line.status = int(head[9:12]) if head[9:12].isdigit() else 502
-        line.bytes_out = await upgrader.pipe(request, reader, writer, head)
+        line.bytes_upgraded_in, line.bytes_out = await upgrader.pipe(request, reader, writer, head)
         # Everything was written on the transport itself; aiohttp's own answer finds it closed.
         response = web.StreamResponse(status=line.status if line.status != 101 else 200)
         response.force_close()

@@ -420,22 +420,29 @@ class _Acceptor:
         )
 
     def _tls_failed(self, client: str, error: OSError) -> None:
-        if not self._first_time(f"tls {client}"):
-            return
         if isinstance(error, ssl.SSLError):
             reason = ssl_reason(error)
+            # The client's alert about servegate's certificate (RFC 8446 §6.2).
+            distrust = "certificate" in reason or "unknown ca" in reason
         else:
             # TLS 1.3 finishes servegate's side of the handshake before the client checks the
             # certificate; a client that refuses it then closes, and only the close arrives.
             reason = "the client closed the connection during the handshake"
+            distrust = True
+        if not self._first_time(f"tls {client} {reason}"):
+            return
+        why = (
+            "; a client that does not trust servegate's certificate ends it so (with "
+            "server.tls: auto and no files, the certificate is self-signed)"
+            if distrust
+            else ""
+        )
         log.warning(
             "listener.tls_handshake_failed",
-            message=f"a TLS handshake from {client} failed ({reason}); a client that does not "
-            "trust servegate's certificate ends it so (with server.tls: auto and no files, the "
-            "certificate is self-signed)",
+            message=f"a TLS handshake from {client} failed ({reason}){why}",
             client=client,
             reason=reason,
-            note="logged once per client address",
+            note="logged once per client address and reason",
         )
 
     def _header_timed_out(self, client: str) -> None:

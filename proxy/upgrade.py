@@ -129,10 +129,10 @@ class Upgrader:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         head: bytes,
-    ) -> int:
+    ) -> tuple[int, int]:
         """Relay the model's answer head as it came (with what came after it in the same
         reads), then both directions until one side closes or both are idle for
-        server.upgrade_idle_timeout; returns bytes to the client."""
+        server.upgrade_idle_timeout; returns the bytes from the client and to it."""
         transport = request.transport
         assert transport is not None
         inbound = _ClientBytes(transport)
@@ -143,13 +143,15 @@ class Upgrader:
         upgraded = head[9:12] == b"101"  # any other answer is relayed until the model closes
         self.metrics.upgraded.inc(upgraded)
         self.metrics.upgraded_inflight.inc(upgraded)
-        sent = len(head)
+        sent, received = len(head), 0
         last = [time.monotonic()]
 
         async def to_model() -> None:
+            nonlocal received
             while chunk := await inbound.read():
                 last[0] = time.monotonic()
                 writer.write(chunk)
+                received += len(chunk)
                 await writer.drain()
             if writer.can_write_eof():
                 writer.write_eof()
@@ -173,7 +175,7 @@ class Upgrader:
             writer.close()
             transport.close()
             self.metrics.upgraded_inflight.dec(upgraded)
-        return sent
+        return received, sent
 
     async def _until_done(self, pumps: set[asyncio.Task[None]], last: list[float]) -> None:
         idle = self.server.upgrade_idle_timeout

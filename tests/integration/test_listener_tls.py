@@ -193,6 +193,7 @@ async def test_a_malformed_tls_handshake_is_named_with_its_reason(
     assert line["client"] == "127.0.0.1"
     assert line["reason"] != "the client closed the connection during the handshake"
     assert line["reason"] in line["message"]
+    assert "certificate" not in line["message"]  # no certificate was sent: none was refused
 
 
 async def test_tls_on_answers_plain_http_with_a_400_naming_the_fix_and_serves_https(

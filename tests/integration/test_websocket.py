@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import Certificates, StartGate, gate_url, sample, scrape
+from tests.conftest import Certificates, LogCapture, StartGate, gate_url, sample, scrape
 from tests.integration.test_down_fast import accepting_nothing
 from tests.upstreams.gunicorn import Gunicorn, free_port
 from tests.upstreams.recording import RecordingModel
@@ -36,7 +36,10 @@ def echo_app() -> web.Application:
 
 
 async def test_a_websocket_echo_works_through_servegate_and_is_counted(
-    start_gate: StartGate, aiohttp_server: Any, client: aiohttp.ClientSession
+    start_gate: StartGate,
+    aiohttp_server: Any,
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
 ) -> None:
     model = await aiohttp_server(echo_app())
     gate = await start_gate(f"http://127.0.0.1:{model.port}")
@@ -50,6 +53,12 @@ async def test_a_websocket_echo_works_through_servegate_and_is_counted(
     assert sample(during, "servegate_upgraded_connections_inflight") == 1
     samples = await scrape(gate)
     assert sample(samples, "servegate_upgraded_connections_total") == 1
+    for _ in range(100):  # the session's line is written once the pipe has closed
+        if log_capture.access():
+            break
+        await asyncio.sleep(0.02)
+    [line] = log_capture.access()
+    assert line["bytes_in"] > 100_000 < line["bytes_out"]  # the frames, both ways
 
 
 async def test_upgrades_switched_off_reach_the_model_as_plain_http(
