@@ -66,7 +66,8 @@ FIX: dict[Cause, str] = {
     ),
     Cause.TLS_HANDSHAKE: (
         "Check the server's TLS versions and ciphers, and whether it requires a client "
-        "certificate (upstream.tls.cert_file)."
+        "certificate (upstream.tls.cert_file); a handshake that gets no answer at all is most "
+        "often a plain-HTTP server behind an https:// upstream URL."
     ),
     Cause.MALFORMED_RESPONSE: "Check that the upstream URL points at the model's HTTP port.",
     Cause.DEADLINE_EXCEEDED: "Make the prediction faster, or send smaller batches.",

@@ -9,6 +9,7 @@ only what their own yes-or-no question needs.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -122,6 +123,39 @@ class Failure:
         return Failure(cause, detail, self.reused, self.request_sent, self.response_started)
 
 
+class TLSHandshakeUnanswered(aiohttp.ClientConnectionError):
+    """TCP connected, and the TLS handshake got no answer within the connect timeout: not a
+    server that is down (`unanswered_handshake` says what it is)."""
+
+
+# How long a TCP connect may take to tell a silent TLS handshake from no connection at all.
+TCP_CHECK_TIMEOUT = 0.5
+
+
+async def tcp_connects(host: str, port: int) -> bool:
+    """Whether a plain TCP connection to `host`:`port` opens within TCP_CHECK_TIMEOUT."""
+    try:
+        async with asyncio.timeout(TCP_CHECK_TIMEOUT):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def unanswered_handshake(within: str) -> str:
+    """The detail of a TLS handshake that got no answer though TCP connected, `within` naming
+    the timeout: a plain-HTTP server waits so for a request, as Werkzeug, Waitress and
+    Hypercorn do; so does a TLS server too busy to accept, whose kernel still connects."""
+    return (
+        f"TCP connected, but the TLS handshake got no answer within {within}: a plain-HTTP "
+        "server waits so for a request (then use an http:// upstream URL), and so does a "
+        "server too busy to accept connections"
+    )
+
+
 class BodyFramingBroken(aiohttp.ClientPayloadError):
     """An answer's body broke its own framing (an invalid chunk) after its head was read: the
     reader of the body hears this, not a hang until the budget ends."""
@@ -153,6 +187,8 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
         return _unparseable_head(exc.message, failure)
     if isinstance(exc, BodyFramingBroken):
         return failure(Cause.RESPONSE_FRAMING, str(exc))
+    if isinstance(exc, TLSHandshakeUnanswered):
+        return failure(Cause.TLS_HANDSHAKE, str(exc))
     if isinstance(exc, (aiohttp.ClientPayloadError, *_DISCONNECTS)):
         # A fresh connection counts only with the kernel's proof: without it, a fresh one
         # dropped after sending is a TLS server's answer to plain HTTP as often as not.

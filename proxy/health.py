@@ -23,7 +23,16 @@ import structlog
 from yarl import URL
 
 from proxy.config import HealthSettings
-from proxy.failures import AttemptFacts, Category, Cause, Failure, classify, connect_failure
+from proxy.failures import (
+    AttemptFacts,
+    Category,
+    Cause,
+    Failure,
+    classify,
+    connect_failure,
+    tcp_connects,
+    unanswered_handshake,
+)
 from proxy.lag import LoopLag, LoopLagged, ResponsiveTimeout
 from proxy.pool import tls_name
 
@@ -289,6 +298,8 @@ async def check_upstream(
         if isinstance(exc, aiohttp.ClientError) or not timeout.expired():
             return classify(exc, facts, deadline_passed=False)
         if settings.path is None:  # the TCP check: the connect (and handshake) never ended
+            if scheme == "https" and await tcp_connects(host, port):
+                return Failure(Cause.TLS_HANDSHAKE, unanswered_handshake(within))
             return Failure(Cause.CONNECT_TIMEOUT, f"no connection within {within}")
         return Failure(Cause.UPSTREAM_UNHEALTHY, f"GET {settings.path}: no answer within {within}")
     except (aiohttp.ClientError, OSError) as exc:  # ssl.SSLError is an OSError

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -21,6 +22,7 @@ from tests.conftest import (
     scrape,
 )
 from tests.upstreams.gunicorn import Gunicorn
+from tests.upstreams.misbehaving import Silent
 
 
 def tls_gunicorn(
@@ -216,3 +218,25 @@ async def test_auto_follows_a_server_that_drops_tls_while_no_request_comes(
                 break
         assert time.monotonic() < deadline, "readyz never ready again without a request"
         await asyncio.sleep(0.1)
+
+
+async def test_https_to_a_plain_server_that_never_answers_the_handshake_is_no_outage(
+    start_gate: StartGate, raw_server: Any, client: aiohttp.ClientSession
+) -> None:
+    """TCP connects, the TLS handshake gets no answer: the server is up (the circuit stays
+    closed, the outage alerts quiet), and the verdict says what to suspect."""
+    model = await raw_server(Silent())
+    fast = {"upstream.connect_timeout": 0.5, "health.timeout": 0.3, "health.interval": 0.2}
+    gate = await start_gate(f"https://127.0.0.1:{model.port}", **fast)
+    async with client.post(gate_url(gate, "/predict"), json={}) as response:
+        body = await response.json()
+    assert (response.status, body["category"], body["cause"]) == (503, "protocol", "tls_handshake")
+    assert "plain-HTTP server" in body["hint"]
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_circuit_state") == 0
+    assert sample(samples, "servegate_4503_total", category="service", cause="connect_timeout") == 0
+    async with client.get(f"http://127.0.0.1:{gate.admin_port}/readyz") as ready:
+        reason = (await ready.json())["reason"]
+    assert ready.status == 503
+    assert "protocol/tls_handshake" in reason
+    assert "TCP connected, but the TLS handshake got no answer" in reason

@@ -158,3 +158,14 @@ class InParts(Misbehaving):
                 socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
             )
             writer.transport.abort()
+
+
+@dataclass
+class Silent(Misbehaving):
+    """Accepts connections and says nothing, whatever comes: a plain-HTTP server that waits
+    for a request line and so never answers a TLS handshake (Werkzeug, Waitress, Hypercorn)."""
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await asyncio.Event().wait()  # until the test stops the server
