@@ -49,9 +49,8 @@ class Readiness:
             # for the circuit's cool-down: the load balancer should send none meanwhile. Only
             # then: were the pod unready until a request closed the circuit, none would come.
             return (
-                f"the model server at {where} takes no connections: requests opened the "
-                f"circuit (circuit.failure_threshold failures in a row); it is tried again "
-                f"in {wait:.1f} s"
+                f"the model server at {where} takes no connections: requests that could not "
+                f"connect opened the circuit; it is tried again in {wait:.1f} s"
             )
         if self.scheme.mismatch():  # a fixed server is ready again within seconds
             await self.scheme.detect(since=time.monotonic() - MISMATCH_RECHECK)

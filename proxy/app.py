@@ -189,7 +189,8 @@ class Servegate:
             # upstream.scheme: auto the next check speaks what the server speaks now. Without
             # it, a model restarted in the other scheme while no request came stayed unready,
             # and so got no request to trigger the probe.
-            return await self._probe.confirm(failed, spoke, began, self.settings.health.timeout)
+            left = self.settings.health.timeout - (time.monotonic() - began)
+            return await self._probe.confirm(failed, spoke, began, left)
 
         self._health_task = await self.state.start_checks(check)  # the first verdict is known
 

@@ -230,10 +230,12 @@ class _JsonErrorHandler(RequestHandler):
         self._current = self._heads.pop(0) if self._heads else b""
         self._body = body
         self._chunked = message.chunked
-        # aiohttp keeps what follows a WebSocket handshake; after any other upgrade offer
-        # (h2c) llhttp stops and aiohttp drops the rest of the connection's bytes.
+        # aiohttp keeps what follows an HTTP/1.1 WebSocket handshake; after any other upgrade
+        # offer (h2c, or one in HTTP/1.0, which servegate ignores) llhttp stops and aiohttp
+        # never parses the rest of the connection's bytes.
         self._upgrade_asked = message.upgrade and (
-            message.headers.get("Upgrade", "").lower() != "websocket"
+            message.version < HttpVersion11
+            or message.headers.get("Upgrade", "").lower() != "websocket"
         )
         self._number = parsed - queued_requests(self)
         if unseen and not is_parse_error(message):  # after an error, nothing more is parsed
@@ -243,8 +245,8 @@ class _JsonErrorHandler(RequestHandler):
     def closes_after_answer(self) -> bool:
         """Whether the connection must close once the request being handled is answered: its
         body may have ended with trailer fields (`trailers_possible`), or it offered an
-        upgrade to a protocol other than WebSocket (h2c), after which llhttp stops and aiohttp
-        drops the rest of the connection's bytes."""
+        upgrade other than an HTTP/1.1 WebSocket one (h2c, or any in HTTP/1.0), after which
+        llhttp stops and aiohttp never parses the rest of the connection's bytes."""
         return self._upgrade_asked or self.trailers_possible
 
     @property

@@ -9,7 +9,6 @@ only what their own yes-or-no question needs.)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import ssl
@@ -123,36 +122,43 @@ class Failure:
         return Failure(cause, detail, self.reused, self.request_sent, self.response_started)
 
 
-class TLSHandshakeUnanswered(aiohttp.ClientConnectionError):
-    """TCP connected, and the TLS handshake got no answer within the connect timeout: not a
-    server that is down (`unanswered_handshake` says what it is)."""
+class AnswersPlainHTTP(aiohttp.ClientConnectionError):
+    """The TLS handshake got no answer within the connect timeout, and the server answers a
+    plain HTTP request line (`answers_plain_http`): servegate speaks TLS to a plain server
+    that waits silently for a request line (Werkzeug, Waitress, Hypercorn do)."""
 
 
-# How long a TCP connect may take to tell a silent TLS handshake from no connection at all.
-TCP_CHECK_TIMEOUT = 0.5
+# How long the plain-HTTP check of a silent TLS handshake may take.
+PLAIN_CHECK_TIMEOUT = 1.0
+_PLAIN_CHECK = b"OPTIONS * HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
 
 
-async def tcp_connects(host: str, port: int) -> bool:
-    """Whether a plain TCP connection to `host`:`port` opens within TCP_CHECK_TIMEOUT."""
+async def answers_plain_http(host: str, port: int) -> bool:
+    """Whether `host`:`port` answers a plain HTTP request within PLAIN_CHECK_TIMEOUT. The
+    request is `OPTIONS *`, which asks about the server itself (RFC 9110 §9.3.7): the one with
+    the least effect. A TLS server too busy to accept, whose kernel still connects, answers
+    neither it nor a handshake: that stays a connect timeout."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    writer = None
     try:
-        async with asyncio.timeout(TCP_CHECK_TIMEOUT):
-            _, writer = await asyncio.open_connection(host, port)
+        async with asyncio.timeout(PLAIN_CHECK_TIMEOUT):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(_PLAIN_CHECK % authority.encode())
+            first = await reader.read(5)
     except (OSError, TimeoutError):
         return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    finally:
+        if writer is not None:
+            writer.close()
+    return first == b"HTTP/"
 
 
 def unanswered_handshake(within: str) -> str:
-    """The detail of a TLS handshake that got no answer though TCP connected, `within` naming
-    the timeout: a plain-HTTP server waits so for a request, as Werkzeug, Waitress and
-    Hypercorn do; so does a TLS server too busy to accept, whose kernel still connects."""
+    """The detail of a TLS handshake that got no answer while the server answers plain HTTP,
+    `within` naming the timeout."""
     return (
-        f"TCP connected, but the TLS handshake got no answer within {within}: a plain-HTTP "
-        "server waits so for a request (then use an http:// upstream URL), and so does a "
-        "server too busy to accept connections"
+        f"servegate spoke HTTPS; the TLS handshake got no answer within {within}, and the "
+        "server answers plain HTTP"
     )
 
 
@@ -187,8 +193,8 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
         return _unparseable_head(exc.message, failure)
     if isinstance(exc, BodyFramingBroken):
         return failure(Cause.RESPONSE_FRAMING, str(exc))
-    if isinstance(exc, TLSHandshakeUnanswered):
-        return failure(Cause.TLS_HANDSHAKE, str(exc))
+    if isinstance(exc, AnswersPlainHTTP):
+        return failure(Cause.TLS_TO_PLAIN_SERVER, str(exc))
     if isinstance(exc, (aiohttp.ClientPayloadError, *_DISCONNECTS)):
         # A fresh connection counts only with the kernel's proof: without it, a fresh one
         # dropped after sending is a TLS server's answer to plain HTTP as often as not.

@@ -28,9 +28,9 @@ from proxy.failures import (
     Category,
     Cause,
     Failure,
+    answers_plain_http,
     classify,
     connect_failure,
-    tcp_connects,
     unanswered_handshake,
 )
 from proxy.lag import LoopLag, LoopLagged, ResponsiveTimeout
@@ -266,7 +266,9 @@ async def check_upstream(
     The timeout is `settings.timeout` seconds of the event loop's time (`lag`; None: wall
     time). Raises LoopLagged when CHECK_WALL_FACTOR timeouts of wall time pass before that.
     """
-    facts = AttemptFacts(scheme=scheme)
+    # Every check opens a connection of its own: a drop on it may be a scheme mismatch, which
+    # the caller asks the probe about (`Failure.protocol_suspect`).
+    facts = AttemptFacts(scheme=scheme, reused=False)
     within = f"health.timeout ({settings.timeout:g} s)"
     timeout = ResponsiveTimeout(
         settings.timeout, lag or LoopLag(), at_most=settings.timeout * CHECK_WALL_FACTOR
@@ -298,8 +300,8 @@ async def check_upstream(
         if isinstance(exc, aiohttp.ClientError) or not timeout.expired():
             return classify(exc, facts, deadline_passed=False)
         if settings.path is None:  # the TCP check: the connect (and handshake) never ended
-            if scheme == "https" and await tcp_connects(host, port):
-                return Failure(Cause.TLS_HANDSHAKE, unanswered_handshake(within))
+            if scheme == "https" and await answers_plain_http(host, port):
+                return Failure(Cause.TLS_TO_PLAIN_SERVER, unanswered_handshake(within))
             return Failure(Cause.CONNECT_TIMEOUT, f"no connection within {within}")
         return Failure(Cause.UPSTREAM_UNHEALTHY, f"GET {settings.path}: no answer within {within}")
     except (aiohttp.ClientError, OSError) as exc:  # ssl.SSLError is an OSError

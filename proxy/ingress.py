@@ -245,12 +245,16 @@ class Ingress:
                 "(RFC 9112 §3.2)",
                 request_id,
             )
-        elif "@" in (target_authority(request.raw_path) or ""):
-            # RFC 9110 §4.2.4: a recipient treats userinfo as an error; it must not become Host.
-            refused = answer.bad_request(
-                "the request target carries userinfo (user:password@), which HTTP forbids",
-                request_id,
+        elif (authority := target_authority(request.raw_path)) is not None and (
+            "@" in authority or not _HOST.fullmatch(authority)
+        ):
+            # It becomes Host. RFC 9110 §4.2.4: a recipient treats userinfo as an error.
+            what = (
+                "userinfo (user:password@), which HTTP forbids"
+                if "@" in authority
+                else (f"{authority[:100]!r}, no host name or address with an optional port")
             )
+            refused = answer.bad_request(f"the request target's authority is {what}", request_id)
         elif (codings := request.headers.getall("Transfer-Encoding", None)) and not only_chunked(
             codings
         ):

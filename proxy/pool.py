@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 from aiohttp.client_reqrep import ConnectionKey
 
-from proxy.failures import AttemptFacts, TLSHandshakeUnanswered, tcp_connects, unanswered_handshake
+from proxy.failures import AnswersPlainHTTP, AttemptFacts, answers_plain_http, unanswered_handshake
 from proxy.framing import FramedResponseHandler
 from proxy.lag import LoopLag, ResponsiveTimeout
 
@@ -290,9 +290,10 @@ class Pool:
         except TimeoutError as exc:
             if exc.errno is not None:  # the kernel's own (ETIMEDOUT), not the connect timeout
                 raise aiohttp.ClientConnectorError(origin.key, exc) from exc
-            if origin.tls and addresses and await tcp_connects(*addresses[0][1][:2]):
+            # A plain server that waits for a request line leaves a handshake unanswered.
+            if origin.tls and addresses and await answers_plain_http(*addresses[0][1][:2]):
                 within = f"upstream.connect_timeout ({self._connect_timeout:g} s)"
-                raise TLSHandshakeUnanswered(unanswered_handshake(within)) from exc
+                raise AnswersPlainHTTP(unanswered_handshake(within)) from exc
             if addresses is None:
                 what = f"address for {origin.host} (the DNS lookup did not answer)"
             elif origin.tls:

@@ -22,7 +22,7 @@ from tests.conftest import (
     scrape,
 )
 from tests.upstreams.gunicorn import Gunicorn
-from tests.upstreams.misbehaving import Silent
+from tests.upstreams.misbehaving import Silent, WaitsForARequestLine
 
 
 def tls_gunicorn(
@@ -220,23 +220,72 @@ async def test_auto_follows_a_server_that_drops_tls_while_no_request_comes(
         await asyncio.sleep(0.1)
 
 
-async def test_https_to_a_plain_server_that_never_answers_the_handshake_is_no_outage(
-    start_gate: StartGate, raw_server: Any, client: aiohttp.ClientSession
+async def test_https_to_a_plain_server_that_never_answers_the_handshake_is_named_so(
+    start_gate: StartGate,
+    raw_server: Any,
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
 ) -> None:
-    """TCP connects, the TLS handshake gets no answer: the server is up (the circuit stays
-    closed, the outage alerts quiet), and the verdict says what to suspect."""
-    model = await raw_server(Silent())
+    """TCP connects, the TLS handshake gets no answer, a plain request line does: servegate
+    speaks TLS to a plain server. It was "down", with the circuit open."""
+    model = await raw_server(WaitsForARequestLine())
     fast = {"upstream.connect_timeout": 0.5, "health.timeout": 0.3, "health.interval": 0.2}
     gate = await start_gate(f"https://127.0.0.1:{model.port}", **fast)
     async with client.post(gate_url(gate, "/predict"), json={}) as response:
         body = await response.json()
-    assert (response.status, body["category"], body["cause"]) == (503, "protocol", "tls_handshake")
-    assert "plain-HTTP server" in body["hint"]
+    assert response.status == 503
+    assert (body["category"], body["cause"]) == ("protocol", "tls_to_plain_server")
     samples = await scrape(gate)
     assert sample(samples, "servegate_circuit_state") == 0
-    assert sample(samples, "servegate_4503_total", category="service", cause="connect_timeout") == 0
     async with client.get(f"http://127.0.0.1:{gate.admin_port}/readyz") as ready:
         reason = (await ready.json())["reason"]
     assert ready.status == 503
-    assert "protocol/tls_handshake" in reason
-    assert "TCP connected, but the TLS handshake got no answer" in reason
+    assert "protocol/tls_to_plain_server" in reason
+    assert "the TLS handshake got no answer" in log_capture.access()[0]["detail"]
+
+
+async def test_a_server_that_answers_neither_tls_nor_plain_http_is_still_a_connect_timeout(
+    start_gate: StartGate, raw_server: Any, client: aiohttp.ClientSession
+) -> None:
+    """An overloaded TLS server whose kernel still completes TCP looks so: no protocol finding
+    there, it stays unreachable (and opens the circuit as before)."""
+    model = await raw_server(Silent())
+    fast = {"upstream.connect_timeout": 0.5, "health.timeout": 0.3, "retry.connect_wait": 0.5}
+    gate = await start_gate(f"https://127.0.0.1:{model.port}", **fast)
+    async with client.post(gate_url(gate, "/predict"), json={}) as response:
+        body = await response.json()
+    assert response.status == 503
+    assert body["category"] == "service"
+    assert body["cause"] in {"connect_timeout", "circuit_open"}
+
+
+async def test_auto_follows_a_server_that_takes_up_tls_while_no_request_comes(
+    start_gate: StartGate,
+    gunicorn: Callable[..., Gunicorn],
+    certificates: Certificates,
+    client: aiohttp.ClientSession,
+) -> None:
+    """The other way round, with a health path: the checks' failed GETs ask the probe too."""
+    plain = gunicorn()
+    trust = {"upstream.scheme": "auto", "upstream.tls.ca_file": str(certificates.ca_file)}
+    checks = {"health.interval": 0.2, "health.path": "/health"}
+    gate = await start_gate(plain.url, **trust, **checks)
+    readyz = f"http://127.0.0.1:{gate.admin_port}/readyz"
+    async with client.get(readyz) as response:
+        assert response.status == 200
+    plain.stop()
+    tls_gunicorn(gunicorn, certificates, port=plain.port)
+    tls_now = (
+        "servegate_upstream_scheme_info",
+        frozenset({("configured", "auto"), ("detected", "https")}),
+    )
+    deadline = time.monotonic() + 10
+    while not (await scrape(gate)).get(tls_now):
+        assert time.monotonic() < deadline, "the checks never probed the server again"
+        await asyncio.sleep(0.1)
+    while True:
+        async with client.get(readyz) as response:
+            if response.status == 200:
+                break
+        assert time.monotonic() < deadline, "readyz never ready again without a request"
+        await asyncio.sleep(0.1)

@@ -199,8 +199,9 @@ async def test_a_handshake_that_cannot_connect_is_named_as_every_other_connect(
         assert (body["category"], body["cause"]) == expected
 
 
+@pytest.mark.parametrize("connection", [b"Upgrade", b"Upgrade, keep-alive"])
 async def test_an_http10_upgrade_is_ignored_and_the_request_goes_on_as_plain_http(
-    start_gate: StartGate, raw_server: Any
+    connection: bytes, start_gate: StartGate, raw_server: Any
 ) -> None:
     """RFC 9110 §7.8: a server must ignore Upgrade in an HTTP/1.0 request; it went to the model
     as an HTTP/1.1 handshake without Host, and a 101 reached the HTTP/1.0 client."""
@@ -209,10 +210,11 @@ async def test_an_http10_upgrade_is_ignored_and_the_request_goes_on_as_plain_htt
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
     try:
         writer.write(
-            b"GET /ws HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"GET /ws HTTP/1.0\r\nUpgrade: websocket\r\nConnection: %s\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            % connection
         )
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(10):  # the connection closes after the answer
             answer = await reader.read()
     finally:
         writer.close()

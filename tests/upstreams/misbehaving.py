@@ -5,6 +5,7 @@ reads."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -169,3 +170,17 @@ class Silent(Misbehaving):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         await asyncio.Event().wait()  # until the test stops the server
+
+
+@dataclass
+class WaitsForARequestLine(Misbehaving):
+    """A plain-HTTP server that reads until a head ends, then answers: a TLS handshake, which
+    never ends a head, gets no answer at all (Werkzeug, Waitress, Hypercorn)."""
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
