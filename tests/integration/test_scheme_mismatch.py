@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.app import Servegate
 from tests.conftest import (
     Certificates,
     LogCapture,
@@ -188,6 +189,25 @@ async def test_a_client_certificate_is_presented_to_a_server_that_requires_one(
         assert response.status == 200
 
 
+async def ready_again_speaking(scheme: str, gate: Servegate, client: aiohttp.ClientSession) -> None:
+    """Wait, without a request, until the checks have probed the server again and found
+    `scheme`, then until /readyz is 200: the next check speaks it, and passes."""
+    found = (
+        "servegate_upstream_scheme_info",
+        frozenset({("configured", "auto"), ("detected", scheme)}),
+    )
+    deadline = time.monotonic() + 10
+    while not (await scrape(gate)).get(found):
+        assert time.monotonic() < deadline, "the checks never probed the server again"
+        await asyncio.sleep(0.1)
+    while True:
+        async with client.get(f"http://127.0.0.1:{gate.admin_port}/readyz") as response:
+            if response.status == 200:
+                return
+        assert time.monotonic() < deadline, "readyz never ready again without a request"
+        await asyncio.sleep(0.1)
+
+
 async def test_auto_follows_a_server_that_drops_tls_while_no_request_comes(
     start_gate: StartGate,
     gunicorn: Callable[..., Gunicorn],
@@ -204,20 +224,7 @@ async def test_auto_follows_a_server_that_drops_tls_while_no_request_comes(
         assert response.status == 200  # speaking HTTPS, as the server does
     tls.stop()
     gunicorn(port=tls.port)  # the same address, now plain HTTP
-    plain_now = (
-        "servegate_upstream_scheme_info",
-        frozenset({("configured", "auto"), ("detected", "http")}),
-    )
-    deadline = time.monotonic() + 10
-    while not (await scrape(gate)).get(plain_now):
-        assert time.monotonic() < deadline, "the checks never probed the server again"
-        await asyncio.sleep(0.1)
-    while True:  # the next check speaks plain HTTP, and passes
-        async with client.get(readyz) as response:
-            if response.status == 200:
-                break
-        assert time.monotonic() < deadline, "readyz never ready again without a request"
-        await asyncio.sleep(0.1)
+    await ready_again_speaking("http", gate, client)
 
 
 async def test_https_to_a_plain_server_that_never_answers_the_handshake_is_named_so(
@@ -275,17 +282,4 @@ async def test_auto_follows_a_server_that_takes_up_tls_while_no_request_comes(
         assert response.status == 200
     plain.stop()
     tls_gunicorn(gunicorn, certificates, port=plain.port)
-    tls_now = (
-        "servegate_upstream_scheme_info",
-        frozenset({("configured", "auto"), ("detected", "https")}),
-    )
-    deadline = time.monotonic() + 10
-    while not (await scrape(gate)).get(tls_now):
-        assert time.monotonic() < deadline, "the checks never probed the server again"
-        await asyncio.sleep(0.1)
-    while True:
-        async with client.get(readyz) as response:
-            if response.status == 200:
-                break
-        assert time.monotonic() < deadline, "readyz never ready again without a request"
-        await asyncio.sleep(0.1)
+    await ready_again_speaking("https", gate, client)
