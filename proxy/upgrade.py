@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from proxy.config import ServerSettings, UpstreamSettings
-from proxy.failures import Cause, connect_failure
+from proxy.failures import Cause, answers_plain_http, connect_failure, unanswered_handshake
 from proxy.headers import Fields, serialize_fields, serialize_start
 from proxy.lag import LoopLag, ResponsiveTimeout
 from proxy.metrics import Metrics
@@ -89,6 +89,7 @@ class Upgrader:
         and OSError when the connection fails after it opened."""
         host, port = self.upstream.origin.raw_host, self.upstream.origin.port
         assert host is not None  # a validated URL has one
+        assert port is not None  # and a port, the scheme's default if not written
         context: ssl.SSLContext | None = None
         hostname: str | None = None
         if scheme == "https":
@@ -103,7 +104,17 @@ class Upgrader:
                     server_hostname=hostname,
                 )
         except OSError as exc:  # refused, a TLS failure, or the connect timeout passed
-            raise UpstreamUnreachable(*connect_failure(exc)) from exc
+            cause, detail = connect_failure(exc)
+            # As for every other connect (pool.Pool._open): a silent handshake, and a plain
+            # answer to a plain request line, is a plain server.
+            if (
+                context is not None
+                and cause is Cause.CONNECT_TIMEOUT
+                and await answers_plain_http(host, port)
+            ):
+                within = f"upstream.connect_timeout ({self.upstream.connect_timeout:g} s)"
+                cause, detail = Cause.TLS_TO_PLAIN_SERVER, unanswered_handshake(within)
+            raise UpstreamUnreachable(cause, detail) from exc
         # `headers` hold no hop-by-hop field (headers.request_headers): these are the only ones.
         fields = [
             *headers,

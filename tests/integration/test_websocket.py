@@ -14,6 +14,7 @@ from aiohttp import web
 from tests.conftest import Certificates, LogCapture, StartGate, gate_url, sample, scrape
 from tests.integration.test_down_fast import accepting_nothing
 from tests.upstreams.gunicorn import Gunicorn, free_port
+from tests.upstreams.misbehaving import WaitsForARequestLine
 from tests.upstreams.recording import RecordingModel
 
 UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Key": "k"}
@@ -170,13 +171,14 @@ async def test_a_handshake_answer_within_the_head_limits_is_relayed_however_long
         assert response.headers["X-39"] == "v" * 8000
 
 
-@pytest.mark.parametrize("server", ["silent", "refusing", "untrusted_tls"])
+@pytest.mark.parametrize("server", ["silent", "refusing", "untrusted_tls", "plain_behind_https"])
 async def test_a_handshake_that_cannot_connect_is_named_as_every_other_connect(
     server: str,
     start_gate: StartGate,
     client: aiohttp.ClientSession,
     gunicorn: Callable[..., Gunicorn],
     certificates: Certificates,
+    raw_server: Any,
 ) -> None:
     """The same cause as a request's attempt gets: never a refusal for a timeout or a
     certificate."""
@@ -184,14 +186,17 @@ async def test_a_handshake_that_cannot_connect_is_named_as_every_other_connect(
         "silent": ("service", "connect_timeout"),
         "refusing": ("service", "connect_refused"),
         "untrusted_tls": ("protocol", "tls_certificate"),
+        "plain_behind_https": ("protocol", "tls_to_plain_server"),  # answers no handshake
     }[server]
     with accepting_nothing() as silent:
         if server == "silent":
             url = f"http://127.0.0.1:{silent}"
         elif server == "refusing":
             url = f"http://127.0.0.1:{free_port()}"
-        else:
+        elif server == "untrusted_tls":
             url = gunicorn(certfile=certificates.cert_file, keyfile=certificates.key_file).url
+        else:
+            url = f"https://127.0.0.1:{(await raw_server(WaitsForARequestLine())).port}"
         gate = await start_gate(url, **{"upstream.connect_timeout": 0.3})
         async with client.get(gate_url(gate, "/ws"), headers=UPGRADE) as response:
             body = await response.json()
