@@ -124,42 +124,8 @@ class Failure:
 
 class AnswersPlainHTTP(aiohttp.ClientConnectionError):
     """The TLS handshake got no answer within the connect timeout, and the server answers a
-    plain HTTP request line (`answers_plain_http`): servegate speaks TLS to a plain server
+    plain HTTP request line (`probe.plain_behind_tls`): servegate speaks TLS to a plain server
     that waits silently for a request line (Werkzeug, Waitress, Hypercorn do)."""
-
-
-# How long the plain-HTTP check of a silent TLS handshake may take.
-PLAIN_CHECK_TIMEOUT = 1.0
-_PLAIN_CHECK = b"OPTIONS * HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
-
-
-async def answers_plain_http(host: str, port: int) -> bool:
-    """Whether `host`:`port` answers a plain HTTP request within PLAIN_CHECK_TIMEOUT. The
-    request is `OPTIONS *`, which asks about the server itself (RFC 9110 §9.3.7): the one with
-    the least effect. A TLS server too busy to accept, whose kernel still connects, answers
-    neither it nor a handshake: that stays a connect timeout."""
-    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    writer = None
-    try:
-        async with asyncio.timeout(PLAIN_CHECK_TIMEOUT):
-            reader, writer = await asyncio.open_connection(host, port)
-            writer.write(_PLAIN_CHECK % authority.encode())
-            first = await reader.read(5)
-    except (OSError, TimeoutError):
-        return False
-    finally:
-        if writer is not None:
-            writer.close()
-    return first == b"HTTP/"
-
-
-def unanswered_handshake(within: str) -> str:
-    """The detail of a TLS handshake that got no answer while the server answers plain HTTP,
-    `within` naming the timeout."""
-    return (
-        f"servegate spoke HTTPS; the TLS handshake got no answer within {within}, and the "
-        "server answers plain HTTP"
-    )
 
 
 class BodyFramingBroken(aiohttp.ClientPayloadError):

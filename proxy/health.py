@@ -28,13 +28,12 @@ from proxy.failures import (
     Category,
     Cause,
     Failure,
-    answers_plain_http,
     classify,
     connect_failure,
-    unanswered_handshake,
 )
 from proxy.lag import LoopLag, LoopLagged, ResponsiveTimeout
 from proxy.pool import tls_name
+from proxy.probe import plain_behind_tls
 
 log = structlog.get_logger("servegate.health")
 
@@ -300,8 +299,8 @@ async def check_upstream(
         if isinstance(exc, aiohttp.ClientError) or not timeout.expired():
             return classify(exc, facts, deadline_passed=False)
         if settings.path is None:  # the TCP check: the connect (and handshake) never ended
-            if scheme == "https" and await answers_plain_http(host, port):
-                return Failure(Cause.TLS_TO_PLAIN_SERVER, unanswered_handshake(within))
+            if scheme == "https" and (plain := await plain_behind_tls(host, port, within)):
+                return Failure(Cause.TLS_TO_PLAIN_SERVER, plain)
             return Failure(Cause.CONNECT_TIMEOUT, f"no connection within {within}")
         return Failure(Cause.UPSTREAM_UNHEALTHY, f"GET {settings.path}: no answer within {within}")
     except (aiohttp.ClientError, OSError) as exc:  # ssl.SSLError is an OSError

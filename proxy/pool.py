@@ -34,9 +34,10 @@ from typing import Any
 import aiohttp
 from aiohttp.client_reqrep import ConnectionKey
 
-from proxy.failures import AnswersPlainHTTP, AttemptFacts, answers_plain_http, unanswered_handshake
+from proxy.failures import AnswersPlainHTTP, AttemptFacts
 from proxy.framing import FramedResponseHandler
 from proxy.lag import LoopLag, ResponsiveTimeout
+from proxy.probe import plain_behind_tls
 
 CLOSE_WAIT = 2.0  # seconds `Pool.close` waits for its connections to be closed
 DNS_CACHE_SECONDS = 10.0  # aiohttp's TCPConnector default (ttl_dns_cache)
@@ -290,10 +291,11 @@ class Pool:
         except TimeoutError as exc:
             if exc.errno is not None:  # the kernel's own (ETIMEDOUT), not the connect timeout
                 raise aiohttp.ClientConnectorError(origin.key, exc) from exc
-            # A plain server that waits for a request line leaves a handshake unanswered.
-            if origin.tls and addresses and await answers_plain_http(*addresses[0][1][:2]):
-                within = f"upstream.connect_timeout ({self._connect_timeout:g} s)"
-                raise AnswersPlainHTTP(unanswered_handshake(within)) from exc
+            within = f"upstream.connect_timeout ({self._connect_timeout:g} s)"
+            if origin.tls and addresses:
+                host, port = addresses[0][1][:2]
+                if plain := await plain_behind_tls(host, port, within):
+                    raise AnswersPlainHTTP(plain) from exc
             if addresses is None:
                 what = f"address for {origin.host} (the DNS lookup did not answer)"
             elif origin.tls:

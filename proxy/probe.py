@@ -51,6 +51,40 @@ async def speaks_tls(host: str, port: int, wait: float) -> bool | None:
     return True
 
 
+# How long the plain-HTTP check of a silent TLS handshake may take.
+PLAIN_CHECK_TIMEOUT = 1.0
+_PLAIN_CHECK = b"OPTIONS * HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+
+
+async def plain_behind_tls(host: str, port: int, within: str) -> str | None:
+    """After a TLS handshake with `host`:`port` got no answer `within` a timeout (named so):
+    the detail of a protocol/tls_to_plain_server verdict if the server answers a plain HTTP
+    request (Werkzeug, Waitress, Hypercorn wait silently for a request line), else None. A TLS
+    server too busy to accept, whose kernel still connects, answers neither: it stays the
+    connect timeout it was.
+
+    The request is `OPTIONS *`, which asks about the server itself (RFC 9110 §9.3.7): the one
+    with the least effect."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    writer = None
+    try:
+        async with asyncio.timeout(PLAIN_CHECK_TIMEOUT):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(_PLAIN_CHECK % authority.encode())
+            first = await reader.read(5)
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+    if first != b"HTTP/":
+        return None
+    return (
+        f"servegate spoke HTTPS; the TLS handshake got no answer within {within}, and the "
+        "server answers plain HTTP"
+    )
+
+
 class SchemeProbe:
     """What servegate speaks to the model server, and what the server is found to speak.
 

@@ -19,11 +19,12 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 
 from proxy.config import ServerSettings, UpstreamSettings
-from proxy.failures import Cause, answers_plain_http, connect_failure, unanswered_handshake
+from proxy.failures import Cause, connect_failure
 from proxy.headers import Fields, serialize_fields, serialize_start
 from proxy.lag import LoopLag, ResponsiveTimeout
 from proxy.metrics import Metrics
 from proxy.pool import tls_name
+from proxy.probe import plain_behind_tls
 from proxy.upstream import client_ssl_context
 
 log = structlog.get_logger("servegate.upgrade")
@@ -105,15 +106,13 @@ class Upgrader:
                 )
         except OSError as exc:  # refused, a TLS failure, or the connect timeout passed
             cause, detail = connect_failure(exc)
-            # As for every other connect (pool.Pool._open): a silent handshake, and a plain
-            # answer to a plain request line, is a plain server.
+            within = f"upstream.connect_timeout ({self.upstream.connect_timeout:g} s)"
             if (
-                context is not None
+                context is not None  # as for every other connect (pool.Pool._open)
                 and cause is Cause.CONNECT_TIMEOUT
-                and await answers_plain_http(host, port)
+                and (plain := await plain_behind_tls(host, port, within))
             ):
-                within = f"upstream.connect_timeout ({self.upstream.connect_timeout:g} s)"
-                cause, detail = Cause.TLS_TO_PLAIN_SERVER, unanswered_handshake(within)
+                cause, detail = Cause.TLS_TO_PLAIN_SERVER, plain
             raise UpstreamUnreachable(cause, detail) from exc
         # `headers` hold no hop-by-hop field (headers.request_headers): these are the only ones.
         fields = [
