@@ -35,8 +35,8 @@ WHAT: dict[Cause, str] = {
         "The model server is busy with as many requests as it can take and the queue is full."
     ),
     Cause.RESPONSE_HEADER_TOO_LARGE: (
-        "The model server sent a status or header line (often a Set-Cookie) longer than "
-        "servegate accepts."
+        "The model server sent a reason phrase or a header field (often a Set-Cookie) longer "
+        "than servegate accepts."
     ),
     Cause.RESPONSE_FRAMING: (
         "The model server's answer breaks its own framing (Content-Length and "

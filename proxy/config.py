@@ -71,9 +71,10 @@ class ServerSettings(_Section):
     tls: Literal["off", "on", "auto"] = "off"
     cert_file: Path | None = None
     key_file: Path | None = None
-    # Request head limits, answered 414 (request line) and 431 (a header line, or too many
-    # headers) with the JSON body. 8190 bytes is aiohttp's default and within nginx's 8 KiB
-    # large_client_header_buffers; 128 headers is aiohttp's default.
+    # Request head limits, answered 414 (the request target) and 431 (a header name or a
+    # header value, each on its own, or too many headers) with the JSON body. 8190 bytes is aiohttp's
+    # default and within nginx's 8 KiB large_client_header_buffers; 128 headers is aiohttp's
+    # default.
     max_request_line_bytes: int = Field(default=8190, ge=256)
     max_header_bytes: int = Field(default=8190, ge=256)
     max_headers: int = Field(default=128, ge=8)
@@ -143,8 +144,9 @@ class UpstreamSettings(_Section):
     connect_timeout: Seconds = 2.0
     # Used until the server announces `Keep-Alive: timeout=N`: safely under Gunicorn's 2 s.
     idle_expiry: Seconds = 1.0
-    # Longest response status line or header line accepted from the model server; a longer
-    # one is a 502 protocol/response_header_too_large. 8190 bytes is aiohttp's default.
+    # Longest reason phrase, and longest header field (name and value together), accepted
+    # from the model server; longer is a 502 protocol/response_header_too_large. 8190 bytes
+    # is aiohttp's default.
     max_response_header_bytes: int = Field(default=8190, ge=256)
     # Most header fields accepted in one answer from the model server; more is a 502
     # protocol/response_header_too_large. 128 is aiohttp's default, as server.max_headers.

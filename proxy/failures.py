@@ -90,6 +90,9 @@ class AttemptFacts:
     # The peer's FIN arrived on the connection: it closed its end in order (proxy/acked.py).
     peer_finished: bool = False
     response_started: bool = False  # the response's status line and headers arrived
+    # What came of an answer before the connection failed, when not its whole head: "part of
+    # an answer's head", "an interim 103 answer"; "" when nothing came.
+    answer_fragment: str = ""
     connect_seconds: float = 0.0  # time spent opening a new connection (0 when reused)
 
 
@@ -100,6 +103,13 @@ class Failure:
     reused: bool | None = None
     request_sent: bool = False
     response_started: bool = False
+    # Some bytes of an answer arrived: its head, a part of it, or an interim 1xx answer. The
+    # server was up and speaking HTTP, whatever became of the connection after.
+    answer_began: bool = False
+
+    def __post_init__(self) -> None:
+        if self.response_started and not self.answer_began:
+            object.__setattr__(self, "answer_began", True)
 
     @property
     def category(self) -> Category:
@@ -107,19 +117,18 @@ class Failure:
 
     @property
     def protocol_suspect(self) -> bool:
-        """A fresh plain connection dropped or answered with garbage: a TLS server looks so."""
-        return (
-            self.reused is False
-            and not self.response_started
-            and self.cause
-            in (
-                Cause.RESET_DURING_REQUEST,
-                Cause.MALFORMED_RESPONSE,
-            )
-        )
+        """A fresh plain connection dropped or answered with garbage: a TLS server looks so.
+        One dropped after the beginning of an HTTP answer is not: the server spoke HTTP."""
+        if self.reused is not False or self.response_started:
+            return False
+        if self.cause is Cause.MALFORMED_RESPONSE:
+            return True
+        return self.cause is Cause.RESET_DURING_REQUEST and not self.answer_began
 
     def as_(self, cause: Cause, detail: str) -> Failure:
-        return Failure(cause, detail, self.reused, self.request_sent, self.response_started)
+        return Failure(
+            cause, detail, self.reused, self.request_sent, self.response_started, self.answer_began
+        )
 
 
 class AnswersPlainHTTP(aiohttp.ClientConnectionError):
@@ -141,7 +150,10 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
     """Translate one attempt's exception into the taxonomy."""
 
     def failure(cause: Cause, detail: str) -> Failure:
-        return Failure(cause, detail, facts.reused, facts.request_sent, facts.response_started)
+        began = facts.response_started or bool(facts.answer_fragment)
+        return Failure(
+            cause, detail, facts.reused, facts.request_sent, facts.response_started, began
+        )
 
     if deadline_passed:
         if facts.response_started:
@@ -165,7 +177,8 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
         # A fresh connection counts only with the kernel's proof: without it, a fresh one
         # dropped after sending is a TLS server's answer to plain HTTP as often as not.
         proven = facts.reused or facts.request_bytes_acked == 0
-        if proven and not facts.response_started and _never_read(facts):
+        answered = facts.response_started or facts.answer_fragment
+        if proven and not answered and _never_read(facts):
             return failure(Cause.STALE_CONNECTION, _stale_reason(facts))
         return failure(Cause.RESET_DURING_REQUEST, _disconnect_reason(exc, facts))
     # Anything else is still a failure of this attempt; the detail names it for the log.
@@ -237,6 +250,11 @@ def ssl_reason(error: BaseException) -> str:
 def _disconnect_reason(exc: BaseException, facts: AttemptFacts) -> str:
     if facts.response_started:
         return "the server closed the connection in the middle of its response"
+    if facts.answer_fragment:
+        return (
+            f"the server closed the connection after sending {facts.answer_fragment}, before "
+            "its answer's head was complete"
+        )
     if acked := facts.request_bytes_acked:
         # Without a FIN first, the end was a reset: the server closed with bytes unread.
         how = "closed" if facts.peer_finished else "reset"
@@ -271,7 +289,7 @@ def _unparseable_head(message: str, failure: Callable[[Cause, str], Failure]) ->
         limit = message.removeprefix("Got more than ").split(" ", 1)[0]
         return failure(
             Cause.RESPONSE_HEADER_TOO_LARGE,
-            f"a response status or header line longer than {limit} bytes "
+            f"a response reason phrase or header field longer than {limit} bytes "
             f"(upstream.max_response_header_bytes): {message[:200]}",
         )
     if "Too many headers" in message:

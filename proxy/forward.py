@@ -254,6 +254,9 @@ def _unrelayable(response: UpstreamResponse, method: str) -> tuple[Cause, str] |
 
     - A control byte no header may carry (RFC 9110 §5.5): a framing fault of the model's,
       answered as one, not as servegate's own error when the head is written.
+    - A status code below 100 (`099`, `000`): no HTTP status (RFC 9110 §15), and aiohttp
+      reads it as a number, which would be relayed as `99`, a status line no client reads.
+      600-999 are no HTTP status either, but are relayed: their three digits survive.
     - 101 Switching Protocols: this path sends no Upgrade field (it is hop-by-hop), and a server
       may switch only to a protocol the request offered (RFC 9110 §15.2.2).
     - A transfer coding other than chunked, on an answer with a body: servegate decodes no other
@@ -263,6 +266,10 @@ def _unrelayable(response: UpstreamResponse, method: str) -> tuple[Cause, str] |
     reason = (response.reason or "").encode("utf-8", "surrogateescape")
     if has_control_byte(head) or has_control_byte(reason):
         return Cause.MALFORMED_RESPONSE, "a header or the reason phrase holds a control character"
+    if response.status < 100:
+        return Cause.MALFORMED_RESPONSE, (
+            f"status code {response.status:03d}: no HTTP status (RFC 9110 §15 defines 100-599)"
+        )
     if response.status == 101:
         return Cause.MALFORMED_RESPONSE, (
             "a 101 (Switching Protocols) answer to a request that offered no upgrade"

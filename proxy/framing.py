@@ -93,6 +93,7 @@ class _FramedParser:
         self._status = 0
         self._payload: Any = None
         self._body_end = b""  # the last bytes of a chunked body so far
+        self._handler.answer_fragment = ""
 
     def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         messages: list[Any] = []
@@ -139,6 +140,8 @@ class _FramedParser:
     def _split(self, data: bytes) -> tuple[bytes, bytes]:
         """The next piece the parser may see, and the rest."""
         if self._stage is _Stage.HEAD:
+            if data and not self._handler.answer_fragment:
+                self._handler.answer_fragment = "part of an answer's head"
             cut = self._head_end(data)
             if cut < 0:
                 self._head_carry = (self._head_carry + data)[-2:]
@@ -172,7 +175,8 @@ class _FramedParser:
     def _begin_body(self, message: Any, payload: Any) -> None:
         self._status = message.code
         if 100 <= message.code < 200 and message.code != 101:
-            return  # an interim answer: the final one's head follows
+            self._handler.answer_fragment = f"an interim {message.code} answer"
+            return  # the final answer's head follows
         self._payload = payload
         length = message.headers.get("Content-Length")
         if self._skip_payload or message.code in _NO_BODY_STATUSES:
@@ -255,6 +259,8 @@ class FramedResponseHandler(ResponseHandler):
         self._params: dict[str, Any] = {}
         self._closed_here = False
         self.acks: AckCounter | None = None
+        # What arrived of the current answer before its head was whole (AttemptFacts).
+        self.answer_fragment = ""
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)

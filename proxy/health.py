@@ -145,11 +145,12 @@ class HealthMonitor:
         if (
             failure.cause is Cause.RESET_DURING_REQUEST
             and failure.reused is False
-            and not failure.response_started
+            and not failure.answer_began
         ):
-            # A worker that died on the request. An answer begun and then cut is not counted:
-            # a server that frames an answer wrong, or closes after part of it, is up and
-            # answering, and calling that a crash loop would fail /readyz for every request.
+            # A worker that died on the request. An answer begun and then cut is not counted
+            # (a part of its head, an interim 103, a body cut short): a server that frames an
+            # answer wrong, or closes after part of it, is up and answering, and calling that a
+            # crash loop would fail /readyz for every request.
             now = self._clock()
             if not self._restarts or now - self._restarts[-1] > SAME_RESTART_WINDOW:
                 self.record_restart(f"a fresh connection ended before any answer: {failure.detail}")

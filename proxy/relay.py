@@ -125,7 +125,9 @@ async def relay(
         hold_head_for_body(response)
     for name, value in decoded(response_headers(upstream.raw_headers)):
         response.headers.add(name, value)
-    response.headers.update(extra_headers)
+    for name, value in extra_headers.items():
+        if name not in response.headers:  # the model's own field of that name is its word
+            response.headers[name] = value
     has_body = request.method != "HEAD" and upstream.status not in _NO_BODY_STATUSES
     relayed = Relayed(response, 0)
 
@@ -188,7 +190,7 @@ def interim_relay(request: web.BaseRequest) -> Callable[[RawResponseMessage], No
         try:
             head = b"".join(
                 (
-                    serialize_start(f"HTTP/1.1 {message.code} {message.reason}".rstrip()),
+                    serialize_start(f"HTTP/1.1 {message.code} {message.reason}"),
                     serialize_fields(response_headers(message.raw_headers)),
                     b"\r\n",
                 )
@@ -255,22 +257,18 @@ def _whole_head(
 ) -> Fields:
     """The header fields of an answer with a body of known length, in the order the streamed
     path writes them: the model's end-to-end fields as sent (its Content-Length frames the
-    body), servegate's `extra_headers` each in place of the model's first field of that name
-    (later ones dropped) or else after them, Date if the model sent none (RFC 9110 §6.6.1),
-    and the connection's fate where the version does not imply it (RFC 9112 §9.3, §9.6)."""
+    body), then each of servegate's `extra_headers` the model sent no field of, Date if the
+    model sent none (RFC 9110 §6.6.1), and the connection's fate where the version does not
+    imply it (RFC 9112 §9.3, §9.6)."""
     extra = {
         name.lower().encode(): (name.encode(), value.encode("utf-8", "surrogateescape"))
         for name, value in extra_headers.items()
     }
-    replaced = frozenset(extra)  # every field of the model's by these names gives way
     fields: Fields = []
     dated = False
     for name, value in response_headers(raw_headers):
         lower = name.lower()
-        if lower in replaced:
-            if (ours := extra.pop(lower, None)) is not None:
-                fields.append(ours)
-            continue
+        extra.pop(lower, None)  # the model's own field of that name is its word
         dated = dated or lower == b"date"
         fields.append((name, value))
     fields.extend(extra.values())

@@ -146,6 +146,7 @@ class Upstream:
             facts.request_sent = True
             answer = await read_answer(connection, writer, method, self._url(scheme), on_interim)
         except BaseException:
+            facts.answer_fragment = protocol.answer_fragment
             if acks is not None and begins is not None:
                 facts.request_bytes_acked = acks.acked_since(begins)
                 facts.peer_finished = acks.peer_finished

@@ -163,6 +163,20 @@ async def test_the_answer_gets_no_header_the_model_did_not_send(
     assert b"date" in names  # a proxy with a clock adds it (RFC 9110 §6.6.1)
 
 
+@pytest.mark.parametrize("size", [2, 100_000], ids=["read-whole", "streamed"])
+async def test_the_models_own_request_ids_reach_the_client_as_sent(
+    size: int, start_gate: StartGate, raw_server: Any
+) -> None:
+    """servegate adds its X-Request-Id only to an answer without one: a model's own is its
+    word, like every other field it sends."""
+    fields = (b"x-request-id: model-own", b"X-Other: 1", b"X-Request-Id: second")
+    model = await raw_server(RecordingModel(answer=answer(*fields, body=b"x" * size)))
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/a", method=b"GET"))
+    lines = raw.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+    assert [line for line in lines if line.lower().startswith(b"x-")] == list(fields)
+
+
 MODEL_DATE = b"Mon, 01 Jan 2024 00:00:00 GMT"
 # Answers servegate relays in one write of its own (read whole, fitting the client's empty
 # write buffer) and answers relayed through aiohttp's response (too large for that buffer) must
@@ -388,19 +402,28 @@ async def test_an_answer_with_contradictory_framing_is_named_and_never_blames_th
 EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload; as=style\r\n\r\n"
 
 
+@pytest.mark.parametrize(
+    "hints",
+    [
+        EARLY_HINTS,
+        b"HTTP/1.1 103 \r\nLink: </a>\r\n\r\n",  # an empty reason keeps its space (RFC 9112 §4)
+        b"HTTP/1.1 103 Hints  \r\nLink: </a>\r\n\r\n",
+    ],
+    ids=["reason", "empty-reason", "trailing-spaces"],
+)
 async def test_early_hints_reach_an_http11_client_before_the_final_answer_as_sent(
-    start_gate: StartGate, raw_server: Any
+    hints: bytes, start_gate: StartGate, raw_server: Any
 ) -> None:
     """RFC 9110 §15.2: a proxy forwards 1xx answers. The 103 leaves at once, while the model
     is still working on the final answer."""
     final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    model = await raw_server(MisframedModel(first=[EARLY_HINTS, final], pause=1.0))
+    model = await raw_server(MisframedModel(first=[hints, final], pause=1.0))
     gate = await start_gate(model.url)
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
     try:
         writer.write(request(b"/page", method=b"GET"))
         async with asyncio.timeout(0.8):  # before the model sends its final answer
-            assert await reader.readuntil(b"\r\n\r\n") == EARLY_HINTS
+            assert await reader.readuntil(b"\r\n\r\n") == hints
         async with asyncio.timeout(10):
             rest = await reader.read()
     finally:

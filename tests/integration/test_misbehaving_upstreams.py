@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 
 from proxy.app import Servegate
@@ -92,6 +93,12 @@ MALFORMED = {  # the model's bytes, and the cause and status the client gets for
         "malformed_response",
         503,
     ),
+    # aiohttp reads `099` as 99: relayed, it would be a status line of two digits.
+    "status_below_100": (
+        b"HTTP/1.1 099 Low\r\nContent-Length: 2\r\n\r\nok",
+        "malformed_response",
+        503,
+    ),
 }
 
 
@@ -126,6 +133,42 @@ async def test_a_small_body_cut_mid_way_is_a_503_and_not_replayed(
     assert "not replayed" in body["hint"]
     assert model.paths == [b"/predict"]
     await assert_classified(gate, log_capture, "service", "reset_during_request", 503)
+
+
+@pytest.mark.parametrize(
+    ("sent", "named"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-A: 1\r\n", "part of an answer's head"),
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", "an interim 103 answer"),
+    ],
+)
+async def test_an_answer_begun_then_closed_is_no_restart_and_no_crash_loop(
+    sent: bytes, named: str, start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    """A server that sent the beginning of an answer was up and speaking HTTP: three such
+    answers must not declare a crash loop (and fail /readyz), nor ask whether it speaks TLS."""
+    model = await raw_server(AnswersWith(answer=sent))
+    gate = await start_gate(model.url)
+    probed_at_start = model.tls_hellos
+    for _ in range(3):
+        head, rest, _ = await exchange(gate, GET + b"\r\n")
+        if head.startswith(b"HTTP/1.1 103"):  # passed on at once; the final answer follows
+            head, _, rest = rest.partition(b"\r\n\r\n")
+        assert status_of(head) == 503
+        assert json_body(rest)["cause"] == "reset_during_request"
+    metrics = await scrape(gate)
+    assert sample(metrics, "servegate_upstream_restarts_total") == 0
+    assert sample(metrics, "servegate_upstream_crash_loop") == 0
+    assert model.paths == [b"/predict"] * 3  # each once: it reached the model
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{gate.admin_port}/readyz") as ready,
+    ):
+        assert ready.status == 200
+    lines = log_capture.access()
+    assert [line["cause"] for line in lines] == ["reset_during_request"] * 3
+    assert all(f"after sending {named}" in line["detail"] for line in lines)
+    assert model.tls_hellos == probed_at_start  # no scheme probe for a server that spoke HTTP
 
 
 async def test_a_large_body_cut_mid_way_aborts_the_client_connection_at_once(

@@ -15,33 +15,43 @@ from tests.upstreams.raw import RawServer
 TLS_HANDSHAKE_RECORD = b"\x16"
 
 
-async def next_request(reader: asyncio.StreamReader) -> bytes | None:
-    """The next request head (its Content-Length body read and dropped), or None: end of
-    stream, or a TLS handshake (servegate's scheme probe), which these plain servers refuse by
-    closing at once."""
+async def next_request(reader: asyncio.StreamReader) -> bytes:
+    """The next request head (its Content-Length body read and dropped), or b"" at the end of
+    the stream. Raises TLSHello for a TLS handshake (servegate's scheme probe), which these
+    plain servers refuse by closing at once."""
     try:
         first = await reader.readexactly(1)
         if first == TLS_HANDSHAKE_RECORD:
-            return None
+            raise TLSHello
         head = first + await reader.readuntil(b"\r\n\r\n")
         for line in head.split(b"\r\n"):
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-length":
                 await reader.readexactly(int(value))
     except (asyncio.IncompleteReadError, ConnectionError):
-        return None
+        return b""
     return head
+
+
+class TLSHello(Exception):
+    """A connection began with a TLS handshake record."""
 
 
 @dataclass
 class Misbehaving(RawServer):
-    """Base: records the paths of the requests that reached it."""
+    """Base: records the paths of the requests that reached it, and counts the TLS
+    handshakes (servegate's scheme probes) it refused."""
 
     paths: list[bytes] = field(default_factory=list)
+    tls_hellos: int = 0
 
     async def _request(self, reader: asyncio.StreamReader) -> bool:
-        head = await next_request(reader)
-        if head is None:
+        try:
+            head = await next_request(reader)
+        except TLSHello:
+            self.tls_hellos += 1
+            return False
+        if not head:
             return False
         self.paths.append(head.split(b" ")[1])
         return True
