@@ -72,9 +72,9 @@ class ServerSettings(_Section):
     cert_file: Path | None = None
     key_file: Path | None = None
     # Request head limits, answered 414 (the request target) and 431 (a header name or a
-    # header value, each on its own, or too many headers) with the JSON body. 8190 bytes is aiohttp's
-    # default and within nginx's 8 KiB large_client_header_buffers; 128 headers is aiohttp's
-    # default.
+    # header value, each on its own, or too many headers) with the JSON body. 8190 bytes is
+    # aiohttp's default and within nginx's 8 KiB large_client_header_buffers; 128 headers is
+    # aiohttp's default.
     max_request_line_bytes: int = Field(default=8190, ge=256)
     max_header_bytes: int = Field(default=8190, ge=256)
     max_headers: int = Field(default=128, ge=8)

@@ -63,6 +63,7 @@ _UNCARRIED_TARGET = (
     "the request target has a byte servegate's HTTP parser (aiohttp's llhttp) refuses: raw "
     "bytes outside ASCII, a space or a control byte; percent-encode them (RFC 3986 §2.1)"
 )
+_SPOKEN = frozenset({HttpVersion10, HttpVersion11})
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class _JsonErrorHandler(RequestHandler):
     __slots__ = (
         "_body",
         "_chunked",
+        "_closes",
         "_current",
         "_head_cap",
         "_head_start",
@@ -105,8 +107,8 @@ class _JsonErrorHandler(RequestHandler):
         "_number",
         "_on_rejected",
         "_recorded",
-        "_upgrade_asked",
         "draining",
+        "refused_version",
     )
 
     def __init__(
@@ -134,7 +136,10 @@ class _JsonErrorHandler(RequestHandler):
         self._number = 0  # of the request being handled, among the heads parsed on it
         self._chunked = False  # whether the body of the request being handled is chunked
         self._recorded = 0  # heads whose lines `_heads` has taken, on this connection
-        self._upgrade_asked = False  # whether the request being handled asked for an upgrade
+        # Whether the connection closes after the request being handled (`closes_after_answer`).
+        self._closes = False
+        # The version of the request being handled when it is no HTTP/1.x (`refused_version`).
+        self.refused_version: HttpVersion | None = None
         self.draining = False  # servegate shuts down: no request after the one being handled
 
     def data_received(self, data: bytes) -> None:
@@ -232,11 +237,17 @@ class _JsonErrorHandler(RequestHandler):
         self._chunked = message.chunked
         # aiohttp keeps what follows an HTTP/1.1 WebSocket handshake; after any other upgrade
         # offer (h2c, or one in HTTP/1.0, which servegate ignores) llhttp stops and aiohttp
-        # never parses the rest of the connection's bytes.
-        self._upgrade_asked = message.upgrade and (
-            message.version < HttpVersion11
-            or message.headers.get("Upgrade", "").lower() != "websocket"
-        )
+        # never parses the rest of the connection's bytes. An HTTP/1.0 request with a
+        # Transfer-Encoding has faulty framing, and the connection closes after it (RFC 9112
+        # §6.1): an HTTP/1.0 hop before servegate would read its chunks as the next request.
+        self._closes = (
+            message.upgrade
+            and (
+                message.version < HttpVersion11
+                or message.headers.get("Upgrade", "").lower() != "websocket"
+            )
+        ) or (message.version == HttpVersion10 and "Transfer-Encoding" in message.headers)
+        self.refused_version = None
         self._number = parsed - queued_requests(self)
         if unseen and not is_parse_error(message):  # after an error, nothing more is parsed
             self.data_received(b"")
@@ -244,10 +255,11 @@ class _JsonErrorHandler(RequestHandler):
     @property
     def closes_after_answer(self) -> bool:
         """Whether the connection must close once the request being handled is answered: its
-        body may have ended with trailer fields (`trailers_possible`), or it offered an
-        upgrade other than an HTTP/1.1 WebSocket one (h2c, or any in HTTP/1.0), after which
-        llhttp stops and aiohttp never parses the rest of the connection's bytes."""
-        return self._upgrade_asked or self.trailers_possible
+        body may have ended with trailer fields (`trailers_possible`), it offered an upgrade
+        other than an HTTP/1.1 WebSocket one (h2c, or any in HTTP/1.0), after which llhttp
+        stops and aiohttp never parses the rest of the connection's bytes, or it is an
+        HTTP/1.0 request with a Transfer-Encoding (RFC 9112 §6.1)."""
+        return self._closes or self.trailers_possible
 
     @property
     def trailers_possible(self) -> bool:
@@ -290,7 +302,13 @@ class _JsonErrorHandler(RequestHandler):
             status = 431
             reason = f"a header line is longer than server.max_header_bytes ({exc.args[1]})"
         elif isinstance(exc, InvalidURLError):
-            reason = f"{_UNCARRIED_TARGET}: {reason}"
+            reason = f"{_target_fault(self._current)}: {reason}"
+        elif isinstance(exc, BadHttpMessage) and "PRI/Upgrade" in str(exc):
+            status = 505
+            reason = (
+                "an HTTP/2 connection preface (prior knowledge): this port speaks HTTP/1.1 and "
+                "HTTP/1.0"
+            )
         elif (
             isinstance(exc, BadHttpMessage)
             and "Invalid method" in str(exc)
@@ -316,6 +334,18 @@ class _JsonErrorHandler(RequestHandler):
         return response
 
 
+def _target_fault(head_start: bytes) -> str:
+    """Why llhttp refused the request target on the captured request line."""
+    parts = head_start.split(b" ", 2)
+    target = parts[1] if len(parts) > 1 else b""
+    if any(byte < 0x21 or byte > 0x7E for byte in target.rstrip(b"\r\n")):
+        return _UNCARRIED_TARGET
+    return (
+        "the request target has none of the forms RFC 9112 §3.2 allows (origin-form `/path?q`, "
+        "absolute-form `http://host/path`, `*` for OPTIONS)"
+    )
+
+
 def _method_token(head_start: bytes) -> str | None:
     """The request line's method, if it is a token (RFC 9110 §9.1) short enough to name."""
     method = head_start.split(b" ", 1)[0]
@@ -335,6 +365,14 @@ def closes_after_answer(request: web.BaseRequest) -> bool:
     if isinstance(protocol, _JsonErrorHandler):
         return protocol.closes_after_answer
     return request.body_exists and request.content_length is None  # chunked: the safe side
+
+
+def refused_version(request: web.BaseRequest) -> HttpVersion | None:
+    """The version `request` said when it is no HTTP/1.x (`HTTP/2.0`, `HTTP/0.9`), else None:
+    servegate refuses it with 505 (RFC 9110 §15.6.6). The request's own `version` then says
+    HTTP/1.1, the version the answer is written in."""
+    protocol = request.protocol
+    return protocol.refused_version if isinstance(protocol, _JsonErrorHandler) else None
 
 
 def _count_nothing(_status: int) -> None:
@@ -375,4 +413,10 @@ class JsonErrorServer(HandlerServer):
             protocol.next_head(message, payload)
             if is_parse_error(message):
                 message = message._replace(version=protocol.head.spoke)
+            elif message.version not in _SPOKEN:
+                # llhttp parses `HTTP/2.0` and `HTTP/0.9` lines as HTTP/1.x: the request is
+                # refused (ingress), and answered in HTTP/1.1 (RFC 9110 §2.5), not in a
+                # version whose syntax this port does not speak.
+                protocol.refused_version = message.version
+                message = message._replace(version=HttpVersion11)
         return web.BaseRequest(message, payload, protocol, writer, task, self.loop)

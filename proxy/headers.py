@@ -28,10 +28,15 @@ HOP_BY_HOP = frozenset(
 # Not hop-by-hop, but servegate answers them itself: it sends "100 Continue" to the client,
 # and it frames the body it sends upstream (a buffered chunked upload gets a Content-Length).
 _HANDLED_ON_REQUEST = frozenset({"expect", "content-length"})
-# servegate sets these itself: X-Request-Id (the client's, when it can be logged as sent) and
-# the budget left (a client's own value would sit before servegate's, and most frameworks read
-# the first).
-_REQUEST_DROP = HOP_BY_HOP | _HANDLED_ON_REQUEST | {"x-request-id", "x-servegate-remaining-ms"}
+# servegate sets the budget left itself: a client's own value would sit before servegate's, and
+# most frameworks read the first.
+_REQUEST_DROP = HOP_BY_HOP | _HANDLED_ON_REQUEST | {"x-servegate-remaining-ms"}
+# A client's X-Request-Id fields pass as sent when the first can be logged as sent; else
+# servegate's own id takes their place.
+_REQUEST_ID_BYTES = b"x-request-id"
+# Named in Connection, these still cross: Host is the request's, for every recipient (RFC
+# 9110 §7.6.1 forbids naming such a field; nginx ignores Connection's names altogether).
+_NEVER_HOP_BY_HOP = frozenset({b"host"})
 # Headers cross as the bytes they came as: names compared lowercased, never decoded.
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 _REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP)
@@ -53,15 +58,20 @@ def request_headers(
     scheme: str,
     authority: bytes | None,
     request_id: str,
+    id_passed: bool,
 ) -> Fields:
     """The client's header fields, as received, as the model server should see them.
 
     `authority` is an absolute-form target's (`GET http://host:81/x`): it replaces Host (RFC
     9112 §3.2.2). X-Forwarded-Host names the host the client asked for, as it wrote it: that
-    authority, else its Host field; none when it sent neither (an HTTP/1.0 client may not)."""
+    authority, else its Host field; none when it sent neither (an HTTP/1.0 client may not).
+    `id_passed`: `request_id` is the client's own, whose X-Request-Id fields then pass as sent;
+    else they are dropped and `request_id` is added."""
     items = list(headers)
-    named = _connection_named(items)
+    named = _connection_named(items) - _NEVER_HOP_BY_HOP
     drop = _REQUEST_DROP_BYTES | named if named else _REQUEST_DROP_BYTES
+    if not id_passed:
+        drop = drop | {_REQUEST_ID_BYTES}
     forwarded: Fields = [] if authority is None else [(b"Host", authority)]
     prior_for: list[bytes] = []
     asked = authority
@@ -88,7 +98,8 @@ def request_headers(
         forwarded.append((b"X-Forwarded-Proto", _wire(scheme)))
     if not has_host and asked:
         forwarded.append((b"X-Forwarded-Host", asked))
-    forwarded.append((b"X-Request-Id", _wire(request_id)))
+    if not id_passed:
+        forwarded.append((b"X-Request-Id", _wire(request_id)))
     return forwarded
 
 

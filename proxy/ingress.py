@@ -25,7 +25,7 @@ from proxy.body import BodyTooLarge, BufferPool, RequestBody, SpoolFailed
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
 from proxy.config import Settings
-from proxy.data_server import closes_after_answer
+from proxy.data_server import closes_after_answer, refused_version
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import Fields, only_chunked, request_headers
@@ -236,7 +236,22 @@ class Ingress:
 
     def _refuse_on_sight(self, request: web.BaseRequest, request_id: str) -> web.Response | None:
         """Requests answered from their head alone; the connection is closed after them."""
-        if request.method == "CONNECT":  # servegate is no tunnel and no open proxy
+        if (version := refused_version(request)) is not None:
+            refused = answer.bad_request(
+                f"HTTP/{version.major}.{version.minor} is not spoken on this port: servegate "
+                "serves HTTP/1.1 and HTTP/1.0 (RFC 9110 §15.6.6)",
+                request_id,
+                505,
+            )
+        elif "#" in request.raw_path:
+            # RFC 9112 §3.2: a request target carries no fragment; a model's framework might
+            # read `/p#/../admin` as a path of its own.
+            refused = answer.bad_request(
+                "the request target has a fragment (`#...`), which no request target carries "
+                "(RFC 9112 §3.2): leave it out",
+                request_id,
+            )
+        elif request.method == "CONNECT":  # servegate is no tunnel and no open proxy
             refused = answer.bad_request("CONNECT is not served", request_id, 405)
             refused.headers["Allow"] = ", ".join(sorted(KNOWN_METHODS))
         elif (host := request.headers.get("Host")) is not None and not _HOST.fullmatch(host):
@@ -414,7 +429,12 @@ class Ingress:
     async def _read_body(self, request: web.BaseRequest) -> RequestBody | None:
         if not request.body_exists:
             return None
-        expects = request.headers.get("Expect", "").lower() == "100-continue"
+        # Expect is a list (RFC 9110 §10.1.1), in one field or several.
+        expects = any(
+            token.strip().lower() == "100-continue"
+            for value in request.headers.getall("Expect", ())
+            for token in value.split(",")
+        )
         if expects and request.version >= HttpVersion11:
             # servegate reads the body itself, so it invites it; the model sees no Expect.
             # An HTTP/1.0 client is sent no 1xx at all (RFC 9110 §10.1.1, §15.2).
@@ -437,4 +457,5 @@ class Ingress:
             scheme=request.scheme,
             authority=None if authority is None else authority.encode("utf-8", "surrogateescape"),
             request_id=request_id,
+            id_passed=request_id == request.headers.get("X-Request-Id"),
         )

@@ -39,11 +39,16 @@ def wants_upgrade(request: web.BaseRequest) -> bool:
 
     A request with a body goes on as plain HTTP, its Upgrade ignored as RFC 9110 §7.8 lets a
     server do: curl offers `Upgrade: h2c` on a POST, and the handshake carries no body. So
-    does an HTTP/1.0 one, whose Upgrade a server must ignore (§7.8)."""
+    does an HTTP/1.0 one, whose Upgrade a server must ignore (§7.8), and an offer of h2c
+    alone: its HTTP2-Settings field belongs to the one connection (RFC 7540 §3.2.1, a
+    connection option), so no proxy can pass it on, and RFC 9113 §3.1 deprecates it."""
     if request.version < HttpVersion11:
         return False
     tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
-    return "upgrade" in tokens and bool(request.headers.get("Upgrade")) and not request.body_exists
+    if "upgrade" not in tokens or request.body_exists:
+        return False
+    offered = (p.strip().lower() for p in request.headers.get("Upgrade", "").split(","))
+    return any(protocol and protocol != "h2c" for protocol in offered)
 
 
 class UpgradeRefused(Exception):

@@ -86,7 +86,7 @@ async def test_compressed_request_bodies_reach_the_model_byte_for_byte(
 @pytest.mark.parametrize(
     "target",
     [b"/predict?", b"/?", b"/a?b?c", b"//x//y?", b"/a/./b/../c?", b"/%7E%zz?q=%41&q=",
-     b"/caf%C3%A9;v=1?x=%20+", b"/p?a=b#", b"/p?'!$&()*+,;=:@~"],
+     b"/caf%C3%A9;v=1?x=%20+", b"/p?'!$&()*+,;=:@~"],
 )  # fmt: skip
 async def test_the_request_target_reaches_the_model_byte_for_byte(
     target: bytes, start_gate: StartGate, raw_server: Any
@@ -514,7 +514,6 @@ async def test_a_trailer_never_reaches_a_chunked_request_pipelined_behind_its_bo
     [
         (b"GET http://h.example//a//b? HTTP/1.1", b"//a//b?", b"h.example"),
         (b"GET http://h.example?q=1 HTTP/1.1", b"/?q=1", b"h.example"),
-        (b"GET http://h.example/p#f HTTP/1.1", b"/p#f", b"h.example"),  # `#` ends the host
         (b"GET HTTP://H.Example:80/X HTTP/1.1", b"/X", b"H.Example:80"),
         (b"GET http://[::1]:8080/x HTTP/1.1", b"/x", b"[::1]:8080"),
         (b"OPTIONS http://h.example:8001 HTTP/1.1", b"*", b"h.example:8001"),  # §3.2.4
@@ -706,3 +705,102 @@ async def test_a_method_the_parser_does_not_know_is_a_501_that_names_it(
     assert model.seen == []
     [line] = log_capture.events("request.rejected")
     assert line["status"] == 501
+
+
+@pytest.mark.parametrize(
+    ("sent", "status"),
+    [
+        (b"GET /v HTTP/2.0\r\nHost: model\r\n\r\n", b"505 HTTP Version Not Supported"),
+        (b"GET /v HTTP/0.9\r\nHost: model\r\n\r\n", b"505 HTTP Version Not Supported"),
+        (b"GET /v\r\n\r\n", b"505 HTTP Version Not Supported"),  # HTTP/0.9's simple request
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"505 HTTP Version Not Supported"),  # h2 preface
+        (b"GET /p#frag HTTP/1.1\r\nHost: model\r\n\r\n", b"400 Bad Request"),
+        (b"GET http://model/p#/../admin HTTP/1.1\r\nHost: model\r\n\r\n", b"400 Bad Request"),
+        (b"GET /p?a=b# HTTP/1.1\r\nHost: model\r\n\r\n", b"400 Bad Request"),
+    ],
+    ids=["http2", "http09", "no-version", "h2-preface", "fragment", "absolute-fragment", "empty"],
+)
+async def test_a_request_this_port_cannot_speak_is_refused_in_http11_and_never_forwarded(
+    sent: bytes, status: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    """RFC 9110 §2.5 and §15.6.6: no version but HTTP/1.x is spoken here, and the refusal is
+    written in HTTP/1.1; a target carries no fragment (RFC 9112 §3.2). A request pipelined
+    behind one is not parsed: the connection closes."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, sent + b"GET /next HTTP/1.1\r\nHost: model\r\n\r\n")
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 " + status
+    assert json_body(raw)["error_code"] == "servegate.bad_request"
+    assert raw.count(b"\r\nX-Request-Id: ") == 1  # one answer: nothing after it was parsed
+    assert model.seen == []
+
+
+@pytest.mark.parametrize(
+    "expect", [b"Expect: 100-continue, x-other", b"Expect: x-other\r\nExpect: 100-Continue"]
+)
+async def test_a_100_continue_in_an_expect_list_is_answered_at_once(
+    expect: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    """Expect is a list (RFC 9110 §10.1.1): a client that waits for the 100 before its body
+    gets it, wherever in the list it asked."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        writer.write(b"POST /e HTTP/1.1\r\nHost: model\r\n%s\r\nContent-Length: 2\r\n\r\n" % expect)
+        async with asyncio.timeout(5):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(b"hi")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        writer.close()
+    assert model.last().body == b"hi"
+
+
+async def test_an_http10_request_with_a_transfer_encoding_is_the_last_on_its_connection(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """RFC 9112 §6.1: its framing is faulty by definition, and the connection closes after it:
+    an HTTP/1.0 hop in front would read its chunks as the next request."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    raw = await exchange(
+        gate.data_port,
+        b"POST /first HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\nGET /second HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert b"keep-alive" not in raw.lower()
+    assert [seen.request_line.split(b" ")[1] for seen in model.seen] == [b"/first"]
+
+
+async def test_an_h2c_upgrade_offer_is_not_passed_on_and_the_request_is_served(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """Its HTTP2-Settings field belongs to the one connection (RFC 7540 §3.2.1): no proxy can
+    pass the offer on, so the request goes on as plain HTTP/1.1, as nginx sends it."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    raw = await exchange(
+        gate.data_port,
+        b"GET /h2c HTTP/1.1\r\nHost: model\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
+    names = {name.lower() for name, _ in model.last().headers}
+    assert not names & {b"upgrade", b"http2-settings", b"connection"}
+
+
+async def test_repeated_request_ids_and_a_host_named_in_connection_reach_the_model_as_sent(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url)
+    await exchange(
+        gate.data_port,
+        b"GET /ids HTTP/1.1\r\nHost: model\r\nX-Request-Id: one\r\nx-request-id: two\r\n"
+        b"Connection: close, Host\r\n\r\n",
+    )
+    headers = model.last().headers
+    assert [value for name, value in headers if name.lower() == b"x-request-id"] == [b"one", b"two"]
+    assert (b"Host", b"model") in headers

@@ -105,13 +105,13 @@ async def test_a_bodiless_upgrade_reaches_the_model_with_the_clients_method(
 ) -> None:
     model = await raw_server(RecordingModel(close_after=True))
     gate = await start_gate(model.url)
-    headers = {"Connection": "Upgrade", "Upgrade": "h2c"}
+    headers = {"Connection": "Upgrade", "Upgrade": "example/1"}
     async with client.options(gate_url(gate, "/predict"), headers=headers) as answer:
         assert answer.status == 200
         assert await answer.read() == b"ok"
     seen = model.last()
     assert seen.request_line == b"OPTIONS /predict HTTP/1.1"
-    assert seen.header(b"upgrade") == [b"h2c"]
+    assert seen.header(b"upgrade") == [b"example/1"]
     # The handshake is an attempt like any other: the model hears the budget left.
     [remaining] = seen.header(b"x-servegate-remaining-ms")
     assert 0 < int(remaining) <= 40_000

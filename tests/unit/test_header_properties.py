@@ -47,6 +47,12 @@ def named_by_connection(headers: list[tuple[str, str]]) -> set[str]:
     }
 
 
+def named_on_request(headers: list[tuple[str, str]]) -> set[str]:
+    """What Connection names that a request's headers lose: Host, for every recipient, is kept
+    (RFC 9110 §7.6.1 forbids naming it)."""
+    return named_by_connection(headers) - {"host"}
+
+
 def as_bytes(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(name.encode(), value.encode()) for name, value in headers]
 
@@ -55,13 +61,16 @@ def as_text(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(name.decode(), value.decode()) for name, value in headers]
 
 
-def outbound(headers: list[tuple[str, str]], client_ip: str) -> list[tuple[str, str]]:
+def outbound(
+    headers: list[tuple[str, str]], client_ip: str, *, id_passed: bool = False
+) -> list[tuple[str, str]]:
     sent = request_headers(
         as_bytes(headers),
         client_ip=client_ip,
         scheme="https",
         authority=None,
         request_id="rid-1",
+        id_passed=id_passed,
     )
     return as_text(sent)
 
@@ -70,7 +79,7 @@ def outbound(headers: list[tuple[str, str]], client_ip: str) -> list[tuple[str, 
 def test_no_hop_by_hop_or_connection_named_header_reaches_the_model(
     headers: list[tuple[str, str]], client_ip: str
 ) -> None:
-    stopped = HOP_BY_HOP | named_by_connection(headers)
+    stopped = HOP_BY_HOP | named_on_request(headers)
     added = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
     for name, _ in outbound(headers, client_ip):
         assert name.lower() not in stopped - added
@@ -80,7 +89,7 @@ def test_no_hop_by_hop_or_connection_named_header_reaches_the_model(
 def test_every_end_to_end_header_reaches_the_model_unchanged_in_order(
     headers: list[tuple[str, str]], client_ip: str
 ) -> None:
-    dropped = HOP_BY_HOP | named_by_connection(headers) | {"x-request-id", "x-forwarded-for"}
+    dropped = HOP_BY_HOP | named_on_request(headers) | {"x-request-id", "x-forwarded-for"}
     dropped |= {"content-length", "expect"}  # servegate frames the body and answers Expect
     expected = [(n, v) for n, v in headers if n.lower() not in dropped]
     got = [(n, v) for n, v in outbound(headers, client_ip) if n.lower() not in dropped]
@@ -91,7 +100,7 @@ def test_every_end_to_end_header_reaches_the_model_unchanged_in_order(
 def test_x_forwarded_for_extends_the_chain_with_the_client_once(
     headers: list[tuple[str, str]], client_ip: str
 ) -> None:
-    stopped = HOP_BY_HOP | named_by_connection(headers)
+    stopped = HOP_BY_HOP | named_on_request(headers)
     prior = [v for n, v in headers if n.lower() == "x-forwarded-for" and n.lower() not in stopped]
     chains = [v for n, v in outbound(headers, client_ip) if n.lower() == "x-forwarded-for"]
     assert chains == [", ".join([*prior, client_ip])]
@@ -101,7 +110,7 @@ def test_x_forwarded_for_extends_the_chain_with_the_client_once(
 def test_a_gateway_s_forwarded_proto_and_host_win_else_servegate_sets_them(
     headers: list[tuple[str, str]], client_ip: str
 ) -> None:
-    stopped = HOP_BY_HOP | named_by_connection(headers)
+    stopped = HOP_BY_HOP | named_on_request(headers)
     out = outbound(headers, client_ip)
     # The host the client asked for: its first Host field that crosses, if it names one.
     asked = [v for n, v in headers if n.lower() == "host" and "host" not in stopped][:1]
@@ -116,6 +125,16 @@ def test_the_model_sees_exactly_one_request_id_servegate_s(
 ) -> None:
     ids = [v for n, v in outbound(headers, client_ip) if n.lower() == "x-request-id"]
     assert ids == ["rid-1"]
+
+
+@given(HEADERS, IP)
+def test_a_clients_own_request_ids_pass_as_sent_and_none_is_added(
+    headers: list[tuple[str, str]], client_ip: str
+) -> None:
+    stopped = HOP_BY_HOP | named_on_request(headers)
+    sent = [v for n, v in headers if n.lower() == "x-request-id" and n.lower() not in stopped]
+    out = outbound(headers, client_ip, id_passed=True)
+    assert [v for n, v in out if n.lower() == "x-request-id"] == sent
 
 
 @given(HEADERS)

@@ -38,6 +38,7 @@ def test_forwarded_headers_are_added_and_a_gateways_own_are_kept() -> None:
         scheme="http",
         authority=None,
         request_id="rid",
+        id_passed=False,
     )
     assert (b"X-Forwarded-Proto", b"https") in out
     assert (b"X-Forwarded-For", b"10.0.0.1, 127.0.0.1") in out
@@ -52,6 +53,7 @@ def test_an_absolute_form_authority_is_host_and_forwarded_host_as_written() -> N
         scheme="http",
         authority=b"H.Example:8080",
         request_id="rid",
+        id_passed=False,
     )
     assert out[:2] == [(b"Host", b"H.Example:8080"), (b"Accept", b"*/*")]
     assert (b"X-Forwarded-Host", b"H.Example:8080") in out
