@@ -29,10 +29,14 @@ WHAT: dict[Cause, str] = {
         "worker does."
     ),
     Cause.CRASH_LOOP: "The model server keeps restarting (a crash loop).",
-    Cause.CIRCUIT_OPEN: "The model server is down, so servegate sends it no requests for now.",
+    Cause.CIRCUIT_OPEN: (
+        "The model server took no connections or failed its health checks, so servegate sends "
+        "it no requests for now."
+    ),
     Cause.UPSTREAM_UNHEALTHY: "The budget ran out while the model server was down or restarting.",
     Cause.OVERLOADED: (
-        "The model server is busy with as many requests as it can take and the queue is full."
+        "The model server is busy with as many requests as it can take, and this one found the "
+        "queue full or spent its budget waiting in it; the model server was never asked."
     ),
     Cause.RESPONSE_HEADER_TOO_LARGE: (
         "The model server sent a reason phrase or a header field (often a Set-Cookie) longer "

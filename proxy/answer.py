@@ -62,7 +62,9 @@ def hint_for(
     hint = advice.hint(failure.cause)
     if failure.cause in (Cause.RESET_DURING_REQUEST, Cause.CRASH_LOOP):
         hint += _ONCE if attempts == 1 else _AGAIN.format(attempts=attempts)
-    if failure.cause in (Cause.TLS_CERTIFICATE, Cause.TLS_HANDSHAKE):
+    if failure.cause in (Cause.TLS_CERTIFICATE, Cause.TLS_HANDSHAKE, Cause.CIRCUIT_OPEN):
+        # For an open circuit, what opened it: a refused port, a name that does not resolve
+        # and a full accept queue each need their own fix.
         hint = f"{hint} Reason: {failure.detail}."
     if failure.category is Category.TIMEOUT:
         hint = f"{hint} Budget: {budget:.1f} s"

@@ -234,7 +234,8 @@ class HealthSettings(_Section):
 
 
 class CircuitSettings(_Section):
-    # Service failures in a row (refused, reset, timed-out connects) that open the circuit;
+    # Requests in a row that found the server unreachable (refused, timed-out or unresolvable
+    # connects; each request counts once, however often it retries) that open the circuit;
     # health checks failing open it too.
     failure_threshold: int = Field(default=5, ge=1)
     # While open, a new request waits this long for the server to return, then fails fast.

@@ -105,6 +105,10 @@ class Forwarder:
             assert failure is not None
             failure = await self._observe(failure, facts.scheme, began, budget)
             if failure.cause in UNREACHABLE and connects_until is None:
+                # Once per request: one request's retries alone never open the circuit, so
+                # a restart shorter than retry.connect_wait is ridden out (five requests
+                # refused, or the health checks, say the server is down).
+                self.state.request_refused()
                 connects_until = time.monotonic() + self._connect_wait()
             if self.state.circuit.open:  # opened by this failure or by another request's
                 return self._refused_by_circuit(attempt, facts)
@@ -139,7 +143,7 @@ class Forwarder:
     def _refused_by_circuit(self, attempts: int, facts: AttemptFacts) -> Forwarded:
         """The circuit opened while this request was trying: it fails fast, as new ones do."""
         self.metrics.shed.labels(ShedReason.CIRCUIT_OPEN).inc()
-        failure = Failure(Cause.CIRCUIT_OPEN, "the circuit opened: the model server is down")
+        failure = Failure(Cause.CIRCUIT_OPEN, f"the circuit opened: {self.state.why_open()}")
         return Forwarded(
             attempts,
             facts,

@@ -98,6 +98,9 @@ class HealthMonitor:
         self._failed = 0
         self._ever_up = False
         self._restarts: deque[float] = deque()
+        # A request got an answer since the last restart: the server is back, and a budget
+        # that runs out now is the prediction's, not the restart's.
+        self._answered_since_restart = False
         # A restart of this outage is already counted (from the log, or from refusals): the
         # checks passing again is the same restart, not another.
         self._restart_seen = False
@@ -162,10 +165,20 @@ class HealthMonitor:
             self.record_restart("connections refused after the server was up")
 
     def restarted_recently(self) -> bool:
-        return bool(self._restarts) and self._clock() - self._restarts[-1] < RECENT_RESTART
+        """A restart within RECENT_RESTART seconds, and no answer since."""
+        return (
+            bool(self._restarts)
+            and not self._answered_since_restart
+            and self._clock() - self._restarts[-1] < RECENT_RESTART
+        )
+
+    def record_answer(self) -> None:
+        """A request got the model server's answer (any status)."""
+        self._answered_since_restart = True
 
     def record_restart(self, evidence: str) -> None:
         self._restart_seen = True
+        self._answered_since_restart = False
         self._restarts.append(self._clock())
         self._on_restart()
         log.info("upstream.restarted", evidence=evidence)

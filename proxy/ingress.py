@@ -296,7 +296,7 @@ class Ingress:
         try:
             if not await self.circuit.admit(budget.remaining()):
                 self.metrics.shed.labels(ShedReason.CIRCUIT_OPEN).inc()
-                detail = "the circuit is open: the model server is down"
+                detail = f"the circuit is open: {self.forwarder.state.why_open()}"
                 failure = self.forwarder.state.health.explain(Failure(Cause.CIRCUIT_OPEN, detail))
                 return Refusal(failure, self.circuit.retry_after())
             admitted = await self.admission.enter(budget.remaining())
@@ -306,8 +306,15 @@ class Ingress:
         finally:
             line.spent.queued = budget.elapsed() - arrived
         if not admitted:
-            detail = "the budget ran out while waiting for a concurrency slot"
-            return Refusal(Failure(Cause.DEADLINE_EXCEEDED, detail))
+            self.metrics.shed.labels(ShedReason.QUEUE_TIMEOUT).inc()
+            # The model was never asked: the wait was servegate's queue, so the fix is
+            # capacity (the slots, or instances), not a faster prediction.
+            detail = (
+                "the budget ran out while waiting for a concurrency slot "
+                f"(admission.max_concurrency: {self.settings.admission.max_concurrency}); the "
+                "model server was never asked"
+            )
+            return Refusal(Failure(Cause.OVERLOADED, detail), self.settings.admission.retry_after)
         return None
 
     async def _exchange(

@@ -42,6 +42,7 @@ class ShedReason(StrEnum):
     """The `reason` label of servegate_shed_total."""
 
     QUEUE_FULL = "queue_full"  # admission control: every slot and the queue taken
+    QUEUE_TIMEOUT = "queue_timeout"  # the budget ran out in the queue, waiting for a slot
     CIRCUIT_OPEN = "circuit_open"  # the model server is known to be down
 
 

@@ -35,6 +35,9 @@ class UpstreamState:
             metrics.upstream_restarts.inc,
             on_inconclusive=metrics.checks_inconclusive.inc,
         )
+        # The last failure to reach the server, or health check failed: what an open circuit's
+        # answer names, since "down" alone does not say what to fix.
+        self._last_down: Failure | None = None
 
     async def start_checks(self, check: Check) -> asyncio.Task[None]:
         """Run the first check now, so its verdict is known when this returns, then one every
@@ -45,6 +48,7 @@ class UpstreamState:
 
     def attempt_succeeded(self) -> None:
         """An attempt got the model's answer (any status)."""
+        self.health.record_answer()
         self.circuit.signal(Signal.SUCCESS)
 
     def attempt_failed(self, failure: Failure) -> None:
@@ -52,14 +56,29 @@ class UpstreamState:
         if failure.category is Category.SERVICE:
             self.health.record_failure(failure)
         if failure.cause in UNREACHABLE:
-            # Only a server that takes no connection opens the circuit: resets come from
-            # workers dying behind a master that still serves, and shedding all traffic
-            # then would fail requests the next worker could answer.
-            self.circuit.signal(Signal.SERVICE_FAILURE)
+            self._last_down = failure
+
+    def request_refused(self) -> None:
+        """A request found the server unreachable (refused, timed-out or unresolvable
+        connects). It counts once towards opening the circuit, however often it retries: a
+        restart shorter than retry.connect_wait is ridden out, as the settings promise, and
+        circuit.failure_threshold counts requests. Only a server that takes no connection
+        opens it: resets come from workers dying behind a master that still serves, and
+        shedding all traffic then would fail requests the next worker could answer."""
+        self.circuit.signal(Signal.SERVICE_FAILURE)
+
+    def why_open(self) -> str:
+        """What opened the circuit, as far as servegate saw it, for an open circuit's answer."""
+        last = self._last_down
+        if last is None:
+            return "the model server is down"
+        return f"the last failure seen was {last.cause}: {last.detail}"
 
     def _checked(self, check: Check) -> Check:
         async def checked() -> Failure | None:
             failed = await check()
+            if failed is not None:
+                self._last_down = failed
             if failed is None and self.health.state is Health.UP:
                 # The circuit may have opened on refusals the checks never saw (a restart
                 # between two checks): a passing check lets requests try again.

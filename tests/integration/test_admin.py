@@ -81,7 +81,12 @@ async def test_readiness_fails_while_requests_keep_the_circuit_open(
     /readyz says so for the circuit's cool-down, and not after it (were the pod unready until
     a request came, none would come)."""
     model = gunicorn()
-    settings = {"health.interval": 60, "circuit.open_seconds": 2.0, "retry.connect_wait": 0.5}
+    settings = {
+        "health.interval": 60,
+        "circuit.open_seconds": 2.0,
+        "circuit.failure_threshold": 1,
+        "retry.connect_wait": 0.5,
+    }
     gate = await start_gate(model.url, **settings)
     admin = f"http://127.0.0.1:{gate.admin_port}"
     model.stop()

@@ -70,12 +70,13 @@ async def test_a_dead_model_is_answered_within_the_connect_wait_then_at_once_and
     seconds, status, body = await post(client, gate)
     assert status == 503
     assert seconds < 5.0  # within retry.connect_wait (3 s), never the 40 s budget
-    assert gate.circuit.state is CircuitState.OPEN  # its own refusals opened the circuit
+    assert gate.circuit.state is CircuitState.OPEN  # the health checks opened the circuit
     for _ in range(10):
         seconds, status, body = await post(client, gate)
         assert (status, body["cause"]) == (503, "circuit_open")
         assert seconds < AT_ONCE
         assert int(body["retry_after"]) >= 1
+        assert "connect_refused" in body["hint"]  # what opened it: "down" alone says no fix
     # The cool-down ends: the next request is the half-open trial, and makes one attempt.
     await asyncio.sleep(gate.circuit.retry_after() + 0.05)
     before = await refused_attempts(gate)
@@ -113,10 +114,10 @@ async def test_without_the_circuit_refused_connects_are_retried_for_the_connect_
 async def test_refusals_during_a_crash_loop_are_named_for_the_crash_loop(
     start_gate: StartGate, client: aiohttp.ClientSession
 ) -> None:
-    gate = await start_gate(f"http://127.0.0.1:{free_port()}")
+    gate = await start_gate(f"http://127.0.0.1:{free_port()}", **{"circuit.failure_threshold": 1})
     for _ in range(3):  # restarts seen close together: a crash loop
         gate.health.record_restart("a worker died")
-    await post(client, gate)  # its refusals open the circuit
+    await post(client, gate)  # its refusal opens the circuit
     assert gate.circuit.state is CircuitState.OPEN
     seconds, status, body = await post(client, gate)
     assert (status, body["category"], body["cause"]) == (503, "service", "crash_loop")
@@ -144,3 +145,38 @@ async def test_a_connect_that_never_completes_is_a_connect_timeout_and_is_retrie
     assert timed_out >= 2
     assert sample(samples, "servegate_upstream_failures_total",
                   category="service", cause="reset_during_request") == 0  # fmt: skip
+
+
+async def test_a_restart_shorter_than_the_connect_wait_is_ridden_out_with_defaults(
+    start_gate: StartGate, client: aiohttp.ClientSession
+) -> None:
+    """A request's own refusals count once towards the circuit: with default settings, a
+    model server that stops listening for 0.8 s (a master restarting) costs the request a
+    wait, not an error."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r")[0])
+            await reader.readexactly(length)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                b"Connection: close\r\n\r\n{}"
+            )
+            await writer.drain()
+        writer.close()
+
+    port = free_port()
+    model = await asyncio.start_server(answer, "127.0.0.1", port)
+    try:
+        gate = await start_gate(f"http://127.0.0.1:{port}")
+        model.close()
+        await model.wait_closed()
+        sent = asyncio.create_task(post(client, gate))
+        await asyncio.sleep(0.8)
+        model = await asyncio.start_server(answer, "127.0.0.1", port)
+        seconds, status, _ = await asyncio.wait_for(sent, 10)
+    finally:
+        model.close()
+    assert status == 200
+    assert 0.7 < seconds < 3.5

@@ -113,3 +113,19 @@ def test_an_answer_cut_short_on_a_fresh_connection_is_no_restart() -> None:
         health.record_failure(cut)
     assert restarts == []
     assert health.state is Health.UP
+
+
+def test_a_timeout_after_the_server_answered_again_is_the_predictions_not_the_restarts() -> None:
+    """DESIGN §1: a timeout is the restart's only while the server is known to be restarting.
+    Once a request got an answer after the restart, a slow one is the prediction's."""
+    clock = Clock()
+    health, _, _ = monitor(clock)
+    health.record_check(True)
+    health.record_restart("a worker died")
+    clock.now += 1
+    slow = Failure(Cause.DEADLINE_EXCEEDED, "budget")
+    assert health.explain(slow).cause is Cause.UPSTREAM_UNHEALTHY
+    health.record_answer()
+    assert health.explain(slow).cause is Cause.DEADLINE_EXCEEDED
+    health.record_restart("another worker died")
+    assert health.explain(slow).cause is Cause.UPSTREAM_UNHEALTHY
