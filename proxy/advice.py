@@ -111,6 +111,15 @@ FIX: dict[Cause, str] = {
 }
 
 
+# A stale connection that was a new one (the README's departure from DESIGN §1): no idle
+# timeout raced it, and the keep-alive advice would send the operator the wrong way.
+NEW_CONNECTION_UNREAD = (
+    "The model server closed new connections before reading the request, as a worker that "
+    "shuts down or a server at its connection limit does; the request never reached the "
+    "application. Check the model server's log for workers exiting, and its connection limit."
+)
+
+
 def hint(cause: Cause) -> str:
     """What happened and what to do, as the error answer's `hint` begins."""
     return f"{WHAT[cause]} {FIX[cause]}"

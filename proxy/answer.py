@@ -43,6 +43,12 @@ _AGAIN = (
     " The request was sent {attempts} times and servegate stops there: a request that was "
     "on two failed connections may be what kills the workers."
 )
+# Earlier attempts were retried because they provably never reached the model.
+_ONCE_AFTER_UNREAD = (
+    " Of its {attempts} attempts, the earlier ones provably never reached the model; the last "
+    "may have, and was not replayed: the model may have acted on it "
+    "(retry.replay_after_reset opts a method in when its inference is safe to run twice)."
+)
 
 _NOT_REPLAYED = (
     " The request body was not kept for a replay (larger than retry.replay_buffer_bytes, or "
@@ -60,8 +66,15 @@ def hint_for(
     spent: Spent | None = None,
 ) -> str:
     hint = advice.hint(failure.cause)
+    if failure.cause is Cause.STALE_CONNECTION and failure.reused is False:
+        hint = advice.NEW_CONNECTION_UNREAD
     if failure.cause in (Cause.RESET_DURING_REQUEST, Cause.CRASH_LOOP):
-        hint += _ONCE if attempts == 1 else _AGAIN.format(attempts=attempts)
+        if attempts == 1:
+            hint += _ONCE
+        elif give_up is GiveUpReason.ATTEMPTS_EXHAUSTED:  # the replay guard stopped it
+            hint += _AGAIN.format(attempts=attempts)
+        else:
+            hint += _ONCE_AFTER_UNREAD.format(attempts=attempts)
     if failure.cause in (Cause.TLS_CERTIFICATE, Cause.TLS_HANDSHAKE, Cause.CIRCUIT_OPEN):
         # For an open circuit, what opened it: a refused port, a name that does not resolve
         # and a full accept queue each need their own fix.

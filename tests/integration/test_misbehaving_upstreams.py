@@ -16,6 +16,7 @@ from proxy.app import Servegate
 from tests.conftest import LogCapture, StartGate, sample, scrape
 from tests.upstreams.misbehaving import (
     AnswersWith,
+    ClosesUnread,
     CutsBody,
     EndlessInterim,
     InParts,
@@ -169,6 +170,22 @@ async def test_an_answer_begun_then_closed_is_no_restart_and_no_crash_loop(
     assert [line["cause"] for line in lines] == ["reset_during_request"] * 3
     assert all(f"after sending {named}" in line["detail"] for line in lines)
     assert model.tls_hellos == probed_at_start  # no scheme probe for a server that spoke HTTP
+
+
+async def test_new_connections_closed_unread_get_no_keep_alive_hint(
+    start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    """A server that closes each new connection unread is not racing an idle timeout: the
+    keep-alive hint would send its operator the wrong way."""
+    model = await raw_server(ClosesUnread())
+    gate = await start_gate(model.url, **{"retry.connect_wait": 0.5})
+    for _ in range(4):
+        head, rest, _ = await exchange(gate, GET + b"\r\n")
+        assert status_of(head) == 503
+        hint = json_body(rest)["hint"]
+        assert "keep-alive" not in hint
+        assert "kills the workers" not in hint  # no attempt of them reached a worker
+    assert model.paths == []
 
 
 async def test_a_large_body_cut_mid_way_aborts_the_client_connection_at_once(

@@ -11,6 +11,7 @@ from proxy.doctor.verdicts import Check, Verdict
 from proxy.failures import Cause, Failure
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
+from proxy.retry import GiveUpReason
 from tests.conftest import make_settings
 
 
@@ -49,3 +50,20 @@ def test_the_doctor_does_not_repeat_a_fix_it_already_gave() -> None:
     fix = advice.FIX[Cause.TLS_CERTIFICATE]
     check = Check(Cause.TLS_CERTIFICATE.category, Verdict.FAIL, {}, (fix,), Cause.TLS_CERTIFICATE)
     assert check.advice == (fix,)
+
+
+def test_a_new_connection_closed_unread_gets_no_keep_alive_advice() -> None:
+    pooled = answer.hint_for(Failure(Cause.STALE_CONNECTION, "d", reused=True))
+    new = answer.hint_for(Failure(Cause.STALE_CONNECTION, "d", reused=False))
+    assert "keep-alive" in pooled
+    assert "keep-alive" not in new
+    assert "never reached the application" in new
+
+
+def test_the_hint_says_how_often_the_request_may_have_reached_the_model() -> None:
+    reset = Failure(Cause.RESET_DURING_REQUEST, "d", reused=False, request_sent=True)
+    after_unread = answer.hint_for(reset, GiveUpReason.NOT_RETRYABLE, attempts=3)
+    assert "earlier ones provably never reached the model" in after_unread
+    assert "kills the workers" not in after_unread
+    guarded = answer.hint_for(reset, GiveUpReason.ATTEMPTS_EXHAUSTED, attempts=2)
+    assert "sent 2 times" in guarded

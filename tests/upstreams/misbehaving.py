@@ -72,6 +72,17 @@ class AnswersWith(Misbehaving):
 
 
 @dataclass
+class ClosesUnread(Misbehaving):
+    """Closes every connection as it accepts it, reading nothing: a server shutting down, or
+    at its connection limit."""
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        return None
+
+
+@dataclass
 class CutsBody(Misbehaving):
     """Declares `declared` body bytes, sends `sent`, and closes: a worker dying mid-answer."""
 
