@@ -37,7 +37,7 @@ from proxy.listener import SniffingSite
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
 from proxy.tls import CertificateError
-from proxy.upstream import Upstream, client_ssl_context
+from proxy.upstream import TLSFilesError, Upstream, client_ssl_context
 from proxy.upstream_state import UpstreamState
 
 log = structlog.get_logger("servegate")
@@ -89,10 +89,13 @@ class Servegate:
         except aiohttp_internals.MissingInternal as exc:
             raise StartupError(str(exc)) from None
         install_byte_exact_writer()  # obs-text and raw target bytes pass byte for byte
+        try:
+            self._upstream = Upstream(
+                self.settings.upstream, self.metrics.record_failed_attempt, self.lag
+            )
+        except TLSFilesError as exc:
+            raise StartupError(str(exc)) from None
         self.lag.start()
-        self._upstream = Upstream(
-            self.settings.upstream, self.metrics.record_failed_attempt, self.lag
-        )
         forwarder = Forwarder(
             self._upstream,
             self._probe,

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -28,10 +29,29 @@ from yarl import URL
 
 ENV_PREFIX = "SERVEGATE_"
 MiB = 1024 * 1024
+# Limits handed to C code (llhttp's parser, listen(2)) as a C int: a larger number would
+# overflow there, after start-up, on every connection.
+C_INT_MAX = 2**31 - 1
+# YAML 1.1, which PyYAML reads (in the file and in SERVEGATE_* values), turns on/off into
+# booleans: for a setting whose words they are, they mean the words.
+_BOOLEAN_WORDS = {"tls": ("off", "on")}
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """true/false is a boolean only where a boolean is meant: pydantic would read it as
+        the number 1 or 0 (a 1-byte body limit, one concurrency slot)."""
+        if not isinstance(value, bool) or info.field_name is None:
+            return value
+        if (words := _BOOLEAN_WORDS.get(info.field_name)) is not None:
+            return words[value]
+        if cls.model_fields[info.field_name].annotation is bool:
+            return value
+        raise ValueError("must be a number or a word, not true/false")
 
 
 def _check_address(value: str) -> str:
@@ -50,7 +70,7 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-Seconds = Annotated[float, Field(gt=0)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 def _certificate_with_key(cert_file: Path | None, key_file: Path | None) -> None:
@@ -75,9 +95,9 @@ class ServerSettings(_Section):
     # header value, each on its own, or too many headers) with the JSON body. 8190 bytes is
     # aiohttp's default and within nginx's 8 KiB large_client_header_buffers; 128 headers is
     # aiohttp's default.
-    max_request_line_bytes: int = Field(default=8190, ge=256)
-    max_header_bytes: int = Field(default=8190, ge=256)
-    max_headers: int = Field(default=128, ge=8)
+    max_request_line_bytes: int = Field(default=8190, ge=256, le=C_INT_MAX)
+    max_header_bytes: int = Field(default=8190, ge=256, le=C_INT_MAX)
+    max_headers: int = Field(default=128, ge=8, le=C_INT_MAX)
     # Pass `Upgrade` requests (WebSocket) to the model server and pipe both directions after
     # its 101. false: the Upgrade header is dropped and the request goes on as plain HTTP, as
     # nginx does without `proxy_set_header Upgrade`.
@@ -88,7 +108,7 @@ class ServerSettings(_Section):
     # On SIGTERM, /readyz fails at once but the data port keeps serving this long, so load
     # balancers see the failed probe before connections are refused (Knative's drainer does
     # the same); then in-flight requests drain within the budget. 0: stop accepting at once.
-    shutdown_quiet: float = Field(default=5.0, ge=0)
+    shutdown_quiet: float = Field(default=5.0, ge=0, allow_inf_nan=False)
     # A request whose headers have not all arrived this long after their first byte is
     # answered 408 and closed (nginx's client_header_timeout, 60 s by default, is the same
     # idea; a gateway sends its headers in one packet, so 10 s is ample and frees a slowloris
@@ -109,7 +129,7 @@ class ServerSettings(_Section):
     # Connections the kernel queues for accept() on the data port. Linux caps it at
     # net.core.somaxconn (4096 since Linux 5.4), and start-up logs the effective value; asyncio's
     # 100 and nginx's 511 drop connection bursts that a model's clients do send.
-    backlog: int = Field(default=4096, ge=1)
+    backlog: int = Field(default=4096, ge=1, le=65535)
     # Share the data port with other processes (SO_REUSEPORT), each accepting its own
     # connections. `servegate run --workers N` sets it for its workers.
     reuse_port: bool = False
@@ -119,6 +139,18 @@ class ServerSettings(_Section):
         _certificate_with_key(self.cert_file, self.key_file)
         if self.tls == "on" and self.cert_file is None:
             raise ValueError("tls: on needs cert_file and key_file (or use tls: auto)")
+        return self
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> ServerSettings:
+        data, admin = split_address(self.listen), split_address(self.admin_listen)
+        wildcard = {"", "0.0.0.0", "::"}
+        same_host = data[0] == admin[0] or bool({data[0], admin[0]} & wildcard)
+        if data[1] == admin[1] != 0 and same_host:
+            raise ValueError(
+                f"listen ({self.listen}) and admin_listen ({self.admin_listen}) must be two "
+                "different ports"
+            )
         return self
 
 
@@ -134,6 +166,13 @@ class UpstreamTLSSettings(_Section):
         _certificate_with_key(self.cert_file, self.key_file)
         return self
 
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("no such file")
+        return value
+
 
 class UpstreamSettings(_Section):
     url: str = "http://127.0.0.1:8000"  # Gunicorn's default bind
@@ -147,20 +186,29 @@ class UpstreamSettings(_Section):
     # Longest reason phrase, and longest header field (name and value together), accepted
     # from the model server; longer is a 502 protocol/response_header_too_large. 8190 bytes
     # is aiohttp's default.
-    max_response_header_bytes: int = Field(default=8190, ge=256)
+    max_response_header_bytes: int = Field(default=8190, ge=256, le=C_INT_MAX)
     # Most header fields accepted in one answer from the model server; more is a 502
     # protocol/response_header_too_large. 128 is aiohttp's default, as server.max_headers.
-    max_response_headers: int = Field(default=128, ge=8)
+    max_response_headers: int = Field(default=128, ge=8, le=C_INT_MAX)
     tls: UpstreamTLSSettings = UpstreamTLSSettings()
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        url = URL(value)
-        if url.scheme not in ("http", "https") or not url.host:
+        try:
+            url = URL(value)
+            port = url.port
+        except ValueError:
+            raise ValueError("must be an http:// or https:// URL with a host") from None
+        if url.scheme not in ("http", "https") or not url.host or " " in value:
             raise ValueError("must be an http:// or https:// URL with a host")
         if url.path not in ("", "/") or url.query_string or url.fragment:
             raise ValueError("must name only scheme, host and port (paths are forwarded as sent)")
+        if url.user is not None or url.password is not None:
+            # servegate sends no credentials of its own, and a password would be logged.
+            raise ValueError("must carry no user or password (user:password@)")
+        if port == 0:
+            raise ValueError("must name a port from 1 to 65535")
         return value
 
     @property
@@ -171,7 +219,7 @@ class UpstreamSettings(_Section):
 class BudgetSettings(_Section):
     seconds: Seconds = 40.0  # the platform's API gateway allows 40 s per prediction
     # Answer this long before the budget ends, so servegate's precise error beats the gateway's.
-    margin: float = Field(default=1.0, ge=0)
+    margin: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     # "response": the whole answer must be sent within the budget, as the platform counts it.
     # "first_byte": the budget ends when the answer starts; a stream may then run on.
     scope: Literal["response", "first_byte"] = "response"
@@ -217,7 +265,9 @@ class RetrySettings(_Section):
 class HealthSettings(_Section):
     # GET this path and expect a 2xx; null: a TCP connect is the check.
     path: str | None = None
-    interval: Seconds = 1.0  # a dead server is noticed within 2 intervals at the thresholds
+    # A dead server is noticed within 2 intervals at the thresholds. At least 0.1 s: each
+    # check opens a connection to the model server.
+    interval: Annotated[float, Field(ge=0.1, allow_inf_nan=False)] = 1.0
     timeout: Seconds = 1.0
     unhealthy_threshold: int = Field(default=2, ge=1)
     healthy_threshold: int = Field(default=1, ge=1)
@@ -240,7 +290,7 @@ class CircuitSettings(_Section):
     failure_threshold: int = Field(default=5, ge=1)
     # While open, a new request waits this long for the server to return, then fails fast.
     # 0: fail fast at once (restarts are ridden out by retry.connect_wait before it opens).
-    wait: float = Field(default=0.0, ge=0)
+    wait: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     # Open this long at least before requests try the server again (half-open).
     open_seconds: Seconds = 5.0
 
@@ -358,7 +408,7 @@ def load_with_warnings(
     try:
         settings = Settings.model_validate(merged)
     except ValidationError as exc:
-        problems += [_describe(error) for error in exc.errors()]
+        problems += _describe_all(exc.errors())
     if problems:
         raise SettingsError(problems)
     return Loaded(settings, tuple(ignored))
@@ -369,6 +419,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SettingsError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError([f"{path}: not UTF-8 text (byte {exc.start}): {exc.reason}"]) from None
     except yaml.YAMLError as exc:
         raise SettingsError([f"{path}: not valid YAML: {exc}".replace("\n", " ")]) from None
     if data is None:
@@ -475,14 +527,38 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _describe(error: Mapping[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
+def _describe_all(errors: list[Any]) -> list[str]:
+    """One line per problem setting: a value that fits no branch of a union (a number or
+    "auto") gets pydantic's error for each branch, joined into one line."""
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for error in errors:
+        grouped.setdefault(_key(error), []).append(error)
+    return [_describe(key, group) for key, group in grouped.items()]
+
+
+# A setting's or section's name; a union's branches add their own to an error's location
+# ("constrained-int", "literal['auto']"), which name nothing the operator wrote.
+_SETTING_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def _key(error: Mapping[str, Any]) -> str:
+    parts = [
+        str(part)
+        for part in error["loc"]
+        if isinstance(part, int) or _SETTING_NAME.fullmatch(str(part))
+    ]
+    return ".".join(parts) or "(top level)"
+
+
+def _describe(key: str, group: list[Mapping[str, Any]]) -> str:
+    first = group[0]
+    if first["type"] == "extra_forbidden":
         return f"{key}: unknown setting"
-    if isinstance(error["input"], Mapping):  # a rule across keys: the message names them
+    said = dict.fromkeys(str(error["msg"]).removeprefix("Value error, ") for error in group)
+    message = " or ".join(said)
+    if isinstance(first["input"], Mapping):  # a rule across keys: the message names them
         return f"{key}: {message}"
-    return f"{key}: {message} (got {error['input']!r})"
+    return f"{key}: {message} (got {first['input']!r})"
 
 
 def effective(settings: Settings) -> dict[str, Any]:

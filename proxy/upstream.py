@@ -172,11 +172,29 @@ class Upstream:
         await asyncio.gather(*(pool.close() for pool in self._pools.values()))
 
 
+class TLSFilesError(Exception):
+    """upstream.tls's files cannot be loaded: the message names the setting and the reason."""
+
+
 def client_ssl_context(tls: UpstreamTLSSettings) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    """The context servegate's TLS connections to the model server use.
+
+    Raises TLSFilesError when upstream.tls.ca_file, cert_file or key_file cannot be loaded."""
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
+        raise TLSFilesError(f"cannot load upstream.tls.ca_file {tls.ca_file}: {reason}") from None
     if not tls.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if tls.cert_file and tls.key_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or exc
+            raise TLSFilesError(
+                f"cannot load upstream.tls.cert_file {tls.cert_file} with key_file "
+                f"{tls.key_file}: {reason}"
+            ) from None
     return context

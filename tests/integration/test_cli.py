@@ -108,6 +108,27 @@ def test_a_port_in_use_stops_start_up_with_one_clear_line() -> None:
     )
 
 
+def test_an_upstream_ca_file_that_is_no_certificate_stops_start_up_with_one_line(
+    tmp_path: Path,
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not a certificate\n")
+    settings = tmp_path / "s.yaml"
+    settings.write_text(f"upstream: {{url: 'https://127.0.0.1:8443', tls: {{ca_file: {ca}}}}}\n")
+    result = run_cli(
+        "run",
+        "--config",
+        str(settings),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--admin-listen",
+        f"127.0.0.1:{free_port()}",
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"servegate: cannot load upstream.tls.ca_file {ca}: ")
+
+
 def test_an_invalid_flag_value_exits_2_naming_the_key() -> None:
     result = run_cli("run", "--listen", "nowhere")
     assert result.returncode == 2

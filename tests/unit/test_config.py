@@ -56,9 +56,11 @@ def test_an_upstream_url_with_a_path_is_refused() -> None:
         config.load(None, {}, {"upstream.url": "http://model:8000/v1"})
 
 
-def test_a_client_certificate_needs_its_key() -> None:
+def test_a_client_certificate_needs_its_key(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("")
     with pytest.raises(config.SettingsError, match="cert_file and key_file"):
-        config.load(None, {}, {"upstream.tls.cert_file": "/c.pem"})
+        config.load(None, {}, {"upstream.tls.cert_file": str(cert)})
 
 
 def test_settings_are_frozen() -> None:
@@ -139,3 +141,68 @@ def test_a_misspelled_key_in_the_file_or_a_flag_still_stops_start_up(tmp_path: P
         config.load_with_warnings(file, {})
     with pytest.raises(config.SettingsError, match=r"budget\.second: unknown setting"):
         config.load_with_warnings(None, {}, {"budget.second": 3})
+
+
+@pytest.mark.parametrize(
+    ("source", "key", "value", "said"),
+    [
+        ("flag", "budget.seconds", float("inf"), "finite number"),
+        ("env", "BUDGET__SECONDS", "inf", "finite number"),
+        ("flag", "server.max_headers", 2**64, "less than or equal to 2147483647"),
+        ("flag", "server.backlog", 10**11, "less than or equal to 65535"),
+        ("flag", "upstream.url", "http://127.0.0.1:0", "port from 1 to 65535"),
+        ("flag", "upstream.url", "http://127.0.0 .1:8000", "http:// or https:// URL"),
+        ("flag", "upstream.url", "http://user:s3cret@127.0.0.1:8000", "no user or password"),
+        ("flag", "server.max_body_bytes", True, "not true/false"),
+        ("env", "ADMISSION__MAX_CONCURRENCY", "true", "not true/false"),
+        ("flag", "health.interval", 1e-9, "greater than or equal to 0.1"),
+        ("flag", "upstream.tls.ca_file", "/nonexistent/ca.pem", "no such file"),
+        ("flag", "server.admin_listen", "0.0.0.0:8080", "two different ports"),
+    ],
+)
+def test_a_value_that_would_break_serving_stops_start_up_on_one_line(
+    source: str, key: str, value: object, said: str
+) -> None:
+    """Each of these once started servegate and failed later (every request a 500, every
+    connection dropped, a password in the log) or silently meant something else."""
+    environ = {f"SERVEGATE_{key}": str(value)} if source == "env" else {}
+    overrides = {key: value} if source == "flag" else {}
+    with pytest.raises(config.SettingsError) as caught:
+        config.load(None, environ, overrides)
+    [problem] = caught.value.problems
+    assert said in problem
+    assert "s3cret" not in problem or "user:s3cret" in str(value)  # named only as given
+
+
+@pytest.mark.parametrize(("word", "meant"), [("off", "off"), ("on", "on"), ("'auto'", "auto")])
+def test_tls_takes_its_words_unquoted_though_yaml_reads_them_as_booleans(
+    word: str, meant: str, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    file = tmp_path / "s.yaml"
+    file.write_text(f"server: {{tls: {word}, cert_file: {cert}, key_file: {key}}}\n")
+    assert config.load(file, {}).server.tls == meant
+    environ = {
+        "SERVEGATE_SERVER__TLS": word.strip("'"),
+        "SERVEGATE_SERVER__CERT_FILE": str(cert),
+        "SERVEGATE_SERVER__KEY_FILE": str(key),
+    }
+    assert config.load(None, environ).server.tls == meant
+
+
+def test_a_union_setting_gets_one_line_without_pydantics_names() -> None:
+    with pytest.raises(config.SettingsError) as caught:
+        config.load(None, {}, {"server.max_connections": 0})
+    [problem] = caught.value.problems
+    assert problem.startswith("server.max_connections: ")
+    assert "constrained" not in problem
+    assert "literal" not in problem
+
+
+def test_a_settings_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    file = tmp_path / "s.yaml"
+    file.write_bytes(b"budget: {seconds: 30}\n# caf\xe9\n")
+    with pytest.raises(config.SettingsError) as caught:
+        config.load(file, {})
+    [problem] = caught.value.problems
+    assert "not UTF-8" in problem
