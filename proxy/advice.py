@@ -101,8 +101,9 @@ FIX: dict[Cause, str] = {
     ),
     Cause.OVERLOADED: "Try again after Retry-After, or add instances.",
     Cause.RESPONSE_HEADER_TOO_LARGE: (
-        "Raise upstream.max_response_header_bytes (a long line) or "
-        "upstream.max_response_headers (many fields), or make the model server send less."
+        "Raise upstream.max_response_header_bytes (a long line), "
+        "upstream.max_response_headers (many fields) or upstream.max_interim_responses (many "
+        "1xx answers), or make the model server send less."
     ),
     Cause.RESPONSE_FRAMING: (
         "Fix how the server or its framework frames answers: one Content-Length, counted in "

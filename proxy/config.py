@@ -190,6 +190,11 @@ class UpstreamSettings(_Section):
     # Most header fields accepted in one answer from the model server; more is a 502
     # protocol/response_header_too_large. 128 is aiohttp's default, as server.max_headers.
     max_response_headers: int = Field(default=128, ge=8, le=C_INT_MAX)
+    # Most interim answers (1xx: 102 Processing, 103 Early Hints) accepted before the final
+    # one; more is a 502 protocol/response_header_too_large. Each is relayed as it comes, so a
+    # model that sent them without end would cost servegate and the client without bound. A
+    # 102 every second through the 40 s budget is 40.
+    max_interim_responses: int = Field(default=100, ge=1, le=C_INT_MAX)
     tls: UpstreamTLSSettings = UpstreamTLSSettings()
 
     @field_validator("url")

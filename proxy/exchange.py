@@ -25,6 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.acked import AckCounter
+from proxy.failures import TOO_MANY_INTERIM
 from proxy.headers import Fields, serialize_fields, serialize_start
 from proxy.pool import PooledConnection
 
@@ -194,14 +195,17 @@ async def read_answer(
     method: str,
     url: URL,
     on_interim: Callable[[RawResponseMessage], None] | None = None,
+    max_interim: int = 100,
 ) -> UpstreamResponse:
     """Wait for the final answer's head; each interim 1xx answer before it goes to
-    `on_interim` (101 is final).
+    `on_interim` (101 is final), up to `max_interim` of them (upstream.max_interim_responses).
 
-    Raises aiohttp.ClientResponseError for an unparseable head, and the connection's errors
-    (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ...) as aiohttp raises them."""
+    Raises aiohttp.ClientResponseError for an unparseable head or one interim answer too
+    many, and the connection's errors (aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError, ...) as aiohttp raises them."""
     protocol = connection.protocol
     assert protocol is not None
+    interim = 0
     try:
         while True:
             try:
@@ -213,6 +217,12 @@ async def read_answer(
                 ) from exc
             if not 100 <= message.code <= 199 or message.code == 101:
                 return UpstreamResponse(message, content, connection, writer)
+            interim += 1
+            if interim > max_interim:
+                info = aiohttp.RequestInfo(url, method, CIMultiDictProxy(CIMultiDict()), url)
+                raise aiohttp.ClientResponseError(
+                    info, (), status=message.code, message=f"{TOO_MANY_INTERIM} {max_interim}"
+                )
             if on_interim is not None:
                 on_interim(message)
     except BaseException:

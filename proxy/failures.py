@@ -142,6 +142,9 @@ class BodyFramingBroken(aiohttp.ClientPayloadError):
     reader of the body hears this, not a hang until the budget ends."""
 
 
+# How the error for one interim answer too many begins (proxy/exchange.py raises it).
+TOO_MANY_INTERIM = "More interim (1xx) answers than upstream.max_interim_responses:"
+
 _DISCONNECTS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
 _PLAIN_PEER_MARKERS = ("wrong version number", "record layer failure", "packet length too long")
 
@@ -292,6 +295,8 @@ def _unparseable_head(message: str, failure: Callable[[Cause, str], Failure]) ->
             f"a response reason phrase or header field longer than {limit} bytes "
             f"(upstream.max_response_header_bytes): {message[:200]}",
         )
+    if message.startswith(TOO_MANY_INTERIM):
+        return failure(Cause.RESPONSE_HEADER_TOO_LARGE, message)
     if "Too many headers" in message:
         detail = "more header fields in the response than upstream.max_response_headers allows"
         return failure(Cause.RESPONSE_HEADER_TOO_LARGE, detail)

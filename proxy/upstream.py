@@ -144,7 +144,14 @@ class Upstream:
             )
             writer = send_request(connection, head, body, acks)
             facts.request_sent = True
-            answer = await read_answer(connection, writer, method, self._url(scheme), on_interim)
+            answer = await read_answer(
+                connection,
+                writer,
+                method,
+                self._url(scheme),
+                on_interim,
+                self.settings.max_interim_responses,
+            )
         except BaseException:
             facts.answer_fragment = protocol.answer_fragment
             if acks is not None and begins is not None:

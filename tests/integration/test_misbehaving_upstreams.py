@@ -235,6 +235,50 @@ async def test_an_answer_ended_by_its_connection_is_cut_not_completed_by_a_reset
     await assert_classified(gate, log_capture, "service", "reset_during_request", 200)
 
 
+async def test_interim_answers_past_their_limit_are_a_502_naming_the_setting(
+    start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    """Each interim answer is relayed as it comes: a model that sends them without end, all
+    at once, would cost servegate's loop and the client's memory without bound."""
+    flood = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 5000
+    model = await raw_server(
+        AnswersWith(answer=flood + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    )
+    gate = await start_gate(model.url, **{"upstream.max_interim_responses": 20})
+    head, rest, seconds = await exchange(gate, GET + b"\r\n")
+    assert head.startswith(b"HTTP/1.1 103 Early Hints")
+    interim, _, final = rest.rpartition(b"Link: </a>\r\n\r\n")
+    assert interim.count(b"HTTP/1.1 103") == 19  # with the one in `head`: the limit, no more
+    final_head, _, final_body = final.partition(b"\r\n\r\n")
+    assert status_of(final_head) == 502
+    body = json_body(final_body)
+    assert (body["category"], body["cause"]) == ("protocol", "response_header_too_large")
+    assert "upstream.max_interim_responses" in body["hint"]
+    assert seconds < 5
+    await assert_classified(gate, log_capture, "protocol", "response_header_too_large", 502)
+
+
+async def test_an_answer_of_many_tiny_chunks_and_a_body_of_them_pass_whole(
+    start_gate: StartGate, raw_server: RawStart
+) -> None:
+    """What arrived together is relayed together (relay._from_model, body.read_available):
+    the bytes must come through exactly, in order, whatever the pieces."""
+    pieces = [bytes([48 + n % 10]) for n in range(20_000)]
+    chunked = b"".join(b"1\r\n" + piece + b"\r\n" for piece in pieces) + b"0\r\n\r\n"
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+    model = await raw_server(AnswersWith(answer=answer))
+    gate = await start_gate(model.url)
+    upload = b"POST /predict HTTP/1.1\r\nHost: model\r\nTransfer-Encoding: chunked\r\n"
+    head, rest, _ = await exchange(gate, upload + b"Connection: close\r\n\r\n", chunked)
+    assert status_of(head) == 200
+    relayed = b""
+    while rest and not rest.startswith(b"0\r\n"):
+        size, _, rest = rest.partition(b"\r\n")
+        relayed += rest[: int(size, 16)]
+        rest = rest[int(size, 16) + 2 :]
+    assert relayed == b"".join(pieces)
+
+
 @pytest.mark.time_limit(30)
 async def test_endless_interim_answers_end_in_a_504_at_the_budget(
     start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
