@@ -133,9 +133,14 @@ class Servegate:
             partial(SniffingSite, settings=self.settings.server, metrics=self.metrics),
         )
         admin = admin_app(self.registry, self.readiness)
+        # The data port's listener, for its limits: plain HTTP, its own connection cap.
+        admin_limits = self.settings.server.model_copy(
+            update={"tls": "off", "max_connections": self.settings.server.admin_max_connections}
+        )
         self.admin_port = await self._bind(
             web.AppRunner(admin, access_log=None, shutdown_timeout=1.0),
             self.settings.server.admin_listen,
+            partial(SniffingSite, settings=admin_limits, metrics=self.metrics.admin),
         )
         await self._probe.detect()
         await self._start_health_checks()

@@ -120,6 +120,11 @@ class ServerSettings(_Section):
     # model server's connection and its acknowledgement counter), as HAProxy sizes its maxconn
     # from `ulimit -n`.
     max_connections: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # Connections open at once on the admin port (Prometheus, the kubelet's probes: a few);
+    # beyond it a new one is closed at once. Its connections have the data port's
+    # header_timeout, and one silent for 60 s is closed, so no client can hold the
+    # descriptors the data port and the model server's connections need.
+    admin_max_connections: int = Field(default=64, ge=1, le=C_INT_MAX)
     # Largest request body, answered 413: before a byte of it is read when Content-Length
     # declares more, else when a chunked body grows past it. A chunked body larger than the
     # replay buffer is spooled to a temporary file (as nginx's proxy_request_buffering does)

@@ -9,6 +9,7 @@ only what their own yes-or-no question needs.)
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import ssl
@@ -145,6 +146,9 @@ class BodyFramingBroken(aiohttp.ClientPayloadError):
 # How the error for one interim answer too many begins (proxy/exchange.py raises it).
 TOO_MANY_INTERIM = "More interim (1xx) answers than upstream.max_interim_responses:"
 
+# A connect that failed for want of servegate's own resources (socket(2), connect(2)).
+_OWN_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
 _DISCONNECTS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
 _PLAIN_PEER_MARKERS = ("wrong version number", "record layer failure", "packet length too long")
 
@@ -224,6 +228,13 @@ def connect_failure(error: BaseException) -> tuple[Cause, str]:
         return Cause.CONNECT_TIMEOUT, "no TCP connection within the connect timeout"
     if isinstance(error, socket.gaierror):  # nothing to connect to: the name has no address
         return Cause.NAME_NOT_RESOLVED, f"the host name did not resolve: {error.strerror}"
+    if isinstance(error, OSError) and error.errno in _OWN_EXHAUSTION:
+        # servegate's own descriptors or memory ran out: no word on the model server, whose
+        # restarts, health and circuit must not hear of it.
+        return Cause.OVERLOADED, (
+            f"servegate could not open a connection: {os.strerror(error.errno).lower()}; "
+            "raise its open-file limit (ulimit -n) or lower server.max_connections"
+        )
     if isinstance(error, OSError) and error.errno:
         return Cause.CONNECT_REFUSED, os.strerror(error.errno).lower()
     return Cause.CONNECT_REFUSED, str(error)

@@ -120,6 +120,8 @@ class Forwarder:
                     self.metrics.record_retry(failure.cause, skipped)
                 failure = self.state.health.explain(failure)
                 retry_after = self.state.circuit.retry_after() or None
+                if failure.cause is Cause.OVERLOADED:  # servegate's own resources ran out
+                    retry_after = 1.0
                 return Forwarded(
                     attempt,
                     facts,

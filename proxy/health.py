@@ -257,6 +257,10 @@ class HealthMonitor:
                 state=self.state.value,
             )
             return
+        if failed is not None and failed.cause is Cause.OVERLOADED:
+            self._on_inconclusive()  # servegate's own descriptors ran out: no word on the model
+            log.warning("health.check_inconclusive", reason=failed.detail, state=self.state.value)
+            return
         self.record_check_result(failed)
 
 

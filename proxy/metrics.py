@@ -6,6 +6,8 @@ before the first failure.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
@@ -36,6 +38,55 @@ HIGHEST: Final = "livemax"
 # Facts of each worker's own data port (its connections, their limit, its upgraded ones): one
 # series per live worker (label `pid`).
 PER_PROCESS: Final = "liveall"
+
+
+@dataclass(slots=True)
+class AdminListenerMetrics:
+    """The admin port's listener series (proxy/listener.py feeds them): its own connection
+    counts, and `on_mismatch` and `on_timeout` for what it counts in the data port's series
+    (protocol mismatches, client timeouts)."""
+
+    client_connections: Gauge
+    client_connections_limit: Gauge
+    client_connections_refused: Counter
+    on_mismatch: Callable[[Mismatch], None]
+    on_timeout: Callable[[TimeoutPhase], None]
+
+    def record_listener_mismatch(self, direction: Mismatch) -> None:
+        self.on_mismatch(direction)
+
+    def record_client_timeout(self, phase: TimeoutPhase) -> None:
+        self.on_timeout(phase)
+
+
+def admin_listener_metrics(
+    registry: CollectorRegistry,
+    on_mismatch: Callable[[Mismatch], None],
+    on_timeout: Callable[[TimeoutPhase], None],
+) -> AdminListenerMetrics:
+    """The admin port's series in `registry` (a `Metrics`' own, or the `--workers` parent's,
+    whose admin port is the one scraped)."""
+    return AdminListenerMetrics(
+        Gauge(
+            "servegate_admin_connections",
+            "Connections open on the admin port.",
+            registry=registry,
+            multiprocess_mode=PER_PROCESS,
+        ),
+        Gauge(
+            "servegate_admin_connections_limit",
+            "server.admin_max_connections in force: connections beyond it are closed.",
+            registry=registry,
+            multiprocess_mode=PER_PROCESS,
+        ),
+        Counter(
+            "servegate_admin_connections_refused",
+            "Admin port connections closed at once: server.admin_max_connections were open.",
+            registry=registry,
+        ),
+        on_mismatch,
+        on_timeout,
+    )
 
 
 class ShedReason(StrEnum):
@@ -137,7 +188,7 @@ class Metrics:
             ["code"],
             registry=registry,
         )
-        for code in ("400", "414", "431"):
+        for code in ("400", "414", "431", "501", "505"):
             self.requests_rejected.labels(code)
         # Client-side limits (server.header_timeout, server.max_connections); not in DESIGN.md.
         self.client_connections = Gauge(
@@ -156,6 +207,9 @@ class Metrics:
             "servegate_client_connections_refused",
             "Client connections closed at once because server.max_connections were open.",
             registry=registry,
+        )
+        self.admin = admin_listener_metrics(
+            registry, self.record_listener_mismatch, self.record_client_timeout
         )
         self.client_timeouts = Counter(
             "servegate_client_timeouts",

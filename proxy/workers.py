@@ -35,7 +35,8 @@ from prometheus_client.metrics_core import Metric
 from proxy.app import Servegate, StartupError
 from proxy.config import Settings, split_address
 from proxy.health import HealthMonitor
-from proxy.metrics import Metrics
+from proxy.listener import SniffingSite
+from proxy.metrics import Metrics, admin_listener_metrics
 from proxy.supervise import Supervisor
 
 log = structlog.get_logger("servegate.workers")
@@ -267,17 +268,25 @@ async def _run(
         health = HealthMonitor(settings.health, _ignore, metrics.upstream_restarts.inc)
         supervisor = Supervisor(command, health, metrics, settings.budget.seconds)
         await _start_model(supervisor, settings)
+        admin_metrics = metrics.admin
+    else:
+        admin_metrics = admin_listener_metrics(CollectorRegistry(), _uncounted, _uncounted)
     runner = web.AppRunner(_admin(pool, directory, stopping), access_log=None)
     try:
         await pool.start()
         await runner.setup()
         host, admin_port = split_address(settings.server.admin_listen)
+        # The workers' listener, for its limits (Servegate.start's admin port has the same).
+        limits = settings.server.model_copy(
+            update={"tls": "off", "max_connections": settings.server.admin_max_connections}
+        )
+        site = SniffingSite(runner, host, admin_port, settings=limits, metrics=admin_metrics)
         try:
-            await web.TCPSite(runner, host, admin_port).start()
+            await site.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {settings.server.admin_listen}: {exc}") from None
         log.info("workers.started", workers=size, pids=pool.pids(), data_port=port,
-                 admin_port=runner.addresses[0][1])  # fmt: skip
+                 admin_port=site.port)  # fmt: skip
         await stopping.wait()
         log.info("servegate.stopping", grace_s=settings.budget.seconds)
     finally:
@@ -290,6 +299,11 @@ async def _run(
 
 def _ignore(*_args: Any) -> None:
     """The parent's health view only counts restarts; each worker checks health itself."""
+
+
+def _uncounted(*_args: Any) -> None:
+    """The parent's admin port's timeouts and mismatches: the client_timeouts and mismatch
+    series are the workers' (without supervise mode the parent has none of its own)."""
 
 
 async def _start_model(supervisor: Supervisor, settings: Settings) -> None:

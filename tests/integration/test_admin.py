@@ -125,3 +125,32 @@ async def test_readiness_says_why_the_health_checks_fail(
             assert time.monotonic() - began < 5.0, body
             await asyncio.sleep(0.05)
     assert body["reason"].endswith(reason)
+
+
+async def test_the_admin_port_caps_its_connections_and_times_out_a_slow_head(
+    start_gate: StartGate,
+) -> None:
+    """Silent or slow connections to the admin port (0.0.0.0 by default) cannot hold the
+    descriptors the data port and the model server's connections need: a cap, a setting, a
+    metric, and the data port's header timeout."""
+    gate = await start_gate(
+        f"http://127.0.0.1:{free_port()}",
+        **{"server.admin_max_connections": 2, "server.header_timeout": 1.0},
+    )
+    held = [await asyncio.open_connection("127.0.0.1", gate.admin_port) for _ in range(2)]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gate.admin_port)
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # over the cap: closed at once
+        writer.close()
+        slow_reader, slow_writer = held[0]
+        slow_writer.write(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n")  # and nothing more
+        async with asyncio.timeout(5):
+            assert (await slow_reader.readline()).startswith(b"HTTP/1.1 408")
+    finally:
+        for _, held_writer in held:
+            held_writer.close()
+    await asyncio.sleep(0.1)  # the closes reach servegate
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_admin_connections_refused_total") == 1
+    assert sample(samples, "servegate_admin_connections_limit") == 2

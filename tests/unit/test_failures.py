@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import ssl
 
@@ -10,7 +12,15 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from proxy import answer
-from proxy.failures import AttemptFacts, Category, Cause, Failure, classify, connect_failure
+from proxy.failures import (
+    UNREACHABLE,
+    AttemptFacts,
+    Category,
+    Cause,
+    Failure,
+    classify,
+    connect_failure,
+)
 
 KEY = ConnectionKey("127.0.0.1", 8000, False, True, None, None, None)
 
@@ -143,3 +153,12 @@ def test_tls_errors_name_plain_servers_and_certificates() -> None:
     failure = classify(certificate, AttemptFacts(), deadline_passed=False)
     assert failure.cause is Cause.TLS_CERTIFICATE
     assert failure.detail == "self-signed certificate"
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS])
+def test_servegate_out_of_descriptors_is_never_the_model_refusing(code: int) -> None:
+    """Counted as a refusal, it declared the model restarted and opened the circuit."""
+    cause, detail = connect_failure(OSError(code, os.strerror(code)))
+    assert cause is Cause.OVERLOADED
+    assert "ulimit -n" in detail
+    assert cause not in UNREACHABLE
