@@ -121,6 +121,15 @@ NEW_CONNECTION_UNREAD = (
 )
 
 
+# A malformed answer that was HTTP/2: the port serves HTTP/2 only (h2c prior knowledge, or a
+# gRPC port), which servegate does not speak to the model server.
+HTTP2_ANSWER = (
+    "The model server answered in HTTP/2, which servegate does not speak to it. Point the "
+    "upstream URL at a port that serves HTTP/1.1 (a gRPC port serves HTTP/2 only: Triton's "
+    "HTTP port is 8000, its gRPC port 8001), or turn HTTP/1.1 on in the server."
+)
+
+
 def hint(cause: Cause) -> str:
     """What happened and what to do, as the error answer's `hint` begins."""
     return f"{WHAT[cause]} {FIX[cause]}"

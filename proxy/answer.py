@@ -12,7 +12,7 @@ from aiohttp import hdrs, web
 
 from proxy import advice
 from proxy.budget import Spent
-from proxy.failures import Category, Cause, Failure
+from proxy.failures import HTTP2_ANSWER, Category, Cause, Failure
 from proxy.retry import GiveUpReason
 
 ERROR_CODE = "ModelArts.4503"
@@ -68,6 +68,8 @@ def hint_for(
     hint = advice.hint(failure.cause)
     if failure.cause is Cause.STALE_CONNECTION and failure.reused is False:
         hint = advice.NEW_CONNECTION_UNREAD
+    if failure.cause is Cause.MALFORMED_RESPONSE and failure.detail.startswith(HTTP2_ANSWER):
+        hint = advice.HTTP2_ANSWER
     if failure.cause in (Cause.RESET_DURING_REQUEST, Cause.CRASH_LOOP):
         if attempts == 1:
             hint += _ONCE

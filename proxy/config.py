@@ -114,6 +114,10 @@ class ServerSettings(_Section):
     # idea; a gateway sends its headers in one packet, so 10 s is ample and frees a slowloris
     # client's connection six times sooner). It applies to every request of a connection.
     header_timeout: Seconds = 10.0
+    # A new connection that sends nothing at all this long is closed (nginx gives a client
+    # its client_header_timeout, 60 s, to start a request); it bounds the descriptors idle
+    # connections can hold. Counted in servegate_client_timeouts_total{phase="idle"}.
+    first_byte_timeout: Seconds = 60.0
     # Client connections open at once; beyond it a new one is closed at once (counted, and
     # logged at most every 10 s). "auto": a third of the open-file limit left after 64
     # descriptors for servegate itself, since every client connection may hold two more (the

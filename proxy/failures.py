@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -298,6 +299,16 @@ _FRAMING_FAULTS = (
 )
 
 
+# An HTTP/2 server's first bytes, as aiohttp's parse error quotes them: a SETTINGS frame's
+# header on stream 0 (RFC 9113 §6.5: length, type 0x4, flags, stream 0), or a status line
+# that says HTTP/2.
+_HTTP2 = re.compile(
+    r"b'(?:\\x00(?:\\x[0-9a-f]{2}|.){2}\\x04(?:\\x00|\\x01)\\x00\\x00\\x00\\x00|HTTP/2[ .])"
+)
+# How the detail of an HTTP/2 answer begins (proxy/answer.py gives it its own hint).
+HTTP2_ANSWER = "the model server answered in HTTP/2"
+
+
 def _unparseable_head(message: str, failure: Callable[[Cause, str], Failure]) -> Failure:
     if message.startswith("Got more than"):
         limit = message.removeprefix("Got more than ").split(" ", 1)[0]
@@ -311,6 +322,8 @@ def _unparseable_head(message: str, failure: Callable[[Cause, str], Failure]) ->
     if "Too many headers" in message:
         detail = "more header fields in the response than upstream.max_response_headers allows"
         return failure(Cause.RESPONSE_HEADER_TOO_LARGE, detail)
+    if _HTTP2.search(message):
+        return failure(Cause.MALFORMED_RESPONSE, f"{HTTP2_ANSWER}: {message}")
     described = message.split("\n", 1)[0].lower()
     if any(marker in described for marker in _FRAMING_FAULTS):
         return failure(Cause.RESPONSE_FRAMING, f"the response's framing is invalid: {message}")

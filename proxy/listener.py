@@ -38,9 +38,6 @@ log = structlog.get_logger("servegate.listener")
 # A TLS connection opens with a handshake record (content type 22, RFC 8446 §5.1); an HTTP
 # request opens with a method name, always ASCII letters.
 TLS_HANDSHAKE_RECORD = 0x16
-# How long a new connection may stay silent: nginx's client_header_timeout (60 s) allows a
-# client as long to start its request. It bounds the descriptors idle connections can hold.
-PEEK_TIMEOUT = 60.0
 # Out of descriptors (EMFILE) the pending connection stays queued and the socket stays
 # readable: wait before accepting again instead of spinning, as asyncio's own loop does.
 ACCEPT_RETRY_DELAY = 1.0
@@ -224,6 +221,7 @@ class _Acceptor:
         self._handler, self._tls = handler, tls
         self._mode: Mode = settings.tls
         self._header_timeout = settings.header_timeout
+        self._first_byte_timeout = settings.first_byte_timeout
         self._metrics = metrics
         self._limit = connection_limit(settings.max_connections)
         if self._limit > (fits := connection_limit("auto")):
@@ -349,7 +347,7 @@ class _Acceptor:
                 first = sock.recv(1, socket.MSG_PEEK)
             except (BlockingIOError, InterruptedError):
                 try:
-                    async with asyncio.timeout(PEEK_TIMEOUT):
+                    async with asyncio.timeout(self._first_byte_timeout):
                         first = await _peek(sock)
                 except TimeoutError:
                     self._metrics.record_client_timeout(TimeoutPhase.IDLE)

@@ -109,7 +109,7 @@ class TimeoutPhase(StrEnum):
 
     HEADERS = "headers"  # a request's headers did not all arrive within server.header_timeout
     TLS_HANDSHAKE = "tls_handshake"  # a TLS handshake was not done within server.header_timeout
-    IDLE = "idle"  # a new connection sent nothing at all (the listener's PEEK_TIMEOUT)
+    IDLE = "idle"  # a new connection sent nothing at all (server.first_byte_timeout)
     BODY = "body"  # a request's body did not all arrive within its budget
 
 

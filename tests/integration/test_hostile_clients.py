@@ -349,11 +349,10 @@ async def test_a_body_that_does_not_arrive_within_the_budget_is_a_408_not_a_4503
     await assert_still_serves(gate, recorder)
 
 
-async def test_a_silent_connection_closed_at_the_peek_timeout_is_counted_as_idle(
-    start_gate: StartGate, upstream_url: str, monkeypatch: pytest.MonkeyPatch
+async def test_a_silent_connection_closed_at_the_first_byte_timeout_is_counted_as_idle(
+    start_gate: StartGate, upstream_url: str
 ) -> None:
-    monkeypatch.setattr(listener, "PEEK_TIMEOUT", 0.3)
-    gate = await start_gate(upstream_url)
+    gate = await start_gate(upstream_url, **{"server.first_byte_timeout": 0.3})
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()

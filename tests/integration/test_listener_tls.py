@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from multidict import CIMultiDict
 
-from proxy import listener
 from proxy.app import Servegate, StartupError
 from tests.conftest import (
     Certificates,
@@ -235,14 +234,12 @@ async def test_tls_on_answers_plain_http_with_a_400_naming_the_fix_and_serves_ht
 
 
 @pytest.mark.slow
-async def test_a_silent_connection_is_closed_after_the_peek_timeout_without_holding_up_others(
+async def test_a_silent_connection_is_closed_after_the_first_byte_timeout_without_holding_up_others(
     start_gate: StartGate,
     upstream_url: str,
-    monkeypatch: pytest.MonkeyPatch,
     client: aiohttp.ClientSession,
 ) -> None:
-    monkeypatch.setattr(listener, "PEEK_TIMEOUT", 2.0)
-    gate = await start_gate(upstream_url)
+    gate = await start_gate(upstream_url, **{"server.first_byte_timeout": 2.0})
     opened = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
     async with client.get(gate_url(gate, "/meanwhile")) as response:

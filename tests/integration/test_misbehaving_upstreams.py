@@ -122,6 +122,28 @@ async def test_a_malformed_answer_is_a_precise_protocol_error_that_keeps_the_mod
     await assert_classified(gate, log_capture, "protocol", cause, status)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # h2c prior knowledge: a SETTINGS frame (RFC 9113 §6.5), then GOAWAY
+        b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64"
+        b"\x00\x00\x08\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x01",
+        b"HTTP/2 200\r\ncontent-length: 2\r\n\r\nok",
+    ],
+    ids=["settings-frame", "status-line"],
+)
+async def test_an_answer_in_http2_says_so_instead_of_blaming_the_port_alone(
+    answer: bytes, start_gate: StartGate, raw_server: RawStart
+) -> None:
+    model = await raw_server(AnswersWith(answer=answer))
+    gate = await start_gate(model.url)
+    head, rest, _ = await exchange(gate, GET + b"\r\n")
+    assert status_of(head) == 503
+    body = json_body(rest)
+    assert (body["category"], body["cause"]) == ("protocol", "malformed_response")
+    assert "answered in HTTP/2" in body["hint"]
+
+
 async def test_a_small_body_cut_mid_way_is_a_503_and_not_replayed(
     start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
 ) -> None:
