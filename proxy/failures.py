@@ -144,6 +144,18 @@ class BodyFramingBroken(aiohttp.ClientPayloadError):
     reader of the body hears this, not a hang until the budget ends."""
 
 
+class TrailerTooLarge(BodyFramingBroken):
+    """A chunked answer's trailer section passed the head limits every answer is held to
+    (upstream.max_response_header_bytes, upstream.max_response_headers). Its message begins
+    with TRAILER_TOO_LARGE, which also names it when it broke the answer's first read."""
+
+
+TRAILER_TOO_LARGE = (
+    "the answer's trailer fields pass a head limit (upstream.max_response_header_bytes, "
+    "upstream.max_response_headers)"
+)
+
+
 # How the error for one interim answer too many begins (proxy/exchange.py raises it).
 TOO_MANY_INTERIM = "More interim (1xx) answers than upstream.max_interim_responses:"
 
@@ -177,6 +189,8 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
         return failure(*connect_failure(exc.os_error))
     if isinstance(exc, aiohttp.ClientResponseError) and not facts.response_started:
         return _unparseable_head(exc.message, failure)
+    if isinstance(exc, TrailerTooLarge):
+        return failure(Cause.RESPONSE_HEADER_TOO_LARGE, str(exc))
     if isinstance(exc, BodyFramingBroken):
         return failure(Cause.RESPONSE_FRAMING, str(exc))
     if isinstance(exc, AnswersPlainHTTP):
@@ -317,7 +331,7 @@ def _unparseable_head(message: str, failure: Callable[[Cause, str], Failure]) ->
             f"a response reason phrase or header field longer than {limit} bytes "
             f"(upstream.max_response_header_bytes): {message[:200]}",
         )
-    if message.startswith(TOO_MANY_INTERIM):
+    if message.startswith((TOO_MANY_INTERIM, TRAILER_TOO_LARGE)):
         return failure(Cause.RESPONSE_HEADER_TOO_LARGE, message)
     if "Too many headers" in message:
         detail = "more header fields in the response than upstream.max_response_headers allows"

@@ -25,11 +25,17 @@ from typing import Any
 import structlog
 from aiohttp import ClientPayloadError
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.http_exceptions import TransferEncodingError
+from aiohttp.http_exceptions import LineTooLong, TransferEncodingError
 
 from proxy.acked import AckCounter
 from proxy.aiohttp_internals import replace_response_parser, response_parser, take_unparsed
-from proxy.failures import BodyFramingBroken, Cause, Failure
+from proxy.failures import (
+    TRAILER_TOO_LARGE,
+    BodyFramingBroken,
+    Cause,
+    Failure,
+    TrailerTooLarge,
+)
 
 log = structlog.get_logger("servegate.upstream")
 
@@ -116,9 +122,15 @@ class _FramedParser:
                     # called it. aiohttp puts it on the connection's queue alone: whoever
                     # reads this body, its head relayed already, must hear of it too, or it
                     # waits for the budget.
-                    what = f"the answer's chunked body is malformed: {getattr(exc, 'message', exc)}"
-                    self._payload.set_exception(BodyFramingBroken(what))
-                    raise TransferEncodingError(what) from exc
+                    said = getattr(exc, "message", exc)
+                    if isinstance(exc, LineTooLong) or "Too many headers" in str(exc):
+                        broken: BodyFramingBroken = TrailerTooLarge(f"{TRAILER_TOO_LARGE}: {said}")
+                    else:
+                        broken = BodyFramingBroken(
+                            f"the answer's chunked body is malformed: {said}"
+                        )
+                    self._payload.set_exception(broken)
+                    raise TransferEncodingError(str(broken)) from exc
                 # The last chunk ended the body; what followed it could not be parsed.
                 self._parser_failed = True
                 self._stage = _Stage.DONE

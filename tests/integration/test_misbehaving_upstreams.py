@@ -144,6 +144,27 @@ async def test_an_answer_in_http2_says_so_instead_of_blaming_the_port_alone(
     assert "answered in HTTP/2" in body["hint"]
 
 
+@pytest.mark.parametrize(
+    "trailer",
+    [b"X-Long: " + b"t" * 9000 + b"\r\n", b"".join(b"X-T%d: v\r\n" % n for n in range(200))],
+    ids=["long-field", "many-fields"],
+)
+async def test_trailer_fields_past_the_head_limits_name_those_limits(
+    trailer: bytes, start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
+) -> None:
+    """A trailer section is held to the limits of a head: passing them is that cause, with
+    the settings that raise them, not a framing fault."""
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+    model = await raw_server(AnswersWith(answer=answer + trailer + b"\r\n"))
+    gate = await start_gate(model.url)
+    head, rest, _ = await exchange(gate, GET + b"\r\n")
+    assert status_of(head) == 502
+    body = json_body(rest)
+    assert (body["category"], body["cause"]) == ("protocol", "response_header_too_large")
+    assert "upstream.max_response_header" in body["hint"]
+    await assert_classified(gate, log_capture, "protocol", "response_header_too_large", 502)
+
+
 async def test_a_small_body_cut_mid_way_is_a_503_and_not_replayed(
     start_gate: StartGate, raw_server: RawStart, log_capture: LogCapture
 ) -> None:
