@@ -7,7 +7,10 @@ repeated headers included.
 
 from __future__ import annotations
 
+import email.utils
+import functools
 import re
+import time
 from collections.abc import Iterable, Iterator
 
 from proxy.aiohttp_internals import replace_head_serializer
@@ -101,6 +104,26 @@ def request_headers(
     if not id_passed:
         forwarded.append((b"X-Request-Id", _wire(request_id)))
     return forwarded
+
+
+@functools.lru_cache(maxsize=1)  # formatted once a second
+def http_date(second: int) -> bytes:
+    """A time in seconds since the epoch as an IMF-fixdate (RFC 9110 §5.6.7), the form of a
+    Date field."""
+    return email.utils.formatdate(second, usegmt=True).encode()
+
+
+def with_own_fields(head: bytes, request_id: str) -> bytes:
+    """An answer head as the model sent it (its status line, fields and the empty line that
+    ends it), with the fields servegate adds to every answer the model sent none of:
+    X-Request-Id, and Date (RFC 9110 §6.6.1)."""
+    names = {line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n")[1:]}
+    added = b""
+    if b"x-request-id" not in names:
+        added += b"X-Request-Id: " + _wire(request_id) + b"\r\n"
+    if b"date" not in names:
+        added += b"Date: " + http_date(int(time.time())) + b"\r\n"
+    return head[:-2] + added + b"\r\n"
 
 
 def only_chunked(transfer_encoding: Iterable[str]) -> bool:

@@ -401,7 +401,9 @@ class Ingress:
             failure = Failure(Cause.RESPONSE_HEADER_TOO_LARGE, str(exc))
             return self._refuse(Refusal(failure), request_id, budget, line)
         line.status = int(head[9:12]) if head[9:12].isdigit() else 502
-        line.bytes_upgraded_in, line.bytes_out = await upgrader.pipe(request, reader, writer, head)
+        line.bytes_upgraded_in, line.bytes_out = await upgrader.pipe(
+            request, reader, writer, head, request_id
+        )
         # Everything was written on the transport itself; aiohttp's own answer finds it closed.
         response = web.StreamResponse(status=line.status if line.status != 101 else 200)
         response.force_close()

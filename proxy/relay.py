@@ -10,8 +10,6 @@ servegate's memory.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import functools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -26,7 +24,14 @@ from proxy.budget import Budget
 from proxy.exchange import UpstreamResponse
 from proxy.failures import AttemptFacts, Failure, classify
 from proxy.forward import ModelResponse, cut_short
-from proxy.headers import Fields, decoded, response_headers, serialize_fields, serialize_start
+from proxy.headers import (
+    Fields,
+    decoded,
+    http_date,
+    response_headers,
+    serialize_fields,
+    serialize_start,
+)
 
 # Statuses whose responses carry no body, whatever their headers say (RFC 9110 §6.4.1).
 _NO_BODY_STATUSES = frozenset({204, 304})
@@ -274,18 +279,12 @@ def _whole_head(
         fields.append((name, value))
     fields.extend(extra.values())
     if not dated:
-        fields.append((b"Date", _imf_fixdate(int(time.time()))))
+        fields.append((b"Date", http_date(int(time.time()))))
     if keep_alive and version == HttpVersion10:
         fields.append((b"Connection", b"keep-alive"))
     elif not keep_alive and version == HttpVersion11:
         fields.append((b"Connection", b"close"))
     return fields
-
-
-@functools.lru_cache(maxsize=1)  # formatted once a second
-def _imf_fixdate(second: int) -> bytes:
-    """A time in seconds since the epoch as an IMF-fixdate (RFC 9110 §5.6.7)."""
-    return email.utils.formatdate(second, usegmt=True).encode()
 
 
 class _ModelBroke(Exception):

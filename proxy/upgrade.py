@@ -20,7 +20,7 @@ from aiohttp.http import HttpVersion11
 
 from proxy.config import ServerSettings, UpstreamSettings
 from proxy.failures import Cause, connect_failure
-from proxy.headers import Fields, serialize_fields, serialize_start
+from proxy.headers import Fields, serialize_fields, serialize_start, with_own_fields
 from proxy.lag import LoopLag, ResponsiveTimeout
 from proxy.metrics import Metrics
 from proxy.pool import tls_name
@@ -144,16 +144,20 @@ class Upgrader:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         head: bytes,
+        request_id: str,
     ) -> tuple[int, int]:
         """Relay the model's answer head as it came (with what came after it in the same
-        reads), then both directions until one side closes or both are idle for
-        server.upgrade_idle_timeout; returns the bytes from the client and to it."""
+        reads), X-Request-Id and Date added when it has none, as to every answer; then both
+        directions until one side closes or both are idle for server.upgrade_idle_timeout.
+        Returns the bytes from the client and to it."""
         transport = request.transport
         assert transport is not None
         inbound = _ClientBytes(transport)
         # Bytes after the handshake come here; aiohttp takes any object with its parser's
         # feed_data and feed_eof, as its own WebSocket support does.
         request.protocol.set_parser(inbound)  # type: ignore[arg-type]
+        end = head.find(b"\r\n\r\n") + 4  # `handshake` read the head to its end
+        head = with_own_fields(head[:end], request_id) + head[end:]
         transport.write(head)
         upgraded = head[9:12] == b"101"  # any other answer is relayed until the model closes
         self.metrics.upgraded.inc(upgraded)

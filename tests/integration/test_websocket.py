@@ -127,6 +127,9 @@ async def test_a_refused_handshake_is_relayed_as_the_model_answered(
     async with client.get(gate_url(gate, "/ws"), headers=headers) as response:
         assert response.status == 403
         assert await response.read() == b"no"
+        # What servegate adds to every answer without them, as the other answers get it.
+        assert len(response.headers.getall("X-Request-Id")) == 1
+        assert len(response.headers.getall("Date")) == 1
     assert model.last().header(b"upgrade") == [b"websocket"]
     assert len(model.last().header(b"x-servegate-remaining-ms")) == 1
     assert sample(await scrape(gate), "servegate_upgraded_connections_total") == 0
