@@ -121,6 +121,12 @@ NEW_CONNECTION_UNREAD = (
 )
 
 
+# servegate's own descriptors or memory ran out as it connected (failures.OWN_SHORTAGE).
+OWN_SHORTAGE = (
+    "servegate itself ran out of file descriptors or memory opening a connection to the model "
+    "server, which was never asked. Raise servegate's open-file limit (ulimit -n; in "
+    "Kubernetes, the container runtime's), or lower server.max_connections."
+)
 # A malformed answer that was HTTP/2: the port serves HTTP/2 only (h2c prior knowledge, or a
 # gRPC port), which servegate does not speak to the model server.
 HTTP2_ANSWER = (

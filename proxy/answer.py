@@ -12,7 +12,7 @@ from aiohttp import hdrs, web
 
 from proxy import advice
 from proxy.budget import Spent
-from proxy.failures import HTTP2_ANSWER, Category, Cause, Failure
+from proxy.failures import HTTP2_ANSWER, OWN_SHORTAGE, Category, Cause, Failure
 from proxy.retry import GiveUpReason
 
 ERROR_CODE = "ModelArts.4503"
@@ -70,13 +70,17 @@ def hint_for(
         hint = advice.NEW_CONNECTION_UNREAD
     if failure.cause is Cause.MALFORMED_RESPONSE and failure.detail.startswith(HTTP2_ANSWER):
         hint = advice.HTTP2_ANSWER
-    if failure.cause in (Cause.RESET_DURING_REQUEST, Cause.CRASH_LOOP):
-        if attempts == 1:
+    if failure.cause in (Cause.RESET_DURING_REQUEST, Cause.CRASH_LOOP) and failure.request_sent:
+        # Whether the model may have run it, and how often; a request that never left
+        # servegate (refused by the circuit, or by every connect) gets no such sentence.
+        if attempts <= 1:
             hint += _ONCE
         elif give_up is GiveUpReason.ATTEMPTS_EXHAUSTED:  # the replay guard stopped it
             hint += _AGAIN.format(attempts=attempts)
         else:
             hint += _ONCE_AFTER_UNREAD.format(attempts=attempts)
+    if failure.cause is Cause.OVERLOADED and failure.detail.startswith(OWN_SHORTAGE):
+        hint = advice.OWN_SHORTAGE
     if failure.cause in (Cause.TLS_CERTIFICATE, Cause.TLS_HANDSHAKE, Cause.CIRCUIT_OPEN):
         # For an open circuit, what opened it: a refused port, a name that does not resolve
         # and a full accept queue each need their own fix.

@@ -33,7 +33,7 @@ from proxy.headers import install_byte_exact_writer
 from proxy.health import check_upstream
 from proxy.ingress import Ingress
 from proxy.lag import LoopLag
-from proxy.listener import SniffingSite
+from proxy.listener import ADMIN_LIMIT, SniffingSite, admin_limits
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
 from proxy.tls import CertificateError
@@ -133,14 +133,15 @@ class Servegate:
             partial(SniffingSite, settings=self.settings.server, metrics=self.metrics),
         )
         admin = admin_app(self.registry, self.readiness)
-        # The data port's listener, for its limits: plain HTTP, its own connection cap.
-        admin_limits = self.settings.server.model_copy(
-            update={"tls": "off", "max_connections": self.settings.server.admin_max_connections}
-        )
-        self.admin_port = await self._bind(
+        self.admin_port = await self._bind(  # the data port's listener, for its limits
             web.AppRunner(admin, access_log=None, shutdown_timeout=1.0),
             self.settings.server.admin_listen,
-            partial(SniffingSite, settings=admin_limits, metrics=self.metrics.admin),
+            partial(
+                SniffingSite,
+                settings=admin_limits(self.settings.server),
+                metrics=self.metrics.admin,
+                limit_name=ADMIN_LIMIT,
+            ),
         )
         await self._probe.detect()
         await self._start_health_checks()

@@ -27,18 +27,6 @@ from proxy.exchange import StreamedBody
 CHUNK = 64 * 1024
 
 
-async def read_available(stream: StreamReader) -> bytes:
-    """The next bytes of `stream`: all it holds once any have come; b"" at its end.
-
-    aiohttp's `readany` returns one chunk of a chunked body at a time, so a body of a million
-    one-byte chunks would be a million steps, each taken without a wait, stalling the event
-    loop (every other request) for seconds; this takes what has arrived in one piece."""
-    chunk = await stream.readany()
-    if chunk and (more := stream.read_nowait()):
-        return chunk + more
-    return chunk
-
-
 class BodyTooLarge(Exception):
     """The body is larger than server.max_body_bytes (answered 413)."""
 
@@ -160,7 +148,7 @@ class RequestBody:
         size = 0
         try:
             while size <= limit:
-                chunk = await read_available(content)
+                chunk = await content.readany()
                 if not chunk:
                     return cls(head, None, pool=pool)
                 fits = pool.take(len(chunk))

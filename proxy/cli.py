@@ -22,6 +22,7 @@ import structlog
 
 from proxy import config, doctor, limits, logs, workers
 from proxy.app import StartupError, serve
+from proxy.upstream import TLSFilesError, client_ssl_context
 
 log = structlog.get_logger("servegate")
 
@@ -119,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             settings, ignored = config.load_with_warnings(args.file, os.environ)
             _warn(ignored)
+            client_ssl_context(settings.upstream.tls)  # its files load, as `run` loads them
             print(json.dumps(config.effective(settings), indent=2))
             return 0
         settings, ignored = config.load_with_warnings(
@@ -128,8 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"servegate: invalid setting: {problem}", file=sys.stderr)
         return 2
+    except TLSFilesError as exc:
+        print(f"servegate: invalid setting: {exc}", file=sys.stderr)
+        return 2
     if args.command == "doctor":
         _warn(ignored)
+        try:
+            client_ssl_context(settings.upstream.tls)
+        except TLSFilesError as exc:
+            print(f"servegate: {exc}", file=sys.stderr)
+            return 2
         return doctor.main(settings, args.max_idle_wait, args.sample_body, json_output=args.json)
     logs.configure(settings.logging, worker=os.getpid() if args.worker_of else None)
     for variable in ignored:  # now that the log has its format: one warning line each

@@ -28,6 +28,11 @@ from pydantic import (
 from yarl import URL
 
 ENV_PREFIX = "SERVEGATE_"
+# An upstream host as yarl gives it (IDNA-encoded, IPv6 without brackets): a DNS name (with
+# `_`, which Kubernetes and Docker names may carry), an IPv4 address, or an IPv6 one.
+_HOST_NAME = re.compile(
+    r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*"
+)
 MiB = 1024 * 1024
 # Limits handed to C code (llhttp's parser, listen(2)) as a C int: a larger number would
 # overflow there, after start-up, on every connection.
@@ -51,7 +56,9 @@ class _Section(BaseModel):
             return words[value]
         if cls.model_fields[info.field_name].annotation is bool:
             return value
-        raise ValueError("must be a number or a word, not true/false")
+        raise ValueError(
+            "is no true/false setting (YAML reads yes/no/on/off as true/false: quote a word)"
+        )
 
 
 def _check_address(value: str) -> str:
@@ -214,8 +221,13 @@ class UpstreamSettings(_Section):
             port = url.port
         except ValueError:
             raise ValueError("must be an http:// or https:// URL with a host") from None
-        if url.scheme not in ("http", "https") or not url.host or " " in value:
+        if url.scheme not in ("http", "https") or not url.raw_host:
             raise ValueError("must be an http:// or https:// URL with a host")
+        if not _HOST_NAME.fullmatch(url.raw_host):
+            # It becomes the Host field of every request, and what the resolver is asked.
+            raise ValueError(
+                "must name a host by a DNS name (letters, digits, '-', '_', '.') or an IP address"
+            )
         if url.path not in ("", "/") or url.query_string or url.fragment:
             raise ValueError("must name only scheme, host and port (paths are forwarded as sent)")
         if url.user is not None or url.password is not None:
@@ -298,9 +310,9 @@ class HealthSettings(_Section):
 
 
 class CircuitSettings(_Section):
-    # Requests in a row that found the server unreachable (refused, timed-out or unresolvable
-    # connects; each request counts once, however often it retries) that open the circuit;
-    # health checks failing open it too.
+    # Requests in a row that gave up on an unreachable server (refused, timed-out or
+    # unresolvable connects for their whole retry.connect_wait; each counts once) that open the
+    # circuit; health checks failing open it too.
     failure_threshold: int = Field(default=5, ge=1)
     # While open, a new request waits this long for the server to return, then fails fast.
     # 0: fail fast at once (restarts are ridden out by retry.connect_wait before it opens).
@@ -572,7 +584,13 @@ def _describe(key: str, group: list[Mapping[str, Any]]) -> str:
     message = " or ".join(said)
     if isinstance(first["input"], Mapping):  # a rule across keys: the message names them
         return f"{key}: {message}"
-    return f"{key}: {message} (got {first['input']!r})"
+    given = first["input"]
+    if isinstance(given, str):  # a URL's password goes to no log, this line included
+        given = _URL_PASSWORD.sub(r"\1***@", given)
+    return f"{key}: {message} (got {given!r})"
+
+
+_URL_PASSWORD = re.compile(r"(//[^/@\s:]*:)[^/@\s]*@")
 
 
 def effective(settings: Settings) -> dict[str, Any]:

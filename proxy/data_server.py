@@ -303,6 +303,13 @@ class _JsonErrorHandler(RequestHandler):
             reason = f"a header line is longer than server.max_header_bytes ({exc.args[1]})"
         elif isinstance(exc, InvalidURLError):
             reason = f"{_target_fault(self._current)}: {reason}"
+        elif isinstance(exc, BadHttpMessage) and "Invalid HTTP version" in str(exc):
+            # llhttp refuses HTTP/1.2 or 3.0 itself (and reads 2.0 and 0.9 as HTTP/1.x,
+            # refused in ingress): a version this port does not speak, as RFC 9110 §15.6.6
+            # has a server say.
+            status = 505
+            reason = "the request's HTTP version is not spoken on this port: servegate serves "
+            reason += "HTTP/1.1 and HTTP/1.0 (RFC 9110 §15.6.6)"
         elif isinstance(exc, BadHttpMessage) and "PRI/Upgrade" in str(exc):
             status = 505
             reason = (

@@ -159,8 +159,17 @@ TRAILER_TOO_LARGE = (
 # How the error for one interim answer too many begins (proxy/exchange.py raises it).
 TOO_MANY_INTERIM = "More interim (1xx) answers than upstream.max_interim_responses:"
 
-# A connect that failed for want of servegate's own resources (socket(2), connect(2)).
-_OWN_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# A connect that failed for want of servegate's own resources (socket(2), connect(2)): its
+# descriptors, memory, or local ports (EADDRNOTAVAIL: every ephemeral port to that address in
+# use or in TIME_WAIT).
+_OWN_EXHAUSTION = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
+# How the detail of such a failure begins (proxy/answer.py gives it its own hint).
+OWN_SHORTAGE = "servegate could not open a connection"
+# Its Retry-After, in seconds: descriptors come back as connections close, not at a time
+# servegate knows; a second, as admission.retry_after's default.
+OWN_SHORTAGE_RETRY_AFTER = 1.0
 
 _DISCONNECTS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
 _PLAIN_PEER_MARKERS = ("wrong version number", "record layer failure", "packet length too long")
@@ -247,8 +256,8 @@ def connect_failure(error: BaseException) -> tuple[Cause, str]:
         # servegate's own descriptors or memory ran out: no word on the model server, whose
         # restarts, health and circuit must not hear of it.
         return Cause.OVERLOADED, (
-            f"servegate could not open a connection: {os.strerror(error.errno).lower()}; "
-            "raise its open-file limit (ulimit -n) or lower server.max_connections"
+            f"{OWN_SHORTAGE}: {os.strerror(error.errno).lower()}; raise its open-file limit "
+            "(ulimit -n) or lower server.max_connections"
         )
     if isinstance(error, OSError) and error.errno:
         return Cause.CONNECT_REFUSED, os.strerror(error.errno).lower()

@@ -22,7 +22,14 @@ from proxy.budget import Budget, Spent
 from proxy.config import RetrySettings
 from proxy.deadlines import Deadlines
 from proxy.exchange import UpstreamResponse
-from proxy.failures import UNREACHABLE, AttemptFacts, Cause, Failure, classify
+from proxy.failures import (
+    OWN_SHORTAGE_RETRY_AFTER,
+    UNREACHABLE,
+    AttemptFacts,
+    Cause,
+    Failure,
+    classify,
+)
 from proxy.headers import Fields, has_control_byte, only_chunked
 from proxy.metrics import Metrics, ShedReason
 from proxy.probe import SchemeProbe
@@ -105,10 +112,6 @@ class Forwarder:
             assert failure is not None
             failure = await self._observe(failure, facts.scheme, began, budget)
             if failure.cause in UNREACHABLE and connects_until is None:
-                # Once per request: one request's retries alone never open the circuit, so
-                # a restart shorter than retry.connect_wait is ridden out (five requests
-                # refused, or the health checks, say the server is down).
-                self.state.request_refused()
                 connects_until = time.monotonic() + self._connect_wait()
             if self.state.circuit.open:  # opened by this failure or by another request's
                 return self._refused_by_circuit(attempt, facts)
@@ -118,10 +121,14 @@ class Forwarder:
             if isinstance(decision, GiveUp):
                 if (skipped := retry_outcome(decision.reason)) is not None:
                     self.metrics.record_retry(failure.cause, skipped)
+                if failure.cause in UNREACHABLE:
+                    # Once per request, once it has ridden out its retry.connect_wait: a
+                    # restart shorter than that is ridden out by every request in flight.
+                    self.state.request_found_unreachable()
                 failure = self.state.health.explain(failure)
                 retry_after = self.state.circuit.retry_after() or None
                 if failure.cause is Cause.OVERLOADED:  # servegate's own resources ran out
-                    retry_after = 1.0
+                    retry_after = OWN_SHORTAGE_RETRY_AFTER
                 return Forwarded(
                     attempt,
                     facts,

@@ -34,15 +34,16 @@ _HANDLED_ON_REQUEST = frozenset({"expect", "content-length"})
 # servegate sets the budget left itself: a client's own value would sit before servegate's, and
 # most frameworks read the first.
 _REQUEST_DROP = HOP_BY_HOP | _HANDLED_ON_REQUEST | {"x-servegate-remaining-ms"}
-# A client's X-Request-Id fields pass as sent when the first can be logged as sent; else
-# servegate's own id takes their place.
-_REQUEST_ID_BYTES = b"x-request-id"
 # Named in Connection, these still cross: Host is the request's, for every recipient (RFC
-# 9110 §7.6.1 forbids naming such a field; nginx ignores Connection's names altogether).
-_NEVER_HOP_BY_HOP = frozenset({b"host"})
+# 9110 §7.6.1 forbids naming such a field; nginx ignores Connection's names altogether), and
+# the request id the access line logs must reach the model.
+_NEVER_HOP_BY_HOP = frozenset({b"host", b"x-request-id"})
 # Headers cross as the bytes they came as: names compared lowercased, never decoded.
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 _REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP)
+# A client's X-Request-Id fields pass as sent when the first can be logged as sent; else
+# servegate's own id takes their place.
+_REQUEST_DROP_WITH_ID_BYTES = _REQUEST_DROP_BYTES | {b"x-request-id"}
 
 Fields = list[tuple[bytes, bytes]]  # header fields as sent: (name, value), in order
 
@@ -71,10 +72,9 @@ def request_headers(
     `id_passed`: `request_id` is the client's own, whose X-Request-Id fields then pass as sent;
     else they are dropped and `request_id` is added."""
     items = list(headers)
-    named = _connection_named(items) - _NEVER_HOP_BY_HOP
-    drop = _REQUEST_DROP_BYTES | named if named else _REQUEST_DROP_BYTES
-    if not id_passed:
-        drop = drop | {_REQUEST_ID_BYTES}
+    drop = _REQUEST_DROP_BYTES if id_passed else _REQUEST_DROP_WITH_ID_BYTES
+    if named := _connection_named(items):
+        drop = drop | (named - _NEVER_HOP_BY_HOP)
     forwarded: Fields = [] if authority is None else [(b"Host", authority)]
     prior_for: list[bytes] = []
     asked = authority

@@ -225,6 +225,8 @@ class HealthMonitor:
 
     def explain(self, failure: Failure) -> Failure:
         """A service failure during a crash loop is named for the loop, the thing to fix."""
+        if failure.cause is Cause.OVERLOADED:
+            return failure  # servegate's own shedding or shortage: nothing the model did
         if self.state is Health.CRASH_LOOP and failure.category is not Category.PROTOCOL:
             return failure.as_(Cause.CRASH_LOOP, f"{failure.detail}; {CRASH_LOOP_ADVICE}")
         if failure.category is Category.TIMEOUT and (

@@ -114,6 +114,23 @@ def route(first_byte: int, mode: Mode) -> Literal["tls", "plain"] | Mismatch:
     return Mismatch.PLAIN_ON_TLS_PORT if mode == "on" else "plain"
 
 
+# The admin port's cap and its refusals' series, as the log names them.
+ADMIN_LIMIT = ("server.admin_max_connections", "servegate_admin_connections_refused_total")
+
+
+def admin_limits(settings: ServerSettings) -> ServerSettings:
+    """The data port's settings as the admin port's listener takes them: plain HTTP, its own
+    cap, and never a port shared with another process (SO_REUSEPORT would let two servegates
+    answer one scrape address in turn)."""
+    return settings.model_copy(
+        update={
+            "tls": "off",
+            "max_connections": settings.admin_max_connections,
+            "reuse_port": False,
+        }
+    )
+
+
 def connection_limit(configured: int | Literal["auto"]) -> int:
     """server.max_connections in force: `auto` is the open-file limit (RLIMIT_NOFILE) left
     after RESERVED_DESCRIPTORS, divided by DESCRIPTORS_PER_CONNECTION."""
@@ -140,13 +157,20 @@ class SniffingSite(web.BaseSite):
         *,
         settings: ServerSettings,
         metrics: ListenerMetrics,
+        limit_name: tuple[str, str] = (
+            "server.max_connections",
+            "servegate_client_connections_refused_total",
+        ),
     ) -> None:
+        """`limit_name`: the setting that caps the port's connections and the series that
+        counts refusals, as the log names them (the admin port has its own)."""
         super().__init__(runner, backlog=settings.backlog)
         assert runner.server is not None  # BaseSite checked that the runner is set up
         self._handler_factory: Callable[[], RequestHandler] = runner.server
         self._host, self._port = host, port
         self._settings = settings
         self._metrics = metrics
+        self._limit_name = limit_name
         self._acceptor: _Acceptor | None = None
 
     @property
@@ -165,7 +189,7 @@ class SniffingSite(web.BaseSite):
         sockets = await _listen(self._host, self._port, settings.backlog, settings.reuse_port)
         await super().start()
         self._acceptor = _Acceptor(
-            sockets, self._handler_factory, tls, self._settings, self._metrics
+            sockets, self._handler_factory, tls, self._settings, self._metrics, self._limit_name
         )
 
     async def stop(self) -> None:
@@ -215,8 +239,10 @@ class _Acceptor:
         tls: ssl.SSLContext | None,
         settings: ServerSettings,
         metrics: ListenerMetrics,
+        limit_name: tuple[str, str],
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._setting, self._refusals = limit_name
         self.port = int(sockets[0].getsockname()[1])
         self._handler, self._tls = handler, tls
         self._mode: Mode = settings.tls
@@ -228,10 +254,10 @@ class _Acceptor:
             # nginx warns the same way when worker_connections exceed its open-file limit.
             log.warning(
                 "listener.max_connections_over_open_files",
-                message=f"server.max_connections ({self._limit}) allows more connections than "
+                message=f"{self._setting} ({self._limit}) allows more connections than "
                 f"the open-file limit can hold ({fits}, at {DESCRIPTORS_PER_CONNECTION} "
                 "descriptors each): past that, accepting fails (listener.accept_failed) and "
-                "new connections wait; raise `ulimit -n` or lower server.max_connections",
+                f"new connections wait; raise `ulimit -n` or lower {self._setting}",
                 max_connections=self._limit,
                 fits=fits,
             )
@@ -317,12 +343,12 @@ class _Acceptor:
             return
         log.warning(
             "listener.connection_limit_reached",
-            message=f"{self._limit} client connections are open (server.max_connections): "
+            message=f"{self._limit} client connections are open ({self._setting}): "
             "new connections are closed at once until some end",
             limit=self._limit,
             refused=self._refused_unlogged,
             note=f"logged at most every {LIMIT_LOG_INTERVAL:g} s; "
-            "servegate_client_connections_refused_total counts every one",
+            f"{self._refusals} counts every one",
         )
         self._limit_logged_at, self._refused_unlogged = now, 0
 

@@ -19,7 +19,6 @@ from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11, RawResponseMessage
 
 from proxy.aiohttp_internals import hold_head_for_body
-from proxy.body import read_available
 from proxy.budget import Budget
 from proxy.exchange import UpstreamResponse
 from proxy.failures import AttemptFacts, Failure, classify
@@ -307,7 +306,7 @@ async def _read_for_http10(
     size = 0
     try:
         while size <= HTTP10_BUFFER_MAX:
-            chunk = await read_available(upstream.content)
+            chunk = await upstream.content.readany()
             if not chunk:
                 response.content_length = size
                 return b"".join(parts), True
@@ -322,10 +321,8 @@ async def _read_for_http10(
 
 
 async def _from_model(upstream: UpstreamResponse) -> AsyncIterator[bytes]:
-    """The answer's body as it arrives: each piece written at once (a server-sent event
-    reaches the client when the model sends it), what arrived together in one write."""
     try:
-        while chunk := await read_available(upstream.content):
+        async for chunk in upstream.content.iter_any():
             yield chunk
     except aiohttp.ClientError as exc:
         raise _ModelBroke(exc) from exc

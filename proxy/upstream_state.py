@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from proxy.circuit import Circuit, Signal
+from proxy.circuit import Circuit, CircuitState, Signal
 from proxy.config import CircuitSettings, HealthSettings
 from proxy.failures import UNREACHABLE, Category, Failure
 from proxy.health import Health, HealthMonitor
@@ -57,14 +57,17 @@ class UpstreamState:
             self.health.record_failure(failure)
         if failure.cause in UNREACHABLE:
             self._last_down = failure
+            if self.circuit.state is CircuitState.HALF_OPEN:
+                self.circuit.signal(Signal.SERVICE_FAILURE)  # the trial failed: open again
 
-    def request_refused(self) -> None:
-        """A request found the server unreachable (refused, timed-out or unresolvable
-        connects). It counts once towards opening the circuit, however often it retries: a
-        restart shorter than retry.connect_wait is ridden out, as the settings promise, and
-        circuit.failure_threshold counts requests. Only a server that takes no connection
-        opens it: resets come from workers dying behind a master that still serves, and
-        shedding all traffic then would fail requests the next worker could answer."""
+    def request_found_unreachable(self) -> None:
+        """A request gave up on a server it could not reach (refused, timed-out or
+        unresolvable connects) for its whole retry.connect_wait. It counts once towards
+        opening the circuit, however often it retried, and only then: a restart shorter than
+        that wait is ridden out by every request in flight, as the settings promise. Only a
+        server that takes no connection opens it: resets come from workers dying behind a
+        master that still serves, and shedding all traffic then would fail requests the next
+        worker could answer."""
         self.circuit.signal(Signal.SERVICE_FAILURE)
 
     def why_open(self) -> str:

@@ -35,7 +35,7 @@ from prometheus_client.metrics_core import Metric
 from proxy.app import Servegate, StartupError
 from proxy.config import Settings, split_address
 from proxy.health import HealthMonitor
-from proxy.listener import SniffingSite
+from proxy.listener import ADMIN_LIMIT, SniffingSite, admin_limits
 from proxy.metrics import Metrics, admin_listener_metrics
 from proxy.supervise import Supervisor
 
@@ -277,10 +277,14 @@ async def _run(
         await runner.setup()
         host, admin_port = split_address(settings.server.admin_listen)
         # The workers' listener, for its limits (Servegate.start's admin port has the same).
-        limits = settings.server.model_copy(
-            update={"tls": "off", "max_connections": settings.server.admin_max_connections}
+        site = SniffingSite(
+            runner,
+            host,
+            admin_port,
+            settings=admin_limits(settings.server),
+            metrics=admin_metrics,
+            limit_name=ADMIN_LIMIT,
         )
-        site = SniffingSite(runner, host, admin_port, settings=limits, metrics=admin_metrics)
         try:
             await site.start()
         except OSError as exc:

@@ -127,6 +127,11 @@ def test_an_upstream_ca_file_that_is_no_certificate_stops_start_up_with_one_line
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"servegate: cannot load upstream.tls.ca_file {ca}: ")
+    for command in (["check-config", str(settings)], ["doctor", "--config", str(settings)]):
+        checked = run_cli(*command)
+        assert checked.returncode == 2
+        [line] = checked.stderr.strip().splitlines()
+        assert f"cannot load upstream.tls.ca_file {ca}: " in line
 
 
 def test_an_invalid_flag_value_exits_2_naming_the_key() -> None:

@@ -713,12 +713,24 @@ async def test_a_method_the_parser_does_not_know_is_a_501_that_names_it(
         (b"GET /v HTTP/2.0\r\nHost: model\r\n\r\n", b"505 HTTP Version Not Supported"),
         (b"GET /v HTTP/0.9\r\nHost: model\r\n\r\n", b"505 HTTP Version Not Supported"),
         (b"GET /v\r\n\r\n", b"505 HTTP Version Not Supported"),  # HTTP/0.9's simple request
+        (b"GET /v HTTP/1.2\r\nHost: model\r\n\r\n", b"505 HTTP Version Not Supported"),
+        (b"GET /v HTTP/3.0\r\nHost: model\r\n\r\n", b"505 HTTP Version Not Supported"),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"505 HTTP Version Not Supported"),  # h2 preface
         (b"GET /p#frag HTTP/1.1\r\nHost: model\r\n\r\n", b"400 Bad Request"),
         (b"GET http://model/p#/../admin HTTP/1.1\r\nHost: model\r\n\r\n", b"400 Bad Request"),
         (b"GET /p?a=b# HTTP/1.1\r\nHost: model\r\n\r\n", b"400 Bad Request"),
     ],
-    ids=["http2", "http09", "no-version", "h2-preface", "fragment", "absolute-fragment", "empty"],
+    ids=[
+        "http2",
+        "http09",
+        "no-version",
+        "http12",
+        "http3",
+        "h2-preface",
+        "fragment",
+        "absolute-fragment",
+        "empty",
+    ],
 )
 async def test_a_request_this_port_cannot_speak_is_refused_in_http11_and_never_forwarded(
     sent: bytes, status: bytes, start_gate: StartGate, raw_server: Any

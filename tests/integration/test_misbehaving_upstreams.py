@@ -304,8 +304,7 @@ async def test_interim_answers_past_their_limit_are_a_502_naming_the_setting(
 async def test_an_answer_of_many_tiny_chunks_and_a_body_of_them_pass_whole(
     start_gate: StartGate, raw_server: RawStart
 ) -> None:
-    """What arrived together is relayed together (relay._from_model, body.read_available):
-    the bytes must come through exactly, in order, whatever the pieces."""
+    """The bytes come through exactly, in order, whatever the pieces."""
     pieces = [bytes([48 + n % 10]) for n in range(20_000)]
     chunked = b"".join(b"1\r\n" + piece + b"\r\n" for piece in pieces) + b"0\r\n\r\n"
     answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked

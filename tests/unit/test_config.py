@@ -151,10 +151,14 @@ def test_a_misspelled_key_in_the_file_or_a_flag_still_stops_start_up(tmp_path: P
         ("flag", "server.max_headers", 2**64, "less than or equal to 2147483647"),
         ("flag", "server.backlog", 10**11, "less than or equal to 65535"),
         ("flag", "upstream.url", "http://127.0.0.1:0", "port from 1 to 65535"),
-        ("flag", "upstream.url", "http://127.0.0 .1:8000", "http:// or https:// URL"),
+        ("flag", "upstream.url", "http://127.0.0 .1:8000", "a DNS name"),
+        ("flag", "upstream.url", "http://exa%20mple:8000", "a DNS name"),
+        ("flag", "upstream.url", 'http://exa"mple:8000', "a DNS name"),
+        ("flag", "upstream.url", "http://a\x00b:8000", "a DNS name"),
         ("flag", "upstream.url", "http://user:s3cret@127.0.0.1:8000", "no user or password"),
-        ("flag", "server.max_body_bytes", True, "not true/false"),
-        ("env", "ADMISSION__MAX_CONCURRENCY", "true", "not true/false"),
+        ("flag", "server.max_body_bytes", True, "no true/false setting"),
+        ("env", "ADMISSION__MAX_CONCURRENCY", "true", "no true/false setting"),
+        ("env", "HEALTH__PATH", "yes", "no true/false setting"),
         ("flag", "health.interval", 1e-9, "greater than or equal to 0.1"),
         ("flag", "upstream.tls.ca_file", "/nonexistent/ca.pem", "no such file"),
         ("flag", "server.admin_listen", "0.0.0.0:8080", "two different ports"),
@@ -171,7 +175,7 @@ def test_a_value_that_would_break_serving_stops_start_up_on_one_line(
         config.load(None, environ, overrides)
     [problem] = caught.value.problems
     assert said in problem
-    assert "s3cret" not in problem or "user:s3cret" in str(value)  # named only as given
+    assert "s3cret" not in problem  # a password reaches no log, the error line included
 
 
 @pytest.mark.parametrize(("word", "meant"), [("off", "off"), ("on", "on"), ("'auto'", "auto")])

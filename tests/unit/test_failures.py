@@ -155,10 +155,13 @@ def test_tls_errors_name_plain_servers_and_certificates() -> None:
     assert failure.detail == "self-signed certificate"
 
 
-@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS])
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EADDRNOTAVAIL])
 def test_servegate_out_of_descriptors_is_never_the_model_refusing(code: int) -> None:
     """Counted as a refusal, it declared the model restarted and opened the circuit."""
     cause, detail = connect_failure(OSError(code, os.strerror(code)))
     assert cause is Cause.OVERLOADED
     assert "ulimit -n" in detail
     assert cause not in UNREACHABLE
+    hint = answer.hint_for(Failure(cause, detail))
+    assert "servegate itself ran out" in hint
+    assert "model server is busy" not in hint

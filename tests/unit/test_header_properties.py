@@ -48,9 +48,9 @@ def named_by_connection(headers: list[tuple[str, str]]) -> set[str]:
 
 
 def named_on_request(headers: list[tuple[str, str]]) -> set[str]:
-    """What Connection names that a request's headers lose: Host, for every recipient, is kept
-    (RFC 9110 §7.6.1 forbids naming it)."""
-    return named_by_connection(headers) - {"host"}
+    """What Connection names that a request's headers lose: Host, for every recipient, and
+    the request id are kept (RFC 9110 §7.6.1 forbids naming such a field)."""
+    return named_by_connection(headers) - {"host", "x-request-id"}
 
 
 def as_bytes(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

@@ -22,7 +22,9 @@ async def test_stopping_before_a_connection_was_peeked_at_closes_and_uncounts_it
     metrics = Metrics(registry, budget_seconds=40.0)
     listening = socket.create_server(("127.0.0.1", 0))
     listening.setblocking(False)
-    acceptor = listener._Acceptor([listening], _never_handed_over, None, ServerSettings(), metrics)
+    acceptor = listener._Acceptor(
+        [listening], _never_handed_over, None, ServerSettings(), metrics, listener.ADMIN_LIMIT
+    )
     client = socket.create_connection(listening.getsockname()[:2], timeout=5)
     try:
         assert select.select([listening], [], [], 5)[0]  # the kernel has queued the connection

@@ -60,8 +60,8 @@ async def test_health_down_opens_the_circuit_and_up_lets_requests_try_again() ->
 async def test_a_passing_check_while_up_reopens_a_circuit_that_refusals_opened() -> None:
     state, _ = upstream()
     await check(state, None)
-    state.request_refused()
-    state.request_refused()
+    state.request_found_unreachable()
+    state.request_found_unreachable()
     assert state.circuit.state is CircuitState.OPEN  # between two checks, which never saw it
     await check(state, None)
     assert state.circuit.state is CircuitState.HALF_OPEN
