@@ -16,6 +16,7 @@ from typing import cast
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.aiohttp_internals import awaits_request
+from proxy.data_server import partial_head_pending
 
 # After the 408, read what the client still sends for this long before closing: closing with
 # unread bytes sends a TCP reset, which can destroy the answer before the client reads it
@@ -46,7 +47,9 @@ class ClientConnection(asyncio.Protocol):
 
     The deadline starts with the first byte of a request's head, on every request of a
     keep-alive connection (idle time between requests is the keep-alive's), and ends when
-    aiohttp has parsed the head; the body then draws on the request's budget. When it passes,
+    aiohttp has parsed the head; the body then draws on the request's budget. A head begun
+    behind a whole request in the same read (pipelined) is timed from then, and again while
+    the request before it is still being handled. When it passes,
     the client gets a 408 and the connection is closed. Whether aiohttp's handler awaits a
     head is read from its private state, through proxy/aiohttp_internals.py.
     """
@@ -57,6 +60,7 @@ class ClientConnection(asyncio.Protocol):
         "_handler",
         "_on_closed",
         "_on_timeout",
+        "_pipelined",
         "_timeout",
         "_timer",
         "_transport",
@@ -74,6 +78,7 @@ class ClientConnection(asyncio.Protocol):
         self._on_timeout, self._on_closed = on_timeout, on_closed
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._pipelined = False  # the timer runs for a head pipelined behind other requests
         self._expired = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -85,17 +90,26 @@ class ClientConnection(asyncio.Protocol):
             return  # answered 408: what still comes is read and dropped until the close
         waiting = awaits_request(self._handler)
         self._handler.data_received(data)
+        pipelined = partial_head_pending(self._handler)
         if not waiting:
-            return  # a request is being handled: its body is the budget's business
+            # A request is being handled: its body is the budget's business, but the start of
+            # a head pipelined behind it is timed from now.
+            if pipelined and self._timer is None:
+                self._arm(pipelined=True)
+            return
         if data:
             # A request has begun: the keep-alive's idle timer, which aiohttp leaves armed for
             # the whole request (server.client_keepalive, 620 s), has nothing left to time.
             # Its public switch cancels it; aiohttp arms it again once the request is answered.
             self._handler.keep_alive(True)
         if not awaits_request(self._handler):
-            self._disarm()  # the head is complete (or unparseable, and answered so)
+            # The head is complete (or unparseable, and answered so); one begun behind it in
+            # the same read is timed as its own.
+            self._disarm()
+            if pipelined:
+                self._arm(pipelined=True)
         elif data and self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+            self._arm(pipelined=False)
 
     def eof_received(self) -> None:
         self._handler.eof_received()  # None: the transport closes once the client half-closed
@@ -111,6 +125,10 @@ class ClientConnection(asyncio.Protocol):
         self._handler.connection_lost(exc)
         self._on_closed()
 
+    def _arm(self, *, pipelined: bool) -> None:
+        self._pipelined = pipelined
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -119,7 +137,17 @@ class ClientConnection(asyncio.Protocol):
     def _expire(self) -> None:
         self._timer = None
         transport = self._transport
-        if transport is None or transport.is_closing() or not awaits_request(self._handler):
+        if transport is None or transport.is_closing():
+            return
+        if self._pipelined:
+            if not partial_head_pending(self._handler):
+                return  # the pipelined head came whole
+            if not awaits_request(self._handler):
+                # Still busy with a request before it: that one's time is its budget's; the
+                # head waiting behind it gets another header_timeout from now.
+                self._arm(pipelined=True)
+                return
+        elif not awaits_request(self._handler):
             return
         self._expired = True
         self._on_timeout()

@@ -108,6 +108,7 @@ class _JsonErrorHandler(RequestHandler):
         "_on_rejected",
         "_recorded",
         "draining",
+        "partial_head_pending",
         "refused_version",
     )
 
@@ -140,6 +141,9 @@ class _JsonErrorHandler(RequestHandler):
         self._closes = False
         # The version of the request being handled when it is no HTTP/1.x (`refused_version`).
         self.refused_version: HttpVersion | None = None
+        # The parser holds the start of a head pipelined behind the requests before it, which
+        # no read has completed yet (proxy/connection.py times it: `partial_head_pending`).
+        self.partial_head_pending = False
         self.draining = False  # servegate shuts down: no request after the one being handled
 
     def data_received(self, data: bytes) -> None:
@@ -168,7 +172,14 @@ class _JsonErrorHandler(RequestHandler):
         super().data_received(data)
         grew = self._queue_heads(requests_before)
         if begins_head and grew and self._was_one_whole_request(data):
+            self.partial_head_pending = False
             return  # the parser has nothing left: most reads are one request, whole
+        if grew:
+            # What is left of this read after the requests it began with is a head begun; a
+            # read that completed a pending head leaves none counted (the safe side: no timer).
+            self.partial_head_pending = (
+                begins_head and not self.partial_head_pending and _ends_in_head(data)
+            )
         # The parser stops at the end of each request, also of one whose body began in an
         # earlier read, and keeps the rest of the read: it is fed again until a feed brings no
         # further request, a parse error (llhttp's is final: each further feed repeats it), or
@@ -341,6 +352,32 @@ class _JsonErrorHandler(RequestHandler):
         return response
 
 
+# A request line's start: a method, then a space.
+_REQUEST_LINE = re.compile(rb"[A-Z][A-Z-]* ")
+
+
+def _ends_in_head(read: bytes) -> bool:
+    """Whether `read`, which began with a request, ends in the start of another request's head
+    that it does not complete: its requests are counted by their heads' ends and
+    Content-Lengths. Unknown (False) when a body is chunked or a request upgrades: where they
+    end is not counted here, and a timer on an idle connection would be worse than none."""
+    if not _REQUEST_LINE.match(read):
+        return False
+    at = 0
+    while (end := read.find(b"\r\n\r\n", at)) >= 0:
+        head = read[at:end].lower()
+        if b"\ntransfer-encoding:" in head or b"\nupgrade:" in head:
+            return False
+        length = 0
+        if (field := head.find(b"\ncontent-length:")) >= 0:
+            value = head[field + 16 :].split(b"\r", 1)[0].strip()
+            if not value.isdigit():
+                return False
+            length = int(value)
+        at = end + 4 + length
+    return 0 < at < len(read)
+
+
 def _target_fault(head_start: bytes) -> str:
     """Why llhttp refused the request target on the captured request line."""
     parts = head_start.split(b" ", 2)
@@ -372,6 +409,12 @@ def closes_after_answer(request: web.BaseRequest) -> bool:
     if isinstance(protocol, _JsonErrorHandler):
         return protocol.closes_after_answer
     return request.body_exists and request.content_length is None  # chunked: the safe side
+
+
+def partial_head_pending(handler: RequestHandler) -> bool:
+    """Whether `handler`'s parser holds the start of a pipelined head that has not come whole
+    (`_JsonErrorHandler.partial_head_pending`); False for other handlers (the admin port's)."""
+    return isinstance(handler, _JsonErrorHandler) and handler.partial_head_pending
 
 
 def refused_version(request: web.BaseRequest) -> HttpVersion | None:

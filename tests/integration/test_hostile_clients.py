@@ -241,6 +241,45 @@ async def test_the_header_timeout_applies_to_every_request_of_a_keep_alive_conne
     assert sample(metrics, "servegate_client_timeouts_total", phase="headers") == 1
 
 
+@pytest.mark.time_limit(30)
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /first HTTP/1.1\r\nHost: model\r\n\r\n",
+        b"POST /first HTTP/1.1\r\nHost: model\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+    ids=["get", "post"],
+)
+async def test_a_head_pipelined_behind_a_request_is_held_to_the_header_timeout(
+    first: bytes, start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    """The start of a second head sent with the first request, and then nothing: the first
+    is answered, the second gets its 408 (it held the connection for server.client_keepalive
+    before). Two whole pipelined requests, and then quiet, get no 408: the connection idles."""
+    gate = await start_gate(upstream_url, **{"server.header_timeout": 1.0})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        writer.write(first + b"GET /second HTTP/1.1\r\nHost: model\r\nX-Partial: b")
+        assert (await read_answer(reader)).status == 200
+        began = time.monotonic()
+        answer = await read_answer(reader)
+        assert time.monotonic() - began < 5
+    finally:
+        writer.close()
+    assert answer.status == 408
+    assert [seen.raw_path for seen in recorder.seen] == ["/first"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        writer.write(first + b"GET /second HTTP/1.1\r\nHost: model\r\n\r\n")
+        for _ in range(2):
+            assert (await read_answer(reader)).status == 200
+        with pytest.raises(TimeoutError):  # nothing more: neither a 408 nor a close
+            async with asyncio.timeout(2.5):
+                await reader.read(1)
+    finally:
+        writer.close()
+
+
 async def test_an_idle_kept_connection_is_closed_at_the_keep_alive_timeout_a_busy_one_never(
     start_gate: StartGate, aiohttp_server: Any
 ) -> None:
