@@ -204,6 +204,10 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
         return failure(Cause.RESPONSE_FRAMING, str(exc))
     if isinstance(exc, AnswersPlainHTTP):
         return failure(Cause.TLS_TO_PLAIN_SERVER, str(exc))
+    if (alert := _tls_alert(exc)) is not None and not facts.response_started:
+        # A TLS 1.3 server refuses a client certificate (or its absence) after the handshake:
+        # its alert comes on the first read, as a dropped connection, not from the connect.
+        return failure(*connect_failure(alert))
     if isinstance(exc, (aiohttp.ClientPayloadError, *_DISCONNECTS)):
         # A fresh connection counts only with the kernel's proof: without it, a fresh one
         # dropped after sending is a TLS server's answer to plain HTTP as often as not.
@@ -214,6 +218,19 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
         return failure(Cause.RESET_DURING_REQUEST, _disconnect_reason(exc, facts))
     # Anything else is still a failure of this attempt; the detail names it for the log.
     return failure(Cause.RESET_DURING_REQUEST, f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _tls_alert(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS alert the peer sent, behind an error aiohttp raised for a dropped connection
+    (it keeps the transport's error as the cause), or None."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # aiohttp wraps it once or twice
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError) and "alert" in str(seen).lower():
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _never_read(facts: AttemptFacts) -> bool:

@@ -28,7 +28,9 @@ PROBE_TIMEOUT = 1.0
 
 
 async def speaks_tls(host: str, port: int, wait: float) -> bool | None:
-    """True: a TLS handshake completed. False: the server answered but not with TLS.
+    """True: the server speaks TLS: a handshake completed, or it answered with a TLS alert
+    (a TLS 1.0-only server refuses servegate's versions so; a handshake that fails is still
+    TLS). False: the server answered but not with TLS.
 
     None: nothing conclusive (refused, timed out) — the caller keeps its own classification.
     """
@@ -38,8 +40,9 @@ async def speaks_tls(host: str, port: int, wait: float) -> bool | None:
     try:
         async with asyncio.timeout(wait):
             _, writer = await asyncio.open_connection(host, port, ssl=context)
-    except ssl.SSLError:
-        return False
+    except ssl.SSLError as exc:
+        said = str(exc).lower()
+        return "alert" in said or "unsupported protocol" in said
     except (OSError, TimeoutError):
         return None
     writer.close()

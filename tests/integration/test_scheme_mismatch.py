@@ -4,6 +4,10 @@ where it safely can be (upstream.scheme: auto, never downgrading an https:// URL
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +17,7 @@ import aiohttp
 import pytest
 
 from proxy.app import Servegate
+from proxy.probe import speaks_tls
 from tests.conftest import (
     Certificates,
     LogCapture,
@@ -181,8 +186,14 @@ async def test_a_client_certificate_is_presented_to_a_server_that_requires_one(
     )  # fmt: skip
     trust = {"upstream.tls.ca_file": str(certificates.ca_file)}
     anonymous = await start_gate(model.url, **trust)
-    async with client.get(gate_url(anonymous, "/health")) as response:
-        assert response.status == 503
+    for _ in range(4):  # TLS 1.3 refuses the missing certificate after the handshake
+        async with client.get(gate_url(anonymous, "/health")) as response:
+            assert response.status == 503
+            body = await response.json()
+            # The protocol, never a worker dying: no restart, no crash loop.
+            assert (body["category"], body["cause"]) == ("protocol", "tls_handshake")
+            assert "certificate required" in body["hint"]
+    assert sample(await scrape(anonymous), "servegate_upstream_restarts_total") == 0
     identity = {"upstream.tls.cert_file": str(pem), "upstream.tls.key_file": str(pem)}
     mutual = await start_gate(model.url, **trust, **identity)
     async with client.get(gate_url(mutual, "/health")) as response:
@@ -283,3 +294,32 @@ async def test_auto_follows_a_server_that_takes_up_tls_while_no_request_comes(
     plain.stop()
     tls_gunicorn(gunicorn, certificates, port=plain.port)
     await ready_again_speaking("https", gate, client)
+
+
+async def test_a_tls_server_that_refuses_servegates_versions_still_speaks_tls(
+    certificates: Certificates,
+) -> None:
+    """A TLS 1.0-only server answers servegate's hello with a protocol-version alert: a TLS
+    server all the same, never a plain one (whose fix, an http:// URL, would be wrong)."""
+    legacy = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.warns(DeprecationWarning, match="TLSv1"):  # what such a server is
+        legacy.minimum_version = legacy.maximum_version = ssl.TLSVersion.TLSv1
+    legacy.set_ciphers("DEFAULT:@SECLEVEL=0")
+    legacy.load_cert_chain(certificates.cert_file, certificates.key_file)
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.settimeout(10)
+
+    def serve_one() -> None:  # OpenSSL's own server, which sends its alert before closing
+        connection, _ = listening.accept()
+        with connection, contextlib.suppress(OSError):
+            connection.settimeout(10)
+            legacy.wrap_socket(connection, server_side=True)
+
+    server = threading.Thread(target=serve_one, daemon=True)
+    server.start()
+    try:
+        port = listening.getsockname()[1]
+        assert await speaks_tls("127.0.0.1", port, 5.0) is True
+    finally:
+        server.join(10)
+        listening.close()
