@@ -185,6 +185,14 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
         )
 
     if deadline_passed:
+        if facts.reused is None:
+            # No connection opened within the budget: the model never got the request, so
+            # the prediction is not what to fix (DESIGN §1: a timeout is the budget running
+            # out while the model works).
+            return failure(
+                Cause.CONNECT_TIMEOUT,
+                "the budget ran out before a connection to the model server opened",
+            )
         if facts.response_started:
             return failure(Cause.DEADLINE_DURING_STREAM, "the budget ended while streaming")
         return failure(Cause.DEADLINE_EXCEEDED, "the budget ended before the model answered")

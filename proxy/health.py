@@ -306,7 +306,9 @@ async def check_upstream(
                 writer.close()
                 await writer.wait_closed()
                 return None
-            url = URL.build(scheme=scheme, host=host, port=port, path=settings.path)
+            # The path as written, its query too: built as a path, `?` would be encoded.
+            origin = URL.build(scheme=scheme, host=host, port=port)
+            url = URL(f"{origin}{settings.path}", encoded=True)
             async with session.get(url, server_hostname=server_name) as response:
                 await response.read()
                 if 200 <= response.status < 300:

@@ -47,6 +47,9 @@ STARTUP_WAIT = 30.0  # seconds for every first worker to serve
 RESTART_DELAY = 0.5  # doubling for a worker that dies within STABLE_RUN of its start, to 30 s
 MAX_RESTART_DELAY = 30.0
 STABLE_RUN = 60.0
+# Seconds a draining worker gets beyond its quiet period and budget: aiohttp's own shutdown
+# (closing connections, the runner's cleanup) before the parent kills it.
+DRAIN_SLACK = 3.0
 
 
 def count(text: str) -> int:
@@ -148,16 +151,19 @@ class Pool:
         return ports
 
     async def stop(self) -> None:
-        """SIGTERM to every worker (each drains within the budget), SIGKILL after the grace."""
+        """SIGTERM to every worker (each drains as a single servegate does), SIGKILL to one
+        still running once the grace is over, said in the log."""
         self._stopping = True
         for process in self._processes.values():
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
+        until = time.monotonic() + self._grace  # one grace for all: they drain at once
         for process in self._processes.values():
             try:
-                await asyncio.wait_for(process.wait(), self._grace)
+                await asyncio.wait_for(process.wait(), max(0.0, until - time.monotonic()))
             except TimeoutError:
+                log.warning("workers.killed_after_grace", pid=process.pid, grace_s=self._grace)
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
@@ -261,7 +267,10 @@ async def _run(
         loop.add_signal_handler(signum, stopping.set)
     port = _data_port(settings)
     argv = worker_argv(own_args, settings.server.listen, port, directory)
-    pool = Pool(argv, size, directory, settings.budget.seconds)
+    # A worker drains as a single servegate does: the quiet period, then its requests within
+    # the budget, and a moment for its own shutdown.
+    grace = settings.server.shutdown_quiet + settings.budget.seconds + DRAIN_SLACK
+    pool = Pool(argv, size, directory, grace)
     supervisor: Supervisor | None = None
     if command:
         metrics = Metrics(CollectorRegistry(), settings.budget.seconds)

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import pytest
@@ -14,6 +15,7 @@ from proxy.failures import Category, Cause
 from tests.conftest import StartGate, require_tool, sample, scrape
 from tests.integration.test_down_fast import accepting_nothing
 from tests.upstreams.gunicorn import Gunicorn, free_port
+from tests.upstreams.recording import RecordingModel
 
 
 async def test_every_category_and_cause_is_exported_at_zero_from_start_up(
@@ -154,3 +156,14 @@ async def test_the_admin_port_caps_its_connections_and_times_out_a_slow_head(
     samples = await scrape(gate)
     assert sample(samples, "servegate_admin_connections_refused_total") == 1
     assert sample(samples, "servegate_admin_connections_limit") == 2
+
+
+async def test_a_health_path_with_a_query_is_asked_as_written(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """`health.path: /health?verbose=1` was sent as `/health%3Fverbose=1`: a 404, and a model
+    server declared down that was up."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url, **{"health.path": "/health?verbose=1"})
+    assert gate.health.state.value == "up"
+    assert model.seen[0].request_line == b"GET /health?verbose=1 HTTP/1.1"

@@ -133,12 +133,22 @@ def test_a_host_name_that_does_not_resolve_is_its_own_cause_not_a_refusal() -> N
 
 
 def test_the_budget_running_out_is_a_timeout_before_and_during_the_stream() -> None:
-    before = classify(TimeoutError(), AttemptFacts(request_sent=True), deadline_passed=True)
+    sent = AttemptFacts(reused=False, request_sent=True)
+    before = classify(TimeoutError(), sent, deadline_passed=True)
     assert before.cause is Cause.DEADLINE_EXCEEDED
-    during = AttemptFacts(request_sent=True, response_started=True)
+    during = AttemptFacts(reused=True, request_sent=True, response_started=True)
     assert classify(TimeoutError(), during, deadline_passed=True).cause is (
         Cause.DEADLINE_DURING_STREAM
     )
+
+
+def test_a_budget_spent_connecting_is_the_connect_not_the_prediction() -> None:
+    """A TLS handshake the server never answers, within the whole budget: the model never got
+    the request, so "make the prediction faster" would be the wrong fix."""
+    connecting = AttemptFacts()  # no connection obtained
+    failure = classify(TimeoutError(), connecting, deadline_passed=True)
+    assert failure.cause is Cause.CONNECT_TIMEOUT
+    assert failure.category is Category.SERVICE
 
 
 def test_tls_errors_name_plain_servers_and_certificates() -> None:

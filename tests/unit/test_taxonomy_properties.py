@@ -78,8 +78,9 @@ def test_every_symptom_maps_to_one_cause_and_its_category_the_same_way_every_tim
     assert first == again
     assert first.category is first.cause.category
     assert (first.reused, first.request_sent) == (facts.reused, facts.request_sent)
-    if deadline_passed:
-        assert first.category is Category.TIMEOUT
+    if deadline_passed:  # the model's time, unless no connection ever opened
+        expected = Category.SERVICE if facts.reused is None else Category.TIMEOUT
+        assert first.category is expected
     if first.cause is Cause.STALE_CONNECTION:  # only with proof that nothing was read
         assert not facts.response_started
         if facts.request_bytes_acked is None:
