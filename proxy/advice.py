@@ -121,6 +121,11 @@ NEW_CONNECTION_UNREAD = (
 )
 
 
+# A certificate verified but out of date (failures.ssl_reason says "certificate has expired").
+CERTIFICATE_OUT_OF_DATE = (
+    "The model server's certificate has expired. Renew it (or check the clocks of both "
+    "machines); neither upstream.tls.ca_file nor server_name can fix a date."
+)
 # servegate's own descriptors or memory ran out as it connected (failures.OWN_SHORTAGE).
 OWN_SHORTAGE = (
     "servegate itself ran out of file descriptors or memory opening a connection to the model "

@@ -43,6 +43,8 @@ _AGAIN = (
     " The request was sent {attempts} times and servegate stops there: a request that was "
     "on two failed connections may be what kills the workers."
 )
+# OpenSSL's reason for a certificate past its validity.
+_OUT_OF_DATE = "certificate has expired"
 # Earlier attempts were retried because they provably never reached the model.
 _ONCE_AFTER_UNREAD = (
     " Of its {attempts} attempts, the earlier ones provably never reached the model; the last "
@@ -81,10 +83,12 @@ def hint_for(
             hint += _ONCE_AFTER_UNREAD.format(attempts=attempts)
     if failure.cause is Cause.OVERLOADED and failure.detail.startswith(OWN_SHORTAGE):
         hint = advice.OWN_SHORTAGE
+    if failure.cause is Cause.TLS_CERTIFICATE and _OUT_OF_DATE in failure.detail.lower():
+        hint = advice.CERTIFICATE_OUT_OF_DATE  # no CA or name setting fixes a date
     if failure.cause in (Cause.TLS_CERTIFICATE, Cause.TLS_HANDSHAKE, Cause.CIRCUIT_OPEN):
         # For an open circuit, what opened it: a refused port, a name that does not resolve
         # and a full accept queue each need their own fix.
-        hint = f"{hint} Reason: {failure.detail}."
+        hint = f"{hint} Reason: {failure.detail.rstrip('.')}."
     if failure.category is Category.TIMEOUT:
         hint = f"{hint} Budget: {budget:.1f} s"
         hint += f" ({spent.describe()})." if spent is not None else "."

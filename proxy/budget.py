@@ -62,13 +62,23 @@ class Budget:
         return _REMAINING_NAME, self.remaining_ms_header().encode()
 
 
+# More milliseconds than any budget: a longer number is clamped to the budget like any other.
+_MS_DIGITS = 12
+
+
 def parse_timeout_ms(raw: str) -> int:
+    """The milliseconds a client asked for; any number larger than the budget is the budget.
+
+    Raises BadTimeoutHeader unless `raw` is a positive whole number: a list (`500, 900`, or
+    the field sent twice, which RFC 9110 §5.3 makes the same) has no one meaning."""
     value = raw.strip()
-    if not value.isascii() or not value.isdigit() or len(value) > 12 or int(value) == 0:
+    digits = value.lstrip("0")
+    if not value.isascii() or not value.isdigit() or not digits:
         raise BadTimeoutHeader(
-            f"{TIMEOUT_HEADER} must be a positive whole number of milliseconds, got {raw[:40]!r}"
+            f"{TIMEOUT_HEADER} must be a positive whole number of milliseconds, given once, "
+            f"got {raw[:40]!r}"
         )
-    return int(value)
+    return int(digits) if len(digits) <= _MS_DIGITS else 10**_MS_DIGITS
 
 
 @dataclass(slots=True)

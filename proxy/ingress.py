@@ -185,7 +185,8 @@ class Ingress:
             line.status = refused.status
             return refused
         try:
-            budget = Budget.start(self.settings.budget, request.headers.get(TIMEOUT_HEADER))
+            asked = request.headers.getall(TIMEOUT_HEADER, None)
+            budget = Budget.start(self.settings.budget, ", ".join(asked) if asked else None)
         except BadTimeoutHeader as exc:
             line.status = 400
             return answer.bad_request(str(exc), request_id)

@@ -67,3 +67,12 @@ def test_the_hint_says_how_often_the_request_may_have_reached_the_model() -> Non
     assert "kills the workers" not in after_unread
     guarded = answer.hint_for(reset, GiveUpReason.ATTEMPTS_EXHAUSTED, attempts=2)
     assert "sent 2 times" in guarded
+
+
+def test_an_expired_certificate_is_told_to_be_renewed_not_trusted_otherwise() -> None:
+    expired = answer.hint_for(Failure(Cause.TLS_CERTIFICATE, "certificate has expired"))
+    assert "Renew" in expired
+    assert "Set upstream.tls.ca_file" not in expired
+    mismatch = answer.hint_for(Failure(Cause.TLS_CERTIFICATE, "Hostname mismatch, 'x'."))
+    assert "upstream.tls.server_name" in mismatch
+    assert ".." not in mismatch

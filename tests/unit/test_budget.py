@@ -32,9 +32,15 @@ def test_a_client_may_ask_for_less_never_for_more() -> None:
     settings = BudgetSettings(seconds=40, margin=1)
     assert Budget.start(settings, "1000", clock=FakeClock()).total == 1.0
     assert Budget.start(settings, "90000", clock=FakeClock()).total == 39.0
+    # Any number larger than the budget is the budget, however many digits it has.
+    assert Budget.start(settings, "1" + "0" * 12, clock=FakeClock()).total == 39.0
+    assert Budget.start(settings, "9" * 5000, clock=FakeClock()).total == 39.0
+    assert Budget.start(settings, "000500", clock=FakeClock()).total == 0.5
 
 
-@pytest.mark.parametrize("raw", ["", "soon", "-5", "0", "1.5", "1e3", "٣", "9" * 20])
+@pytest.mark.parametrize(
+    "raw", ["", "soon", "-5", "0", "000", "1.5", "1e3", "٣", "99999, 500", "500,500"]
+)
 def test_malformed_client_budgets_are_refused(raw: str) -> None:
     with pytest.raises(BadTimeoutHeader):
         Budget.start(BudgetSettings(), raw, clock=FakeClock())
