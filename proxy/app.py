@@ -235,18 +235,23 @@ async def serve(
     settings: Settings,
     command: tuple[str, ...] = (),
     on_started: Callable[[Servegate], None] | None = None,
+    *,
+    worker: bool = False,
 ) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully.
+    """Run until SIGTERM or SIGINT, then shut down gracefully; a second signal stops at once.
 
     With a `command` (supervise mode) the model server is servegate's child: started first, so
     it boots meanwhile, and stopped last, once servegate has stopped accepting and drained.
+    A `worker` of `servegate run --workers` drains on any number of signals: one may come
+    from its parent and one from the terminal's process group (Ctrl-C), and the parent alone
+    decides to stop at once (it kills its workers then).
     """
     from proxy.supervise import Supervisor  # supervise mode only
 
     stop, at_once = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:  # a second signal: the operator will not wait for the drain
-        (at_once if stop.is_set() else stop).set()
+        (at_once if stop.is_set() and not worker else stop).set()
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):  # before the child exists: it is never orphaned
@@ -275,8 +280,8 @@ async def serve(
         await stop.wait()
         quiet = settings.server.shutdown_quiet
         log.info("servegate.stopping", quiet_s=quiet, grace_s=settings.budget.seconds)
-        await _stop_unless_hurried(gate.stop(quiet), at_once)
-    except _Hurried:
+        await stop_unless_hurried(gate.stop(quiet), at_once)
+    except Hurried:
         log.warning("servegate.stopped_at_once", reason="a second stop signal", exit_code=1)
         if supervisor is not None:
             supervisor.kill()
@@ -287,16 +292,18 @@ async def serve(
     log.info("servegate.stopped")
 
 
-class _Hurried(Exception):
+class Hurried(Exception):
     """A second stop signal arrived while servegate was stopping gracefully."""
 
 
-async def _stop_unless_hurried(stopping: Coroutine[Any, Any, None], at_once: asyncio.Event) -> None:
+async def stop_unless_hurried(stopping: Coroutine[Any, Any, None], at_once: asyncio.Event) -> None:
+    """Run `stopping` to its end, or raise Hurried once `at_once` is set (the graceful stop is
+    cancelled)."""
     graceful = asyncio.ensure_future(stopping)
     hurried = asyncio.ensure_future(at_once.wait())
     await asyncio.wait((graceful, hurried), return_when=asyncio.FIRST_COMPLETED)
     if not graceful.done():
         graceful.cancel()
-        raise _Hurried
+        raise Hurried
     hurried.cancel()
     graceful.result()

@@ -32,9 +32,9 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 
-from proxy.app import Servegate, StartupError
+from proxy.app import Hurried, Servegate, StartupError, stop_unless_hurried
 from proxy.config import Settings, split_address
-from proxy.health import HealthMonitor
+from proxy.health import CRASH_LOOP_ADVICE, Health, HealthMonitor
 from proxy.listener import ADMIN_LIMIT, SniffingSite, admin_limits
 from proxy.metrics import Metrics, admin_listener_metrics
 from proxy.supervise import Supervisor
@@ -61,10 +61,17 @@ def count(text: str) -> int:
     return int(text)
 
 
+# Written by a parent that supervises the model server: it counts the model's restarts from
+# the model's own log, and its workers count none (each would count the same restart again).
+SUPERVISED_MARK = "supervised"
+
+
 def announce(directory: Path) -> Callable[[Servegate], None]:
     """For a worker: once serving, tell the parent which admin port answers its /readyz."""
 
     def started(gate: Servegate) -> None:
+        if (directory / SUPERVISED_MARK).exists():
+            gate.health.restarts_from_log = True
         path = directory / f"admin-{os.getpid()}.port"
         path.with_suffix(".tmp").write_text(str(gate.admin_port), encoding="ascii")
         path.with_suffix(".tmp").rename(path)  # atomic: the parent never reads half a number
@@ -150,6 +157,14 @@ class Pool:
                 ports.append(int(path.read_text(encoding="ascii")))
         return ports
 
+    def kill(self) -> None:
+        """SIGKILL to every worker still running: the parent stops at once."""
+        self._stopping = True
+        for process in self._processes.values():
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+
     async def stop(self) -> None:
         """SIGTERM to every worker (each drains as a single servegate does), SIGKILL to one
         still running once the grace is over, said in the log."""
@@ -188,7 +203,9 @@ def _data_port(settings: Settings) -> int:
         return int(probe.getsockname()[1])
 
 
-def _admin(pool: Pool, directory: Path, stopping: asyncio.Event) -> web.Application:
+def _admin(
+    pool: Pool, directory: Path, stopping: asyncio.Event, health: HealthMonitor | None
+) -> web.Application:
     async def metrics(_request: web.Request) -> web.Response:
         registry = CollectorRegistry()
         registry.register(_Present(directory))
@@ -200,7 +217,11 @@ def _admin(pool: Pool, directory: Path, stopping: asyncio.Event) -> web.Applicat
         return web.json_response({"status": "ok"})
 
     async def readyz(_request: web.Request) -> web.Response:
-        """A worker's own answer: each checks the same model server on the same schedule."""
+        """A worker's own answer: each checks the same model server on the same schedule; a
+        crash loop the parent sees in the supervised model's log, the parent's."""
+        if health is not None and health.state is Health.CRASH_LOOP and not stopping.is_set():
+            reason = f"the model server is in a crash loop: {CRASH_LOOP_ADVICE}"
+            return web.json_response({"status": "not_ready", "reason": reason}, status=503)
         reason = "servegate is shutting down" if stopping.is_set() else "no worker is serving"
         for port in [] if stopping.is_set() else pool.readiness_ports():
             with contextlib.suppress(aiohttp.ClientError, OSError):
@@ -261,10 +282,14 @@ async def _run(
     command: tuple[str, ...],
     directory: Path,
 ) -> None:
-    stopping = asyncio.Event()
+    stopping, at_once = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:  # a second signal: the operator will not wait for the drain
+        (at_once if stopping.is_set() else stopping).set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signum, on_signal)
     port = _data_port(settings)
     argv = worker_argv(own_args, settings.server.listen, port, directory)
     # A worker drains as a single servegate does: the quiet period, then its requests within
@@ -272,15 +297,21 @@ async def _run(
     grace = settings.server.shutdown_quiet + settings.budget.seconds + DRAIN_SLACK
     pool = Pool(argv, size, directory, grace)
     supervisor: Supervisor | None = None
+    health: HealthMonitor | None = None
     if command:
         metrics = Metrics(CollectorRegistry(), settings.budget.seconds)
-        health = HealthMonitor(settings.health, _ignore, metrics.upstream_restarts.inc)
+
+        def crash_loop_shown(_was: Health, now: Health) -> None:
+            metrics.crash_loop.set(now is Health.CRASH_LOOP)  # the workers' own stay at 0
+
+        health = HealthMonitor(settings.health, crash_loop_shown, metrics.upstream_restarts.inc)
         supervisor = Supervisor(command, health, metrics, settings.budget.seconds)
+        (directory / SUPERVISED_MARK).touch()  # before any worker starts
         await _start_model(supervisor, settings)
         admin_metrics = metrics.admin
     else:
         admin_metrics = admin_listener_metrics(CollectorRegistry(), _uncounted, _uncounted)
-    runner = web.AppRunner(_admin(pool, directory, stopping), access_log=None)
+    runner = web.AppRunner(_admin(pool, directory, stopping, health), access_log=None)
     try:
         await pool.start()
         await runner.setup()
@@ -301,17 +332,20 @@ async def _run(
         log.info("workers.started", workers=size, pids=pool.pids(), data_port=port,
                  admin_port=site.port)  # fmt: skip
         await stopping.wait()
-        log.info("servegate.stopping", grace_s=settings.budget.seconds)
-    finally:
-        await pool.stop()
-        await runner.cleanup()
+        log.info("servegate.stopping", grace_s=grace)
+        await stop_unless_hurried(pool.stop(), at_once)
+    except Hurried:
+        log.warning("servegate.stopped_at_once", reason="a second stop signal", exit_code=1)
+        pool.kill()
         if supervisor is not None:
+            supervisor.kill()
+        raise SystemExit(1) from None
+    finally:
+        await pool.stop()  # at once when done already; after a kill, reaps the workers
+        await runner.cleanup()
+        if supervisor is not None and not at_once.is_set():
             await supervisor.stop()
     log.info("servegate.stopped")
-
-
-def _ignore(*_args: Any) -> None:
-    """The parent's health view only counts restarts; each worker checks health itself."""
 
 
 def _uncounted(*_args: Any) -> None:
