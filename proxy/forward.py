@@ -52,6 +52,9 @@ class Outbound:
     body: RequestBody | None
     # Hears each interim 1xx answer's head (the message aiohttp parsed) as it comes.
     on_interim: Callable[[RawResponseMessage], None] | None = None
+    # Whether the budget covers the whole answer (budget.scope: response); with first_byte it
+    # ends as the answer starts, and no small answer is read whole within it.
+    whole_answer_in_budget: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +245,11 @@ class Forwarder:
                 # status, as nginx's proxy buffering does: a model that dies in the middle of
                 # it is then a clean 503 (and replayable when opted in), not a cut 200.
                 length = response.content_length
-                small = length is not None and length <= BUFFERED_ANSWER_MAX
+                small = (
+                    outbound.whole_answer_in_budget
+                    and length is not None
+                    and length <= BUFFERED_ANSWER_MAX
+                )
                 complete = await response.read() if small and outbound.method != "HEAD" else None
         except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
             failure = classify(exc, facts, deadline_passed=deadline.expired())

@@ -333,6 +333,7 @@ class Ingress:
             headers=self._outbound_headers(request, request_id),
             body=line.body,
             on_interim=interim_relay(request),
+            whole_answer_in_budget=self.settings.budget.scope == "response",
         )
         forwarded = await self.forwarder.forward(
             outbound, budget, line.spent, on_attempt=line.count_attempt

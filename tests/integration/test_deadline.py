@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import LogCapture, StartGate, assert_4503, gate_url, sample, scrape
 from tests.upstreams.gunicorn import Gunicorn
+from tests.upstreams.misbehaving import Trickles
 from tests.upstreams.raw import ClosesReusedConnections, HoldsRequests
 
 SHORT = {"budget.seconds": 3.0, "budget.margin": 0.5}
@@ -133,3 +134,18 @@ async def test_a_first_byte_budget_lets_a_started_stream_run_on(
     async with client.get(gate_url(gate, "/ticks?count=15&every=0.1")) as response:
         body = await response.read()
     assert body.count(b"data:") == 15
+
+
+async def test_a_first_byte_budget_lets_a_small_answer_of_known_length_run_on_too(
+    start_gate: StartGate, raw_server: Any, client: aiohttp.ClientSession
+) -> None:
+    """A small answer with a Content-Length is read whole before it is relayed; with the
+    budget ending at the first byte, that read must not be held to it: a 504 whose hint says
+    "set budget.scope: first_byte", which is set, was the answer."""
+    model = await raw_server(Trickles(every=0.1, content_length=20))  # 2 s for its body
+    gate = await start_gate(
+        model.url, **{"budget.seconds": 1.5, "budget.margin": 0.5, "budget.scope": "first_byte"}
+    )
+    async with client.get(gate_url(gate, "/predict")) as response:
+        assert response.status == 200
+        assert len(await response.read()) == 20
