@@ -62,14 +62,16 @@ async def check_protocol(target: Target) -> Check:
     if found:
         certificate = await _certificate_problem(target)
         facts["certificate"] = certificate or "verified"
+        # servegate speaks TLS to it: by the URL, or adopting it (upstream.scheme: auto).
+        spoken = target.scheme == "https" or target.auto_scheme
         if certificate and target.tls.verify:
             advice.append(f"Verified as servegate verifies, the certificate fails: {certificate}.")
             advice.append(FIX[Cause.TLS_CERTIFICATE])
-            if target.scheme == "https":
+            if spoken:
                 verdict, cause = Verdict.FAIL, Cause.TLS_CERTIFICATE
         elif not target.tls.verify:
-            facts["certificate"] = (
-                f"not verified (upstream.tls.verify: false); {facts['certificate']}"
+            facts["certificate"] = "not verified (upstream.tls.verify: false)" + (
+                f"; verified, it would fail: {certificate}" if certificate else ""
             )
             verdict = worse(verdict, Verdict.WARN)
             advice.append("upstream.tls.verify is false: anyone on the path can pose as the model.")
@@ -161,7 +163,10 @@ def _judge_health(target: Target, response: Response, facts: dict[str, Fact]) ->
             "server down and answer 503 (service/circuit_open). Fix the model, or the path."
         )
     if response.seconds > target.health_timeout:
-        verdict = worse(verdict, Verdict.WARN)
+        # With a health path, servegate's checks time out as this one did: the server is
+        # marked down, and every request is refused while the circuit is open.
+        slow = Verdict.WARN if target.health_path is None else Verdict.FAIL
+        verdict = worse(verdict, slow)
         advice.append(
             f"It took {response.seconds:.2f} s, more than health.timeout "
             f"({target.health_timeout:g} s): raise health.timeout, or make the path cheaper."

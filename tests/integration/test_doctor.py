@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -193,3 +194,34 @@ async def test_a_server_silent_on_a_tls_hello_that_answers_http_speaks_plain_htt
     if scheme == "https":
         assert protocol["cause"] == "tls_to_plain_server"
         assert result.returncode == 1
+
+
+def test_an_adopted_https_whose_certificate_fails_is_a_failure_not_a_warning(
+    gunicorn: Callable[..., Gunicorn], certificates: Certificates, tmp_path: Path
+) -> None:
+    """With upstream.scheme: auto servegate adopts the server's TLS, and then fails every
+    request on its certificate (the trustme CA is not trusted here): a 4503 cause, exit 1."""
+    model = gunicorn(certfile=certificates.cert_file, keyfile=certificates.key_file)
+    settings = tmp_path / "s.yaml"
+    settings.write_text("upstream: {scheme: auto}\n")
+    result = run_doctor(
+        "--upstream", f"http://127.0.0.1:{model.port}", "--config", str(settings), "--json",
+        "--max-idle-wait", "3",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    protocol = report_of(result)["checks"]["protocol"]
+    assert (protocol["verdict"], protocol["cause"]) == ("fail", "tls_certificate")
+
+
+def test_a_health_path_slower_than_the_health_timeout_is_a_failure(
+    gunicorn: Callable[..., Gunicorn],
+) -> None:
+    """servegate's checks would time out as the doctor's did: the server marked down and
+    every request refused while the circuit is open."""
+    model = gunicorn()
+    result = run_doctor(
+        "--upstream", model.url, "--health-path", "/health?sleep=1.5", "--json",
+        "--max-idle-wait", "3",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert report_of(result)["checks"]["service"]["verdict"] == "fail"
