@@ -12,7 +12,14 @@ from aiohttp import hdrs, web
 
 from proxy import advice
 from proxy.budget import Spent
-from proxy.failures import HTTP2_ANSWER, OWN_SHORTAGE, Category, Cause, Failure
+from proxy.failures import (
+    HTTP2_ANSWER,
+    OWN_SHORTAGE,
+    OWN_SHORTAGE_RETRY_AFTER,
+    Category,
+    Cause,
+    Failure,
+)
 from proxy.retry import GiveUpReason
 
 ERROR_CODE = "ModelArts.4503"
@@ -102,6 +109,10 @@ def failure_response(
 ) -> web.Response:
     status = _STATUS.get(failure.cause, 504 if failure.category is Category.TIMEOUT else 503)
     headers = {CATEGORY_HEADER: failure.category.value, "X-Request-Id": request_id}
+    if retry_after is None and failure.cause is Cause.OVERLOADED:
+        # Every shed answer says when to come back (DESIGN §2); admission passes its own
+        # setting, servegate's own shortage has no time of its own.
+        retry_after = OWN_SHORTAGE_RETRY_AFTER
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
     body = {

@@ -23,7 +23,6 @@ from proxy.config import RetrySettings
 from proxy.deadlines import Deadlines
 from proxy.exchange import UpstreamResponse
 from proxy.failures import (
-    OWN_SHORTAGE_RETRY_AFTER,
     UNREACHABLE,
     AttemptFacts,
     Cause,
@@ -130,8 +129,6 @@ class Forwarder:
                     self.state.request_found_unreachable()
                 failure = self.state.health.explain(failure)
                 retry_after = self.state.circuit.retry_after() or None
-                if failure.cause is Cause.OVERLOADED:  # servegate's own resources ran out
-                    retry_after = OWN_SHORTAGE_RETRY_AFTER
                 return Forwarded(
                     attempt,
                     facts,

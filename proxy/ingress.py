@@ -26,7 +26,7 @@ from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
 from proxy.config import Settings
 from proxy.data_server import closes_after_answer, refused_version
-from proxy.failures import OWN_SHORTAGE_RETRY_AFTER, Cause, Failure
+from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import Fields, only_chunked, request_headers
 from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason, TimeoutPhase
@@ -391,8 +391,7 @@ class Ingress:
             failure = Failure(Cause.DEADLINE_EXCEEDED, "no answer to the upgrade request")
             return self._refuse(Refusal(failure), request_id, budget, line)
         except UpstreamUnreachable as exc:
-            retry = OWN_SHORTAGE_RETRY_AFTER if exc.cause is Cause.OVERLOADED else None
-            refusal = Refusal(Failure(exc.cause, exc.detail), retry)
+            refusal = Refusal(Failure(exc.cause, exc.detail))
             return self._refuse(refusal, request_id, budget, line)
         except OSError as exc:  # the connection opened, then failed before an answer
             detail = f"the connection failed during the upgrade handshake: {exc.strerror or exc}"

@@ -175,3 +175,5 @@ def test_servegate_out_of_descriptors_is_never_the_model_refusing(code: int) -> 
     hint = answer.hint_for(Failure(cause, detail))
     assert "servegate itself ran out" in hint
     assert "model server is busy" not in hint
+    shed = answer.failure_response(Failure(cause, detail), "rid", hint)
+    assert (shed.status, shed.headers["Retry-After"]) == (429, "1")
