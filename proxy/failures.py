@@ -293,6 +293,8 @@ def exchange_failure(error: BaseException, *, response_started: bool) -> tuple[C
     """Why an exchange on an open raw connection failed (the doctor reads responses itself;
     servegate's own attempts go through `classify`)."""
     if isinstance(error, asyncio.LimitOverrunError | ValueError):
+        if _HTTP2.search(str(error)):
+            return Cause.MALFORMED_RESPONSE, f"{HTTP2_ANSWER}: {error}"
         return Cause.MALFORMED_RESPONSE, f"not an HTTP/1.1 response: {error}"
     if isinstance(error, asyncio.IncompleteReadError):
         where = "in the middle of its response" if response_started else "without answering"

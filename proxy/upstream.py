@@ -142,8 +142,14 @@ class Upstream:
             head = request_head(
                 method, raw_path, headers, body, authority=self._host_field, close=fresh
             )
-            writer = send_request(connection, head, body, acks)
-            facts.request_sent = True
+            writer = None
+            if protocol.exception() is None:
+                writer = send_request(connection, head, body, acks)
+                facts.request_sent = True
+            # Else the server spoke first, and not in HTTP (an SSH or SMTP banner, a MySQL
+            # greeting, an HTTP/2 SETTINGS frame): its bytes broke aiohttp's parser, which
+            # closed the connection. The request stays unsent; read_answer raises the
+            # parser's error, the true verdict, where a write would fail on a closed transport.
             answer = await read_answer(
                 connection,
                 writer,

@@ -11,9 +11,10 @@ import asyncio
 import math
 import time
 
-from proxy.advice import FIX
+from proxy.advice import FIX, HTTP2_ANSWER
 from proxy.doctor.verdicts import Check, Fact, Target, Verdict, worse
 from proxy.doctor.wire import ProbeError, Response, close, connect, exchange
+from proxy.failures import HTTP2_ANSWER as HTTP2_DETAIL
 from proxy.failures import UNREACHABLE, Category, Cause
 from proxy.probe import speaks_tls
 
@@ -33,19 +34,22 @@ _MISMATCH = {
 
 
 async def check_protocol(target: Target) -> Check:
-    """Which scheme the server speaks, against the URL's; for TLS, whether it verifies."""
+    """Which scheme the server speaks, against the URL's; for TLS, whether it verifies; for
+    plain, whether what it speaks is HTTP/1.1 at all."""
     found = await speaks_tls(target.host, target.port, PROBE_WAIT)
+    if not found:  # it answered, not in TLS, or said nothing: is it plain HTTP?
+        plain = await _plain_answer(target)
+        if isinstance(plain, ProbeError) and plain.cause is Cause.MALFORMED_RESPONSE:
+            return _not_http(target, plain.detail)
+        if found is None and not isinstance(plain, Response):
+            return await _protocol_inconclusive(target, plain)
     silent = found is None
-    if silent:
-        # Werkzeug, Waitress and Hypercorn wait for the end of an HTTP head and never answer a
-        # TLS hello: silence there while plain HTTP gets an answer means plain HTTP.
-        if not await _answers_plain_http(target):
-            return await _protocol_inconclusive(target)
-        found = False
     speaks = "https" if found else "http"
     facts: dict[str, Fact] = {"url_scheme": target.scheme, "server_speaks": speaks}
     verdict, cause, advice = Verdict.OK, None, [f"servegate and the server both speak {speaks}."]
     if silent:
+        # Werkzeug, Waitress and Hypercorn wait for the end of an HTTP head and never answer a
+        # TLS hello: silence there while plain HTTP gets an answer means plain HTTP.
         facts["tls_hello"] = f"no answer within {PROBE_WAIT:g} s"
         advice.append(
             f"It never answered a TLS hello (within {PROBE_WAIT:g} s) but answers plain HTTP, as "
@@ -60,58 +64,115 @@ async def check_protocol(target: Target) -> Check:
         if adopted:
             advice.append("upstream.scheme is auto: servegate adopts https, so this is no 4503.")
     if found:
-        certificate = await _certificate_problem(target)
-        facts["certificate"] = certificate or "verified"
-        # servegate speaks TLS to it: by the URL, or adopting it (upstream.scheme: auto).
-        spoken = target.scheme == "https" or target.auto_scheme
-        if certificate and target.tls.verify:
-            advice.append(f"Verified as servegate verifies, the certificate fails: {certificate}.")
-            advice.append(FIX[Cause.TLS_CERTIFICATE])
-            if spoken:
-                verdict, cause = Verdict.FAIL, Cause.TLS_CERTIFICATE
-        elif not target.tls.verify:
-            facts["certificate"] = "not verified (upstream.tls.verify: false)" + (
-                f"; verified, it would fail: {certificate}" if certificate else ""
-            )
-            verdict = worse(verdict, Verdict.WARN)
-            advice.append("upstream.tls.verify is false: anyone on the path can pose as the model.")
+        verdict, cause = _judge_tls(
+            target, await _handshake_problem(target), verdict, cause, facts, advice
+        )
     return Check(Category.PROTOCOL, verdict, facts, tuple(advice), cause)
 
 
-async def _answers_plain_http(target: Target) -> bool:
-    """Whether a plain HTTP request gets an HTTP answer within PROBE_WAIT."""
+def _judge_tls(
+    target: Target,
+    problem: ProbeError | None,
+    verdict: Verdict,
+    cause: Cause | None,
+    facts: dict[str, Fact],
+    advice: list[str],
+) -> tuple[Verdict, Cause | None]:
+    """A TLS server: does a handshake made as servegate makes it succeed, and if not, is it
+    the certificate (servegate's verification) or the handshake itself (versions, ciphers, a
+    client certificate), which no verification setting changes?"""
+    # servegate speaks TLS to it: by the URL, or adopting it (upstream.scheme: auto).
+    spoken = target.scheme == "https" or target.auto_scheme
+    if problem is not None and problem.cause is not Cause.TLS_CERTIFICATE:
+        facts["handshake"] = f"fails: {problem.detail}"
+        advice.append(f"A TLS handshake as servegate makes it fails: {problem.detail}.")
+        if not spoken:
+            return verdict, cause
+        return Verdict.FAIL, Cause.TLS_HANDSHAKE
+    certificate = problem.detail if problem is not None else None
+    facts["certificate"] = certificate or "verified"
+    if certificate and target.tls.verify:
+        advice.append(f"Verified as servegate verifies, the certificate fails: {certificate}.")
+        advice.append(FIX[Cause.TLS_CERTIFICATE])
+        if spoken:
+            return Verdict.FAIL, Cause.TLS_CERTIFICATE
+    elif not target.tls.verify:
+        facts["certificate"] = "not verified (upstream.tls.verify: false)" + (
+            f"; verified, it would fail: {certificate}" if certificate else ""
+        )
+        advice.append("upstream.tls.verify is false: anyone on the path can pose as the model.")
+        return worse(verdict, Verdict.WARN), cause
+    return verdict, cause
+
+
+async def _plain_answer(target: Target) -> Response | ProbeError | None:
+    """A plain HTTP request's answer within PROBE_WAIT; the error that ended it; None if none
+    came in time."""
     try:
         async with asyncio.timeout(PROBE_WAIT):
             stream = await connect(target, tls=False)
             try:
-                await exchange(stream, target, "GET", target.probe_path)
+                return await exchange(stream, target, "GET", target.probe_path)
             finally:
                 await close(stream)
-    except (ProbeError, TimeoutError):
-        return False
-    return True
-
-
-async def _protocol_inconclusive(target: Target) -> Check:
-    facts: dict[str, Fact] = {"url_scheme": target.scheme, "server_speaks": None}
-    try:
-        await close(await connect(target, tls=False))
     except ProbeError as exc:
-        advice = f"No connection to {target.address} ({exc.detail}): see service."
+        return exc
+    except TimeoutError:
+        return None
+
+
+def _not_http(target: Target, detail: str) -> Check:
+    """The port answers, in a protocol other than HTTP/1.1: every request would fail so."""
+    facts: dict[str, Fact] = {
+        "url_scheme": target.scheme,
+        "server_speaks": "not HTTP/1.1",
+        "answer": detail,
+    }
+    if detail.startswith(HTTP2_DETAIL):
+        notes: tuple[str, ...] = (HTTP2_ANSWER,)
+    else:
+        notes = (
+            f"{target.address} answers, but not in HTTP/1.1 (see answer): the port of another "
+            "service, or of something in front of the model server that is not HTTP.",
+        )
+    return Check(Category.PROTOCOL, Verdict.FAIL, facts, notes, Cause.MALFORMED_RESPONSE)
+
+
+async def _protocol_inconclusive(target: Target, plain: ProbeError | None) -> Check:
+    facts: dict[str, Fact] = {"url_scheme": target.scheme, "server_speaks": None}
+    if plain is None:  # was it the connection that did not open?
+        try:
+            await close(await connect(target, tls=False))
+        except ProbeError as exc:
+            plain = exc
+    if plain is not None and plain.cause in UNREACHABLE:
+        advice = f"No connection to {target.address} ({plain.detail}): see service."
         return Check(Category.PROTOCOL, Verdict.SKIPPED, facts, (advice,))
-    advice = (
-        f"The server took the connection but answered a TLS handshake neither way within "
-        f"{PROBE_WAIT:g} s: servegate cannot tell which scheme it speaks. A busy server does this."
-    )
+    if plain is not None:
+        facts["plain_request"] = plain.detail
+        advice = (
+            "The server takes connections and ends them without a word, to a TLS hello and to a "
+            "plain HTTP request alike: servegate cannot tell which scheme it speaks. A port "
+            "forwarder with nothing listening behind it does this (docker-proxy, a Service "
+            "without ready endpoints), and so do workers that die at once: see service."
+        )
+    else:
+        advice = (
+            f"The server took the connection but answered neither a TLS handshake nor a plain "
+            f"HTTP request within {PROBE_WAIT:g} s: servegate cannot tell which scheme it "
+            "speaks. A busy server does this, and so does a port of another protocol that "
+            "waits for its client to speak."
+        )
     return Check(Category.PROTOCOL, Verdict.WARN, facts, (advice,))
 
 
-async def _certificate_problem(target: Target) -> str | None:
-    """Why a handshake verified as servegate verifies fails; None when it succeeds."""
+async def _handshake_problem(target: Target) -> ProbeError | None:
+    """Why a handshake made as servegate makes it (verifying as it does) fails; None when it
+    succeeds."""
     try:
         await close(await connect(target, tls=True, verify=True))
     except ProbeError as exc:
-        return exc.detail
+        return exc
     return None
 
 
@@ -131,17 +192,41 @@ async def check_service(target: Target, tls: bool) -> Check:
     try:
         async with asyncio.timeout(target.budget):
             response = await exchange(stream, target, "GET", path)
-    except (ProbeError, TimeoutError) as exc:
-        cause = exc.cause if isinstance(exc, ProbeError) else None
-        detail = exc.detail if isinstance(exc, ProbeError) else f"no answer in {target.budget:g} s"
-        facts["error"] = detail
-        notes = (f"GET {path} failed: {detail}.", FIX[Cause.RESET_DURING_REQUEST])
-        return Check(Category.SERVICE, Verdict.FAIL, facts, notes, cause)
+    except ProbeError as exc:
+        facts["error"] = exc.detail
+        if exc.cause is Cause.MALFORMED_RESPONSE:
+            notes: tuple[str, ...] = (f"GET {path} got no HTTP/1.1 answer: see protocol.",)
+        else:
+            notes = (f"GET {path} failed: {exc.detail}.",)
+        return Check(Category.SERVICE, Verdict.FAIL, facts, notes, exc.cause)
+    except TimeoutError:
+        facts["error"] = NO_ANSWER
+        return Check(Category.SERVICE, Verdict.FAIL, facts, _silence(target))
     finally:
         await close(stream)
     facts |= {"status": response.status, "latency_s": round(response.seconds, 3)}
     facts["server"] = response.headers.get("server")
     return _judge_health(target, response, facts)
+
+
+# The service check's error when its GET got no answer within the budget.
+NO_ANSWER = "no answer within the budget"
+
+
+def _silence(target: Target) -> tuple[str, ...]:
+    path, within = target.probe_path, f"the {target.budget:g} s budget"
+    notes = [f"The server took the connection but did not answer GET {path} within {within}."]
+    if target.health_path is not None:
+        notes.append(
+            f"servegate's health checks would time out (health.timeout, "
+            f"{target.health_timeout:g} s), mark it down and answer 503 (service/circuit_open)."
+        )
+    notes.append(
+        "A server whose every worker is busy or stuck does this (its log, and a thread dump of "
+        "a worker, say where), and so does a port of another protocol that waits for its "
+        "client to speak first: check that the URL names the model's HTTP port."
+    )
+    return tuple(notes)
 
 
 def _judge_health(target: Target, response: Response, facts: dict[str, Fact]) -> Check:

@@ -14,10 +14,10 @@ import json
 import sys
 
 from proxy.config import Settings
-from proxy.doctor.checkup import check_protocol, check_service, check_timeout
+from proxy.doctor.checkup import NO_ANSWER, check_protocol, check_service, check_timeout
 from proxy.doctor.keepalive import check_communication
-from proxy.doctor.verdicts import Fact, Report, Target, Verdict, skipped
-from proxy.failures import UNREACHABLE, Category
+from proxy.doctor.verdicts import Check, Fact, Report, Target, Verdict, skipped
+from proxy.failures import UNREACHABLE, Category, Cause
 
 
 async def diagnose(target: Target) -> Report:
@@ -26,8 +26,7 @@ async def diagnose(target: Target) -> Report:
     speaks = protocol.facts.get("server_speaks") or target.scheme
     tls = speaks == "https"
     service = await check_service(target, tls)
-    if service.cause in UNREACHABLE:
-        why = f"no connection to {target.address}"
+    if (why := _unmeasurable(target, service)) is not None:
         timeout, communication = (
             skipped(Category.TIMEOUT, why),
             skipped(Category.COMMUNICATION, why),
@@ -36,6 +35,19 @@ async def diagnose(target: Target) -> Report:
         timeout = await check_timeout(target, tls)
         communication = await check_communication(target, tls)  # last: it holds a connection
     return Report(target.url, (protocol, communication, timeout, service))
+
+
+def _unmeasurable(target: Target, service: Check) -> str | None:
+    """Why no request can be timed nor a connection kept idle, when the service check shows
+    it: no connection, no HTTP/1.1, or no answer to the very request the timeout check would
+    send (it would wait out the budget again for the same silence)."""
+    if service.cause in UNREACHABLE:
+        return f"no connection to {target.address}"
+    if service.cause is Cause.MALFORMED_RESPONSE:
+        return "the server does not answer in HTTP/1.1"
+    if service.facts.get("error") == NO_ANSWER:
+        return f"GET {target.probe_path} got no answer within the {target.budget:g} s budget"
+    return None
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -57,7 +69,9 @@ def as_json(report: Report) -> str:
 def as_text(report: Report) -> str:
     lines = [f"servegate doctor: {report.upstream}", ""]
     for check in report.checks:
-        cause = f"  ({check.category}/{check.cause})" if check.cause else ""
+        # The cause's own category: a check may meet a failure of another (the timeout
+        # check's request dropped by a crashing worker is service/reset_during_request).
+        cause = f"  ({check.cause.category}/{check.cause})" if check.cause else ""
         lines.append(f"{check.category.value:<14} {check.verdict.value.upper()}{cause}")
         lines += [
             f"    {_label(name)}: {_value(name, value)}" for name, value in check.facts.items()

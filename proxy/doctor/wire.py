@@ -16,6 +16,8 @@ from proxy.config import UpstreamTLSSettings
 from proxy.failures import Cause, connect_failure, exchange_failure
 from proxy.upstream import announced_idle_timeout, client_ssl_context
 
+_HTTP_NAME = b"HTTP/"
+
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
@@ -111,10 +113,12 @@ async def exchange(
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
     while True:  # interim 1xx responses come before the real one
-        status_line, *lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        head = await _http_name(reader) + await reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
         version, _, rest = status_line.partition(" ")
         if not version.startswith("HTTP/1.") or not rest[:3].isdigit():
-            raise ValueError(f"status line {status_line[:60]!r}")
+            quoted = status_line[:60].encode("latin-1")  # as bytes: failures reads HTTP/2 so
+            raise ValueError(f"status line {quoted!r}")
         headers: dict[str, str] = {}
         for line in filter(None, lines):
             name, colon, value = line.partition(":")
@@ -124,6 +128,21 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         if int(rest[:3]) >= 200:
             return int(rest[:3]), headers
+
+
+async def _http_name(reader: asyncio.StreamReader) -> bytes:
+    """An answer's first bytes, `HTTP/`. Raises ValueError as soon as they cannot be: a port
+    of another protocol (an SSH banner, a Redis error, an HTTP/2 frame) may never send the
+    blank line a head ends with, and waiting for it would take the whole budget."""
+    seen = b""
+    while len(seen) < len(_HTTP_NAME):
+        seen += await reader.readexactly(1)
+        if not _HTTP_NAME.startswith(seen):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):  # what came with them, to quote
+                    seen += await reader.read(40)
+            raise ValueError(f"the server's first bytes are {seen[:40]!r}")
+    return seen
 
 
 async def _read_body(reader: asyncio.StreamReader, status: int, headers: dict[str, str]) -> None:

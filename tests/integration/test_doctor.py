@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,7 @@ import pytest
 
 from tests.conftest import Certificates
 from tests.upstreams.gunicorn import ROOT, Gunicorn, free_port
+from tests.upstreams.misbehaving import AnswersWith, ClosesUnread, Silent, SpeaksFirst
 from tests.upstreams.raw import SilentOnTlsHello, SweepsIdleConnections
 from tests.upstreams.uvicorn import Uvicorn
 
@@ -225,3 +230,99 @@ def test_a_health_path_slower_than_the_health_timeout_is_a_failure(
     )  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr
     assert report_of(result)["checks"]["service"]["verdict"] == "fail"
+
+
+OTHER_PROTOCOLS = {  # a port's first words, and what the doctor says they are
+    "ssh": (SpeaksFirst(banner=b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"), "not in HTTP/1.1"),
+    "http2": (
+        SpeaksFirst(banner=b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64"),
+        "answered in HTTP/2",
+    ),
+    "redis": (AnswersWith(answer=b"-ERR unknown command 'GET'\r\n"), "not in HTTP/1.1"),
+}
+
+
+@pytest.mark.parametrize("port", OTHER_PROTOCOLS)
+async def test_a_port_of_another_protocol_is_named_so_at_once(
+    port: str, raw_server: Callable[..., Any]
+) -> None:
+    """No blank line ends what such a port says: read as an HTTP head, it took the whole
+    budget three times over and was reported as a timeout and crashing workers."""
+    shape, said = OTHER_PROTOCOLS[port]
+    server = await raw_server(shape)
+    result = await run_doctor_beside("--upstream", server.url, "--max-idle-wait", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "protocol       FAIL  (protocol/malformed_response)" in result.stdout
+    assert said in result.stdout
+    assert "crashing workers" not in result.stdout
+    for check in ("timeout", "communication"):
+        assert f"{check:<14} SKIPPED" in result.stdout, result.stdout
+
+
+async def test_a_server_that_ends_every_connection_unanswered_gets_true_pairs(
+    raw_server: Callable[..., Any],
+) -> None:
+    """Each cause is shown with its own category, as the error answers show it: the timeout
+    check's request dropped by the server is service/reset_during_request."""
+    server = await raw_server(ClosesUnread())
+    result = await run_doctor_beside("--upstream", server.url, "--max-idle-wait", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    pairs = set(re.findall(r"\((\w+)/(\w+)\)", result.stdout))
+    assert pairs == {("service", "reset_during_request")}, result.stdout
+    assert "ends them without a word" in result.stdout
+
+
+async def test_a_silent_server_costs_one_budget_and_is_no_timeout_verdict(
+    raw_server: Callable[..., Any],
+) -> None:
+    """The timeout check's request would be the service check's own GET again: the same
+    silence, waited out twice, and a timeout verdict for a server that never answers."""
+    server = await raw_server(Silent())
+    result = await run_doctor_beside(
+        "--upstream", server.url, "--budget", "4", "--json", "--max-idle-wait", "1"
+    )
+    checks = report_of(result)["checks"]
+    assert result.returncode == 1
+    assert checks["service"]["verdict"] == "fail"
+    assert "did not answer GET / within the 4 s budget" in checks["service"]["advice"][0]
+    assert checks["timeout"]["verdict"] == checks["communication"]["verdict"] == "skipped"
+    assert checks["protocol"]["verdict"] == "warn"
+
+
+def test_a_tls_server_that_refuses_servegates_versions_is_a_handshake_failure(
+    certificates: Certificates,
+) -> None:
+    """Not a certificate failure: no CA file or server name makes a TLS 1.0 server speak
+    TLS 1.2."""
+    legacy = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.warns(DeprecationWarning, match="TLSv1"):  # what such a server is
+        legacy.minimum_version = legacy.maximum_version = ssl.TLSVersion.TLSv1
+    legacy.set_ciphers("DEFAULT:@SECLEVEL=0")
+    legacy.load_cert_chain(certificates.cert_file, certificates.key_file)
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:  # OpenSSL's own server, which sends its alert before closing
+        while not stop.is_set():
+            try:
+                connection, _ = listening.accept()
+            except TimeoutError:
+                continue
+            with connection, contextlib.suppress(OSError):
+                connection.settimeout(5)
+                legacy.wrap_socket(connection, server_side=True)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        port = listening.getsockname()[1]
+        result = run_doctor("--upstream", f"https://127.0.0.1:{port}", "--json")
+    finally:
+        stop.set()
+        server.join(10)
+        listening.close()
+    assert result.returncode == 1, result.stdout + result.stderr
+    protocol = report_of(result)["checks"]["protocol"]
+    assert (protocol["verdict"], protocol["cause"]) == ("fail", "tls_handshake"), protocol
+    assert "certificate" not in protocol["facts"]

@@ -21,6 +21,7 @@ from tests.upstreams.misbehaving import (
     EndlessInterim,
     InParts,
     NeverReads,
+    SpeaksFirst,
     Trickles,
 )
 
@@ -142,6 +143,49 @@ async def test_an_answer_in_http2_says_so_instead_of_blaming_the_port_alone(
     body = json_body(rest)
     assert (body["category"], body["cause"]) == ("protocol", "malformed_response")
     assert "answered in HTTP/2" in body["hint"]
+
+
+BANNERS = {  # what a port of another protocol sends as a connection opens
+    "ssh": b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+    "smtp": b"220 mail.example ESMTP Postfix\r\n",
+    "mysql": b"J\x00\x00\x00\n8.0.36\x00\x08\x00\x00\x00",
+    "http2": b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64",
+}
+
+
+@pytest.mark.parametrize("banner", BANNERS)
+async def test_a_port_whose_server_speaks_first_and_not_in_http_is_a_protocol_error(
+    banner: str, start_gate: StartGate, raw_server: RawStart
+) -> None:
+    """Across a network the banner often arrives before servegate writes the request: it
+    broke the answer's parser then, and the write that followed failed. That is no dropped
+    connection (a worker crashing), but the port's answer. On loopback the write wins the race
+    unless the banner is let in first, as the second request does (only the order is
+    arranged; the bytes and the connection are real)."""
+    model = await raw_server(SpeaksFirst(banner=BANNERS[banner]))
+    gate = await start_gate(model.url)
+    for arranged in (False, True):
+        if arranged:
+            let_the_banner_in_before_the_write(gate)
+        head, rest, _ = await exchange(gate, GET + b"\r\n")
+        assert status_of(head) == 503
+        body = json_body(rest)
+        assert (body["category"], body["cause"]) == ("protocol", "malformed_response"), body
+        if banner == "http2":
+            assert "answered in HTTP/2" in body["hint"]
+
+
+def let_the_banner_in_before_the_write(gate: Servegate) -> None:
+    assert gate.upstream is not None
+    pool = gate.upstream.pool("http", fresh=False)
+    acquire = pool.acquire
+
+    async def acquire_then_listen(*args: Any, **kwargs: Any) -> Any:
+        connection = await acquire(*args, **kwargs)
+        await asyncio.sleep(0.05)  # the banner arrives
+        return connection
+
+    pool.acquire = acquire_then_listen  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize(

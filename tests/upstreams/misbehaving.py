@@ -72,6 +72,24 @@ class AnswersWith(Misbehaving):
 
 
 @dataclass
+class SpeaksFirst(Misbehaving):
+    """Sends `banner` as each connection opens, before any request, then reads and ignores
+    what comes: a port that serves another protocol whose server speaks first (SSH, SMTP, a
+    MySQL greeting), or HTTP/2 with its SETTINGS frame."""
+
+    banner: bytes = b""
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        writer.write(self.banner)
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+
+
+@dataclass
 class ClosesUnread(Misbehaving):
     """Closes every connection as it accepts it, reading nothing: a server shutting down, or
     at its connection limit."""
