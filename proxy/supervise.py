@@ -42,6 +42,7 @@ class Kind(StrEnum):
     EXIT = "exit"
     TIMEOUT = "timeout"  # the master is about to kill the worker: its exit
     PLANNED = "planned"  # the worker announced it will exit on purpose (max requests reached)
+    RELOAD = "reload"  # the master replaces every worker it has (Gunicorn's SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -72,13 +73,20 @@ _PATTERNS: tuple[tuple[re.Pattern[str], Kind, str], ...] = (
         Kind.PLANNED,
         "Uvicorn",
     ),
+    # Retirements the operator asked for: Gunicorn reloading on SIGHUP (new workers boot, then
+    # every old one exits) or taking one worker away on SIGTTOU (the oldest exits); Uvicorn's
+    # parent ending a child on purpose (SIGHUP restarts each after its successor is ready;
+    # SIGTTOU). Their exits are no crash, and the boots that replace them no restart.
+    (re.compile(r"Hang up: "), Kind.RELOAD, "Gunicorn"),
+    (re.compile(r"Handling signal: ttou"), Kind.PLANNED, "Gunicorn"),
+    (re.compile(r"Terminated child process \[(\d+)\]"), Kind.PLANNED, "Uvicorn"),
     (re.compile(r"Started server process \[(\d+)\]"), Kind.BOOT, "Uvicorn"),
     (re.compile(r"Finished server process \[(\d+)\]"), Kind.EXIT, "Uvicorn"),
     (re.compile(r"Child process \[(\d+)\] died"), Kind.EXIT, "Uvicorn"),
 )
 
 
-_MARKERS = ("pid", "process [", "Autorestarting", "Maximum request limit")
+_MARKERS = ("pid", "process [", "Autorestarting", "Maximum request limit", "Hang up", "ttou")
 
 
 def parse_line(line: str) -> WorkerEvent | None:
@@ -87,16 +95,18 @@ def parse_line(line: str) -> WorkerEvent | None:
         return None
     for pattern, kind, server in _PATTERNS:
         if match := pattern.search(line):
-            return WorkerEvent(kind, int(match[1] or 0), server)
+            pid = match[1] if match.groups() else None
+            return WorkerEvent(kind, int(pid or 0), server)
     return None
 
 
 class WorkerCounter:
     """Tells worker restarts from initial boots, for one run of the model server's master.
 
-    The rule: a boot is a restart when a worker of this master has exited and no boot has
-    replaced it yet; any other boot is initial (the master's first --workers, or ones a reload
-    or SIGTTIN adds). Unlike "every boot after the first exit", this stays exact when a worker
+    The rule: a boot is a restart when a worker of this master has exited unplanned and no
+    boot has replaced it yet; any other boot is initial (the master's first --workers, or ones
+    a reload or SIGTTIN adds). An exit is planned when announced (a recycle, SIGTTOU) or when a
+    reload retires the worker. Unlike "every boot after the first exit", this stays exact when a worker
     dies before its siblings have booted. Lines are keyed by pid, so the several lines one
     worker may cause (Gunicorn's and Uvicorn's boot lines for a Uvicorn worker; a timeout, then
     its exit code) count once.
@@ -113,6 +123,9 @@ class WorkerCounter:
     def observe(self, event: WorkerEvent) -> bool:
         """Record the event; True when it is the boot of a worker replacing one that exited
         unplanned (a recycle the server announced is no restart)."""
+        if event.kind is Kind.RELOAD:
+            self._planned |= self._alive  # its new workers boot first: they replace no one
+            return False
         if event.kind is Kind.PLANNED:
             if event.pid:
                 self._planned.add(event.pid)

@@ -210,3 +210,100 @@ def test_uvicorn_limit_max_requests_under_load_is_no_restart_and_no_stale_answer
     assert_only_shutdown_resets(gate, statuses, "Maximum request limit")
     assert set(readiness) == {200}
     assert_recycled_without_a_restart(gate, "Maximum request limit")
+
+
+GUNICORN_RELOAD = "[2026-11-25 12:15:18 +0000] [16834] [INFO] Hang up: Master"
+GUNICORN_TTOU = "[2026-11-25 12:15:18 +0000] [16834] [INFO] Handling signal: ttou"
+UVICORN_TERMINATED = "INFO:     Terminated child process [16843]"
+
+
+def test_retirements_the_operator_asked_for_are_read_as_such() -> None:
+    assert parse_line(GUNICORN_RELOAD) == WorkerEvent(Kind.RELOAD, 0, "Gunicorn")
+    assert parse_line(GUNICORN_TTOU) == WorkerEvent(Kind.PLANNED, 0, "Gunicorn")
+    assert parse_line(UVICORN_TERMINATED) == WorkerEvent(Kind.PLANNED, 16843, "Uvicorn")
+
+
+def test_a_reload_retires_every_worker_it_had_and_a_crash_after_it_still_counts() -> None:
+    """Gunicorn boots the new workers before the old ones exit: no exit is unreplaced."""
+    boots = [(Kind.BOOT, 1), (Kind.BOOT, 2)]
+    reload = [(Kind.RELOAD, 0), (Kind.BOOT, 3), (Kind.BOOT, 4), (Kind.EXIT, 1), (Kind.EXIT, 2)]
+    assert count(*boots, *reload, *reload[:1], (Kind.BOOT, 5), (Kind.BOOT, 6)) == 0
+    assert count(*boots, *reload, (Kind.EXIT, 3), (Kind.BOOT, 5)) == 1
+
+
+RELOADS = 3  # as many as circuit.crash_loop_restarts: counted as restarts, a crash loop
+
+
+@pytest.mark.time_limit(120)
+@pytest.mark.parametrize(
+    "server",
+    [
+        pytest.param(
+            ("-m", "gunicorn", "--chdir", str(ROOT), "--bind", "127.0.0.1:{port}",
+             "--no-control-socket", "--workers", "2", "demo.model:app"),
+            id="gunicorn",
+        ),
+        pytest.param(
+            ("-m", "uvicorn", "tests.upstreams.dies:app", "--host", "127.0.0.1", "--port",
+             "{port}", "--workers", "2"),
+            id="uvicorn",
+        ),
+    ],
+)  # fmt: skip
+def test_a_reload_on_sighup_is_no_restart_and_no_crash_loop(
+    server: tuple[str, ...], supervise: Callable[..., Supervised]
+) -> None:
+    """The operator reloads the model server (new code, new settings): its workers are all
+    replaced, on purpose. Counted as restarts, three reloads made a crash loop, and /readyz
+    took the instance out of service."""
+    gate = supervise(sys.executable, *server)
+    eventually(lambda: ready(gate) == 200, "ready")
+    [master] = gate.model_pids()
+    booted = len(gate.events("model.output"))
+    for number in range(1, RELOADS + 1):
+        os.kill(master, signal.SIGHUP)
+        # Each reload boots two workers, and ends when both old ones are gone.
+        eventually(lambda n=number: _reloaded(gate, n), f"reload {number} done", limit=30)
+        assert gate.predict() == 200
+    assert len(gate.events("model.output")) > booted
+    assert_no_restart(gate)
+
+
+def _reloaded(gate: Supervised, times: int) -> bool:
+    lines = gate.output()
+    boots = sum("Booting worker" in line or "Started server process" in line for line in lines)
+    exits = sum("Worker exiting" in line or "Finished server process" in line for line in lines)
+    return boots >= 2 * (times + 1) and exits >= 2 * times
+
+
+def assert_no_restart(gate: Supervised) -> None:
+    metrics = gate.metrics()
+    assert metrics["servegate_upstream_worker_restarts_total"] == 0
+    assert metrics["servegate_upstream_restarts_total"] == 0
+    assert metrics["servegate_upstream_crash_loop"] == 0
+    assert not gate.events("upstream.crash_loop")
+    assert ready(gate) == 200
+
+
+@pytest.mark.time_limit(120)
+def test_gunicorn_workers_taken_away_and_added_back_are_no_restart(
+    supervise: Callable[..., Supervised],
+) -> None:
+    """SIGTTOU retires the oldest worker, SIGTTIN boots one: a scaled pool, not a crash."""
+    gate = supervise(
+        sys.executable, "-m", "gunicorn", "--chdir", str(ROOT), "--bind", "127.0.0.1:{port}",
+        "--no-control-socket", "--workers", "3", "demo.model:app",
+    )  # fmt: skip
+    eventually(lambda: ready(gate) == 200, "ready")
+    [master] = gate.model_pids()
+    for number in range(1, RELOADS + 1):
+        os.kill(master, signal.SIGTTOU)
+        eventually(lambda n=number: _said(gate, "Worker exiting") >= n, f"{number} retired", 30)
+        os.kill(master, signal.SIGTTIN)
+        eventually(lambda n=number: _said(gate, "Booting worker") >= 3 + n, f"{number} added", 30)
+    assert gate.predict() == 200
+    assert_no_restart(gate)
+
+
+def _said(gate: Supervised, text: str) -> int:
+    return sum(text in line for line in gate.output())
