@@ -96,7 +96,7 @@ class Forwarder:
         state = RetryState()
         fresh = False
         retrying: Failure | None = None  # the failure the current attempt is a retry of
-        connects_until: float | None = None  # refused connects are retried until then
+        unreachable_since: float | None = None  # the first refused (or timed-out) connect
         attempt = 0
         while True:
             attempt += 1
@@ -113,10 +113,15 @@ class Forwarder:
                 return Forwarded(attempt, facts, response=answer)
             assert failure is not None
             failure = await self._observe(failure, facts.scheme, began, budget)
-            if failure.cause in UNREACHABLE and connects_until is None:
-                connects_until = time.monotonic() + self._connect_wait()
+            if failure.cause in UNREACHABLE and unreachable_since is None:
+                unreachable_since = began
             if self.state.circuit.open:  # opened by this failure or by another request's
                 return self._refused_by_circuit(attempt, facts)
+            # Asked at each refusal: a model server found exiting meanwhile is booting, and
+            # the wait grows to retry.boot_wait for requests already riding it out.
+            connects_until = (
+                None if unreachable_since is None else unreachable_since + self._connect_wait()
+            )
             decision = self._decide(
                 outbound, failure, facts, state, budget, attempt, connects_until
             )

@@ -87,12 +87,14 @@ class HealthMonitor:
         on_restart: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
         on_inconclusive: Callable[[], None] = lambda: None,
+        on_booting: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.state = Health.UNKNOWN
         self._on_change = on_change
         self._on_restart = on_restart
         self._on_inconclusive = on_inconclusive
+        self._on_booting = on_booting
         self._clock = clock
         self._passed = 0
         self._failed = 0
@@ -177,25 +179,38 @@ class HealthMonitor:
         self._answered_since_restart = True
 
     def record_restart(self, evidence: str) -> None:
-        self._restart_seen = True
-        self._answered_since_restart = False
-        self._restarts.append(self._clock())
         self._on_restart()
         log.info("upstream.restarted", evidence=evidence)
+        self.hear_restart(self._clock())
+
+    def hear_restart(self, at: float) -> None:
+        """A restart at `at` (this monitor's clock) that another process counted and logged:
+        the --workers parent, which reads the supervised model server's log (proxy/news.py).
+        It makes crash loops and recent restarts here as one counted here does."""
+        self._restart_seen = True
+        self._answered_since_restart = False
+        self._restarts.append(at)
         self._expire_restarts()
         if len(self._restarts) >= self.settings.crash_loop_restarts:
             self._apply(Event.RESTARTS_CLUSTERED)
+
+    def recent_restarts(self) -> tuple[float, ...]:
+        """When the restarts within health.crash_loop_window were, oldest first."""
+        self._expire_restarts()
+        return tuple(self._restarts)
 
     def supervised(self) -> None:
         """The model server is servegate's child (supervise mode), starting now."""
         self.restarts_from_log = True
         self.booting = True
+        self._on_booting()
 
     def supervised_exited(self, reason: str) -> None:
         """The supervised model server exited (`reason`: its exit code or signal): a restart,
         and a boot in progress until a check passes again."""
         self.record_restart(f"the supervised model server exited with {reason}")
         self.booting = True
+        self._on_booting()
 
     def _expire_restarts(self) -> None:
         horizon = self._clock() - self.settings.crash_loop_window

@@ -105,11 +105,11 @@ class WorkerCounter:
 
     The rule: a boot is a restart when a worker of this master has exited unplanned and no
     boot has replaced it yet; any other boot is initial (the master's first --workers, or ones
-    a reload or SIGTTIN adds). An exit is planned when announced (a recycle, SIGTTOU) or when a
-    reload retires the worker. Unlike "every boot after the first exit", this stays exact when a worker
-    dies before its siblings have booted. Lines are keyed by pid, so the several lines one
-    worker may cause (Gunicorn's and Uvicorn's boot lines for a Uvicorn worker; a timeout, then
-    its exit code) count once.
+    a reload or SIGTTIN adds). An exit is planned when announced (a recycle, SIGTTOU) or when
+    a reload retires the worker. Unlike "every boot after the first exit", this stays exact
+    when a worker dies before its siblings have booted. Lines are keyed by pid, so the several
+    lines one worker may cause (Gunicorn's and Uvicorn's boot lines for a Uvicorn worker; a
+    timeout, then its exit code) count once.
     """
 
     def __init__(self) -> None:

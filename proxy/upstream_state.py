@@ -95,5 +95,8 @@ class UpstreamState:
         self._metrics.crash_loop.set(now is Health.CRASH_LOOP)
         if now is Health.UP:
             self.circuit.signal(Signal.UP)
-        elif now is Health.DOWN:
+        elif now is Health.DOWN and not self.health.booting:
+            # Down while the supervised model server boots is no outage to fail fast on:
+            # requests wait for it, up to retry.boot_wait, as the settings promise. A boot
+            # that takes longer opens the circuit as any refusals do (request_found_unreachable).
             self.circuit.signal(Signal.DOWN)

@@ -5,7 +5,8 @@ with SO_REUSEPORT, so the kernel spreads new connections over them, as nginx's `
 Envoy's listeners do. The parent restarts a worker that dies (counted and logged), serves the
 admin port, and in supervise mode alone runs the model server. Workers write their metrics to
 files in a private directory (prometheus-client's multiprocess mode), so one scrape of the
-parent's /metrics covers them all. Health and circuit state are per worker.
+parent's /metrics covers them all. Health and circuit state are per worker; in supervise
+mode the parent tells them of the model server's restarts and boots (proxy/news.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 
+from proxy import news
 from proxy.app import Hurried, Servegate, StartupError, stop_unless_hurried
 from proxy.config import Settings, split_address
 from proxy.health import CRASH_LOOP_ADVICE, Health, HealthMonitor
@@ -69,9 +71,12 @@ SUPERVISED_MARK = "supervised"
 def announce(directory: Path) -> Callable[[Servegate], None]:
     """For a worker: once serving, tell the parent which admin port answers its /readyz."""
 
+    listening: list[asyncio.Task[None]] = []  # referenced for as long as the worker runs
+
     def started(gate: Servegate) -> None:
         if (directory / SUPERVISED_MARK).exists():
             gate.health.restarts_from_log = True
+        listening.append(asyncio.create_task(news.listen(gate.health)))
         path = directory / f"admin-{os.getpid()}.port"
         path.with_suffix(".tmp").write_text(str(gate.admin_port), encoding="ascii")
         path.with_suffix(".tmp").rename(path)  # atomic: the parent never reads half a number
@@ -84,6 +89,9 @@ class Pool:
 
     def __init__(self, argv: list[str], size: int, directory: Path, grace: float) -> None:
         self._argv, self._size, self._directory, self._grace = argv, size, directory, grace
+        self.bulletin = news.Bulletin()  # each worker's stdin (proxy/news.py)
+        # In supervise mode, the model server's restarts a worker starting now hears first.
+        self.recent_restarts: Callable[[], tuple[float, ...]] = tuple
         self._processes: dict[int, asyncio.subprocess.Process] = {}
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -119,9 +127,11 @@ class Pool:
         return (self._directory / f"admin-{pid}.port").exists()
 
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
-        process = await asyncio.create_subprocess_exec(
-            *self._argv, stdin=asyncio.subprocess.DEVNULL
-        )
+        stdin = self.bulletin.open(index, self.recent_restarts())
+        try:
+            process = await asyncio.create_subprocess_exec(*self._argv, stdin=stdin)
+        finally:
+            os.close(stdin)
         self._processes[index] = process
         self.alive.set(len(self.pids()))
         return process
@@ -133,6 +143,7 @@ class Pool:
             started = time.monotonic()
             code = await process.wait()
             prometheus_multiprocess.mark_process_dead(process.pid, str(self._directory))  # type: ignore[no-untyped-call]
+            self.bulletin.close(index)
             with contextlib.suppress(FileNotFoundError):
                 (self._directory / f"admin-{process.pid}.port").unlink()
             self.alive.set(len(self.pids()))
@@ -185,6 +196,7 @@ class Pool:
         for watcher in self._watchers:
             watcher.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
+        self.bulletin.close_all()  # every worker is gone: no end of a pipe is news to one
 
 
 def _data_port(settings: Settings) -> int:
@@ -302,9 +314,19 @@ async def _run(
         metrics = Metrics(CollectorRegistry(), settings.budget.seconds)
 
         def crash_loop_shown(_was: Health, now: Health) -> None:
-            metrics.crash_loop.set(now is Health.CRASH_LOOP)  # the workers' own stay at 0
+            metrics.crash_loop.set(now is Health.CRASH_LOOP)
 
-        health = HealthMonitor(settings.health, crash_loop_shown, metrics.upstream_restarts.inc)
+        def restarted() -> None:  # counted here, heard by the workers (their own count none)
+            metrics.upstream_restarts.inc()
+            pool.bulletin.tell(f"{news.RESTART} {time.monotonic()!r}")
+
+        health = HealthMonitor(
+            settings.health,
+            crash_loop_shown,
+            restarted,
+            on_booting=lambda: pool.bulletin.tell(news.BOOTING),
+        )
+        pool.recent_restarts = health.recent_restarts
         supervisor = Supervisor(command, health, metrics, settings.budget.seconds)
         (directory / SUPERVISED_MARK).touch()  # before any worker starts
         await _start_model(supervisor, settings)

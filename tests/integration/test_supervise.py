@@ -161,6 +161,11 @@ class Supervised:
     def model_pids(self) -> list[int]:
         return [event["pid"] for event in self.events("model.started")]
 
+    def worker_pids(self) -> list[int]:
+        """servegate's own worker processes (--workers), every one started."""
+        started = [pid for event in self.events("workers.started") for pid in event["pids"]]
+        return started + [event["pid"] for event in self.events("workers.worker_restarted")]
+
     def metrics(self) -> dict[str, float]:
         url = f"http://127.0.0.1:{self.admin}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -207,13 +212,21 @@ def supervised(tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
     """Start servegate supervising Gunicorn; afterwards every process is stopped by pid."""
     started: list[Supervised] = []
 
-    def start(*gunicorn_args: str, env: dict[str, str] | None = None) -> Supervised:
+    def start(
+        *gunicorn_args: str,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        boot_delay: float = 0.0,
+    ) -> Supervised:
+        """`workers`: servegate's --workers; `boot_delay`: seconds each start of the model
+        server takes before Gunicorn runs (a model loading its weights)."""
         data, admin, model = free_port(), free_port(), free_port()
         log_path = tmp_path / f"servegate-{data}.log"
+        slow = ["/bin/sh", "-c", f'sleep {boot_delay}; exec "$@"', "sh"] if boot_delay else []
         command = [
             *SERVEGATE, "--listen", f"127.0.0.1:{data}", "--admin-listen", f"127.0.0.1:{admin}",
-            "--upstream", f"http://127.0.0.1:{model}",
-            "--", sys.executable, "-m", "gunicorn", "--chdir", str(ROOT),
+            "--upstream", f"http://127.0.0.1:{model}", "--workers", str(workers),
+            "--", *slow, sys.executable, "-m", "gunicorn", "--chdir", str(ROOT),
             "--bind", f"127.0.0.1:{model}", "--no-control-socket", "--workers", "2",
             "--worker-class", "gthread", "--threads", "2", *gunicorn_args, "demo.model:app",
         ]  # fmt: skip
@@ -241,6 +254,9 @@ def supervised(tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
         for pid in gate.model_pids():  # each master leads its own process group
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+        for pid in gate.worker_pids():  # stopped with their parent; killed here if not
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_each_crashed_worker_is_one_worker_restart_and_initial_boots_are_none(
@@ -374,3 +390,64 @@ def test_a_crash_loop_is_declared_within_its_window_and_cleared_after_it(
     assert time.monotonic() - declared >= window - 1  # not before the window has passed
     eventually(lambda: gate.metrics()["servegate_upstream_up"] == 1, "up again")
     assert gate.predict() == 200
+
+
+@pytest.mark.time_limit(60)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_request_waits_for_a_model_server_that_takes_seconds_to_boot_again(
+    workers: int, supervised: Callable[..., Supervised]
+) -> None:
+    """retry.boot_wait (20 s) carries a request through the boot: the health checks failing
+    meanwhile (down after two) opened the circuit, and the request was refused at once.
+    With --workers, the parent alone sees the model exit: its workers must hear of it."""
+    gate = supervised(workers=workers, boot_delay=2.5)
+    eventually(lambda: gate.predict(timeout=5) == 200, "serving", limit=15)
+    [master] = gate.model_pids()
+    os.killpg(master, signal.SIGKILL)
+    eventually(lambda: bool(gate.events("model.exited")), "the exit seen")
+    began = time.monotonic()
+    assert gate.predict(timeout=30) == 200, client_errors(gate)
+    assert time.monotonic() - began > 2.5  # it did wait for the boot
+    assert not gate.events("circuit.open")
+
+
+def client_errors(gate: Supervised) -> list[tuple[Any, ...]]:
+    return [
+        (line.get("status"), line.get("cause"), line.get("detail"))
+        for line in gate.events("request")
+        if line.get("status") != 200
+    ]
+
+
+@pytest.mark.time_limit(60)
+def test_workers_name_requests_for_the_crash_loop_their_parent_sees(
+    supervised: Callable[..., Supervised],
+) -> None:
+    """The parent counts restarts from the model server's log, which no worker reads: the
+    workers must hear of them, or a crash loop is a reset_during_request without end."""
+    gate = supervised(workers=2)
+    for _ in range(3):  # three workers crash and are booted again: a crash loop
+        assert gate.predict("?crash=1") == 503
+    eventually(lambda: bool(gate.events("upstream.crash_loop")), "a crash loop", limit=20)
+    eventually(lambda: gate.metrics()["servegate_upstream_crash_loop"] == 1, "shown", limit=5)
+    told = len(gate.events("request"))
+    for _ in range(6):  # new connections each: both workers answer some
+        assert gate.predict("?crash=1") == 503
+    later = gate.events("request")[told:]
+    assert {line["cause"] for line in later} == {"crash_loop"}, later
+    assert len({line["worker"] for line in later}) == 2, "one worker answered every request"
+
+
+@pytest.mark.time_limit(60)
+def test_workers_drain_and_exit_when_their_parent_is_killed(
+    supervised: Callable[..., Supervised],
+) -> None:
+    """SIGKILL reaches no child: workers left serving would hold the data port, and a
+    servegate started again could not bind it."""
+    gate = supervised(workers=2)
+    workers = gate.worker_pids()
+    assert len(workers) == 2
+    gate.process.kill()
+    gate.process.wait(timeout=10)
+    eventually(lambda: all(gone(pid) for pid in workers), "the workers exited", limit=20)
+    assert len(gate.events("workers.parent_gone")) == 2
