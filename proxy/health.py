@@ -24,6 +24,7 @@ from yarl import URL
 
 from proxy.config import HealthSettings
 from proxy.failures import (
+    UNREACHABLE,
     AttemptFacts,
     Category,
     Cause,
@@ -109,8 +110,9 @@ class HealthMonitor:
         # Set in supervise mode: the model server's own log counts restarts exactly, so
         # failures of requests are no longer taken as evidence of one.
         self.restarts_from_log = False
-        # Set in supervise mode while the model server is (re)starting, until a check passes:
-        # refused connections are then a boot in progress, worth a longer wait.
+        # Set in supervise mode while the model server is (re)starting, until a check passes
+        # or finds it taking connections: refused connections are then a boot in progress,
+        # worth a longer wait.
         self.booting = False
         # What the last check found wrong in how the server speaks (a certificate servegate
         # cannot verify, a failed handshake): it answers, so it is not down, and not ready.
@@ -127,6 +129,8 @@ class HealthMonitor:
         protocol = failed is not None and failed.category is Category.PROTOCOL
         self.finding = failed if protocol else None
         self.last_failure = None if protocol else failed
+        if failed is not None and failed.cause not in UNREACHABLE:
+            self.booting = False  # it takes connections: started, whatever its checks say
         self.record_check(failed is None or protocol)
 
     def record_check(self, ok: bool) -> None:

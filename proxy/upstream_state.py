@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from proxy.circuit import Circuit, CircuitState, Signal
 from proxy.config import CircuitSettings, HealthSettings
-from proxy.failures import UNREACHABLE, Category, Failure
+from proxy.failures import UNREACHABLE, Category, Cause, Failure
 from proxy.health import Health, HealthMonitor
 from proxy.metrics import Metrics
 
@@ -86,9 +86,19 @@ class UpstreamState:
                 # The circuit may have opened on refusals the checks never saw (a restart
                 # between two checks): a passing check lets requests try again.
                 self.circuit.signal(Signal.UP)
+            elif self._booted_down(failed):
+                self.circuit.signal(Signal.DOWN)  # kept closed for the boot, which is over
             return failed
 
         return checked
+
+    def _booted_down(self, failed: Failure | None) -> bool:
+        """Down during a boot, and now taking connections while its checks still fail: the
+        boot is over (the check ends it), and the server is down."""
+        if failed is None or failed.category is not Category.SERVICE:
+            return False  # passed, or a finding on how it speaks: not down
+        taking = failed.cause not in UNREACHABLE and failed.cause is not Cause.OVERLOADED
+        return taking and self.health.booting and self.health.state is Health.DOWN
 
     def _health_changed(self, was: Health, now: Health) -> None:
         self._metrics.upstream_up.set(now is Health.UP)
@@ -96,7 +106,8 @@ class UpstreamState:
         if now is Health.UP:
             self.circuit.signal(Signal.UP)
         elif now is Health.DOWN and not self.health.booting:
-            # Down while the supervised model server boots is no outage to fail fast on:
-            # requests wait for it, up to retry.boot_wait, as the settings promise. A boot
-            # that takes longer opens the circuit as any refusals do (request_found_unreachable).
+            # Down while the supervised model server boots (its port refusing) is no outage
+            # to fail fast on: requests wait for it, up to retry.boot_wait, as the settings
+            # promise. A boot that takes longer opens the circuit as any refusals do
+            # (request_found_unreachable); one that ends with failing checks, at that check.
             self.circuit.signal(Signal.DOWN)

@@ -76,3 +76,38 @@ async def test_resets_are_health_evidence_but_never_open_the_circuit() -> None:
     assert state.health.state is Health.CRASH_LOOP
     assert gauge(registry, "servegate_upstream_crash_loop") == 1
     assert state.circuit.state is CircuitState.CLOSED
+
+
+UNHEALTHY = Failure(Cause.UPSTREAM_UNHEALTHY, "/health answered 503")
+
+
+async def test_a_boot_keeps_the_circuit_closed_while_the_port_refuses_and_no_longer() -> None:
+    """Requests wait retry.boot_wait for a booting model server: checks failing on refused
+    connects meanwhile mark it down, not the circuit open. Once it takes connections and its
+    checks still fail, the boot is over, and the server is down like any other."""
+    state, _ = upstream()
+    await check(state, None)
+    state.health.supervised_exited("exit code 1")
+    await check(state, DOWN)
+    assert state.health.state is Health.DOWN
+    assert state.circuit.state is CircuitState.CLOSED
+    await check(state, UNHEALTHY)
+    assert not state.health.booting
+    assert state.circuit.state is CircuitState.OPEN
+
+
+async def test_a_boot_that_ends_in_passing_checks_never_opened_the_circuit() -> None:
+    state, _ = upstream()
+    await check(state, None)
+    state.health.supervised_exited("signal SIGKILL")
+    await check(state, DOWN)
+    await check(state, None)
+    assert (state.health.state, state.circuit.state) == (Health.UP, CircuitState.CLOSED)
+    assert not state.health.booting
+
+
+async def test_a_server_unhealthy_when_it_starts_is_down_and_the_circuit_opens() -> None:
+    state, _ = upstream()
+    state.health.supervised()
+    await check(state, UNHEALTHY)
+    assert (state.health.state, state.circuit.state) == (Health.DOWN, CircuitState.OPEN)
