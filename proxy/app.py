@@ -237,6 +237,7 @@ async def serve(
     on_started: Callable[[Servegate], None] | None = None,
     *,
     worker: bool = False,
+    parent_supervises: bool = False,
 ) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully; a second signal stops at once.
 
@@ -244,7 +245,8 @@ async def serve(
     it boots meanwhile, and stopped last, once servegate has stopped accepting and drained.
     A `worker` of `servegate run --workers` drains on any number of signals: one may come
     from its parent and one from the terminal's process group (Ctrl-C), and the parent alone
-    decides to stop at once (it kills its workers then).
+    decides to stop at once (it kills its workers then). When its parent supervises the model
+    server (`parent_supervises`), it counts no restarts and hears of them (proxy/news.py).
     """
     from proxy.supervise import Supervisor  # supervise mode only
 
@@ -257,6 +259,9 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):  # before the child exists: it is never orphaned
         loop.add_signal_handler(signum, on_signal)
     gate = Servegate(settings)
+    if parent_supervises:
+        # As in supervise mode: the model server may be booting until a check reaches it.
+        gate.health.supervised()
     supervisor = None
     if command:
         supervisor = Supervisor(command, gate.health, gate.metrics, settings.budget.seconds)

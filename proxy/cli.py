@@ -152,7 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits.apply(settings.server.backlog)
     try:
         if args.worker_of is not None:
-            _run(serve(settings, (), on_started=workers.announce(args.worker_of), worker=True))
+            directory = args.worker_of
+            _run(
+                serve(
+                    settings,
+                    (),
+                    on_started=workers.announce(directory),
+                    worker=True,
+                    parent_supervises=workers.parent_supervises(directory),
+                )
+            )
         elif size > 1:
             own_args = _without_option(own, "--workers")
             _run(workers.run(settings, size, own_args, command or ()))

@@ -152,7 +152,8 @@ class Forwarder:
 
     def _connect_wait(self) -> float:
         """How long one request rides out refused connects: longer while the model boots."""
-        return self.settings.boot_wait if self.state.health.booting else self.settings.connect_wait
+        boot = self.state.health.boot_in_progress
+        return self.settings.boot_wait if boot else self.settings.connect_wait
 
     def _refused_by_circuit(self, attempts: int, facts: AttemptFacts) -> Forwarded:
         """The circuit opened while this request was trying: it fails fast, as new ones do."""

@@ -170,6 +170,12 @@ class HealthMonitor:
         ):
             self.record_restart("connections refused after the server was up")
 
+    @property
+    def boot_in_progress(self) -> bool:
+        """The supervised model server is booting, and not in a crash loop: one that exits
+        as it starts, again and again, is no boot worth waiting for."""
+        return self.booting and self.state is not Health.CRASH_LOOP
+
     def restarted_recently(self) -> bool:
         """A restart within RECENT_RESTART seconds, and no answer since."""
         return (

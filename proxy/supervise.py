@@ -43,6 +43,7 @@ class Kind(StrEnum):
     TIMEOUT = "timeout"  # the master is about to kill the worker: its exit
     PLANNED = "planned"  # the worker announced it will exit on purpose (max requests reached)
     RELOAD = "reload"  # the master replaces every worker it has (Gunicorn's SIGHUP)
+    SHRINK = "shrink"  # the master retires its oldest worker (Gunicorn's SIGTTOU)
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,12 @@ _PATTERNS: tuple[tuple[re.Pattern[str], Kind, str], ...] = (
         "Uvicorn",
     ),
     # Retirements the operator asked for: Gunicorn reloading on SIGHUP (new workers boot, then
-    # every old one exits) or taking one worker away on SIGTTOU (the oldest exits); Uvicorn's
+    # every old one exits) or taking one worker away on SIGTTOU (the oldest exits, unless it
+    # is the last: arbiter.py, handle_ttou); Uvicorn's
     # parent ending a child on purpose (SIGHUP restarts each after its successor is ready;
     # SIGTTOU). Their exits are no crash, and the boots that replace them no restart.
     (re.compile(r"Hang up: "), Kind.RELOAD, "Gunicorn"),
-    (re.compile(r"Handling signal: ttou"), Kind.PLANNED, "Gunicorn"),
+    (re.compile(r"Handling signal: ttou"), Kind.SHRINK, "Gunicorn"),
     (re.compile(r"Terminated child process \[(\d+)\]"), Kind.PLANNED, "Uvicorn"),
     (re.compile(r"Started server process \[(\d+)\]"), Kind.BOOT, "Uvicorn"),
     (re.compile(r"Finished server process \[(\d+)\]"), Kind.EXIT, "Uvicorn"),
@@ -105,15 +107,15 @@ class WorkerCounter:
 
     The rule: a boot is a restart when a worker of this master has exited unplanned and no
     boot has replaced it yet; any other boot is initial (the master's first --workers, or ones
-    a reload or SIGTTIN adds). An exit is planned when announced (a recycle, SIGTTOU) or when
-    a reload retires the worker. Unlike "every boot after the first exit", this stays exact
+    a reload or SIGTTIN adds). An exit is planned when announced (a recycle) or when a reload
+    or SIGTTOU retires the worker. Unlike "every boot after the first exit", this stays exact
     when a worker dies before its siblings have booted. Lines are keyed by pid, so the several
     lines one worker may cause (Gunicorn's and Uvicorn's boot lines for a Uvicorn worker; a
     timeout, then its exit code) count once.
     """
 
     def __init__(self) -> None:
-        self._alive: set[int] = set()
+        self._alive: dict[int, None] = {}  # an ordered set, oldest first
         self._gone: dict[int, None] = {}  # an ordered set, oldest first
         self._unreplaced = 0
         self._planned: set[int] = set()  # workers that announced a planned exit
@@ -124,7 +126,11 @@ class WorkerCounter:
         """Record the event; True when it is the boot of a worker replacing one that exited
         unplanned (a recycle the server announced is no restart)."""
         if event.kind is Kind.RELOAD:
-            self._planned |= self._alive  # its new workers boot first: they replace no one
+            self._planned |= self._alive.keys()  # its new workers boot first: none replaces
+            return False
+        if event.kind is Kind.SHRINK:
+            if len(self._alive) > 1:  # Gunicorn keeps its last worker
+                self._planned.add(next(iter(self._alive)))
             return False
         if event.kind is Kind.PLANNED:
             if event.pid:
@@ -135,7 +141,7 @@ class WorkerCounter:
         if event.kind is Kind.BOOT:
             if event.pid in self._alive:
                 return False
-            self._alive.add(event.pid)
+            self._alive[event.pid] = None
             self._gone.pop(event.pid, None)  # a reused pid is a new worker
             if self._unreplaced:
                 self._unreplaced -= 1
@@ -143,7 +149,7 @@ class WorkerCounter:
             self._recycled = max(0, self._recycled - 1)
             return False
         if event.pid not in self._gone:
-            self._alive.discard(event.pid)
+            self._alive.pop(event.pid, None)
             self._gone[event.pid] = None
             if len(self._gone) > RECENT_PIDS:
                 del self._gone[next(iter(self._gone))]

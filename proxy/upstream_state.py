@@ -98,16 +98,20 @@ class UpstreamState:
         if failed is None or failed.category is not Category.SERVICE:
             return False  # passed, or a finding on how it speaks: not down
         taking = failed.cause not in UNREACHABLE and failed.cause is not Cause.OVERLOADED
-        return taking and self.health.booting and self.health.state is Health.DOWN
+        return taking and self.health.boot_in_progress and self.health.state is Health.DOWN
 
     def _health_changed(self, was: Health, now: Health) -> None:
         self._metrics.upstream_up.set(now is Health.UP)
         self._metrics.crash_loop.set(now is Health.CRASH_LOOP)
         if now is Health.UP:
             self.circuit.signal(Signal.UP)
-        elif now is Health.DOWN and not self.health.booting:
+        elif now is Health.DOWN and not self.health.boot_in_progress:
             # Down while the supervised model server boots (its port refusing) is no outage
             # to fail fast on: requests wait for it, up to retry.boot_wait, as the settings
             # promise. A boot that takes longer opens the circuit as any refusals do
             # (request_found_unreachable); one that ends with failing checks, at that check.
+            self.circuit.signal(Signal.DOWN)
+        elif now is Health.CRASH_LOOP and was is Health.DOWN:
+            # Down through boots that keep ending in exits: the circuit kept closed for a
+            # boot opens now (open already, this changes nothing).
             self.circuit.signal(Signal.DOWN)

@@ -68,14 +68,18 @@ def count(text: str) -> int:
 SUPERVISED_MARK = "supervised"
 
 
+def parent_supervises(directory: Path) -> bool:
+    """For a worker: whether its parent runs the model server (and counts its restarts)."""
+    return (directory / SUPERVISED_MARK).exists()
+
+
 def announce(directory: Path) -> Callable[[Servegate], None]:
-    """For a worker: once serving, tell the parent which admin port answers its /readyz."""
+    """For a worker: once serving, tell the parent which admin port answers its /readyz, and
+    listen to what the parent tells (proxy/news.py)."""
 
     listening: list[asyncio.Task[None]] = []  # referenced for as long as the worker runs
 
     def started(gate: Servegate) -> None:
-        if (directory / SUPERVISED_MARK).exists():
-            gate.health.restarts_from_log = True
         listening.append(asyncio.create_task(news.listen(gate.health)))
         path = directory / f"admin-{os.getpid()}.port"
         path.with_suffix(".tmp").write_text(str(gate.admin_port), encoding="ascii")

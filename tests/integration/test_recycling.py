@@ -219,7 +219,7 @@ UVICORN_TERMINATED = "INFO:     Terminated child process [16843]"
 
 def test_retirements_the_operator_asked_for_are_read_as_such() -> None:
     assert parse_line(GUNICORN_RELOAD) == WorkerEvent(Kind.RELOAD, 0, "Gunicorn")
-    assert parse_line(GUNICORN_TTOU) == WorkerEvent(Kind.PLANNED, 0, "Gunicorn")
+    assert parse_line(GUNICORN_TTOU) == WorkerEvent(Kind.SHRINK, 0, "Gunicorn")
     assert parse_line(UVICORN_TERMINATED) == WorkerEvent(Kind.PLANNED, 16843, "Uvicorn")
 
 
@@ -229,6 +229,15 @@ def test_a_reload_retires_every_worker_it_had_and_a_crash_after_it_still_counts(
     reload = [(Kind.RELOAD, 0), (Kind.BOOT, 3), (Kind.BOOT, 4), (Kind.EXIT, 1), (Kind.EXIT, 2)]
     assert count(*boots, *reload, *reload[:1], (Kind.BOOT, 5), (Kind.BOOT, 6)) == 0
     assert count(*boots, *reload, (Kind.EXIT, 3), (Kind.BOOT, 5)) == 1
+
+
+def test_sigttou_retires_the_oldest_worker_and_never_the_last() -> None:
+    """Gunicorn retires its oldest worker, and ignores SIGTTOU at one: a crash of another
+    worker, or after an ignored SIGTTOU, is still a restart."""
+    two = [(Kind.BOOT, 1), (Kind.BOOT, 2), (Kind.SHRINK, 0)]
+    assert count(*two, (Kind.EXIT, 1), (Kind.BOOT, 3)) == 0
+    assert count(*two, (Kind.EXIT, 2), (Kind.BOOT, 3)) == 1  # the other one crashed
+    assert count((Kind.BOOT, 1), (Kind.SHRINK, 0), (Kind.EXIT, 1), (Kind.BOOT, 2)) == 1
 
 
 RELOADS = 3  # as many as circuit.crash_loop_restarts: counted as restarts, a crash loop

@@ -217,9 +217,11 @@ def supervised(tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
         env: dict[str, str] | None = None,
         workers: int = 1,
         boot_delay: float = 0.0,
+        booted: bool = True,
     ) -> Supervised:
         """`workers`: servegate's --workers; `boot_delay`: seconds each start of the model
-        server takes before Gunicorn runs (a model loading its weights)."""
+        server takes before Gunicorn runs (a model loading its weights); `booted`: return
+        once Gunicorn has booted its workers, else once servegate listens."""
         data, admin, model = free_port(), free_port(), free_port()
         log_path = tmp_path / f"servegate-{data}.log"
         slow = ["/bin/sh", "-c", f'sleep {boot_delay}; exec "$@"', "sh"] if boot_delay else []
@@ -242,7 +244,8 @@ def supervised(tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
         started.append(gate)
         wait_for_port(data, process)  # type: ignore[arg-type]
         wait_for_port(admin, process)  # type: ignore[arg-type]
-        eventually(lambda: gate.boots() >= INITIAL_WORKERS, "Gunicorn booted its workers")
+        if booted:
+            eventually(lambda: gate.boots() >= INITIAL_WORKERS, "Gunicorn booted its workers")
         return gate
 
     yield start
@@ -451,3 +454,17 @@ def test_workers_drain_and_exit_when_their_parent_is_killed(
     gate.process.wait(timeout=10)
     eventually(lambda: all(gone(pid) for pid in workers), "the workers exited", limit=20)
     assert len(gate.events("workers.parent_gone")) == 2
+
+
+@pytest.mark.time_limit(60)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_request_waits_for_a_first_boot_longer_than_servegates_own_start(
+    workers: int, supervised: Callable[..., Supervised]
+) -> None:
+    """servegate listens after 5 s even if the model server does not yet: a request then
+    waits for the boot. With --workers, the workers start after the model began booting, so
+    they cannot hear of it: they begin as booting, as a single servegate does."""
+    gate = supervised(workers=workers, boot_delay=8.0, booted=False)
+    assert gate.boots() == 0
+    assert gate.predict(timeout=30) == 200, client_errors(gate)
+    assert not gate.events("circuit.open")

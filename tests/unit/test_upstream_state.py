@@ -111,3 +111,18 @@ async def test_a_server_unhealthy_when_it_starts_is_down_and_the_circuit_opens()
     state.health.supervised()
     await check(state, UNHEALTHY)
     assert (state.health.state, state.circuit.state) == (Health.DOWN, CircuitState.OPEN)
+
+
+async def test_boots_that_keep_ending_in_exits_open_the_circuit_at_the_crash_loop() -> None:
+    """A model server that exits as it starts is booting forever: each request would wait
+    retry.boot_wait, and the circuit would never open."""
+    state, _ = upstream()
+    await check(state, None)
+    state.health.supervised_exited("exit code 1")
+    await check(state, DOWN)
+    assert state.circuit.state is CircuitState.CLOSED
+    state.health.supervised_exited("exit code 1")
+    state.health.supervised_exited("exit code 1")
+    assert state.health.state is Health.CRASH_LOOP
+    assert not state.health.boot_in_progress
+    assert state.circuit.state is CircuitState.OPEN
