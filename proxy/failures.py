@@ -296,6 +296,10 @@ def exchange_failure(error: BaseException, *, response_started: bool) -> tuple[C
         if _HTTP2.search(str(error)):
             return Cause.MALFORMED_RESPONSE, f"{HTTP2_ANSWER}: {error}"
         return Cause.MALFORMED_RESPONSE, f"not an HTTP/1.1 response: {error}"
+    if isinstance(error, ssl.SSLError) and "alert" in str(error).lower():
+        # A TLS 1.3 server refusing a client certificate (or its absence) after the
+        # handshake: its alert comes on the first read.
+        return connect_failure(error)
     if isinstance(error, asyncio.IncompleteReadError):
         where = "in the middle of its response" if response_started else "without answering"
         return Cause.RESET_DURING_REQUEST, f"the server closed the connection {where}"

@@ -13,7 +13,8 @@ writes a line per event, which a worker applies to its own health state:
 A worker started later hears the restarts still within `health.crash_loop_window` first.
 
 The pipe's end tells a worker that the parent is gone, even by SIGKILL, which no child hears
-of: it drains and exits as on SIGTERM, rather than serve on with nobody to restart it.
+of: it drains and exits as on SIGTERM, rather than keep the data port with nobody to restart
+it. (A supervised model server, the parent's child, is left running then.)
 """
 
 from __future__ import annotations

@@ -146,10 +146,12 @@ class Upstream:
             if protocol.exception() is None:
                 writer = send_request(connection, head, body, acks)
                 facts.request_sent = True
-            # Else the server spoke first, and not in HTTP (an SSH or SMTP banner, a MySQL
-            # greeting, an HTTP/2 SETTINGS frame): its bytes broke aiohttp's parser, which
-            # closed the connection. The request stays unsent; read_answer raises the
-            # parser's error, the true verdict, where a write would fail on a closed transport.
+            # Else the connection failed before the request was written: the server spoke
+            # first, and not in HTTP (an SSH or SMTP banner, a MySQL greeting, an HTTP/2
+            # SETTINGS frame), and its bytes broke aiohttp's parser, which closed it; or a
+            # pooled connection was closed or reset meanwhile. The request stays unsent;
+            # read_answer raises that error, the true verdict, where a write would fail on a
+            # closed transport.
             answer = await read_answer(
                 connection,
                 writer,

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+import ssl
 import time
 
 from proxy.advice import FIX, HTTP2_ANSWER
 from proxy.doctor.verdicts import Check, Fact, Target, Verdict, worse
 from proxy.doctor.wire import ProbeError, Response, close, connect, exchange
 from proxy.failures import HTTP2_ANSWER as HTTP2_DETAIL
-from proxy.failures import UNREACHABLE, Category, Cause
+from proxy.failures import UNREACHABLE, Category, Cause, connect_failure
 from proxy.probe import speaks_tls
 
+# How long a verified handshake's connection waits for a TLS 1.3 server's alert (sent once
+# it has read the client's certificate, or its absence): a loopback or LAN round trip or two.
+POST_HANDSHAKE_WAIT = 0.5
 PROBE_WAIT = 3.0  # the TLS probe: run mode allows 1 s; a one-off diagnosis can wait longer
 GUNICORN_TIMEOUT = 30  # Gunicorn's default --timeout: a worker busy longer than this is killed
 
@@ -83,6 +87,13 @@ def _judge_tls(
     client certificate), which no verification setting changes?"""
     # servegate speaks TLS to it: by the URL, or adopting it (upstream.scheme: auto).
     spoken = target.scheme == "https" or target.auto_scheme
+    if problem is not None and problem.cause in UNREACHABLE:
+        facts["handshake"] = f"not made: {problem.detail}"
+        advice.append(
+            f"The verified handshake could not be made ({problem.detail}): the server stopped "
+            "taking connections between two probes. See service."
+        )
+        return worse(verdict, Verdict.WARN), cause
     if problem is not None and problem.cause is not Cause.TLS_CERTIFICATE:
         facts["handshake"] = f"fails: {problem.detail}"
         advice.append(f"A TLS handshake as servegate makes it fails: {problem.detail}.")
@@ -168,11 +179,21 @@ async def _protocol_inconclusive(target: Target, plain: ProbeError | None) -> Ch
 
 async def _handshake_problem(target: Target) -> ProbeError | None:
     """Why a handshake made as servegate makes it (verifying as it does) fails; None when it
-    succeeds."""
+    succeeds. A TLS 1.3 server refuses a client certificate, or its absence, after the
+    handshake: its alert is waited for a moment."""
     try:
-        await close(await connect(target, tls=True, verify=True))
+        stream = await connect(target, tls=True, verify=True)
     except ProbeError as exc:
         return exc
+    try:
+        async with asyncio.timeout(POST_HANDSHAKE_WAIT):
+            await stream[0].read(1)
+    except ssl.SSLError as exc:
+        return ProbeError(*connect_failure(exc))
+    except (OSError, TimeoutError):
+        pass  # no alert: what else the server does with an idle connection is not the question
+    finally:
+        await close(stream)
     return None
 
 

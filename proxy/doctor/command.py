@@ -39,15 +39,18 @@ async def diagnose(target: Target) -> Report:
 
 def _unmeasurable(target: Target, service: Check) -> str | None:
     """Why no request can be timed nor a connection kept idle, when the service check shows
-    it: no connection, no HTTP/1.1, or no answer to the very request the timeout check would
-    send (it would wait out the budget again for the same silence)."""
+    it: no connection, no HTTP/1.1, or the very request the timeout check would send (with
+    no --sample-body) failed already: it would wait out the budget again for the same silence,
+    or report the same failure under another name."""
     if service.cause in UNREACHABLE:
         return f"no connection to {target.address}"
     if service.cause is Cause.MALFORMED_RESPONSE:
         return "the server does not answer in HTTP/1.1"
-    if service.facts.get("error") == NO_ANSWER:
+    if target.sample_body is not None or "error" not in service.facts:
+        return None
+    if service.facts["error"] == NO_ANSWER:
         return f"GET {target.probe_path} got no answer within the {target.budget:g} s budget"
-    return None
+    return f"GET {target.probe_path} failed"
 
 
 # --- rendering ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pytest
 from tests.conftest import Certificates
 from tests.upstreams.gunicorn import ROOT, Gunicorn, free_port
 from tests.upstreams.misbehaving import AnswersWith, ClosesUnread, Silent, SpeaksFirst
-from tests.upstreams.raw import SilentOnTlsHello, SweepsIdleConnections
+from tests.upstreams.raw import OK, RawServer, SilentOnTlsHello, SweepsIdleConnections, read_request
 from tests.upstreams.uvicorn import Uvicorn
 
 # The doctor command as a process, waiting on real servers' idle timers.
@@ -326,3 +327,56 @@ def test_a_tls_server_that_refuses_servegates_versions_is_a_handshake_failure(
     protocol = report_of(result)["checks"]["protocol"]
     assert (protocol["verdict"], protocol["cause"]) == ("fail", "tls_handshake"), protocol
     assert "certificate" not in protocol["facts"]
+
+
+def test_a_server_that_requires_a_client_certificate_is_a_handshake_failure(
+    gunicorn: Callable[..., Gunicorn], certificates: Certificates, tmp_path: Path
+) -> None:
+    """TLS 1.3 refuses the missing certificate after the handshake, on the first read: the
+    protocol check waits for that alert, and the service check's GET names it, not a crashing
+    worker."""
+    model = gunicorn(
+        "--cert-reqs", "2", "--ca-certs", str(certificates.ca_file),  # CERT_REQUIRED
+        certfile=certificates.cert_file, keyfile=certificates.key_file,
+    )  # fmt: skip
+    settings = tmp_path / "s.yaml"
+    settings.write_text(f"upstream: {{tls: {{ca_file: {certificates.ca_file}}}}}\n")
+    result = run_doctor(
+        "--upstream", f"https://127.0.0.1:{model.port}", "--config", str(settings), "--json",
+        "--max-idle-wait", "2",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    checks = report_of(result)["checks"]
+    protocol, service = checks["protocol"], checks["service"]
+    assert (protocol["verdict"], protocol["cause"]) == ("fail", "tls_handshake"), protocol
+    assert "certificate required" in protocol["facts"]["handshake"]
+    assert service["cause"] == "tls_handshake", service
+    assert checks["timeout"]["verdict"] == "skipped"
+
+
+@dataclass
+class AnswersOnlyPost(RawServer):
+    """Never answers a GET (a health route stuck behind a lock), answers a POST at once."""
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while (head := await read_request(reader)) is not None:
+            if head.startswith(b"GET"):
+                await asyncio.Event().wait()  # until the test stops the server
+            writer.write(OK)
+            await writer.drain()
+
+
+async def test_a_sample_request_is_timed_though_the_health_get_got_no_answer(
+    raw_server: Callable[..., Any],
+) -> None:
+    server = await raw_server(AnswersOnlyPost())
+    result = await run_doctor_beside(
+        "--upstream", server.url, "--budget", "3", "--sample-body", SAMPLE, "--json",
+        "--max-idle-wait", "1",
+    )  # fmt: skip
+    checks = report_of(result)["checks"]
+    assert checks["service"]["verdict"] == "fail"
+    assert checks["timeout"]["verdict"] == "ok", checks["timeout"]
+    assert checks["timeout"]["facts"]["request"] == "POST /predict"
