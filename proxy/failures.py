@@ -173,6 +173,14 @@ OWN_SHORTAGE_RETRY_AFTER = 1.0
 
 _DISCONNECTS = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)
 _PLAIN_PEER_MARKERS = ("wrong version number", "record layer failure", "packet length too long")
+# OpenSSL's words for records that are no TLS, or not the session's (RFC 8446 §5.2).
+_BROKEN_RECORD_MARKERS = (
+    *_PLAIN_PEER_MARKERS,
+    "bad record mac",
+    "decryption failed",
+    "record overflow",
+    "bad record type",
+)
 
 
 def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) -> Failure:
@@ -212,10 +220,10 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
         return failure(Cause.RESPONSE_FRAMING, str(exc))
     if isinstance(exc, AnswersPlainHTTP):
         return failure(Cause.TLS_TO_PLAIN_SERVER, str(exc))
-    if (alert := _tls_alert(exc)) is not None and not facts.response_started:
+    if (tls := _tls_verdict(exc)) is not None and not facts.response_started:
         # A TLS 1.3 server refuses a client certificate (or its absence) after the handshake:
         # its alert comes on the first read, as a dropped connection, not from the connect.
-        return failure(*connect_failure(alert))
+        return failure(*tls)
     if isinstance(exc, (aiohttp.ClientPayloadError, *_DISCONNECTS)):
         # A fresh connection counts only with the kernel's proof: without it, a fresh one
         # dropped after sending is a TLS server's answer to plain HTTP as often as not.
@@ -228,16 +236,34 @@ def classify(exc: BaseException, facts: AttemptFacts, *, deadline_passed: bool) 
     return failure(Cause.RESET_DURING_REQUEST, f"unexpected {type(exc).__name__}: {exc}")
 
 
-def _tls_alert(exc: BaseException) -> ssl.SSLError | None:
-    """The TLS alert the peer sent, behind an error aiohttp raised for a dropped connection
-    (it keeps the transport's error as the cause), or None."""
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS layer's error behind an error aiohttp raised for a dropped connection (it keeps
+    the transport's error as the cause), or None."""
     seen: BaseException | None = exc
     for _ in range(4):  # aiohttp wraps it once or twice
         if seen is None:
             return None
-        if isinstance(seen, ssl.SSLError) and "alert" in str(seen).lower():
+        if isinstance(seen, ssl.SSLError):
             return seen
         seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _tls_verdict(exc: BaseException) -> tuple[Cause, str] | None:
+    """A dropped connection's TLS reason, when it names the server's doing: an alert it sent,
+    or records that are no TLS (a server that speaks plain HTTP once the handshake is done).
+    A close without close_notify is no such reason: a crashing worker's connection ends so."""
+    error = _tls_error(exc)
+    if error is None:
+        return None
+    said = str(error).lower()
+    if "alert" in said:
+        return connect_failure(error)
+    if any(marker in said for marker in _BROKEN_RECORD_MARKERS):
+        return Cause.MALFORMED_RESPONSE, (
+            f"the server's TLS records could not be read ({ssl_reason(error)}): after the "
+            "handshake it spoke something other than TLS"
+        )
     return None
 
 
