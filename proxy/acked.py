@@ -130,6 +130,23 @@ class AckCounter:
         closed)."""
         return self._final if self._sock is None else bytes_acked(self._sock)
 
+    def unread(self, limit: int) -> bytes:
+        """What the kernel holds unread on a plain connection, up to `limit` bytes, read without
+        waiting (b"" over TLS, whose records only the transport can open).
+
+        For the answer of a server that stopped reading the request and closed (RFC 9110
+        §15.5.14's 413 to a large body): the write that then fails makes the event loop drop
+        the connection without reading what arrived before."""
+        if self._sock is None or not self._plain:
+            return b""
+        pieces: list[bytes] = []
+        size = 0
+        with contextlib.suppress(OSError):  # nothing more (EAGAIN), or the reset itself
+            while size < limit and (piece := self._sock.recv(limit - size, socket.MSG_DONTWAIT)):
+                pieces.append(piece)
+                size += len(piece)
+        return b"".join(pieces)
+
     def close(self) -> None:
         """Read the count a last time and close the duplicate descriptor."""
         if self._sock is None:

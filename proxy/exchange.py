@@ -183,6 +183,12 @@ async def _stream_body(
             await write(head)
         await writer.write_eof()
     except OSError as exc:
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            # The connection is ending: its end (connection_lost) tells the reader, after it
+            # has read an answer the server may have sent before it stopped reading (a 413 to
+            # a body too large). Told here first, the reader would hear this error instead.
+            return
         protocol.set_exception(aiohttp.ClientOSError(exc.errno, "Can not write request body"), exc)
     except Exception as exc:  # the client's own body broke off: the request cannot complete
         broken = aiohttp.ClientConnectionError(f"the request body could not be sent: {exc}")

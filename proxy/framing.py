@@ -45,6 +45,9 @@ _NO_BODY_STATUSES = frozenset({204, 304})  # RFC 9110 §15.3.5, §15.4.5
 # How a chunked body ends when no trailer field and no extension follow its last chunk (RFC
 # 9112 §7.1): the line before ends, a lone 0, and an empty trailer section.
 BARE_LAST_CHUNK = b"\n0\r\n\r\n"
+# The most of an early answer read from the kernel after a failed write: its head and a short
+# body (an error page); a longer one ends cut, as it would have.
+EARLY_ANSWER_LIMIT = 256 * 1024
 
 
 class Fault(StrEnum):
@@ -292,6 +295,17 @@ class FramedResponseHandler(ResponseHandler):
         super().abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        parser = response_parser(self)
+        if (
+            isinstance(exc, OSError)
+            and self.acks is not None
+            and isinstance(parser, _FramedParser)
+            and not parser.complete
+            and (early := self.acks.unread(EARLY_ANSWER_LIMIT))
+        ):
+            # A write failed: the server had stopped reading the request and closed (an early
+            # answer, a 413 to a body too large). Its answer may wait unread in the kernel.
+            self.data_received(early)
         if self.acks is not None:
             # The peer's FIN, when eof_received did not hear of it: uvloop's TLS layer closes
             # on a FIN that came without close_notify and reports no error (unless servegate
@@ -301,7 +315,6 @@ class FramedResponseHandler(ResponseHandler):
             if (exc is None and not self._closed_here) or isinstance(exc, BrokenPipeError):
                 self.acks.peer_finished = True
             self.acks.close()
-        parser = response_parser(self)
         if isinstance(exc, ConnectionResetError) and isinstance(parser, _FramedParser):
             parser.reset(exc)
         super().connection_lost(exc)

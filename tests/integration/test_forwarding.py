@@ -359,3 +359,39 @@ async def test_the_access_line_counts_the_attempt_when_the_client_leaves_while_t
         await asyncio.sleep(0.02)
     line = log_capture.access()[-1]
     assert (line["status"], line["attempts"]) == (499, 1)
+
+
+async def upload_until_answered(port: int, size: int) -> bytes:
+    """POST `size` bytes, reading the answer as they go, as curl does; the answer's head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = b"POST /predict HTTP/1.1\r\nHost: model\r\nContent-Length: %d\r\n\r\n" % size
+
+    async def upload() -> None:
+        writer.write(head + b"x" * size)
+        await writer.drain()
+
+    sending = asyncio.create_task(upload())
+    try:
+        async with asyncio.timeout(20):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        writer.close()
+
+
+async def test_an_early_answer_to_a_large_upload_reaches_the_client_and_is_no_restart(
+    start_gate: StartGate, gunicorn: Callable[..., Gunicorn]
+) -> None:
+    """The model refuses a body too large from its Content-Length and closes with it unread
+    (RFC 9110 §15.5.14): servegate's next write fails, and the 413 that arrived before waits
+    in the kernel. Lost, it was a 503 'reset before answering', a restart each, and a crash
+    loop that failed /readyz."""
+    model = gunicorn("--worker-class", "sync", app="tests.upstreams.refuses_large:app")
+    gate = await start_gate(model.url)
+    for _ in range(10):  # 20 MB: past upstream.replay_buffer_bytes, so streamed to the model
+        head = await upload_until_answered(gate.data_port, 20_000_000)
+        assert head.startswith(b"HTTP/1.1 413 "), head
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_requests_total", code="413", method="POST") == 10
+    assert sample(samples, "servegate_upstream_restarts_total") == 0
