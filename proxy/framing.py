@@ -45,6 +45,7 @@ _NO_BODY_STATUSES = frozenset({204, 304})  # RFC 9110 §15.3.5, §15.4.5
 # How a chunked body ends when no trailer field and no extension follow its last chunk (RFC
 # 9112 §7.1): the line before ends, a lone 0, and an empty trailer section.
 BARE_LAST_CHUNK = b"\n0\r\n\r\n"
+_IDLE_TIMEOUT_NOTICES = (b"HTTP/1.1 408 ", b"HTTP/1.0 408 ")
 # The most of an early answer read from the kernel after a failed write: its head and a short
 # body (an error page); a longer one ends cut, as it would have.
 EARLY_ANSWER_LIMIT = 256 * 1024
@@ -108,7 +109,12 @@ class _FramedParser:
         messages: list[Any] = []
         while True:
             if self._stage is _Stage.DONE:
-                if data:
+                if data.startswith(_IDLE_TIMEOUT_NOTICES) and self.complete:
+                    # A 408 on a connection whose answer is done: the server's idle timer
+                    # closing it (RFC 9110 §15.5.9; Node.js, Apache's mod_reqtimeout), no
+                    # fault of the answer before it (Go's Transport takes it so too).
+                    self._handler.close_idle()
+                elif data:
                     self._surplus(len(data))
                 elif not self._parser_failed:
                     self._parser.feed_data(data)  # a paused body resuming (flow control)
@@ -336,6 +342,13 @@ class FramedResponseHandler(ResponseHandler):
         replace_response_parser(self, _FramedParser(response_parser(self), self, skip_payload))
         if early:
             self.data_received(early)
+
+    def close_idle(self) -> None:
+        """The server closes this connection, idle, and says so: never back to the pool."""
+        self.force_close()
+        if self.transport is not None:
+            self._closed_here = True
+            self.transport.close()
 
     def framing_fault(self, fault: FramingFault) -> None:
         self.force_close()  # never back to the pool: the stream's next bytes mean nothing

@@ -232,3 +232,25 @@ async def test_trailer_fields_of_an_answer_never_reach_the_next_answer_on_its_co
     assert b"x-cost" not in headers
     assert b"server-timing" not in headers
     assert model.connection_of[0] == model.connection_of[1]  # the connection itself is kept
+
+
+async def test_an_idle_connections_408_closes_it_quietly(
+    start_gate: StartGate, raw_server: Any, log_capture: LogCapture
+) -> None:
+    """A server's idle timer may say 408 as it closes a kept-alive connection (RFC 9110
+    §15.5.9; Node.js, Apache's mod_reqtimeout): that is no fault of the 200 before it."""
+    notice = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    model = await raw_server(MisframedModel(first=[answer, notice], pause=0.2))
+    gate = await start_gate(model.url)
+    raw = await exchange(gate.data_port, request(b"/predict", method=b"GET"))
+    assert raw.startswith(b"HTTP/1.1 200 OK")
+    assert raw.endswith(b"ok")
+    await asyncio.sleep(0.5)  # the notice has come
+    again = await exchange(gate.data_port, request(b"/next", method=b"GET"))
+    assert again.startswith(b"HTTP/1.1 200 OK")
+    assert model.connection_of[1] != model.connection_of[0]  # the closed one is not reused
+    assert not log_capture.events("upstream.framing_fault")
+    samples = await scrape(gate)
+    labels = {"category": "protocol", "cause": "response_framing"}
+    assert not sample(samples, "servegate_upstream_failures_total", **labels)
