@@ -356,6 +356,12 @@ class Ingress:
             # begun while the model worked.
             keep_alive=self._keeps_connection(request),
         )
+        if relayed.failure is not None and not relayed.response.prepared:
+            # None of the answer left (an HTTP/1.0 client's is read whole first): the client
+            # gets the failure, as if the model had failed before answering.
+            self.metrics.record_failed_attempt(relayed.failure)
+            refusal = Refusal(relayed.failure, attempts=forwarded.attempts)
+            return self._refuse(refusal, request_id, budget, line)
         line.status = relayed.response.status  # set late: a cancelled relay logs 499
         if relayed.failure is not None:
             # The client already has the status line; the cut connection tells it the rest.

@@ -101,7 +101,9 @@ class _Written(web.StreamResponse):
 class Relayed:
     response: web.StreamResponse
     bytes_out: int
-    failure: Failure | None = None  # the stream broke after the status was sent
+    # Reading the answer broke: after its status line went out when `response.prepared`,
+    # else before any of it did (the caller answers the failure then).
+    failure: Failure | None = None
     client_gone: bool = False
 
 
@@ -174,8 +176,8 @@ async def relay(
             upstream.release()  # fully read: the connection goes back to the pool
         else:
             upstream.close()
-    if relayed.failure is not None:
-        _abort(request)
+    if relayed.failure is not None and response.prepared:
+        _abort(request)  # else nothing left yet (an HTTP/1.0 client's answer is read first)
     return relayed
 
 

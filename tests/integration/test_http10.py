@@ -4,11 +4,12 @@ persistence only when asked and the length is known, no 1xx."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 from typing import Any
 
-from tests.conftest import StartGate, require_tool
+from tests.conftest import LogCapture, StartGate, require_tool
 from tests.upstreams.recording import RecordingModel
 
 
@@ -113,3 +114,24 @@ async def test_ab_keep_alive_completes_against_a_chunked_model(
     assert re.search(r"Complete requests:\s+200", text), text
     assert re.search(r"Failed requests:\s+0", text), text
     assert re.search(r"Keep-Alive requests:\s+200", text), text
+
+
+async def test_an_answer_that_breaks_before_any_of_it_left_is_answered_as_a_failure(
+    start_gate: StartGate, raw_server: Any, log_capture: LogCapture
+) -> None:
+    """An HTTP/1.0 client's answer of unknown length is read whole before its head leaves:
+    when the model's answer breaks first, the client can still be told why (a 503), where it
+    got an empty reply and the log said 200."""
+    cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"
+    model = await raw_server(RecordingModel(answer=lambda _seen: cut, close_after=True))
+    gate = await start_gate(model.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        writer.write(b"GET /x HTTP/1.0\r\n\r\n")
+        head, body = await asyncio.wait_for(read_answer(reader), 10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.0 503 ")
+    assert json.loads(body)["cause"] == "reset_during_request"
+    [line] = log_capture.access()
+    assert (line["status"], line["cause"]) == (503, "reset_during_request")
