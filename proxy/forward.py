@@ -176,16 +176,15 @@ class Forwarder:
         attempt: int,
         connects_until: float | None,
     ) -> Decision:
-        remaining = budget.remaining()
-        if failure.cause in UNREACHABLE and connects_until is not None:
-            remaining = min(remaining, connects_until - time.monotonic())
+        wait_left = None if connects_until is None else connects_until - time.monotonic()
         decision = decide(
             failure,
             state,
             scheme_adopted=self.probe.speaking != facts.scheme,
             replay_after_reset=outbound.method in self.settings.replay_after_reset,
             body_replayable=outbound.body is None or outbound.body.replayable,
-            remaining=remaining,
+            remaining=budget.remaining(),
+            wait_left=wait_left,
             settings=self.settings,
             rng=self.rng,
         )

@@ -123,6 +123,7 @@ class Pool:
         self._closed = False
         self._addresses: list[_Address] = []
         self._resolved_until = 0.0
+        self._preferred: _Address | None = None  # the address that connected last
         self._resolving: asyncio.Future[list[_Address]] | None = None
         try:  # an address needs no lookup, ever
             ip = ipaddress.ip_address(origin.host)
@@ -254,25 +255,30 @@ class Pool:
         return self._addresses
 
     async def _connect(self, addresses: list[_Address]) -> FramedResponseHandler:
-        """Each address in turn until one connects; the last one's error if none does."""
+        """Each address in turn, the one that connected last first, until one connects, each
+        within upstream.connect_timeout (nginx tries its next server so); the last one's error
+        if none does. One address that never answers costs each request its timeout once, not
+        every request the whole wait."""
         origin = self._origin
         hostname = tls_name(origin.server_hostname, origin.host) if origin.tls else None
         failed: OSError | None = None
-        for family, address in addresses:
+        for family, address in sorted(addresses, key=lambda each: each != self._preferred):
             try:
-                _, protocol = await self._loop.create_connection(
-                    self._factory,
-                    address[0],
-                    address[1],
-                    family=family,
-                    ssl=origin.tls,
-                    server_hostname=hostname,
-                )
+                async with ResponsiveTimeout(self._connect_timeout, self._lag):
+                    _, protocol = await self._loop.create_connection(
+                        self._factory,
+                        address[0],
+                        address[1],
+                        family=family,
+                        ssl=origin.tls,
+                        server_hostname=hostname,
+                    )
             except ssl.SSLError:
                 raise  # the server answered: another address is the same server
-            except OSError as exc:
+            except OSError as exc:  # TimeoutError too: the next address may answer
                 failed = exc
                 continue
+            self._preferred = (family, address)
             return protocol
         assert failed is not None  # getaddrinfo gives at least one address or raises
         raise failed
@@ -283,7 +289,7 @@ class Pool:
         try:
             async with ResponsiveTimeout(self._connect_timeout, self._lag):
                 addresses = await self._resolve()
-                protocol = await self._connect(addresses)
+            protocol = await self._connect(addresses)
         except ssl.CertificateError as exc:
             raise aiohttp.ClientConnectorCertificateError(origin.key, exc) from exc
         except ssl.SSLError as exc:

@@ -34,12 +34,16 @@ class Outcome(StrEnum):
     FAILED = "failed"
     NOT_REPLAYABLE = "not_replayable"  # a retry was due, but the body had already streamed
     NO_BUDGET = "no_budget"  # a retry was due, but the deadline left no time for it
+    WAIT_OVER = "wait_over"  # a connect retry was due, but retry.connect_wait had ended
 
 
 class GiveUpReason(StrEnum):
     NOT_RETRYABLE = "not_retryable"  # the failure may have reached the model, or cannot heal
     NOT_REPLAYABLE = "not_replayable"  # a retry was due, but the body had already streamed
     NO_BUDGET = "no_budget"  # a retry was due, but the deadline left no time for it
+    # A connect retry was due, but the request had ridden out refusals for its whole
+    # retry.connect_wait (retry.boot_wait while a supervised model server boots).
+    WAIT_OVER = "wait_over"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
 
 
@@ -64,6 +68,7 @@ _OUTCOME_OF: dict[GiveUpReason, Outcome | None] = {
     GiveUpReason.NOT_RETRYABLE: None,
     GiveUpReason.NOT_REPLAYABLE: Outcome.NOT_REPLAYABLE,
     GiveUpReason.NO_BUDGET: Outcome.NO_BUDGET,
+    GiveUpReason.WAIT_OVER: Outcome.WAIT_OVER,
     GiveUpReason.ATTEMPTS_EXHAUSTED: None,
 }
 
@@ -101,9 +106,12 @@ def decide(
     replay_after_reset: bool = False,
     body_replayable: bool,
     remaining: float,
+    wait_left: float | None = None,
     settings: RetrySettings,
     rng: random.Random,
 ) -> Decision:
+    """`remaining`: seconds of the budget left; `wait_left`: of the request's connect wait
+    (retry.connect_wait or boot_wait), once its connects have been refused."""
     if failure.cause is Cause.STALE_CONNECTION:
         brand_new = failure.reused is False
         if state.stale_retries >= (MAX_UNREAD_RETRIES if brand_new else MAX_STALE_RETRIES):
@@ -118,10 +126,12 @@ def decide(
         return Retry(delay=delay, fresh_connection=True)
     if failure.cause in UNREACHABLE:
         # Nothing was sent, so even a streamed body is intact; only time limits these. The
-        # last backoff is cut short so one more attempt lands just before the deadline.
-        if remaining < LAST_ATTEMPT_RESERVE:
-            return GiveUp(GiveUpReason.NO_BUDGET)
-        delay = min(backoff(state.connect_retries, settings, rng), remaining - LAST_ATTEMPT_RESERVE)
+        # last backoff is cut short so one more attempt lands just before the limit.
+        left = remaining if wait_left is None else min(remaining, wait_left)
+        if left < LAST_ATTEMPT_RESERVE:
+            spent = remaining < LAST_ATTEMPT_RESERVE
+            return GiveUp(GiveUpReason.NO_BUDGET if spent else GiveUpReason.WAIT_OVER)
+        delay = min(backoff(state.connect_retries, settings, rng), left - LAST_ATTEMPT_RESERVE)
         return Retry(delay=delay)
     if failure.cause is Cause.RESET_DURING_REQUEST and replay_after_reset:
         # The operator vouched that this method's inference may run twice. Twice at most: a

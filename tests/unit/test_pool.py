@@ -177,6 +177,29 @@ async def test_each_address_of_a_name_is_tried_in_turn(listener: Listener) -> No
     await listener.until(accepted=1, closed=1)
 
 
+async def test_an_address_that_never_answers_costs_one_connect_timeout_not_every_request(
+    listener: Listener,
+) -> None:
+    """A name whose first address drops every SYN (a full accept queue here; a firewall, a
+    stale DNS record): each address gets upstream.connect_timeout, and the one that
+    connected is tried first after. One timeout for all of them failed every request."""
+    with accepting_nothing() as silent:
+
+        class SilentFirst(Pool):
+            async def _lookup(self) -> list[Any]:
+                listening = await super()._lookup()
+                return [(socket.AF_INET, ("127.0.0.1", silent)), *listening]
+
+        connections = pool(
+            Origin("localhost", listener.port), None, connect_timeout=0.3, kind=SilentFirst
+        )
+        (await connections.acquire(AttemptFacts())).close()
+        assert connections._preferred == (socket.AF_INET, ("127.0.0.1", listener.port))
+        (await connections.acquire(AttemptFacts())).close()  # tried first now
+        await listener.until(accepted=2, closed=2)
+        await connections.close()
+
+
 async def test_an_expiry_shortened_by_the_server_applies_to_connections_already_idle(
     listener: Listener,
 ) -> None:

@@ -91,6 +91,20 @@ def test_a_refused_connection_backs_off_within_the_remaining_budget() -> None:
     assert decide_for(Cause.CONNECT_REFUSED, remaining=0.01) == GiveUp(GiveUpReason.NO_BUDGET)
 
 
+def test_refusals_ridden_out_for_the_whole_connect_wait_say_so_not_no_budget() -> None:
+    def refused(remaining: float, wait_left: float) -> Decision:
+        return decide(
+            Failure(Cause.CONNECT_REFUSED, "x"), RetryState(), body_replayable=True,
+            remaining=remaining, wait_left=wait_left, settings=SETTINGS, rng=random.Random(1),
+        )  # fmt: skip
+
+    assert refused(35.0, 0.01) == GiveUp(GiveUpReason.WAIT_OVER)
+    assert refused(0.01, 2.0) == GiveUp(GiveUpReason.NO_BUDGET)
+    retry = refused(35.0, 0.3)
+    assert isinstance(retry, Retry)
+    assert retry.delay <= 0.3 - 0.05  # the last one lands within the wait
+
+
 @given(retries=st.integers(min_value=0, max_value=60), seed=st.integers())
 def test_backoff_stays_between_half_the_first_wait_and_the_ceiling(retries: int, seed: int) -> None:
     delay = backoff(retries, SETTINGS, random.Random(seed))
@@ -118,6 +132,7 @@ def test_an_opted_in_reset_is_replayed_once_and_never_after_a_stale_retry() -> N
         (GiveUpReason.NOT_RETRYABLE, None),
         (GiveUpReason.NOT_REPLAYABLE, Outcome.NOT_REPLAYABLE),
         (GiveUpReason.NO_BUDGET, Outcome.NO_BUDGET),
+        (GiveUpReason.WAIT_OVER, Outcome.WAIT_OVER),
         (GiveUpReason.ATTEMPTS_EXHAUSTED, None),
     ],
 )
