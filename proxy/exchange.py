@@ -12,7 +12,7 @@ reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,12 +195,17 @@ async def _stream_body(
         protocol.set_exception(broken, exc)
 
 
+# Where interim 1xx answers go (proxy/relay.py, interim_relay): it returns what to wait for
+# before the next one when its client is behind, else None.
+InterimRelay = Callable[[RawResponseMessage], Awaitable[None] | None]
+
+
 async def read_answer(
     connection: PooledConnection,
     writer: asyncio.Task[None] | None,
     method: str,
     url: URL,
-    on_interim: Callable[[RawResponseMessage], None] | None = None,
+    on_interim: InterimRelay | None = None,
     max_interim: int = 100,
 ) -> UpstreamResponse:
     """Wait for the final answer's head; each interim 1xx answer before it goes to
@@ -229,9 +234,24 @@ async def read_answer(
                 raise aiohttp.ClientResponseError(
                     info, (), status=message.code, message=f"{TOO_MANY_INTERIM} {max_interim}"
                 )
-            if on_interim is not None:
-                on_interim(message)
+            if on_interim is not None and (behind := on_interim(message)) is not None:
+                await _read_none_meanwhile(connection, behind)
     except BaseException:
         if writer is not None:
             writer.cancel()  # the connection is dropped by the caller: nothing to finish
         raise
+
+
+async def _read_none_meanwhile(connection: PooledConnection, behind: Awaitable[None]) -> None:
+    """Wait for a client that is behind with the interim answers, reading none of the model's
+    meanwhile: what it sends waits in the kernel, and its TCP window closes."""
+    transport = connection.transport
+    if transport is None or transport.is_closing():
+        await behind
+        return
+    transport.pause_reading()
+    try:
+        await behind
+    finally:
+        if not transport.is_closing():
+            transport.resume_reading()

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 from aiohttp import hdrs
-from aiohttp.http import RawResponseMessage
 
 from proxy.body import RequestBody
 from proxy.budget import Budget, Spent
 from proxy.config import RetrySettings
 from proxy.deadlines import Deadlines
-from proxy.exchange import UpstreamResponse
+from proxy.exchange import InterimRelay, UpstreamResponse
 from proxy.failures import (
     UNREACHABLE,
     AttemptFacts,
@@ -50,7 +49,7 @@ class Outbound:
     headers: Fields
     body: RequestBody | None
     # Hears each interim 1xx answer's head (the message aiohttp parsed) as it comes.
-    on_interim: Callable[[RawResponseMessage], None] | None = None
+    on_interim: InterimRelay | None = None
     # Whether the budget covers the whole answer (budget.scope: response); with first_byte it
     # ends as the answer starts, and no small answer is read whole within it.
     whole_answer_in_budget: bool = True

@@ -10,17 +10,19 @@ servegate's memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion10, HttpVersion11, RawResponseMessage
 
 from proxy.aiohttp_internals import hold_head_for_body
 from proxy.budget import Budget
-from proxy.exchange import UpstreamResponse
+from proxy.exchange import InterimRelay, UpstreamResponse
 from proxy.failures import AttemptFacts, Failure, classify
 from proxy.forward import ModelResponse, cut_short
 from proxy.headers import (
@@ -181,19 +183,23 @@ async def relay(
     return relayed
 
 
-def interim_relay(request: web.BaseRequest) -> Callable[[RawResponseMessage], None] | None:
+def interim_relay(request: web.BaseRequest) -> InterimRelay | None:
     """Where the model's interim 1xx answers (103 Early Hints, 102) go: to an HTTP/1.1 client
     at once, before the final answer, as RFC 9110 §15.2 asks of a proxy; nowhere for an
     HTTP/1.0 client, which cannot read them (§15.2). A 100 Continue is not passed on:
     servegate answers a client's Expect itself and passes no Expect to the model. An interim
-    answer with a control byte in its head is dropped: it cannot be written as sent."""
+    answer with a control byte in its head is dropped: it cannot be written as sent.
+
+    Past the client connection's high-water mark (a client that does not read), the relay
+    returns what to wait for before the next: its caller reads no more of the model's until
+    then, so neither side's buffer grows without end."""
     transport = request.transport
     if request.version < HttpVersion11 or transport is None:
         return None
 
-    def forward(message: RawResponseMessage) -> None:
+    def forward(message: RawResponseMessage) -> Awaitable[None] | None:
         if message.code == 100 or transport.is_closing():
-            return
+            return None
         try:
             head = b"".join(
                 (
@@ -203,10 +209,20 @@ def interim_relay(request: web.BaseRequest) -> Callable[[RawResponseMessage], No
                 )
             )
         except ValueError:
-            return
+            return None
         transport.write(head)
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+            return None
+        return _written(request.writer)
 
     return forward
+
+
+async def _written(writer: AbstractStreamWriter) -> None:
+    """Until the client connection takes writes again (its buffer down to the low-water mark);
+    the caller's deadline bounds the wait."""
+    with contextlib.suppress(ConnectionError):  # the client left: the relay hears of it later
+        await writer.drain()
 
 
 def _leaves_at_once(request: web.BaseRequest, answer: ModelResponse) -> bool:

@@ -17,11 +17,17 @@ import ssl
 from collections.abc import Callable
 
 import structlog
-from aiohttp.http import RawResponseMessage
 from yarl import URL
 
 from proxy.config import UpstreamSettings, UpstreamTLSSettings
-from proxy.exchange import Body, UpstreamResponse, read_answer, request_head, send_request
+from proxy.exchange import (
+    Body,
+    InterimRelay,
+    UpstreamResponse,
+    read_answer,
+    request_head,
+    send_request,
+)
 from proxy.failures import AttemptFacts, Failure
 from proxy.framing import FramedResponseHandler, report
 from proxy.headers import Fields
@@ -119,7 +125,7 @@ class Upstream:
         *,
         scheme: str,
         fresh: bool,
-        on_interim: Callable[[RawResponseMessage], None] | None = None,
+        on_interim: InterimRelay | None = None,
     ) -> UpstreamResponse:
         """One attempt: returns once the answer's head has arrived (interim 1xx answers go to
         `on_interim` as they come); the body is read later.

@@ -20,6 +20,7 @@ from tests.upstreams.misbehaving import (
     CutsBody,
     EndlessInterim,
     InParts,
+    LargeInterims,
     NeverReads,
     SpeaksFirst,
     Trickles,
@@ -449,3 +450,29 @@ async def test_a_server_that_never_reads_a_large_upload_gets_it_answered_504_at_
     assert 1.9 <= seconds < 8
     assert model.accepted == 1
     await assert_classified(gate, log_capture, "timeout", "deadline_exceeded", 504)
+
+
+async def test_interim_answers_for_a_client_that_does_not_read_wait_in_the_models_kernel(
+    start_gate: StartGate, raw_server: RawStart
+) -> None:
+    """100 interim answers of 1 MB each, all within the head limits, to a client that reads
+    nothing yet: servegate held all 96 MB (its client buffer grew without end). It now reads
+    no more of the model's while the client is behind, so the model's writes wait; the
+    client, once it reads, gets every one of them and the answer."""
+    model = await raw_server(LargeInterims(count=100))
+    gate = await start_gate(model.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        writer.write(GET + b"\r\n")
+        await asyncio.sleep(2)  # the client reads nothing meanwhile
+        assert model.written < 50, "servegate took every interim answer without a reader"
+        received = bytearray()
+        async with asyncio.timeout(30):
+            while not received.endswith(b"\r\n\r\nok"):
+                piece = await reader.read(1 << 20)
+                assert piece, bytes(received[-200:])
+                received += piece
+    finally:
+        writer.close()
+    assert received.count(b"HTTP/1.1 103 Early Hints\r\n") == 100
+    assert b"HTTP/1.1 200 OK\r\n" in received

@@ -117,6 +117,29 @@ class CutsBody(Misbehaving):
 
 
 @dataclass
+class LargeInterims(Misbehaving):
+    """Sends `count` interim 103 answers of about 1 MB each (120 fields of 8,000 bytes, each
+    within servegate's head limits), then a 200; `written` counts the 103s its socket took."""
+
+    count: int = 100
+    written: int = 0
+
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if not await self._request(reader):
+            return
+        field = b"Link: <" + b"a" * 7990 + b">\r\n"
+        interim = b"HTTP/1.1 103 Early Hints\r\n" + field * 120 + b"\r\n"
+        for _ in range(self.count):
+            writer.write(interim)
+            await writer.drain()
+            self.written += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+
+@dataclass
 class EndlessInterim(Misbehaving):
     """Sends `102 Processing` every `every` seconds and never a final answer."""
 
