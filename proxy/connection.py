@@ -64,6 +64,7 @@ class ClientConnection(asyncio.Protocol):
         "_timeout",
         "_timer",
         "_transport",
+        "lost",
     )
 
     def __init__(
@@ -80,6 +81,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._pipelined = False  # the timer runs for a head pipelined behind other requests
         self._expired = False
+        self.lost = False  # the connection ended (the transport said so)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -121,6 +123,7 @@ class ClientConnection(asyncio.Protocol):
         self._handler.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self._disarm()
         self._handler.connection_lost(exc)
         self._on_closed()

@@ -25,6 +25,7 @@ from proxy.body import BodyTooLarge, BufferPool, RequestBody, SpoolFailed
 from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
 from proxy.config import Settings
+from proxy.connection import ClientConnection
 from proxy.data_server import closes_after_answer, refused_version
 from proxy.failures import Cause, Failure
 from proxy.forward import Forwarder, Outbound
@@ -51,6 +52,9 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?")
 # its URLs: a space, `@` or `/` in it is no host.
 _HOST = re.compile(r"(?:\[[0-9A-Za-z.:_~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
+# nginx's status for "closed without a response", logged for a request servegate's stop cut:
+# a second stop signal, or a drain's end (server.shutdown_quiet, then the budget).
+CUT_BY_STOP = 444
 
 
 @dataclass(slots=True)
@@ -151,6 +155,7 @@ class Ingress:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         self.metrics.inflight.inc()
         line = AccessLine(request.method, request.path)
+        transport = request.transport  # aiohttp lets go of it before a cancelled handler ends
         try:
             response = await self._serve(request, request_id, line)
             if not self._keeps_connection(request):
@@ -169,14 +174,25 @@ class Ingress:
         finally:
             if line.body is not None:  # whatever the answer, refusals and cancellation too
                 line.body.close()
-            # Without a status, the client hung up and the handler was cancelled.
-            line.status = line.status or CLIENT_CLOSED
+            # Without a status the handler was cancelled: the client hung up, or, its
+            # connection still open, servegate's own stop cut the request.
+            line.status = line.status or self._cancelled_status(transport)
             seconds = time.monotonic() - arrived
             self.metrics.inflight.dec()
             self.metrics.record_answer(request.method, line.status, seconds)
             logs.access(line.fields(seconds), request_id)
             structlog.contextvars.unbind_contextvars("request_id")
         return response
+
+    @staticmethod
+    def _cancelled_status(transport: asyncio.BaseTransport | None) -> int:
+        """A cancelled handler's status for the log. aiohttp cancels one when its client's
+        connection is lost, and when a stop ends the drain (then it closes the connection
+        after the cancel: the connection has not been lost yet)."""
+        connection = transport.get_protocol() if transport is not None else None
+        if isinstance(connection, ClientConnection) and not connection.lost:
+            return CUT_BY_STOP
+        return CLIENT_CLOSED
 
     async def _serve(
         self, request: web.BaseRequest, request_id: str, line: AccessLine

@@ -321,6 +321,24 @@ async def test_a_client_that_leaves_mid_stream_is_not_a_model_failure(
     assert sample(samples, "servegate_4503_total", **reset) == 0
 
 
+async def test_a_request_cut_by_servegates_own_stop_is_not_logged_as_the_client_leaving(
+    start_gate: StartGate, upstream_url: str, log_capture: Any
+) -> None:
+    """The drain ends after the budget, and cancels what still runs: the client, still
+    connected, did not leave (499); servegate closed without an answer (nginx's 444)."""
+    settings = {"budget.seconds": 1.5, "budget.margin": 0.1, "budget.scope": "first_byte"}
+    gate = await start_gate(upstream_url, **settings)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        writer.write(b"GET /ticks?count=100&every=0.05 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"data: 1"), 5)
+        await gate.stop()
+    finally:
+        writer.close()
+    [line] = log_capture.access()
+    assert line["status"] == 444, line
+
+
 async def test_the_access_line_counts_bytes_sent_before_the_client_left(
     start_gate: StartGate, upstream_url: str, log_capture: Any
 ) -> None:
