@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tracemalloc
@@ -260,6 +261,17 @@ class Certificates:
     ca_file: Path
     cert_file: Path
     key_file: Path
+
+
+def tls10_only(certificates: Certificates) -> ssl.SSLContext:
+    """A server context that speaks TLS 1.0 alone: it answers a modern client's hello with a
+    protocol-version alert."""
+    legacy = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.warns(DeprecationWarning, match="TLSv1"):  # what such a server is
+        legacy.minimum_version = legacy.maximum_version = ssl.TLSVersion.TLSv1
+    legacy.set_ciphers("DEFAULT:@SECLEVEL=0")
+    legacy.load_cert_chain(certificates.cert_file, certificates.key_file)
+    return legacy
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Certificates
+from tests.conftest import Certificates, tls10_only
 from tests.upstreams.gunicorn import ROOT, Gunicorn, free_port
 from tests.upstreams.misbehaving import AnswersWith, ClosesUnread, Silent, SpeaksFirst
 from tests.upstreams.raw import OK, RawServer, SilentOnTlsHello, SweepsIdleConnections, read_request
@@ -295,11 +294,7 @@ def test_a_tls_server_that_refuses_servegates_versions_is_a_handshake_failure(
 ) -> None:
     """Not a certificate failure: no CA file or server name makes a TLS 1.0 server speak
     TLS 1.2."""
-    legacy = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with pytest.warns(DeprecationWarning, match="TLSv1"):  # what such a server is
-        legacy.minimum_version = legacy.maximum_version = ssl.TLSVersion.TLSv1
-    legacy.set_ciphers("DEFAULT:@SECLEVEL=0")
-    legacy.load_cert_chain(certificates.cert_file, certificates.key_file)
+    legacy = tls10_only(certificates)
     listening = socket.create_server(("127.0.0.1", 0))
     listening.settimeout(0.2)
     stop = threading.Event()

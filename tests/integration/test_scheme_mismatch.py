@@ -27,6 +27,7 @@ from tests.conftest import (
     gate_url,
     sample,
     scrape,
+    tls10_only,
 )
 from tests.upstreams.gunicorn import Gunicorn
 from tests.upstreams.misbehaving import Silent, WaitsForARequestLine
@@ -302,11 +303,7 @@ async def test_a_tls_server_that_refuses_servegates_versions_still_speaks_tls(
 ) -> None:
     """A TLS 1.0-only server answers servegate's hello with a protocol-version alert: a TLS
     server all the same, never a plain one (whose fix, an http:// URL, would be wrong)."""
-    legacy = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with pytest.warns(DeprecationWarning, match="TLSv1"):  # what such a server is
-        legacy.minimum_version = legacy.maximum_version = ssl.TLSVersion.TLSv1
-    legacy.set_ciphers("DEFAULT:@SECLEVEL=0")
-    legacy.load_cert_chain(certificates.cert_file, certificates.key_file)
+    legacy = tls10_only(certificates)
     listening = socket.create_server(("127.0.0.1", 0))
     listening.settimeout(10)
 
