@@ -246,8 +246,8 @@ async def _read_none_meanwhile(connection: PooledConnection, behind: Awaitable[N
     """Wait for a client that is behind with the interim answers, reading none of the model's
     meanwhile: what it sends waits in the kernel, and its TCP window closes."""
     transport = connection.transport
-    if transport is None or transport.is_closing():
-        await behind
+    if transport is None or transport.is_closing() or not transport.is_reading():
+        await behind  # paused already (aiohttp's own flow control): it resumes it
         return
     transport.pause_reading()
     try:

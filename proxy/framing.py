@@ -107,9 +107,10 @@ class _FramedParser:
 
     def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         messages: list[Any] = []
+        idle = self._stage is _Stage.DONE  # the answer ended in an earlier read
         while True:
             if self._stage is _Stage.DONE:
-                if data.startswith(_IDLE_TIMEOUT_NOTICES) and self.complete:
+                if idle and data.startswith(_IDLE_TIMEOUT_NOTICES) and self.complete:
                     # A 408 on a connection whose answer is done: the server's idle timer
                     # closing it (RFC 9110 §15.5.9; Node.js, Apache's mod_reqtimeout), no
                     # fault of the answer before it (Go's Transport takes it so too).

@@ -13,8 +13,9 @@ after a burst the connections left over age out together instead of being kept a
 A new connection is opened with the event loop's own connect and timed in responsive time
 (proxy/lag.py). A host name is resolved once for every connection opened within
 DNS_CACHE_SECONDS (aiohttp's connector kept its answers as long), by one lookup however many
-connections wait for it, and its addresses are tried in the resolver's order. Failures are
-raised as aiohttp's connector exceptions, which `failures.classify` reads for every connect.
+connections wait for it, and its addresses are tried in turn, the one that connected last
+first, each within upstream.connect_timeout. Failures are raised as aiohttp's connector
+exceptions, which `failures.classify` reads for every connect.
 """
 
 from __future__ import annotations
@@ -262,6 +263,7 @@ class Pool:
         origin = self._origin
         hostname = tls_name(origin.server_hostname, origin.host) if origin.tls else None
         failed: OSError | None = None
+        silent: list[_Address] = []  # addresses whose connect timed out
         for family, address in sorted(addresses, key=lambda each: each != self._preferred):
             try:
                 async with ResponsiveTimeout(self._connect_timeout, self._lag):
@@ -276,11 +278,15 @@ class Pool:
             except ssl.SSLError:
                 raise  # the server answered: another address is the same server
             except OSError as exc:  # TimeoutError too: the next address may answer
+                if isinstance(exc, TimeoutError) and exc.errno is None:
+                    silent.append((family, address))
                 failed = exc
                 continue
             self._preferred = (family, address)
             return protocol
         assert failed is not None  # getaddrinfo gives at least one address or raises
+        if silent:  # one that never answered says more than one that refused
+            raise _AddressesSilent(silent)
         raise failed
 
     async def _open(self) -> FramedResponseHandler:
@@ -297,9 +303,12 @@ class Pool:
         except TimeoutError as exc:
             if exc.errno is not None:  # the kernel's own (ETIMEDOUT), not the connect timeout
                 raise aiohttp.ClientConnectorError(origin.key, exc) from exc
+            silent = exc.addresses if isinstance(exc, _AddressesSilent) else []
             within = f"upstream.connect_timeout ({self._connect_timeout:g} s)"
-            if origin.tls and addresses:
-                host, port = addresses[0][1][:2]
+            if len(silent) > 1:
+                within = f"{within} at each of {len(silent)} addresses"
+            if origin.tls and silent:
+                host, port = silent[0][1][:2]
                 if plain := await plain_behind_tls(host, port, within):
                     raise AnswersPlainHTTP(plain) from exc
             if addresses is None:
@@ -308,14 +317,20 @@ class Pool:
                 what = f"TCP connect and TLS handshake to {origin.host}:{origin.port}"
             else:
                 what = f"TCP connect to {origin.host}:{origin.port}"
-            raise aiohttp.ConnectionTimeoutError(
-                f"no {what} within upstream.connect_timeout ({self._connect_timeout:g} s)"
-            ) from exc
+            raise aiohttp.ConnectionTimeoutError(f"no {what} within {within}") from exc
         except socket.gaierror as exc:
             raise aiohttp.ClientConnectorDNSError(origin.key, exc) from exc
         except OSError as exc:
             raise aiohttp.ClientConnectorError(origin.key, exc) from exc
         return protocol
+
+
+class _AddressesSilent(TimeoutError):
+    """No address connected, and these timed out (the others refused)."""
+
+    def __init__(self, addresses: list[_Address]) -> None:
+        super().__init__()
+        self.addresses = addresses
 
 
 def _retrieve(lookup: asyncio.Task[list[_Address]]) -> None:

@@ -23,7 +23,7 @@ from aiohttp.http import HttpVersion10, HttpVersion11, RawResponseMessage
 from proxy.aiohttp_internals import hold_head_for_body
 from proxy.budget import Budget
 from proxy.exchange import InterimRelay, UpstreamResponse
-from proxy.failures import AttemptFacts, Failure, classify
+from proxy.failures import AttemptFacts, Cause, Failure, classify
 from proxy.forward import ModelResponse, cut_short
 from proxy.headers import (
     Fields,
@@ -170,7 +170,17 @@ async def relay(
     except _ModelBroke as broke:
         relayed.failure = cut_short(classify(broke.cause, facts, deadline_passed=False), upstream)
     except TimeoutError:
-        relayed.failure = classify(TimeoutError(), facts, deadline_passed=True)
+        if response.prepared:
+            relayed.failure = classify(TimeoutError(), facts, deadline_passed=True)
+        else:  # nothing streamed to the client: the answer was being read whole first
+            relayed.failure = Failure(
+                Cause.DEADLINE_EXCEEDED,
+                "the budget ended before the model's answer was whole (an HTTP/1.0 client's "
+                "answer of unknown length is read whole before it is sent)",
+                facts.reused,
+                facts.request_sent,
+                facts.response_started,
+            )
     except ConnectionResetError:  # aiohttp's write error when the client has gone
         relayed.client_gone = True
     finally:

@@ -41,8 +41,9 @@ class GiveUpReason(StrEnum):
     NOT_RETRYABLE = "not_retryable"  # the failure may have reached the model, or cannot heal
     NOT_REPLAYABLE = "not_replayable"  # a retry was due, but the body had already streamed
     NO_BUDGET = "no_budget"  # a retry was due, but the deadline left no time for it
-    # A connect retry was due, but the request had ridden out refusals for its whole
-    # retry.connect_wait (retry.boot_wait while a supervised model server boots).
+    # A connect retry was due, but the request had ridden out failed connects (refused, timed
+    # out, a name without an address) for its whole retry.connect_wait (retry.boot_wait while
+    # a supervised model server boots).
     WAIT_OVER = "wait_over"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
 

@@ -111,7 +111,7 @@ class UpstreamState:
             # promise. A boot that takes longer opens the circuit as any refusals do
             # (request_found_unreachable); one that ends with failing checks, at that check.
             self.circuit.signal(Signal.DOWN)
-        elif now is Health.CRASH_LOOP and was is Health.DOWN:
-            # Down through boots that keep ending in exits: the circuit kept closed for a
-            # boot opens now (open already, this changes nothing).
+        elif now is Health.CRASH_LOOP and (was is Health.DOWN or self.health.booting):
+            # Boots that keep ending in exits (down between them, or never seen up): the
+            # circuit kept closed for a boot opens now (open already, this changes nothing).
             self.circuit.signal(Signal.DOWN)

@@ -87,7 +87,7 @@ def _judge_tls(
     client certificate), which no verification setting changes?"""
     # servegate speaks TLS to it: by the URL, or adopting it (upstream.scheme: auto).
     spoken = target.scheme == "https" or target.auto_scheme
-    if problem is not None and problem.cause in UNREACHABLE:
+    if problem is not None and problem.cause is Cause.CONNECT_REFUSED:
         facts["handshake"] = f"not made: {problem.detail}"
         advice.append(
             f"The verified handshake could not be made ({problem.detail}): the server stopped "

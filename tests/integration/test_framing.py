@@ -67,6 +67,13 @@ CASES = {
         b"HTTP/1.1 200 OK", b"ok",
         "bytes_after_content_length", "Content-Length: 2", 4,
     ),
+    # Not an idle timer's notice: it came with the answer, in the same read.
+    "a_408_in_the_same_read_as_the_answer": (
+        b"GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 408 Request Timeout"
+                 b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"],
+        b"HTTP/1.1 200 OK", b"ok",
+        "bytes_after_content_length", "Content-Length: 2", 70,
+    ),
     "surplus_arriving_after_the_answer": (
         b"GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"late bytes"],
         b"HTTP/1.1 200 OK", b"ok",

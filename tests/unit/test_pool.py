@@ -200,6 +200,23 @@ async def test_an_address_that_never_answers_costs_one_connect_timeout_not_every
         await connections.close()
 
 
+async def test_an_address_that_never_answered_is_the_verdict_over_one_that_refused() -> None:
+    with accepting_nothing() as silent:
+
+        class SilentThenRefusing(Pool):
+            async def _lookup(self) -> list[Any]:
+                refusing = (socket.AF_INET, ("127.0.0.1", free_port()))
+                return [(socket.AF_INET, ("127.0.0.1", silent)), refusing]
+
+        connections = pool(
+            Origin("localhost", 1), None, connect_timeout=0.2, kind=SilentThenRefusing
+        )
+        with pytest.raises(aiohttp.ConnectionTimeoutError) as timed_out:
+            await connections.acquire(AttemptFacts())
+        assert "upstream.connect_timeout (0.2 s)" in str(timed_out.value)
+        await connections.close()
+
+
 async def test_an_expiry_shortened_by_the_server_applies_to_connections_already_idle(
     listener: Listener,
 ) -> None:

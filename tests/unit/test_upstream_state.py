@@ -126,3 +126,14 @@ async def test_boots_that_keep_ending_in_exits_open_the_circuit_at_the_crash_loo
     assert state.health.state is Health.CRASH_LOOP
     assert not state.health.boot_in_progress
     assert state.circuit.state is CircuitState.OPEN
+
+
+async def test_exits_before_any_check_saw_the_server_are_a_crash_loop_that_opens_the_circuit() -> (
+    None
+):
+    state, _ = upstream()
+    state.health.supervised()
+    for _ in range(3):
+        state.health.supervised_exited("exit code 1")
+    assert state.health.state is Health.CRASH_LOOP
+    assert state.circuit.state is CircuitState.OPEN
