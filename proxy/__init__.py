@@ -43,8 +43,9 @@ One request's path through the package, file by file, in order:
 In the background, fed by the checks and by failures: upstream_state.py wires the two state
 machines together (what each health transition, check and attempt tells the circuit): circuit.py
 (closed, half-open, open) and health.py (up, down, restarts, crash loop); probe.py (which scheme
-the server speaks); supervise.py (the model server as a child process); news.py (what a
---workers parent that runs it tells its workers). Observability:
+the server speaks); supervise.py (the model server as a child process, which orphan_guard.py
+ends with servegate); news.py (what a --workers parent that runs it tells its workers).
+Observability:
 metrics.py, logs.py, admin.py (/metrics, /healthz, /readyz). A second program beside the request
 path: doctor/ (`servegate doctor`; its __init__.py lists its files in order).
 """

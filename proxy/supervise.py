@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
+import shutil
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -262,7 +265,12 @@ class Supervisor:
             _signal_group(run.process.pid, signal.SIGKILL)
 
     async def _spawn(self) -> _Run:
+        _check_executable(self.command[0])  # the guard's exec would fail where servegate cannot see
         process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy.orphan_guard",
+            str(os.getpid()),
             *self.command,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -357,6 +365,15 @@ async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[str]:
         except asyncio.LimitOverrunError as exc:
             raw = await stream.readexactly(exc.consumed)
         yield raw.decode(errors="replace").rstrip("\r\n")
+
+
+def _check_executable(name: str) -> None:
+    """Raise the OSError exec would for `name` (ENOENT, EACCES), as a direct spawn did."""
+    path = name if os.sep in name else shutil.which(name)
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
 
 
 def exit_reason(returncode: int) -> str:

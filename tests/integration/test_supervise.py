@@ -468,3 +468,16 @@ def test_a_request_waits_for_a_first_boot_longer_than_servegates_own_start(
     assert gate.boots() == 0
     assert gate.predict(timeout=30) == 200, client_errors(gate)
     assert not gate.events("circuit.open")
+
+
+@pytest.mark.time_limit(60)
+def test_the_model_server_stops_when_servegate_is_killed(
+    supervised: Callable[..., Supervised],
+) -> None:
+    """SIGKILL reaches no child: the model server ran on in its own process group, holding
+    its port, and the next servegate's model server could not bind it."""
+    gate = supervised("--graceful-timeout", "1")
+    [master] = gate.model_pids()
+    gate.process.kill()
+    gate.process.wait(timeout=10)
+    eventually(lambda: gone(master), "the model server stopped", limit=20)
