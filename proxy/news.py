@@ -8,13 +8,13 @@ writes a line per event, which a worker applies to its own health state:
     restart <seconds>   a restart, at that CLOCK_MONOTONIC time (one clock for every process
                         on the host): crash loops and "restarted recently" as in one process
     booting             the model server process is starting again: refused connects are a
-                        boot in progress until a health check passes
+                        boot in progress until a health check reaches it
 
 A worker started later hears the restarts still within `health.crash_loop_window` first.
 
 The pipe's end tells a worker that the parent is gone, even by SIGKILL, which no child hears
 of: it drains and exits as on SIGTERM, rather than keep the data port with nobody to restart
-it. (A supervised model server, the parent's child, is left running then.)
+it. (A supervised model server, the parent's child, hears of it too: proxy/orphan_guard.py.)
 """
 
 from __future__ import annotations
