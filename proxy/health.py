@@ -110,9 +110,9 @@ class HealthMonitor:
         # Set in supervise mode: the model server's own log counts restarts exactly, so
         # failures of requests are no longer taken as evidence of one.
         self.restarts_from_log = False
-        # Set in supervise mode while the model server is (re)starting, until a check passes
-        # or finds it taking connections: refused connections are then a boot in progress,
-        # worth a longer wait.
+        # Set in supervise mode while the model server is (re)starting, until a check finds
+        # it taking connections: refused connections are then a boot in progress, worth a
+        # longer wait.
         self.booting = False
         # What the last check found wrong in how the server speaks (a certificate servegate
         # cannot verify, a failed handshake): it answers, so it is not down, and not ready.
@@ -217,7 +217,7 @@ class HealthMonitor:
 
     def supervised_exited(self, reason: str) -> None:
         """The supervised model server exited (`reason`: its exit code or signal): a restart,
-        and a boot in progress until a check passes again."""
+        and a boot in progress until a check reaches it again."""
         self.record_restart(f"the supervised model server exited with {reason}")
         self.booting = True
         self._on_booting()

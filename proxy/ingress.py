@@ -378,7 +378,7 @@ class Ingress:
             self.metrics.record_failed_attempt(relayed.failure)
             refusal = Refusal(relayed.failure, attempts=forwarded.attempts)
             return self._refuse(refusal, request_id, budget, line)
-        line.status = relayed.response.status  # set late: a cancelled relay logs 499
+        line.status = relayed.response.status  # set late: a cancelled relay logs no status
         if relayed.failure is not None:
             # The client already has the status line; the cut connection tells it the rest.
             line.failure = relayed.failure
