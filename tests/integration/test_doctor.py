@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -21,7 +20,14 @@ import pytest
 from tests.conftest import Certificates, tls10_only
 from tests.upstreams.gunicorn import ROOT, Gunicorn, free_port
 from tests.upstreams.misbehaving import AnswersWith, ClosesUnread, Silent, SpeaksFirst
-from tests.upstreams.raw import OK, RawServer, SilentOnTlsHello, SweepsIdleConnections, read_request
+from tests.upstreams.raw import (
+    OK,
+    RawServer,
+    SilentOnTlsHello,
+    SweepsIdleConnections,
+    read_request,
+    threaded_server,
+)
 from tests.upstreams.uvicorn import Uvicorn
 
 # The doctor command as a process, waiting on real servers' idle timers.
@@ -295,29 +301,12 @@ def test_a_tls_server_that_refuses_servegates_versions_is_a_handshake_failure(
     """Not a certificate failure: no CA file or server name makes a TLS 1.0 server speak
     TLS 1.2."""
     legacy = tls10_only(certificates)
-    listening = socket.create_server(("127.0.0.1", 0))
-    listening.settimeout(0.2)
-    stop = threading.Event()
 
-    def serve() -> None:  # OpenSSL's own server, which sends its alert before closing
-        while not stop.is_set():
-            try:
-                connection, _ = listening.accept()
-            except TimeoutError:
-                continue
-            with connection, contextlib.suppress(OSError):
-                connection.settimeout(5)
-                legacy.wrap_socket(connection, server_side=True)
+    def refuse(connection: socket.socket, _stop: threading.Event) -> None:
+        legacy.wrap_socket(connection, server_side=True)  # OpenSSL's alert, then the close
 
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    try:
-        port = listening.getsockname()[1]
+    with threaded_server(refuse) as port:
         result = run_doctor("--upstream", f"https://127.0.0.1:{port}", "--json")
-    finally:
-        stop.set()
-        server.join(10)
-        listening.close()
     assert result.returncode == 1, result.stdout + result.stderr
     protocol = report_of(result)["checks"]["protocol"]
     assert (protocol["verdict"], protocol["cause"]) == ("fail", "tls_handshake"), protocol

@@ -31,6 +31,7 @@ from tests.conftest import (
 )
 from tests.upstreams.gunicorn import Gunicorn
 from tests.upstreams.misbehaving import Silent, WaitsForARequestLine
+from tests.upstreams.raw import threaded_server
 
 
 def tls_gunicorn(
@@ -331,43 +332,23 @@ async def test_plain_http_after_the_tls_handshake_is_a_protocol_error_not_a_cras
     `reset_during_request`, a restart each, and a crash loop by the third request."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certificates.cert_file, certificates.key_file)
-    listening = socket.create_server(("127.0.0.1", 0))
-    listening.settimeout(0.2)
-    stop = threading.Event()
 
-    def answer_in_plain_text(connection: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            tls = context.wrap_socket(connection, server_side=True)
-            if tls.recv(65536):
-                # The answer written under the TLS layer, on the raw socket.
-                with socket.socket(fileno=os.dup(tls.fileno())) as raw:
-                    raw.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    stop.wait(1)
-            tls.close()
+    def answer_in_plain_text(connection: socket.socket, stop: threading.Event) -> None:
+        tls = context.wrap_socket(connection, server_side=True)
+        if tls.recv(65536):
+            # The answer written under the TLS layer, on the raw socket.
+            with socket.socket(fileno=os.dup(tls.fileno())) as raw:
+                raw.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                stop.wait(1)
+        tls.close()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                connection, _ = listening.accept()
-            except TimeoutError:
-                continue
-            with connection:
-                connection.settimeout(5)
-                answer_in_plain_text(connection)
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    try:
-        url = f"https://127.0.0.1:{listening.getsockname()[1]}"
+    with threaded_server(answer_in_plain_text) as port:
+        url = f"https://127.0.0.1:{port}"
         gate = await start_gate(url, **{"upstream.tls.ca_file": str(certificates.ca_file)})
         for _ in range(3):
             async with client.get(gate_url(gate, "/predict")) as response:
                 body = await response.json()
                 assert (body["category"], body["cause"]) == ("protocol", "malformed_response")
         samples = await scrape(gate)
-    finally:
-        stop.set()
-        await asyncio.to_thread(server.join, 10)
-        listening.close()
     assert sample(samples, "servegate_upstream_restarts_total") == 0
     assert sample(samples, "servegate_upstream_crash_loop") == 0

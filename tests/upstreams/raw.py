@@ -14,7 +14,9 @@ import fcntl
 import select
 import socket
 import termios
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -34,6 +36,38 @@ async def read_request(reader: asyncio.StreamReader) -> bytes | None:
     with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
         await reader.readexactly(length)
     return head
+
+
+@contextlib.contextmanager
+def threaded_server(
+    handle: Callable[[socket.socket, threading.Event], None],
+) -> Iterator[int]:
+    """A blocking loopback server in a thread of its own, for servers asyncio cannot play
+    (OpenSSL's own handshake, bytes written under a TLS layer): `handle` gets each accepted
+    connection (5 s timeout) and the event that is set when the server stops. Yields the port;
+    the server is stopped and joined on the way out."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listening.accept()
+            except TimeoutError:
+                continue
+            with connection, contextlib.suppress(OSError):
+                connection.settimeout(5)
+                handle(connection, stop)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield listening.getsockname()[1]
+    finally:
+        stop.set()
+        server.join(10)
+        listening.close()
 
 
 @dataclass(kw_only=True)
