@@ -24,6 +24,9 @@ from tests.upstreams.raw import (
 PREDICTION = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
 STALE = {"category": "communication", "cause": "stale_connection"}
 MAX_BURSTS = 12  # bursts until one hits the boundary; each hits it about half the time
+# servegate's pool sees most closes before it reuses a connection, so fewer of its bursts race
+# one than a naive proxy's: on a loaded machine twelve in a row have missed.
+MAX_BURSTS_SERVEGATE = 40
 # Concurrent predictions per burst. The client, servegate and the relay share this process's
 # event loop: larger bursts on a loaded machine delay the relay's bytes by hundreds of ms.
 BURST = 20
@@ -250,14 +253,15 @@ async def test_bursts_on_gunicorns_keep_alive_boundary_through_a_real_network_ne
     await kept.warm_up(BURST)
     recovered = {"cause": "stale_connection", "outcome": "succeeded"}
     reset = {"category": "service", "cause": "reset_during_request"}
-    for _ in range(MAX_BURSTS):
+    for _ in range(MAX_BURSTS_SERVEGATE):
         await kept.run(BURST, rng)
         samples = await scrape(gate)
         stale = sample(samples, "servegate_upstream_failures_total", **STALE)
         resets = sample(samples, "servegate_4503_total", **reset)
         if stale + resets > 0:
             break
-    assert stale + resets > 0, "no burst hit the keep-alive boundary"
+    closes = [round(seconds, 3) for seconds in relay.idle_closes[-2 * BURST :]]
+    assert stale + resets > 0, f"no burst hit the keep-alive boundary; closes after: {closes}"
     assert sample(samples, "servegate_retries_total", **recovered) == stale
     assert sum(status != 200 for status in kept.statuses) == resets
     assert set(kept.statuses) <= {200, 503}
