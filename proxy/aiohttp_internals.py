@@ -7,7 +7,8 @@ and wrote the request to itself (proxy/pool.py, proxy/exchange.py, which need no
 none of the session's hidden one-time retry of idempotent requests), holding an answer to its
 framing, timing a request's head, writing heads byte for byte, sending a buffered answer's
 head with its body, parsing pipelined requests one at a time, and telling a too-long target
-from a too-long header line. A renamed attribute would not fail: Python would quietly set a
+from a too-long header line, and keeping its per-connection queues small (each held
+request keeps three). A renamed attribute would not fail: Python would quietly set a
 new one, and an answer's surplus bytes would be read as the next one's. So `check()` verifies
 every one of them before servegate serves anything, and each use below names the aiohttp 3.14
 source it relies on.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import traceback
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,7 +31,7 @@ from aiohttp.helpers import DEFAULT_CHUNK_SIZE
 from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser
-from aiohttp.streams import StreamReader
+from aiohttp.streams import DataQueue, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 # client_proto.py, ResponseHandler.data_received: bytes that arrive while no parser is set
@@ -50,6 +52,10 @@ _REQUEST_COUNT = "_request_count"
 # web_protocol.py, RequestHandler.data_received: each parsed head is queued in `_messages` as
 # (message, payload) until start() takes it.
 _MESSAGES = "_messages"
+# streams.py: StreamReader (a body) and DataQueue (which ResponseHandler is: the parsed answers
+# of an upstream connection) keep what they were fed in `_buffer`, a deque they append to and
+# popleft from.
+_BUFFER = "_buffer"
 # web_protocol.py: the stand-in message ERROR that RequestHandler.start hands the request factory
 # for a head it could not parse.
 _PARSE_ERROR = "ERROR"
@@ -83,6 +89,35 @@ def _missing(*needs: tuple[str, str]) -> MissingInternal:
         f"aiohttp {aiohttp.__version__} has no {named}: "
         "install an aiohttp version servegate was tested with (see pyproject.toml)"
     )
+
+
+class _ShortQueue(list[Any]):
+    """First in, first out, for the queues that hold an item or two: what aiohttp calls on
+    those deques (append, popleft, len, truth, [-1]) on a list, 56 bytes when empty against a
+    deque's 760 (CPython allocates a deque's first block of 64 slots with it). A held request
+    keeps three such queues, a tenth of what it costs. popleft is O(n): only for queues that
+    stay short."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+def shorten_answer_queue(handler: ResponseHandler) -> None:
+    """Queue `handler`'s parsed answers in a short queue: servegate sends one request at a time
+    on an upstream connection (proxy/upstream.py), so one answer, or an interim one before it,
+    waits at most. Called from the handler's __init__, before anything is queued."""
+    setattr(handler, _BUFFER, _ShortQueue())
+
+
+def release_read_buffer(body: StreamReader) -> None:
+    """Let go of a body reader's buffer once the whole body has been read: at its end nothing
+    is fed to it again (streams.py, feed_data after feed_eof), and its reader is kept until the
+    request's handler returns. A body still arriving keeps its deque: a chunked upload may queue
+    thousands of chunks."""
+    if body.is_eof() and not getattr(body, _BUFFER):
+        setattr(body, _BUFFER, _ShortQueue())
 
 
 def take_unparsed(handler: ResponseHandler) -> bytes:
@@ -162,6 +197,8 @@ def parse_one_request_per_feed(
         auto_decompress=options.get("auto_decompress", True),
         max_msg_queue_size=1,
     )
+    # At most one parsed head waits now: no 760-byte deque per connection for it.
+    setattr(handler, _MESSAGES, _ShortQueue())
 
 
 def last_queued_failed(handler: RequestHandler) -> bool:
@@ -325,6 +362,12 @@ def _server_missing() -> list[tuple[str, str]]:
             _MESSAGES in getattr(RequestHandler, "__slots__", ()),
             f"RequestHandler.{_MESSAGES}",
             "tell a request's body from the next request's head",
+        ),
+        (
+            _BUFFER in getattr(StreamReader, "__slots__", ())
+            and isinstance(getattr(DataQueue(asyncio.get_running_loop()), _BUFFER, None), deque),
+            f"StreamReader/DataQueue.{_BUFFER}",
+            "keep each held request small",
         ),
         (
             _QUEUE_SIZE in getattr(RequestHandler, "__slots__", ()),

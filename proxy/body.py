@@ -22,6 +22,7 @@ from typing import IO, Protocol
 
 from aiohttp import StreamReader
 
+from proxy.aiohttp_internals import release_read_buffer
 from proxy.exchange import StreamedBody
 
 CHUNK = 64 * 1024
@@ -136,6 +137,7 @@ class RequestBody:
             return cls([], content, declared=content_length)
         if content.is_eof():  # all of it came with the head (a small prediction): one read
             whole = content.read_nowait()
+            release_read_buffer(content)
             if len(whole) > max_body:
                 raise BodyTooLarge(max_body)
             if len(whole) > limit:
@@ -150,6 +152,7 @@ class RequestBody:
             while size <= limit:
                 chunk = await content.readany()
                 if not chunk:
+                    release_read_buffer(content)
                     return cls(head, None, pool=pool)
                 fits = pool.take(len(chunk))
                 if not fits:

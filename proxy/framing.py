@@ -28,7 +28,12 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import LineTooLong, TransferEncodingError
 
 from proxy.acked import AckCounter
-from proxy.aiohttp_internals import replace_response_parser, response_parser, take_unparsed
+from proxy.aiohttp_internals import (
+    replace_response_parser,
+    response_parser,
+    shorten_answer_queue,
+    take_unparsed,
+)
 from proxy.failures import (
     TRAILER_TOO_LARGE,
     BodyFramingBroken,
@@ -275,6 +280,7 @@ class FramedResponseHandler(ResponseHandler):
 
     def __init__(self, loop: Any, on_fault: OnFault) -> None:
         super().__init__(loop)
+        shorten_answer_queue(self)
         self._on_fault = on_fault
         self._context = contextvars.copy_context()
         self._faulted = False

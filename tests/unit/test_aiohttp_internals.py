@@ -21,6 +21,7 @@ NAMES = [
     "_WAITER",
     "_REQUEST_COUNT",
     "_MESSAGES",
+    "_BUFFER",
     "_PARSE_ERROR",
     "_SERIALIZER",
 ]
