@@ -45,7 +45,12 @@ import os
 import socket
 import struct
 import sys
+import time
 from typing import Any
+
+import structlog
+
+log = structlog.get_logger("servegate.acked")
 
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _BYTES_ACKED = struct.Struct("=Q")
@@ -64,6 +69,37 @@ def bytes_acked(sock: socket.socket) -> int | None:
     if len(raw) < _BYTES_ACKED_OFFSET + _BYTES_ACKED.size:  # a kernel older than 4.1
         return None
     return int(_BYTES_ACKED.unpack_from(raw, _BYTES_ACKED_OFFSET)[0])
+
+
+class _Unproven:
+    """Connections that opened without an acknowledgement count for want of a descriptor: a
+    stale connection among them is answered, not replayed (the safe side), and the log says so,
+    at most once per LOG_INTERVAL seconds with the number since the last line."""
+
+    LOG_INTERVAL = 10.0
+
+    def __init__(self) -> None:
+        self._unlogged = 0
+        self._logged_at: float | None = None
+
+    def record(self, error: OSError) -> None:
+        self._unlogged += 1
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < self.LOG_INTERVAL:
+            return
+        log.warning(
+            "upstream.replay_proof_unavailable",
+            message="no descriptor to duplicate a new connection to the model server: a "
+            "keep-alive race on it is answered 503, not replayed; raise servegate's open-file "
+            "limit (ulimit -n) or lower server.max_connections",
+            error=error.strerror or repr(error),
+            connections=self._unlogged,
+            note=f"logged at most every {self.LOG_INTERVAL:g} s",
+        )
+        self._logged_at, self._unlogged = now, 0
+
+
+_unproven = _Unproven()
 
 
 class AckCounter:
@@ -103,7 +139,8 @@ class AckCounter:
             return None
         try:
             duplicate = socket.socket(fileno=os.dup(original.fileno()))
-        except OSError:
+        except OSError as exc:  # out of descriptors: this connection goes without the proof
+            _unproven.record(exc)
             return None
         opened = bytes_acked(duplicate)
         if opened is None:

@@ -126,11 +126,13 @@ CERTIFICATE_OUT_OF_DATE = (
     "The model server's certificate has expired. Renew it (or check the clocks of both "
     "machines); neither upstream.tls.ca_file nor server_name can fix a date."
 )
-# servegate's own descriptors or memory ran out as it connected (failures.OWN_SHORTAGE).
+# servegate's own descriptors or memory ran out as it connected, or as it opened a spool file
+# for a chunked body (failures.OWN_SHORTAGE).
 OWN_SHORTAGE = (
-    "servegate itself ran out of file descriptors or memory opening a connection to the model "
-    "server, which was never asked. Raise servegate's open-file limit (ulimit -n; in "
-    "Kubernetes, the container runtime's), or lower server.max_connections."
+    "servegate itself ran out of file descriptors or memory, opening a connection to the model "
+    "server or a spool file for a large chunked body; the model server was never asked. Raise "
+    "servegate's open-file limit (ulimit -n; in Kubernetes, the container runtime's), or "
+    "lower server.max_connections."
 )
 # A malformed answer that was HTTP/2: the port serves HTTP/2 only (h2c prior knowledge, or a
 # gRPC port), which servegate does not speak to the model server.

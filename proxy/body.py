@@ -51,6 +51,7 @@ class SpoolFailed(Exception):
             f"the spool file in {tempfile.gettempdir()} could not be written: "
             f"{error.strerror or error}"
         )
+        self.error = error  # out of descriptors is servegate's shortage, not the disk's
 
 
 class BufferMetrics(Protocol):

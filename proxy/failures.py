@@ -166,7 +166,7 @@ _OWN_EXHAUSTION = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 )
 # How the detail of such a failure begins (proxy/answer.py gives it its own hint).
-OWN_SHORTAGE = "servegate could not open a connection"
+OWN_SHORTAGE = "servegate could not open"
 # Its Retry-After, in seconds: descriptors come back as connections close, not at a time
 # servegate knows; a second, as admission.retry_after's default.
 OWN_SHORTAGE_RETRY_AFTER = 1.0
@@ -303,16 +303,25 @@ def connect_failure(error: BaseException) -> tuple[Cause, str]:
         return Cause.CONNECT_TIMEOUT, "no TCP connection within the connect timeout"
     if isinstance(error, socket.gaierror):  # nothing to connect to: the name has no address
         return Cause.NAME_NOT_RESOLVED, f"the host name did not resolve: {error.strerror}"
-    if isinstance(error, OSError) and error.errno in _OWN_EXHAUSTION:
+    if isinstance(error, OSError) and (shortage := own_shortage(error, "a connection")):
         # servegate's own descriptors or memory ran out: no word on the model server, whose
         # restarts, health and circuit must not hear of it.
-        return Cause.OVERLOADED, (
-            f"{OWN_SHORTAGE}: {os.strerror(error.errno).lower()}; raise its open-file limit "
-            "(ulimit -n) or lower server.max_connections"
-        )
+        return Cause.OVERLOADED, shortage
     if isinstance(error, OSError) and error.errno:
         return Cause.CONNECT_REFUSED, os.strerror(error.errno).lower()
     return Cause.CONNECT_REFUSED, str(error)
+
+
+def own_shortage(error: OSError, opening: str) -> str | None:
+    """The detail of a failure to open `opening` (a connection, a file) for want of servegate's
+    own descriptors, memory or local ports: a `Cause.OVERLOADED` of its own, which no setting
+    of the model server's fixes. None for any other error."""
+    if error.errno not in _OWN_EXHAUSTION:
+        return None
+    return (
+        f"{OWN_SHORTAGE} {opening}: {os.strerror(error.errno).lower()}; raise its open-file "
+        "limit (ulimit -n) or lower server.max_connections"
+    )
 
 
 def exchange_failure(error: BaseException, *, response_started: bool) -> tuple[Cause, str]:

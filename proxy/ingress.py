@@ -27,7 +27,7 @@ from proxy.circuit import Circuit
 from proxy.config import Settings
 from proxy.connection import ClientConnection
 from proxy.data_server import closes_after_answer, refused_version
-from proxy.failures import Cause, Failure
+from proxy.failures import Cause, Failure, own_shortage
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import Fields, only_chunked, request_headers
 from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason, TimeoutPhase
@@ -217,6 +217,11 @@ class Ingress:
             return answer.bad_request(f"the request body could not be read: {exc}", request_id)
         except SpoolFailed as exc:
             access_log.error("request.body_spool_failed", error=str(exc))
+            if shortage := own_shortage(exc.error, "a spool file for the request body"):
+                # Out of descriptors, as a connect can be: the same 429 and count, not a 507
+                # that blames the disk.
+                failure = Failure(Cause.OVERLOADED, shortage)
+                return self._refuse(Refusal(failure), request_id, budget, line)
             line.status = 507
             return answer.insufficient_storage(exc.to_client, request_id)
         except TimeoutError:

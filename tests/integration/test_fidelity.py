@@ -7,6 +7,8 @@ import asyncio
 import gzip
 import json
 import os
+import resource
+import socket
 import tempfile
 import zlib
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LogCapture, StartGate
+from tests.conftest import LogCapture, StartGate, sample, scrape
 from tests.upstreams.misframed import MisframedModel
 from tests.upstreams.raw import OK
 from tests.upstreams.recording import RecordingModel, Seen
@@ -293,6 +295,59 @@ async def test_a_chunked_upload_that_cannot_be_spooled_is_a_507_and_the_log_says
     ok = await exchange(gate.data_port, request(b"/small", b"Transfer-Encoding: chunked")
                         + b"2\r\nok\r\n0\r\n\r\n")  # fmt: skip
     assert ok.startswith(b"HTTP/1.1 200")
+
+
+async def test_no_descriptor_for_the_spool_file_is_servegates_own_shortage_not_the_disks(
+    start_gate: StartGate, raw_server: Any, log_capture: LogCapture
+) -> None:
+    """Out of open files as a chunked body over the replay buffer needs its spool file: the
+    answer a connect out of descriptors gets (429 service/overloaded, the open-file hint,
+    counted), not a 507 that sends the operator to the disk."""
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url, **{"retry.replay_buffer_bytes": 1024, "health.interval": 60})
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setblocking(False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        await loop.sock_connect(client, ("127.0.0.1", gate.data_port))
+        head = request(b"/up", b"Transfer-Encoding: chunked")
+        await loop.sock_sendall(client, head + b"200\r\n" + b"x" * 512 + b"\r\n")
+        await asyncio.sleep(0.3)  # the head is parsed and the first chunk buffered
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
+        for _ in range(highest + 16):  # every number below the limit taken
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        await loop.sock_sendall(client, b"7d0\r\n" + b"x" * 2000 + b"\r\n0\r\n\r\n")
+        for _ in range(100):
+            if log_capture.events("request.body_spool_failed"):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        for descriptor in fillers:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(sock=client)
+            raw = await reader.read(-1)
+            writer.close()
+    finally:
+        client.close()
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 429 Too Many Requests", raw[:200]
+    body = json_body(raw)
+    assert (body["category"], body["cause"]) == ("service", "overloaded")
+    assert "ulimit -n" in body["hint"]
+    assert b"\r\nRetry-After: 1\r\n" in raw
+    assert model.seen == []
+    [line] = log_capture.events("request.body_spool_failed")
+    assert "Too many open files" in line["error"]
+    overloaded = {"category": "service", "cause": "overloaded"}
+    assert sample(await scrape(gate), "servegate_4503_total", **overloaded) == 1
 
 
 @pytest.mark.parametrize("chunked", [True, False])
