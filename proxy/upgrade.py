@@ -1,6 +1,8 @@
 """Upgraded connections (WebSocket, RFC 9110 §7.8): the handshake goes to the model server on a
 connection of its own; after its 101 the bytes are piped both ways until either side closes
-or both stay silent for server.upgrade_idle_timeout.
+or both stay silent for server.upgrade_idle_timeout. Any other answer is an ordinary one: it
+is relayed to the end of its framing and both connections close, so nothing the client sends
+after it reaches the model outside servegate's own handling of requests.
 
 aiohttp's client pool cannot hand over a connection after a 101, so the handshake is written
 and read here, with the same byte-exact head writer as every other request.
@@ -128,15 +130,33 @@ class Upgrader:
         start = serialize_start(f"{method} {target} HTTP/1.1")
         writer.write(start + serialize_fields(fields) + b"\r\n")
         try:
-            head = await _read_head(
-                reader,
-                self.upstream.max_response_header_bytes,
-                self.upstream.max_response_headers,
-            )
+            head = await self._final_head(reader)
+            if not _switches(head):
+                _framing(head, method)  # a refusal whose framing is broken is a 502, unsent
         except BaseException:  # refused, too large, the budget's end, a reset, a cancel
             writer.close()
             raise
         return reader, writer, head
+
+    async def _final_head(self, reader: asyncio.StreamReader) -> bytes:
+        """The interim answers (1xx but 101), each head whole, then the final answer's head and
+        whatever followed it in the same reads; at most upstream.max_interim_responses
+        interim ones, as for every other request."""
+        limits = (self.upstream.max_response_header_bytes, self.upstream.max_response_headers)
+        head = await _read_head(reader, *limits)
+        interim = b""
+        for _ in range(self.upstream.max_interim_responses):
+            if not _is_interim(head):
+                return interim + head
+            end = head.find(b"\r\n\r\n") + 4
+            interim += head[:end]
+            head = await _read_head(reader, *limits, start=head[end:])
+        if _is_interim(head):
+            raise UpgradeRefused(
+                "more interim (1xx) answers to the upgrade request than "
+                f"upstream.max_interim_responses ({self.upstream.max_interim_responses})"
+            )
+        return interim + head
 
     async def pipe(
         self,
@@ -147,8 +167,9 @@ class Upgrader:
         request_id: str,
     ) -> tuple[int, int]:
         """Relay the model's answer head as it came (with what came after it in the same
-        reads), X-Request-Id and Date added when it has none, as to every answer; then both
-        directions until one side closes or both are idle for server.upgrade_idle_timeout.
+        reads), X-Request-Id and Date added when it has none, as to every answer; after a 101,
+        both directions until one side closes or both are idle for
+        server.upgrade_idle_timeout; after any other answer, its body (`_relay_refusal`).
         Returns the bytes from the client and to it."""
         transport = request.transport
         assert transport is not None
@@ -156,12 +177,19 @@ class Upgrader:
         # Bytes after the handshake come here; aiohttp takes any object with its parser's
         # feed_data and feed_eof, as its own WebSocket support does.
         request.protocol.set_parser(inbound)  # type: ignore[arg-type]
+        interim, head = _split_interim(head)
+        if not _switches(head):
+            try:
+                sent = await self._relay_refusal(request, reader, interim, head, request_id)
+            finally:
+                writer.close()
+                transport.close()
+            return 0, sent
         end = head.find(b"\r\n\r\n") + 4  # `handshake` read the head to its end
-        head = with_own_fields(head[:end], request_id) + head[end:]
+        head = interim + with_own_fields(head[:end], request_id) + head[end:]
         transport.write(head)
-        upgraded = head[9:12] == b"101"  # any other answer is relayed until the model closes
-        self.metrics.upgraded.inc(upgraded)
-        self.metrics.upgraded_inflight.inc(upgraded)
+        self.metrics.upgraded.inc()
+        self.metrics.upgraded_inflight.inc()
         sent, received = len(head), 0
         last = [time.monotonic()]
 
@@ -193,8 +221,52 @@ class Upgrader:
                 await asyncio.gather(*pumps, return_exceptions=True)
             writer.close()
             transport.close()
-            self.metrics.upgraded_inflight.dec(upgraded)
+            self.metrics.upgraded_inflight.dec()
         return received, sent
+
+    async def _relay_refusal(
+        self,
+        request: web.BaseRequest,
+        reader: asyncio.StreamReader,
+        interim: bytes,
+        head: bytes,
+        request_id: str,
+    ) -> int:
+        """An answer other than 101: relayed with its body to the end of its framing (RFC 9112
+        §6.3), then the client's connection closes, as the head now says. The client asked to
+        leave HTTP on it; what it sends next is neither parsed as requests nor passed to the
+        model. Returns the bytes sent to the client."""
+        transport = request.transport
+        assert transport is not None
+        end = head.find(b"\r\n\r\n") + 4
+        framing, length = _framing(head[:end], request.method)
+        out = interim + _closing(with_own_fields(head[:end], request_id))
+        transport.write(out)
+        sent, body = len(out), head[end:]
+        chunks = _ChunkedEnd(self.upstream.max_response_header_bytes)
+        idle = self.server.upgrade_idle_timeout
+        while framing != "none":
+            if framing == "length":
+                body = body[:length]
+                length -= len(body)
+            elif framing == "chunked" and (ends := chunks.feed(body)) is not None:
+                body, framing = body[:ends], "none"
+            transport.write(body)
+            sent += len(body)
+            if framing == "length" and length == 0:
+                break
+            if framing == "none":
+                break
+            await request.writer.drain()
+            try:
+                async with asyncio.timeout(idle):
+                    body = await reader.read(CHUNK)
+            except TimeoutError:
+                log.info("upgrade.refusal_idle_closed", idle_timeout_s=idle)
+                break
+            if not body:
+                break  # the model closed: the end of a body read until close, or cut short
+        return sent
 
     async def _until_done(self, pumps: set[asyncio.Task[None]], last: list[float]) -> None:
         idle = self.server.upgrade_idle_timeout
@@ -247,7 +319,132 @@ class _ClientBytes:
         return data
 
 
-async def _read_head(reader: asyncio.StreamReader, line_limit: int, fields_limit: int) -> bytes:
+def _status(head: bytes) -> int:
+    code = head[9:12]
+    return int(code) if code.isdigit() else 0
+
+
+def _switches(head: bytes) -> bool:
+    return _status(head) == 101
+
+
+def _is_interim(head: bytes) -> bool:
+    return 100 <= _status(head) < 200 and not _switches(head)
+
+
+def _split_interim(heads: bytes) -> tuple[bytes, bytes]:
+    """The interim heads `Upgrader._final_head` kept before the final one, and the final one
+    with what followed it."""
+    interim = b""
+    while _is_interim(heads):
+        end = heads.find(b"\r\n\r\n") + 4
+        interim, heads = interim + heads[:end], heads[end:]
+    return interim, heads
+
+
+def _fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """A head's fields as lowercased names and stripped values."""
+    fields = []
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name:
+            fields.append((name.strip().lower(), value.strip(b" \t")))
+    return fields
+
+
+def _framing(head: bytes, method: str) -> tuple[str, int]:
+    """How a refused upgrade's answer body ends (RFC 9112 §6.3): "none", "length" with its
+    length, "chunked", or "close" (read until the model closes).
+
+    Raises UpgradeRefused for a Content-Length that is no length, or several that disagree:
+    RFC 9112 §6.3 makes that an unrecoverable framing error."""
+    code = _status(head)
+    if method == "HEAD" or code < 200 or code in (204, 304):
+        return "none", 0
+    fields = _fields(head)
+    codings = [
+        coding.strip().lower()
+        for name, value in fields
+        if name == b"transfer-encoding"
+        for coding in value.split(b",")
+        if coding.strip()
+    ]
+    if codings:
+        return ("chunked", 0) if codings[-1] == b"chunked" else ("close", 0)
+    lengths = {
+        item.strip()
+        for name, value in fields
+        if name == b"content-length"
+        for item in value.split(b",")
+    }
+    if not lengths:
+        return "close", 0
+    if len(lengths) > 1 or not all(length.isdigit() for length in lengths):
+        raise UpgradeRefused(
+            "the answer to the upgrade request has an invalid Content-Length "
+            f"({b', '.join(sorted(lengths)).decode('latin-1')[:100]!r})"
+        )
+    return "length", int(lengths.pop())
+
+
+def _closing(head: bytes) -> bytes:
+    """`head` with `Connection: close` in place of its Connection and Keep-Alive fields
+    (RFC 9112 §9.6): the client's connection ends after this answer. Its other fields, an
+    Upgrade that a 426 must send (RFC 9110 §15.5.22) too, go on as the model sent them."""
+    status, *lines = head[:-4].split(b"\r\n")
+    kept = [
+        line
+        for line in lines
+        if line.partition(b":")[0].strip().lower() not in (b"connection", b"keep-alive")
+    ]
+    return b"\r\n".join([status, *kept, b"Connection: close"]) + b"\r\n\r\n"
+
+
+class _ChunkedEnd:
+    """Finds where a chunked body ends (RFC 9112 §7.1) in the pieces it arrives in, keeping
+    no more of it than one unfinished line: chunk-size lines and trailer lines longer than
+    `line_limit` bytes end it there (what reached the client is then cut short, and the
+    connection closes)."""
+
+    def __init__(self, line_limit: int) -> None:
+        self._limit = line_limit + 64
+        self._line = b""  # an unfinished chunk-size or trailer line
+        self._left = 0  # bytes of chunk data, and the CRLF after it, still to come
+        self._trailers = False
+
+    def feed(self, data: bytes) -> int | None:
+        """Where in `data` the body ends (the index just past it), or None: it goes on."""
+        at = 0
+        while at < len(data):
+            if self._left:
+                taken = min(self._left, len(data) - at)
+                self._left -= taken
+                at += taken
+                continue
+            newline = data.find(b"\n", at)
+            if newline < 0:
+                self._line += data[at:]
+                return len(data) if len(self._line) > self._limit else None
+            line, self._line = (self._line + data[at:newline]).rstrip(b"\r"), b""
+            at = newline + 1
+            if self._trailers:
+                if not line:
+                    return at
+                continue
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                return at  # no chunk size: the framing is broken, nothing after it is relayed
+            if size == 0:
+                self._trailers = True
+            else:
+                self._left = size + 2  # the data and its CRLF
+        return None
+
+
+async def _read_head(
+    reader: asyncio.StreamReader, line_limit: int, fields_limit: int, start: bytes = b""
+) -> bytes:
     """The model's answer head, and whatever of the stream came with it in the same reads.
 
     Held to the limits aiohttp holds every answer to, as near as bytes tell: the reason
@@ -256,12 +453,15 @@ async def _read_head(reader: asyncio.StreamReader, line_limit: int, fields_limit
     (upstream.max_response_headers). Read here in pieces, so the
     connection's own buffer, which the session then pipes through, stays at its usual size.
 
+    `start`: what of the answer came already (after an interim head).
     Raises UpgradeRefused when the answer is not HTTP or ends first, UpgradeHeadTooLarge past
     the limits."""
     # Every line at its limit, with its status or field syntax and CRLF, and some slack for
     # whitespace around values.
     most = (line_limit + 64) * (fields_limit + 1)
-    received = bytearray()
+    received = bytearray(start)
+    if received and not HTTP_START.startswith(bytes(received[: len(HTTP_START)])):
+        raise UpgradeRefused("the answer to the upgrade request is not HTTP")
     searched = 0  # where the end of the head may start: no byte is searched twice
     while (end := received.find(b"\r\n\r\n", searched)) < 0:
         if len(received) > most:

@@ -135,6 +135,105 @@ async def test_a_refused_handshake_is_relayed_as_the_model_answered(
     assert sample(await scrape(gate), "servegate_upgraded_connections_total") == 0
 
 
+HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: model\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Key: k\r\n\r\n"
+)
+NEXT = b"POST /predict HTTP/1.1\r\nHost: model\r\nContent-Length: 2\r\n\r\nhi"
+CHUNKED_BODY = b"4;ext=1\r\nnope\r\n0\r\nX-Trailer: t\r\n\r\n"
+
+
+async def handshake_then_more(port: int) -> bytes:
+    """A refused handshake, then another request on the same connection: all the client
+    receives until servegate closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(HANDSHAKE)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(NEXT)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        (b"Content-Length: 4", b"nope"),
+        (b"Transfer-Encoding: chunked", CHUNKED_BODY),
+        (b"Content-Length: 0", b""),
+    ],
+    ids=["length", "chunked", "empty"],
+)  # fmt: skip
+async def test_a_refused_handshake_is_one_answer_and_nothing_after_it_reaches_the_model(
+    framing: bytes, body: bytes, start_gate: StartGate, raw_server: Any
+) -> None:
+    """A model that refuses the upgrade and keeps its connection open: the client gets that
+    answer whole, told the connection closes, and its next request goes nowhere, rather than
+    down a raw pipe past servegate's limits, budget, logs and metrics."""
+    refusal = b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nConnection: Upgrade, "
+    refusal += b"keep-alive\r\n" + framing + b"\r\n\r\n" + body
+    model = await raw_server(RecordingModel(answer=lambda _seen: refusal))
+    gate = await start_gate(model.url)
+    raw = await handshake_then_more(gate.data_port)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 426 Upgrade Required"
+    assert b"Upgrade: websocket" in lines  # what a 426 must say (RFC 9110 §15.5.22)
+    assert b"Connection: close" in lines
+    assert not [line for line in lines if line.lower().startswith(b"connection: upgrade")]
+    assert rest == body  # to the end of its framing, byte for byte, and nothing more
+    assert [seen.request_line for seen in model.seen] == [b"GET /ws HTTP/1.1"]
+    samples = await scrape(gate)
+    assert sample(samples, "servegate_upgraded_connections_total") == 0
+    assert sample(samples, "servegate_upgraded_connections_inflight") == 0
+
+
+async def test_a_refusal_read_until_the_model_closes_reaches_the_client_whole(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\n\r\nno upgrades here"
+    model = await raw_server(RecordingModel(answer=lambda _seen: refusal, close_after=True))
+    gate = await start_gate(model.url)
+    raw = await handshake_then_more(gate.data_port)
+    assert raw.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert raw.endswith(b"\r\n\r\nno upgrades here")
+    assert len(model.seen) == 1
+
+
+async def test_interim_answers_before_the_handshakes_answer_are_relayed_and_do_not_end_it(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    refusal = early + b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 3\r\n\r\nwho"
+    model = await raw_server(RecordingModel(answer=lambda _seen: refusal))
+    gate = await start_gate(model.url)
+    raw = await handshake_then_more(gate.data_port)
+    assert raw.startswith(early + b"HTTP/1.1 401 Unauthorized\r\n")
+    assert raw.endswith(b"\r\n\r\nwho")
+    assert len(model.seen) == 1
+
+
+async def test_a_refusal_with_a_broken_content_length_is_the_models_fault_not_relayed(
+    start_gate: StartGate,
+    raw_server: Any,
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
+) -> None:
+    refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3, 4\r\n\r\nnope"
+    model = await raw_server(RecordingModel(answer=lambda _seen: refusal))
+    gate = await start_gate(model.url)
+    async with client.get(gate_url(gate, "/ws"), headers=UPGRADE) as response:
+        assert response.status == 503
+        body = await response.json()
+    assert (body["category"], body["cause"]) == ("protocol", "malformed_response")
+    [line] = log_capture.access()
+    assert "invalid Content-Length" in line["detail"]
+
+
 @pytest.mark.parametrize(
     ("fields", "named"),
     [
