@@ -134,6 +134,13 @@ OWN_SHORTAGE = (
     "servegate's open-file limit (ulimit -n; in Kubernetes, the container runtime's), or "
     "lower server.max_connections."
 )
+# A new connection over server.max_connections (or server.admin_max_connections), with none of
+# those open idle to close for it (proxy/listener.py).
+CONNECTION_LIMIT = (
+    "servegate had {limit} client connections open ({setting}), all of them busy, so it could "
+    "not take this one; the model server was never asked. Try again after Retry-After; if "
+    "this is steady load, raise {setting} (and the open-file limit with it) or add instances."
+)
 # A malformed answer that was HTTP/2: the port serves HTTP/2 only (h2c prior knowledge, or a
 # gRPC port), which servegate does not speak to the model server.
 HTTP2_ANSWER = (

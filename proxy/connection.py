@@ -73,7 +73,7 @@ class ClientConnection(asyncio.Protocol):
         timeout: float,
         *,
         on_timeout: Callable[[], None],
-        on_closed: Callable[[], None],
+        on_closed: Callable[[ClientConnection], None],
     ) -> None:
         self._handler, self._timeout = handler, timeout
         self._on_timeout, self._on_closed = on_timeout, on_closed
@@ -126,7 +126,25 @@ class ClientConnection(asyncio.Protocol):
         self.lost = True
         self._disarm()
         self._handler.connection_lost(exc)
-        self._on_closed()
+        self._on_closed(self)
+
+    def idle(self) -> bool:
+        """Whether the connection waits for a request's first byte: no request is being handled,
+        answered or received (a keep-alive between requests)."""
+        transport = self._transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and self._timer is None
+            and not self._expired
+            and awaits_request(self._handler)
+            and not partial_head_pending(self._handler)
+        )
+
+    def reclaim(self) -> None:
+        """Close an idle connection for a new one, as its keep-alive timeout would have."""
+        if self._transport is not None:
+            self._transport.close()
 
     def _arm(self, *, pipelined: bool) -> None:
         self._pipelined = pipelined

@@ -10,12 +10,15 @@ others nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import itertools
 import json
 import resource
 import socket
 import ssl
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
@@ -27,9 +30,10 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import Counter, Gauge
 from yarl import URL
 
+from proxy import advice, answer
 from proxy.config import ServerSettings
 from proxy.connection import ClientConnection
-from proxy.failures import ssl_reason
+from proxy.failures import Cause, Failure, ssl_reason
 from proxy.metrics import Mismatch, TimeoutPhase
 from proxy.tls import server_tls_context
 
@@ -71,6 +75,12 @@ RESERVED_DESCRIPTORS = 64
 # (proxy/acked.py).
 DESCRIPTORS_PER_CONNECTION = 3
 LIMIT_LOG_INTERVAL = 10.0  # one line per interval, whatever a flood of connections does
+# At the limit, served connections looked at for an idle one per new connection, oldest first:
+# a bound on the work one new connection can cause (nginx drains up to 32 at once).
+RECLAIM_SCAN = 32
+# Reads of what a client refused at the limit already sent, so that closing sends a FIN, not a
+# reset that could destroy the answer before the client reads it.
+REFUSED_DRAIN_READS = 4
 
 Mode = Literal["off", "on", "auto"]
 
@@ -81,6 +91,7 @@ class ListenerMetrics(Protocol):
     client_connections: Gauge
     client_connections_limit: Gauge
     client_connections_refused: Counter
+    client_connections_reclaimed: Counter
 
     def record_listener_mismatch(self, direction: Mismatch) -> None: ...
     def record_client_timeout(self, phase: TimeoutPhase) -> None: ...
@@ -140,6 +151,25 @@ def connection_limit(configured: int | Literal["auto"]) -> int:
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20  # Linux's default nr_open: the real ceiling
     return max(1, (soft - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION)
+
+
+def over_limit_answer(setting: str, limit: int) -> bytes:
+    """What a connection over the limit gets when no idle one can be closed for it: the answer
+    every shed request gets (429 `service/overloaded`, Retry-After), written on the socket
+    itself, with `Connection: close`."""
+    detail = f"{limit} client connections are open ({setting}), none of them idle"
+    failure = Failure(Cause.OVERLOADED, detail)
+    hint = advice.CONNECTION_LIMIT.format(setting=setting, limit=limit)
+    response = answer.failure_response(failure, uuid.uuid4().hex, hint, retry_after=1.0)
+    assert isinstance(response.body, bytes)  # a JSON body built whole
+    fields = "".join(
+        f"{name}: {value}\r\n"
+        for name, value in response.headers.items()
+        if name.lower() not in ("content-length", "connection")
+    )
+    head = f"HTTP/1.1 {response.status} {response.reason}\r\n{fields}"
+    head += f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n"
+    return head.encode("latin-1") + response.body
 
 
 class SniffingSite(web.BaseSite):
@@ -263,6 +293,14 @@ class _Acceptor:
             )
         metrics.client_connections_limit.set(self._limit)
         self._open = 0
+        # Connections closed to admit new ones whose close has not come yet: the limit
+        # stretches by as many meanwhile.
+        self._reclaiming = 0
+        # The connections that may be closed for a new one at the limit, oldest first, as nginx
+        # reuses its idle connections: those still silent (the first byte awaited) and those
+        # served (closed only while idle between requests).
+        self._silent: dict[asyncio.Task[bool], None] = {}
+        self._served_connections: dict[ClientConnection, None] = {}
         self._refused_unlogged = 0
         self._limit_logged_at: float | None = None
         self._warned: OrderedDict[str, None] = OrderedDict()
@@ -312,9 +350,9 @@ class _Acceptor:
                     ACCEPT_RETRY_DELAY, self._resume, listening
                 )
                 return
-            if self._open >= self._limit:
-                sock.close()
-                self._refuse_over_limit()
+            # At the limit, an idle connection makes room, as nginx reuses its idle ones.
+            if self._open >= self._limit + self._reclaiming and not self._reclaim_idle():
+                self._refuse_over_limit(sock)
                 continue
             sock.setblocking(False)
             self._opened()
@@ -332,10 +370,48 @@ class _Acceptor:
 
     def _closed(self) -> None:
         self._open -= 1
+        if self._reclaiming:
+            self._reclaiming -= 1
         self._metrics.client_connections.set(self._open)
 
-    def _refuse_over_limit(self) -> None:
-        """Count every refusal; log the first, then at most one line per interval."""
+    def _served_closed(self, connection: ClientConnection) -> None:
+        self._served_connections.pop(connection, None)
+        self._closed()
+
+    def _reclaim_idle(self) -> bool:
+        """Close the oldest idle connection, if there is one, for a new one: a silent one
+        first, then one between requests. Whether one was closed."""
+        for task in self._silent:
+            del self._silent[task]
+            task.cancel()  # `_served` closes its socket
+            return self._reclaimed()
+        served = self._served_connections
+        for connection in list(itertools.islice(served, RECLAIM_SCAN)):
+            if connection.idle():
+                del served[connection]
+                connection.reclaim()
+                return self._reclaimed()
+            del served[connection]  # busy: behind the others for the next look
+            served[connection] = None
+        return False
+
+    def _reclaimed(self) -> bool:
+        self._reclaiming += 1
+        self._metrics.client_connections_reclaimed.inc()
+        return True
+
+    def _refuse_over_limit(self, sock: socket.socket) -> None:
+        """Answer a connection over the limit, with nothing idle to close for it, with a 429
+        and close it; count every refusal; log the first, then at most one line per interval."""
+        sock.setblocking(False)  # never a wait: the bytes already here, if any
+        with contextlib.suppress(OSError):
+            for _ in range(REFUSED_DRAIN_READS):  # most clients sent their request with connect
+                if not sock.recv(65536):
+                    break
+        with contextlib.suppress(OSError):
+            sock.send(over_limit_answer(self._setting, self._limit))
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
         self._metrics.client_connections_refused.inc()
         self._refused_unlogged += 1
         now = time.monotonic()
@@ -343,14 +419,24 @@ class _Acceptor:
             return
         log.warning(
             "listener.connection_limit_reached",
-            message=f"{self._limit} client connections are open ({self._setting}): "
-            "new connections are closed at once until some end",
+            message=f"{self._limit} client connections are open ({self._setting}), none of "
+            "them idle: new connections are answered 429 and closed until some end",
             limit=self._limit,
             refused=self._refused_unlogged,
             note=f"logged at most every {LIMIT_LOG_INTERVAL:g} s; "
             f"{self._refusals} counts every one",
         )
         self._limit_logged_at, self._refused_unlogged = now, 0
+
+    def _connection(self, client: str) -> ClientConnection:
+        connection = ClientConnection(
+            self._handler(),
+            self._header_timeout,
+            on_timeout=partial(self._header_timed_out, client),
+            on_closed=self._served_closed,
+        )
+        self._served_connections[connection] = None
+        return connection
 
     def _served(self, sock: socket.socket, task: asyncio.Task[bool]) -> None:
         """Close and uncount a connection aiohttp did not take, however `_serve` ended: also
@@ -372,12 +458,17 @@ class _Acceptor:
             try:  # most clients send the request as soon as they connect: no wait then
                 first = sock.recv(1, socket.MSG_PEEK)
             except (BlockingIOError, InterruptedError):
+                silent = asyncio.current_task()
+                assert silent is not None  # this runs as a task of its own
+                self._silent[silent] = None  # closed first when the limit is reached
                 try:
                     async with asyncio.timeout(self._first_byte_timeout):
                         first = await _peek(sock)
                 except TimeoutError:
                     self._metrics.record_client_timeout(TimeoutPhase.IDLE)
                     raise
+                finally:
+                    self._silent.pop(silent, None)
             if not first:
                 return False  # the client closed without sending anything
             decision = route(first[0], self._mode)
@@ -388,12 +479,7 @@ class _Acceptor:
                 return False
             tls = self._tls if decision == "tls" else None
             await self._loop.connect_accepted_socket(
-                lambda: ClientConnection(
-                    self._handler(),
-                    self._header_timeout,
-                    on_timeout=partial(self._header_timed_out, client),
-                    on_closed=self._closed,
-                ),
+                partial(self._connection, client),
                 sock,
                 ssl=tls,
                 # A handshake is part of the request's head: the same deadline (nginx).

@@ -49,6 +49,7 @@ class AdminListenerMetrics:
     client_connections: Gauge
     client_connections_limit: Gauge
     client_connections_refused: Counter
+    client_connections_reclaimed: Counter
     on_mismatch: Callable[[Mismatch], None]
     on_timeout: Callable[[TimeoutPhase], None]
 
@@ -81,7 +82,14 @@ def admin_listener_metrics(
         ),
         Counter(
             "servegate_admin_connections_refused",
-            "Admin port connections closed at once: server.admin_max_connections were open.",
+            "Admin port connections answered 429 and closed: server.admin_max_connections "
+            "were open, none idle.",
+            registry=registry,
+        ),
+        Counter(
+            "servegate_admin_connections_reclaimed",
+            "Idle admin port connections closed for a new one: server.admin_max_connections "
+            "were open.",
             registry=registry,
         ),
         on_mismatch,
@@ -205,7 +213,14 @@ class Metrics:
         )
         self.client_connections_refused = Counter(
             "servegate_client_connections_refused",
-            "Client connections closed at once because server.max_connections were open.",
+            "Client connections answered 429 and closed: server.max_connections were open, "
+            "none idle.",
+            registry=registry,
+        )
+        self.client_connections_reclaimed = Counter(
+            "servegate_client_connections_reclaimed",
+            "Idle client connections (silent, or between requests) closed for a new one: "
+            "server.max_connections were open.",
             registry=registry,
         )
         self.admin = admin_listener_metrics(

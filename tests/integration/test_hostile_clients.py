@@ -400,11 +400,6 @@ async def test_a_silent_connection_closed_at_the_first_byte_timeout_is_counted_a
     assert sample(metrics, "servegate_client_timeouts_total", phase="idle") == 1
 
 
-async def open_idle(gate: Servegate, count: int) -> list[asyncio.StreamWriter]:
-    connections = [await asyncio.open_connection("127.0.0.1", gate.data_port) for _ in range(count)]
-    return [writer for _, writer in connections]
-
-
 async def wait_for_gauge(gate: Servegate, name: str, value: float) -> None:
     for _ in range(100):
         if sample(await scrape(gate), name) == value:
@@ -414,38 +409,75 @@ async def wait_for_gauge(gate: Servegate, name: str, value: float) -> None:
 
 
 @pytest.mark.time_limit(60)
-async def test_thousands_of_idle_connections_meet_the_connection_limit_not_fd_exhaustion(
-    start_gate: StartGate, upstream_url: str, recorder: Recorder, log_capture: LogCapture
+async def test_silent_connections_past_the_limit_make_room_oldest_first_and_never_lock_the_port(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder
 ) -> None:
+    """At server.max_connections, a new connection closes the oldest idle one, as nginx reuses
+    its idle connections: thousands of connections that send nothing cannot hold the port
+    until their first-byte timeout, nor run servegate out of descriptors."""
     gate = await start_gate(upstream_url, **{"server.max_connections": 200})
-    idle = await open_idle(gate, 200)
+    idle = [await asyncio.open_connection("127.0.0.1", gate.data_port) for _ in range(200)]
     await wait_for_gauge(gate, "servegate_client_connections", 200)
     flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         # In waves below the listen backlog (128): a larger burst would wait on the kernel's
         # SYN retries, which is the client's problem, not what this test is about.
         for _ in range(10):
-            wave = await asyncio.gather(
-                *(asyncio.open_connection("127.0.0.1", gate.data_port) for _ in range(100))
+            flood.extend(
+                await asyncio.gather(
+                    *(asyncio.open_connection("127.0.0.1", gate.data_port) for _ in range(100))
+                )
             )
-            flood.extend(wave)
-            for reader, _ in wave:  # each is closed at once, without an answer
-                assert await asyncio.wait_for(reader.read(), 10) == b""
+        await wait_for_gauge(gate, "servegate_client_connections_reclaimed_total", 1000)
+        for reader, _ in idle:  # the oldest went first
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        await assert_still_serves(gate, recorder)  # one more: it closed the oldest of the flood
         metrics = await scrape(gate)
-        assert sample(metrics, "servegate_client_connections_refused_total") == 1000
+        assert sample(metrics, "servegate_client_connections_refused_total") == 0
         assert sample(metrics, "servegate_client_connections_limit") == 200
-        [line] = log_capture.events("listener.connection_limit_reached")  # one, not a thousand
-        assert line["level"] == "warning"
-        assert line["limit"] == 200
-        assert "server.max_connections" in line["message"]
-        idle[0].close()  # one slot frees up: the next client is served
-        await wait_for_gauge(gate, "servegate_client_connections", 199)
-        await assert_still_serves(gate, recorder)
+        assert sample(metrics, "servegate_client_connections") <= 200
+        newest = flood[-100:]
+        for reader, _ in newest:  # the newest are still open
+            assert not reader.at_eof()
     finally:
-        for _, writer in flood:
+        for _, writer in flood + idle:
             writer.close()
-        for writer in idle:
-            writer.close()
+
+
+@pytest.mark.time_limit(30)
+async def test_at_the_limit_with_every_connection_busy_a_new_one_gets_a_429_not_a_reset(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder, log_capture: LogCapture
+) -> None:
+    """Nothing idle to close: the client is told, in the shape of every shed answer, and the
+    refusal is counted and logged; once a connection is free, the next one is served."""
+    gate = await start_gate(upstream_url, **{"server.max_connections": 5})
+    streams = []
+    async with aiohttp.ClientSession() as client:
+        try:
+            for _ in range(5):  # five answers in flight: five busy connections
+                streams.append(await client.get(gate_url(gate, "/ticks?count=15&every=0.2")))
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+                writer.write(HEAD + b"\r\n")
+                answer = await read_answer(reader)
+                writer.close()
+                assert answer.status == 429
+                assert answer.headers["connection"] == "close"
+                assert answer.headers["retry-after"] == "1"
+                body = answer.json()
+                assert (body["category"], body["cause"]) == ("service", "overloaded")
+                assert "server.max_connections" in body["hint"]
+        finally:
+            for stream in streams:
+                stream.close()
+    metrics = await scrape(gate)
+    assert sample(metrics, "servegate_client_connections_refused_total") == 3
+    assert sample(metrics, "servegate_client_connections_reclaimed_total") == 0
+    [line] = log_capture.events("listener.connection_limit_reached")  # one, not three
+    assert line["level"] == "warning"
+    assert line["limit"] == 5
+    await wait_for_gauge(gate, "servegate_client_connections", 0)
+    await assert_still_serves(gate, recorder)
 
 
 async def test_out_of_descriptors_the_listener_waits_and_then_serves_the_queued_client(
