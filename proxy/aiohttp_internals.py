@@ -34,6 +34,8 @@ from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import DataQueue, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
+from proxy.config import C_INT_MAX
+
 # client_proto.py, ResponseHandler.data_received: bytes that arrive while no parser is set
 # (before the request is sent) wait in `_tail`; set_response_params builds the response parser
 # in `_parser` (base_protocol.py, BaseProtocol) and then feeds it `_tail`.
@@ -118,6 +120,16 @@ def release_read_buffer(body: StreamReader) -> None:
     thousands of chunks."""
     if body.is_eof() and not getattr(body, _BUFFER):
         setattr(body, _BUFFER, _ShortQueue())
+
+
+def parser_field_limit(limit: int) -> int:
+    """What to give aiohttp's parsers as `max_field_size` for header fields whose name and value
+    together may be `limit` bytes. Their check counts the previous field's name as well
+    (_http_parser.pyx: cb_on_header_field measures the name before the field before it is
+    processed, and the value's check adds that sum), so at `limit` they refuse fields within
+    it, by where they stand; at twice it they refuse none that are within it, and servegate
+    holds each field to `limit` itself (headers.longer_field). Within a C int."""
+    return min(2 * limit, C_INT_MAX)
 
 
 def take_unparsed(handler: ResponseHandler) -> bytes:

@@ -31,6 +31,7 @@ from proxy.aiohttp_internals import (
     last_queued_failed,
     last_queued_message,
     parse_one_request_per_feed,
+    parser_field_limit,
     queue_full,
     queued_requests,
     request_count,
@@ -52,9 +53,18 @@ def server_options(settings: ServerSettings) -> dict[str, Any]:
     return {
         "auto_decompress": False,
         "max_line_size": settings.max_request_line_bytes,
-        "max_field_size": settings.max_header_bytes,
+        "max_field_size": parser_field_limit(settings.max_header_bytes),
         "max_headers": settings.max_headers,
+        # Taken by _JsonErrorHandler, not aiohttp: each field's own limit, which ingress holds
+        # every request to (aiohttp's parser is given more, `parser_field_limit`).
+        FIELD_LIMIT: settings.max_header_bytes,
     }
+
+
+FIELD_LIMIT = "field_limit"
+HEADER_FIELD_TOO_LONG = (
+    "a header field (its name and value together) is longer than server.max_header_bytes ({})"
+)
 
 
 # A method as RFC 9110 §9.1 has it (a token), short enough to be named in an answer.
@@ -100,6 +110,7 @@ class _JsonErrorHandler(RequestHandler):
         "_chunked",
         "_closes",
         "_current",
+        "_field_limit",
         "_head_cap",
         "_head_start",
         "_heads",
@@ -115,6 +126,7 @@ class _JsonErrorHandler(RequestHandler):
     def __init__(
         self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **options: Any
     ) -> None:
+        self._field_limit = options.pop(FIELD_LIMIT, None)
         super().__init__(manager, loop=loop, **options)
         parse_one_request_per_feed(self, loop, options)
         self._on_rejected = (
@@ -310,8 +322,9 @@ class _JsonErrorHandler(RequestHandler):
                 f"the request target is longer than server.max_request_line_bytes ({exc.args[1]})"
             )
         elif isinstance(exc, LineTooLong):
+            # Past twice the limit (parser_field_limit): some field is longer than the limit.
             status = 431
-            reason = f"a header line is longer than server.max_header_bytes ({exc.args[1]})"
+            reason = HEADER_FIELD_TOO_LONG.format(self._field_limit or exc.args[1])
         elif isinstance(exc, InvalidURLError):
             reason = f"{_target_fault(self._current)}: {reason}"
         elif isinstance(exc, BadHttpMessage) and "Invalid HTTP version" in str(exc):

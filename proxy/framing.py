@@ -29,6 +29,7 @@ from aiohttp.http_exceptions import LineTooLong, TransferEncodingError
 
 from proxy.acked import AckCounter
 from proxy.aiohttp_internals import (
+    parser_field_limit,
     replace_response_parser,
     response_parser,
     shorten_answer_queue,
@@ -41,6 +42,7 @@ from proxy.failures import (
     Failure,
     TrailerTooLarge,
 )
+from proxy.headers import longer_field
 
 log = structlog.get_logger("servegate.upstream")
 
@@ -92,10 +94,16 @@ class _FramedParser:
     """Stands in for aiohttp's response parser on one exchange, feeding it only what the
     answer's framing covers."""
 
-    def __init__(self, parser: Any, handler: FramedResponseHandler, skip_payload: bool) -> None:
+    def __init__(
+        self, parser: Any, handler: FramedResponseHandler, skip_payload: bool, field_limit: int
+    ) -> None:
         self._parser = parser
         self._handler = handler
         self._skip_payload = skip_payload  # the request was HEAD
+        # Each header field's name and value together (upstream.max_response_header_bytes):
+        # aiohttp's parser is given more room (aiohttp_internals.parser_field_limit).
+        self._field_limit = field_limit
+        self._parser_limit = parser_field_limit(field_limit)
         self._parser_failed = False
         self.next_answer()
 
@@ -128,6 +136,11 @@ class _FramedParser:
             piece, data = self._split(data)
             try:
                 parsed, upgraded, tail = self._parser.feed_data(piece)
+            except LineTooLong as exc:
+                if self._stage is _Stage.CHUNKED or exc.args[1] != self._parser_limit:
+                    raise  # a trailer field (below), or the status line (max_line_size)
+                # Past the parser's own limit: some field is longer than the setting's.
+                raise self._field_too_long() from exc
             except Exception as exc:
                 if self._stage is not _Stage.CHUNKED:
                     raise
@@ -153,6 +166,8 @@ class _FramedParser:
                 return messages, False, b""
             for message, payload in parsed:
                 if self._stage is _Stage.HEAD:
+                    if longer_field(message.raw_headers, self._field_limit) is not None:
+                        raise self._field_too_long()
                     messages.append((message, payload))
                     self._begin_body(message, payload)
                 else:  # a whole second answer to one request: surplus as well
@@ -163,6 +178,11 @@ class _FramedParser:
             self._check_complete()
             if not data:
                 return messages, False, b""
+
+    def _field_too_long(self) -> LineTooLong:
+        """What aiohttp's parser raises at a limit, with the limit the setting gives
+        (failures.classify names the cause and the setting)."""
+        return LineTooLong("a header field (its name and value together)", self._field_limit)
 
     def _split(self, data: bytes) -> tuple[bytes, bytes]:
         """The next piece the parser may see, and the rest."""
@@ -343,10 +363,14 @@ class FramedResponseHandler(ResponseHandler):
             return
         self._params = params
         early = take_unparsed(self)  # bytes that came before the request was sent
-        super().set_response_params(**params)
+        field_limit = params["max_field_size"]
+        super().set_response_params(
+            **(params | {"max_field_size": parser_field_limit(field_limit)})
+        )
         skip_payload = params.get("skip_payload", False)
         # The stand-in answers every call the protocol makes of a parser.
-        replace_response_parser(self, _FramedParser(response_parser(self), self, skip_payload))
+        framed = _FramedParser(response_parser(self), self, skip_payload, field_limit)
+        replace_response_parser(self, framed)
         if early:
             self.data_received(early)
 

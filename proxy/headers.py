@@ -126,6 +126,15 @@ def with_own_fields(head: bytes, request_id: str) -> bytes:
     return head[:-2] + added + b"\r\n"
 
 
+def longer_field(raw: Iterable[tuple[bytes, bytes]], limit: int) -> bytes | None:
+    """The name of the first field whose name and value together are longer than `limit`
+    bytes (server.max_header_bytes, upstream.max_response_header_bytes), or None."""
+    for name, value in raw:
+        if len(name) + len(value) > limit:
+            return name
+    return None
+
+
 def only_chunked(transfer_encoding: Iterable[str]) -> bool:
     """Whether Transfer-Encoding field values list chunked alone, the one transfer coding
     servegate decodes (RFC 9112 §6.1): taking off another undecoded would pass coded bytes on

@@ -26,10 +26,10 @@ from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
 from proxy.circuit import Circuit
 from proxy.config import Settings
 from proxy.connection import ClientConnection
-from proxy.data_server import closes_after_answer, refused_version
+from proxy.data_server import HEADER_FIELD_TOO_LONG, closes_after_answer, refused_version
 from proxy.failures import Cause, Failure, own_shortage
 from proxy.forward import Forwarder, Outbound
-from proxy.headers import Fields, only_chunked, request_headers
+from proxy.headers import Fields, longer_field, only_chunked, request_headers
 from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason, TimeoutPhase
 from proxy.relay import interim_relay, relay
 from proxy.retry import GiveUpReason
@@ -265,6 +265,12 @@ class Ingress:
                 request_id,
                 505,
             )
+        elif longer_field(request.raw_headers, self.settings.server.max_header_bytes):
+            # aiohttp's parser counts a field's neighbour too, so it is given more room and
+            # each field is held to the limit here (aiohttp_internals.parser_field_limit).
+            self.metrics.requests_rejected.labels("431").inc()
+            limit = self.settings.server.max_header_bytes
+            refused = answer.bad_request(HEADER_FIELD_TOO_LONG.format(limit), request_id, 431)
         elif "#" in request.raw_path:
             # RFC 9112 §3.2: a request target carries no fragment; a model's framework might
             # read `/p#/../admin` as a path of its own.

@@ -401,6 +401,45 @@ async def test_request_head_limits_are_settings(start_gate: StartGate, raw_serve
     assert model.last().target == target
 
 
+def fields_around(field: bytes, position: str) -> list[bytes]:
+    """`field` first, after a field with a long name, or between two such."""
+    neighbour = b"X-" + b"n" * 600 + b": v"
+    return {
+        "first": [field, neighbour],
+        "after-a-long-name": [neighbour, field],
+        "between": [neighbour, field, neighbour],
+    }[position]
+
+
+@pytest.mark.parametrize("position", ["first", "after-a-long-name", "between"])
+async def test_a_header_field_is_held_to_its_limit_wherever_it_stands(
+    position: str, start_gate: StartGate, raw_server: Any
+) -> None:
+    """Name and value together, up to the setting, whatever the fields around it: aiohttp's
+    parsers count a field's neighbour too, and alone would refuse some fields within the
+    limit and pass some over it, by where they stand."""
+    limit = 1000
+    at_limit = b"X-Edge: " + b"e" * (limit - len(b"X-Edge"))  # name and value: 1000 bytes
+    over = at_limit + b"e"
+    model = await raw_server(RecordingModel())
+    gate = await start_gate(model.url, **{"server.max_header_bytes": limit})
+    raw = await exchange(gate.data_port, request(b"/in", *fields_around(at_limit, position)))
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    raw = await exchange(gate.data_port, request(b"/in", *fields_around(over, position)))
+    assert raw.split(b"\r\n")[0] == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert "server.max_header_bytes (1000)" in json_body(raw)["error_msg"]
+    assert len(model.seen) == 1
+
+    for field, status in ((at_limit, b"200 OK"), (over, b"502 Bad Gateway")):
+        answering = await raw_server(RecordingModel(answer=answer(*fields_around(field, position))))
+        relaying = await start_gate(answering.url, **{"upstream.max_response_header_bytes": limit})
+        raw = await exchange(relaying.data_port, request(b"/out", method=b"GET"))
+        assert raw.split(b"\r\n")[0] == b"HTTP/1.1 " + status, raw[:200]
+        if field is over:
+            body = json_body(raw)
+            assert body["cause"] == "response_header_too_large"
+
+
 LONG_COOKIE = [b"Set-Cookie: s=" + b"c" * 9000]
 LONGER_COOKIE = [b"Set-Cookie: s=" + b"c" * 20_000]
 MANY_FIELDS = [b"X-Field-%d: %d" % (i, i) for i in range(200)]

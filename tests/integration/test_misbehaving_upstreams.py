@@ -191,7 +191,9 @@ def let_the_banner_in_before_the_write(gate: Servegate) -> None:
 
 @pytest.mark.parametrize(
     "trailer",
-    [b"X-Long: " + b"t" * 9000 + b"\r\n", b"".join(b"X-T%d: v\r\n" % n for n in range(200))],
+    # Over twice the field limit: aiohttp's parser, which holds trailers, counts each field
+    # with its neighbour's name, and is given twice the limit (README, Hardening).
+    [b"X-Long: " + b"t" * 20000 + b"\r\n", b"".join(b"X-T%d: v\r\n" % n for n in range(200))],
     ids=["long-field", "many-fields"],
 )
 async def test_trailer_fields_past_the_head_limits_name_those_limits(
