@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from proxy import answer
 from proxy.answer import hint_for
 from proxy.circuit import Circuit
+from proxy.config import ServerSettings
+from proxy.data_server import HEADER_FIELD_TOO_LONG, JsonErrorServer, server_options
+from proxy.headers import longer_field
 from proxy.health import CRASH_LOOP_ADVICE, Health, HealthMonitor
 from proxy.probe import SchemeProbe
 
@@ -57,16 +63,46 @@ class Readiness:
         return self.scheme.mismatch()
 
 
-def admin_app(registry: CollectorRegistry, readiness: Readiness) -> web.Application:
-    async def metrics(_request: web.Request) -> web.Response:
+AdminHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def admin_runner(routes: Mapping[str, AdminHandler], settings: ServerSettings) -> web.ServerRunner:
+    """The admin port's server: `routes` by path, for GET and HEAD, on the data port's request
+    handling and its head limits (server.max_request_line_bytes, max_header_bytes,
+    max_headers): a request it cannot parse gets the data port's JSON answer (400, 414, 431),
+    not aiohttp's plain text quoting the client's bytes and an error logged with its
+    traceback."""
+    paths = ", ".join(routes)
+
+    async def route(request: web.BaseRequest) -> web.StreamResponse:
+        if longer_field(request.raw_headers, settings.max_header_bytes):  # as ingress does
+            why = HEADER_FIELD_TOO_LONG.format(settings.max_header_bytes)
+            return answer.bad_request(why, uuid.uuid4().hex, 431)
+        handler = routes.get(request.path)
+        if handler is None:
+            return answer.bad_request(f"the admin port serves {paths}", uuid.uuid4().hex, 404)
+        if request.method not in ("GET", "HEAD"):
+            refused = answer.bad_request(
+                "the admin port answers GET and HEAD", uuid.uuid4().hex, 405
+            )
+            refused.headers["Allow"] = "GET, HEAD"
+            return refused
+        return await handler(request)
+
+    server = JsonErrorServer(route, access_log=None, **server_options(settings))
+    return web.ServerRunner(server, shutdown_timeout=1.0)
+
+
+def admin_routes(registry: CollectorRegistry, readiness: Readiness) -> dict[str, AdminHandler]:
+    async def metrics(_request: web.BaseRequest) -> web.Response:
         response = web.Response(body=generate_latest(registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
-    async def healthz(_request: web.Request) -> web.Response:
+    async def healthz(_request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def readyz(_request: web.Request) -> web.Response:
+    async def readyz(_request: web.BaseRequest) -> web.Response:
         reason = await readiness.check()
         if reason is None:
             return web.json_response({"status": "ready"})
@@ -76,8 +112,4 @@ def admin_app(registry: CollectorRegistry, readiness: Readiness) -> web.Applicat
             content_type="application/json",
         )
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
+    return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz}

@@ -22,7 +22,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy import aiohttp_internals
-from proxy.admin import Readiness, admin_app
+from proxy.admin import Readiness, admin_routes, admin_runner
 from proxy.admission import Admission
 from proxy.body import BufferPool
 from proxy.config import Settings, effective, split_address
@@ -132,9 +132,9 @@ class Servegate:
             # Always sniffed, even with tls off: a plain port can then name an HTTPS client.
             partial(SniffingSite, settings=self.settings.server, metrics=self.metrics),
         )
-        admin = admin_app(self.registry, self.readiness)
+        admin = admin_routes(self.registry, self.readiness)
         self.admin_port = await self._bind(  # the data port's listener, for its limits
-            web.AppRunner(admin, access_log=None, shutdown_timeout=1.0),
+            admin_runner(admin, self.settings.server),
             self.settings.server.admin_listen,
             partial(
                 SniffingSite,

@@ -34,6 +34,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 
 from proxy import news
+from proxy.admin import AdminHandler, admin_runner
 from proxy.app import Hurried, Servegate, StartupError, stop_unless_hurried
 from proxy.config import Settings, split_address
 from proxy.health import CRASH_LOOP_ADVICE, Health, HealthMonitor
@@ -221,18 +222,18 @@ def _data_port(settings: Settings) -> int:
 
 def _admin(
     pool: Pool, directory: Path, stopping: asyncio.Event, health: HealthMonitor | None
-) -> web.Application:
-    async def metrics(_request: web.Request) -> web.Response:
+) -> dict[str, AdminHandler]:
+    async def metrics(_request: web.BaseRequest) -> web.Response:
         registry = CollectorRegistry()
         registry.register(_Present(directory))
         response = web.Response(body=generate_latest(registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
-    async def healthz(_request: web.Request) -> web.Response:
+    async def healthz(_request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def readyz(_request: web.Request) -> web.Response:
+    async def readyz(_request: web.BaseRequest) -> web.Response:
         """A worker's own answer: each checks the same model server on the same schedule; a
         crash loop the parent sees in the supervised model's log, the parent's."""
         if health is not None and health.state is Health.CRASH_LOOP and not stopping.is_set():
@@ -251,11 +252,7 @@ def _admin(
                     )
         return web.json_response({"status": "not_ready", "reason": reason}, status=503)
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
+    return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz}
 
 
 class _Present:
@@ -337,7 +334,7 @@ async def _run(
         admin_metrics = metrics.admin
     else:
         admin_metrics = admin_listener_metrics(CollectorRegistry(), _uncounted, _uncounted)
-    runner = web.AppRunner(_admin(pool, directory, stopping, health), access_log=None)
+    runner = admin_runner(_admin(pool, directory, stopping, health), settings.server)
     try:
         await pool.start()
         await runner.setup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import aiohttp
 import pytest
 
 from proxy.failures import Category, Cause
-from tests.conftest import StartGate, require_tool, sample, scrape
+from tests.conftest import LogCapture, StartGate, require_tool, sample, scrape
 from tests.integration.test_down_fast import accepting_nothing
 from tests.upstreams.gunicorn import Gunicorn, free_port
 from tests.upstreams.recording import RecordingModel
@@ -156,6 +157,41 @@ async def test_the_admin_port_caps_its_connections_and_times_out_a_slow_head(
     assert sample(samples, "servegate_admin_connections_reclaimed_total") == 1
     assert sample(samples, "servegate_admin_connections_refused_total") == 0
     assert sample(samples, "servegate_admin_connections_limit") == 2
+
+
+@pytest.mark.parametrize(
+    ("sent", "status", "said"),
+    [
+        (b"GET /metrics?" + b"q" * 9000 + b" HTTP/1.1\r\n", 414, "max_request_line_bytes"),
+        (b"GET /metrics HTTP/1.1\r\nX: " + b"v" * 9000 + b"\r\n", 431, "max_header_bytes"),
+        (b"GET /metrics HTTP/1.1\r\n" + b"X-A: 1\r\n" * 200, 431, "max_headers"),
+        (b"GET /nothing HTTP/1.1\r\n", 404, "/metrics, /healthz, /readyz"),
+        (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n", 405, "GET and HEAD"),
+    ],
+    ids=["long-target", "long-field", "many-fields", "unknown-path", "post"],
+)  # fmt: skip
+async def test_the_admin_port_answers_what_it_cannot_serve_as_the_data_port_does(
+    sent: bytes, status: int, said: str, start_gate: StartGate, log_capture: LogCapture
+) -> None:
+    """The data port's head limits and JSON answers, not aiohttp's defaults in plain text
+    with the client's bytes quoted back and an error logged with a traceback."""
+    gate = await start_gate(f"http://127.0.0.1:{free_port()}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.admin_port)
+    try:
+        writer.write(sent + b"Host: admin\r\n\r\n")
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 %d " % status)
+    assert said in body["error_msg"]
+    assert "qqqq" not in body["error_msg"]  # no client bytes quoted back
+    assert "vvvv" not in body["error_msg"]
+    if status == 405:
+        assert b"\r\nAllow: GET, HEAD\r\n" in head
+    assert not [line for line in log_capture.lines() if line.get("level") == "error"]
 
 
 async def test_a_health_path_with_a_query_is_asked_as_written(
