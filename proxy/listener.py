@@ -95,6 +95,7 @@ class ListenerMetrics(Protocol):
 
     def record_listener_mismatch(self, direction: Mismatch) -> None: ...
     def record_client_timeout(self, phase: TimeoutPhase) -> None: ...
+    def record_4503(self, failure: Failure) -> None: ...
 
 
 BAD_REQUEST_BODY = json.dumps(
@@ -153,12 +154,10 @@ def connection_limit(configured: int | Literal["auto"]) -> int:
     return max(1, (soft - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION)
 
 
-def over_limit_answer(setting: str, limit: int) -> bytes:
+def over_limit_answer(failure: Failure, setting: str, limit: int) -> bytes:
     """What a connection over the limit gets when no idle one can be closed for it: the answer
     every shed request gets (429 `service/overloaded`, Retry-After), written on the socket
     itself, with `Connection: close`."""
-    detail = f"{limit} client connections are open ({setting}), none of them idle"
-    failure = Failure(Cause.OVERLOADED, detail)
     hint = advice.CONNECTION_LIMIT.format(setting=setting, limit=limit)
     response = answer.failure_response(failure, uuid.uuid4().hex, hint, retry_after=1.0)
     assert isinstance(response.body, bytes)  # a JSON body built whole
@@ -408,11 +407,14 @@ class _Acceptor:
             for _ in range(REFUSED_DRAIN_READS):  # most clients sent their request with connect
                 if not sock.recv(65536):
                     break
+        detail = f"{self._limit} client connections are open ({self._setting}), none of them idle"
+        failure = Failure(Cause.OVERLOADED, detail)
         with contextlib.suppress(OSError):
-            sock.send(over_limit_answer(self._setting, self._limit))
+            sock.send(over_limit_answer(failure, self._setting, self._limit))
             sock.shutdown(socket.SHUT_WR)
         sock.close()
         self._metrics.client_connections_refused.inc()
+        self._metrics.record_4503(failure)
         self._refused_unlogged += 1
         now = time.monotonic()
         if self._limit_logged_at is not None and now - self._limit_logged_at < LIMIT_LOG_INTERVAL:

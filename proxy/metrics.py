@@ -59,6 +59,10 @@ class AdminListenerMetrics:
     def record_client_timeout(self, phase: TimeoutPhase) -> None:
         self.on_timeout(phase)
 
+    def record_4503(self, failure: Failure) -> None:
+        """A connection refused at the admin port's limit asked nothing of the model: its count
+        is `servegate_admin_connections_refused_total` alone."""
+
 
 def admin_listener_metrics(
     registry: CollectorRegistry,

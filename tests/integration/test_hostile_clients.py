@@ -473,6 +473,8 @@ async def test_at_the_limit_with_every_connection_busy_a_new_one_gets_a_429_not_
     metrics = await scrape(gate)
     assert sample(metrics, "servegate_client_connections_refused_total") == 3
     assert sample(metrics, "servegate_client_connections_reclaimed_total") == 0
+    overloaded = {"category": "service", "cause": "overloaded"}
+    assert sample(metrics, "servegate_4503_total", **overloaded) == 3  # as every 429 it sends
     [line] = log_capture.events("listener.connection_limit_reached")  # one, not three
     assert line["level"] == "warning"
     assert line["limit"] == 5
