@@ -130,11 +130,13 @@ class ClientConnection(asyncio.Protocol):
 
     def idle(self) -> bool:
         """Whether the connection waits for a request's first byte: no request is being handled,
-        answered or received (a keep-alive between requests)."""
+        answered or received (a keep-alive between requests), and nothing of an answer is left
+        to send."""
         transport = self._transport
         return (
             transport is not None
             and not transport.is_closing()
+            and transport.get_write_buffer_size() == 0
             and self._timer is None
             and not self._expired
             and awaits_request(self._handler)
@@ -142,9 +144,10 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def reclaim(self) -> None:
-        """Close an idle connection for a new one, as its keep-alive timeout would have."""
+        """End an idle connection for a new one, at once: a TLS close would wait for the
+        client's close_notify, and the limit would stretch meanwhile."""
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()
 
     def _arm(self, *, pipelined: bool) -> None:
         self._pipelined = pipelined

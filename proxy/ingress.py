@@ -38,6 +38,7 @@ from proxy.upgrade import (
     Upgrader,
     UpgradeRefused,
     UpstreamUnreachable,
+    final_status,
     wants_upgrade,
 )
 
@@ -436,7 +437,7 @@ class Ingress:
         except UpgradeHeadTooLarge as exc:
             failure = Failure(Cause.RESPONSE_HEADER_TOO_LARGE, str(exc))
             return self._refuse(Refusal(failure), request_id, budget, line)
-        line.status = int(head[9:12]) if head[9:12].isdigit() else 502
+        line.status = final_status(head) or 502
         line.bytes_upgraded_in, line.bytes_out = await upgrader.pipe(
             request, reader, writer, head, request_id
         )

@@ -292,13 +292,13 @@ class _Acceptor:
             )
         metrics.client_connections_limit.set(self._limit)
         self._open = 0
-        # Connections closed to admit new ones whose close has not come yet: the limit
-        # stretches by as many meanwhile.
-        self._reclaiming = 0
+        # Connections closed to admit new ones, until their close comes (an abort: the next
+        # loop step): the limit stretches by as many meanwhile, and by no more.
+        self._reclaiming: set[asyncio.Task[bool] | ClientConnection] = set()
         # The connections that may be closed for a new one at the limit, oldest first, as nginx
-        # reuses its idle connections: those still silent (the first byte awaited) and those
-        # served (closed only while idle between requests).
-        self._silent: dict[asyncio.Task[bool], None] = {}
+        # reuses its idle connections: those still silent (the first byte awaited, with their
+        # socket) and those served (closed only while idle between requests).
+        self._silent: dict[asyncio.Task[bool], socket.socket] = {}
         self._served_connections: dict[ClientConnection, None] = {}
         self._refused_unlogged = 0
         self._limit_logged_at: float | None = None
@@ -350,7 +350,7 @@ class _Acceptor:
                 )
                 return
             # At the limit, an idle connection makes room, as nginx reuses its idle ones.
-            if self._open >= self._limit + self._reclaiming and not self._reclaim_idle():
+            if self._open >= self._limit + len(self._reclaiming) and not self._reclaim_idle():
                 self._refuse_over_limit(sock)
                 continue
             sock.setblocking(False)
@@ -369,49 +369,62 @@ class _Acceptor:
 
     def _closed(self) -> None:
         self._open -= 1
-        if self._reclaiming:
-            self._reclaiming -= 1
         self._metrics.client_connections.set(self._open)
 
     def _served_closed(self, connection: ClientConnection) -> None:
         self._served_connections.pop(connection, None)
+        self._reclaiming.discard(connection)
         self._closed()
 
     def _reclaim_idle(self) -> bool:
-        """Close the oldest idle connection, if there is one, for a new one: a silent one
-        first, then one between requests. Whether one was closed."""
-        for task in self._silent:
+        """Abort the oldest idle connection, if there is one, for a new one: a silent one
+        (nothing arrived on it yet) first, then one between requests with nothing left to
+        send. Whether one was aborted."""
+        for task, sock in list(itertools.islice(self._silent.items(), RECLAIM_SCAN)):
             del self._silent[task]
+            if _has_bytes(sock):
+                continue  # its request has come: the task serves it next
             task.cancel()  # `_served` closes its socket
-            return self._reclaimed()
+            return self._reclaimed(task)
         served = self._served_connections
         for connection in list(itertools.islice(served, RECLAIM_SCAN)):
             if connection.idle():
                 del served[connection]
                 connection.reclaim()
-                return self._reclaimed()
+                return self._reclaimed(connection)
             del served[connection]  # busy: behind the others for the next look
             served[connection] = None
         return False
 
-    def _reclaimed(self) -> bool:
-        self._reclaiming += 1
+    def _reclaimed(self, reclaimed: asyncio.Task[bool] | ClientConnection) -> bool:
+        self._reclaiming.add(reclaimed)
         self._metrics.client_connections_reclaimed.inc()
         return True
 
     def _refuse_over_limit(self, sock: socket.socket) -> None:
         """Answer a connection over the limit, with nothing idle to close for it, with a 429
-        and close it; count every refusal; log the first, then at most one line per interval."""
+        and close it; count every refusal; log the first, then at most one line per interval.
+
+        Only a client known to speak plain HTTP gets the answer: on a TLS port, or with
+        server.tls: auto before (or after) a TLS handshake's first byte, HTTP bytes would read
+        as a broken handshake; such a connection is closed."""
         sock.setblocking(False)  # never a wait: the bytes already here, if any
+        first = b""
+        with contextlib.suppress(OSError):
+            first = sock.recv(1, socket.MSG_PEEK)
+        plain = self._mode == "off" or (
+            self._mode == "auto" and first != b"" and first[0] != TLS_HANDSHAKE_RECORD
+        )
         with contextlib.suppress(OSError):
             for _ in range(REFUSED_DRAIN_READS):  # most clients sent their request with connect
                 if not sock.recv(65536):
                     break
         detail = f"{self._limit} client connections are open ({self._setting}), none of them idle"
         failure = Failure(Cause.OVERLOADED, detail)
-        with contextlib.suppress(OSError):
-            sock.send(over_limit_answer(failure, self._setting, self._limit))
-            sock.shutdown(socket.SHUT_WR)
+        if plain:
+            with contextlib.suppress(OSError):
+                sock.send(over_limit_answer(failure, self._setting, self._limit))
+                sock.shutdown(socket.SHUT_WR)
         sock.close()
         self._metrics.client_connections_refused.inc()
         self._metrics.record_4503(failure)
@@ -431,19 +444,18 @@ class _Acceptor:
         self._limit_logged_at, self._refused_unlogged = now, 0
 
     def _connection(self, client: str) -> ClientConnection:
-        connection = ClientConnection(
+        return ClientConnection(
             self._handler(),
             self._header_timeout,
             on_timeout=partial(self._header_timed_out, client),
             on_closed=self._served_closed,
         )
-        self._served_connections[connection] = None
-        return connection
 
     def _served(self, sock: socket.socket, task: asyncio.Task[bool]) -> None:
         """Close and uncount a connection aiohttp did not take, however `_serve` ended: also
         cancelled (servegate stopping) before it ever ran, when its own code could not."""
         self._pending.discard(task)
+        self._reclaiming.discard(task)
         if not task.cancelled():
             if (exc := task.exception()) is None and task.result():
                 return  # aiohttp's transport has it; ClientConnection uncounts it on close
@@ -462,7 +474,7 @@ class _Acceptor:
             except (BlockingIOError, InterruptedError):
                 silent = asyncio.current_task()
                 assert silent is not None  # this runs as a task of its own
-                self._silent[silent] = None  # closed first when the limit is reached
+                self._silent[silent] = sock  # closed first when the limit is reached
                 try:
                     async with asyncio.timeout(self._first_byte_timeout):
                         first = await _peek(sock)
@@ -480,13 +492,17 @@ class _Acceptor:
                     await _answer_bad_request(sock)
                 return False
             tls = self._tls if decision == "tls" else None
-            await self._loop.connect_accepted_socket(
+            _, served = await self._loop.connect_accepted_socket(
                 partial(self._connection, client),
                 sock,
                 ssl=tls,
                 # A handshake is part of the request's head: the same deadline (nginx).
                 ssl_handshake_timeout=self._header_timeout if tls else None,
             )
+            # Known from here on, once a handshake has succeeded: one that fails never reaches
+            # the connection, whose close would forget it.
+            if isinstance(served, ClientConnection) and not served.lost:
+                self._served_connections[served] = None
         except ConnectionAbortedError as exc:
             if tls is None:
                 log.debug("listener.connection_dropped", client=client, error=repr(exc))
@@ -566,6 +582,15 @@ class _Acceptor:
             f"({self._header_timeout:g} s)",
             client=client,
         )
+
+
+def _has_bytes(sock: socket.socket) -> bool:
+    """Whether bytes wait unread on a connection (not its close, nor a reset): a client that
+    has just sent its request is no longer silent."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except OSError:  # nothing yet (EAGAIN), or the connection failed
+        return False
 
 
 async def _peek(sock: socket.socket) -> bytes:

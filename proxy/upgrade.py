@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -131,8 +132,9 @@ class Upgrader:
         writer.write(start + serialize_fields(fields) + b"\r\n")
         try:
             head = await self._final_head(reader)
-            if not _switches(head):
-                _framing(head, method)  # a refusal whose framing is broken is a 502, unsent
+            _, final = _split_interim(head)
+            if not _switches(final):  # a refusal whose framing is broken is refused, unsent
+                _framing(final[: final.find(b"\r\n\r\n") + 4], method)
         except BaseException:  # refused, too large, the budget's end, a reset, a cancel
             writer.close()
             raise
@@ -319,6 +321,16 @@ class _ClientBytes:
         return data
 
 
+# A chunk size (RFC 9112 §7.1: 1*HEXDIG): int() would also take a sign, "0x" and "_".
+_HEX = re.compile(rb"[0-9A-Fa-f]+")
+
+
+def final_status(heads: bytes) -> int:
+    """The status of the final answer among the heads a handshake got (interim ones first):
+    what the access line and the metrics count."""
+    return _status(_split_interim(heads)[1])
+
+
 def _status(head: bytes) -> int:
     code = head[9:12]
     return int(code) if code.isdigit() else 0
@@ -431,10 +443,10 @@ class _ChunkedEnd:
                 if not line:
                     return at
                 continue
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
+            digits = line.split(b";", 1)[0].strip(b" \t")
+            if not _HEX.fullmatch(digits):
                 return at  # no chunk size: the framing is broken, nothing after it is relayed
+            size = int(digits, 16)
             if size == 0:
                 self._trailers = True
             else:

@@ -21,6 +21,7 @@ from proxy import listener
 from proxy.app import Servegate
 from tests.conftest import Certificates, LogCapture, StartGate, gate_url, sample, scrape
 from tests.upstreams.apps import Busy, Recorder, busy_app
+from tests.upstreams.recording import RecordingModel
 
 
 @dataclass
@@ -480,6 +481,84 @@ async def test_at_the_limit_with_every_connection_busy_a_new_one_gets_a_429_not_
     assert line["limit"] == 5
     await wait_for_gauge(gate, "servegate_client_connections", 0)
     await assert_still_serves(gate, recorder)
+
+
+@pytest.mark.time_limit(30)
+async def test_connections_with_answers_left_to_send_are_not_idle_and_the_limit_holds(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    """Clients that asked for 2.2 MB and read none of it (a 2 KiB receive buffer): their
+    requests are done, but what is left of the answers waits in servegate's write buffers.
+    Such a connection is not idle: closing it would wait for the buffer to drain, and the
+    limit would stretch meanwhile, by one per new connection."""
+    size = 2_200_000
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"a" * size
+    model = await raw_server(RecordingModel(answer=lambda _seen: answer))
+    gate = await start_gate(model.url, **{"server.max_connections": 3})
+    loop = asyncio.get_running_loop()
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            sock.setblocking(False)
+            slow.append(sock)
+            await loop.sock_connect(sock, ("127.0.0.1", gate.data_port))
+            await loop.sock_sendall(sock, b"GET /big HTTP/1.1\r\nHost: model\r\n\r\n")
+        await asyncio.sleep(1.0)  # every answer written as far as the kernel takes it
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+            writer.write(HEAD + b"\r\n")
+            refused = await read_answer(reader)
+            writer.close()
+            assert refused.status == 429
+        metrics = await scrape(gate)
+        assert sample(metrics, "servegate_client_connections_reclaimed_total") == 0
+        assert sample(metrics, "servegate_client_connections") <= 3
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+@pytest.mark.time_limit(30)
+async def test_failed_tls_handshakes_leave_nothing_behind_that_hides_an_idle_connection(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder, certificates: Certificates
+) -> None:
+    """Clients that refuse servegate's certificate, forty of them, then one more connection
+    at the limit: it makes room by closing an idle one, as if they had never come."""
+    gate = await start_gate(
+        upstream_url,
+        **{
+            "server.max_connections": 3,
+            "server.tls": "auto",
+            "server.cert_file": str(certificates.cert_file),
+            "server.key_file": str(certificates.key_file),
+        },
+    )
+    for _ in range(40):
+        with pytest.raises(ssl.SSLError):
+            await asyncio.open_connection(
+                "127.0.0.1", gate.data_port, ssl=ssl.create_default_context()
+            )
+    await wait_for_gauge(gate, "servegate_client_connections", 0)
+    trusting = ssl.create_default_context(cafile=str(certificates.ca_file))
+    kept = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusting)) as client:
+        for index in range(3):  # three keep-alive connections, idle after their answer
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", gate.data_port, ssl=trusting, server_hostname="localhost"
+            )
+            writer.write(b"GET /k%d HTTP/1.1\r\nHost: model\r\n\r\n" % index)
+            assert (await read_answer(reader)).status == 200
+            kept.append(writer)
+        try:
+            url = f"https://localhost:{gate.data_port}/over"
+            async with client.get(url, server_hostname="localhost") as response:
+                assert response.status == 200  # an idle one made room: no 429
+        finally:
+            for writer in kept:
+                writer.close()
+    assert sample(await scrape(gate), "servegate_client_connections_reclaimed_total") == 1
 
 
 async def test_out_of_descriptors_the_listener_waits_and_then_serves_the_queued_client(

@@ -217,6 +217,55 @@ async def test_interim_answers_before_the_handshakes_answer_are_relayed_and_do_n
     assert len(model.seen) == 1
 
 
+async def test_a_refusals_body_that_looks_like_a_field_is_body_not_head(
+    start_gate: StartGate, raw_server: Any
+) -> None:
+    body = b"content-length: see the docs\r\n\r\n"
+    refusal = b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    model = await raw_server(RecordingModel(answer=lambda _seen: refusal))
+    gate = await start_gate(model.url)
+    raw = await handshake_then_more(gate.data_port)
+    assert raw.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert raw.endswith(b"\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 426 Upgrade Required\r\n"
+         b"Content-Length: 0\r\n\r\n", 426),
+        (b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 401 Unauthorized\r\nContent-Length: x\r\n"
+         b"\r\n", 503),
+    ],
+    ids=["interim-then-refusal", "interim-then-broken-length"],
+)  # fmt: skip
+async def test_the_final_answer_after_interim_ones_is_what_is_judged_and_logged(
+    answer: bytes,
+    status: int,
+    start_gate: StartGate,
+    raw_server: Any,
+    client: aiohttp.ClientSession,
+    log_capture: LogCapture,
+) -> None:
+    model = await raw_server(RecordingModel(answer=lambda _seen: answer))
+    gate = await start_gate(model.url)
+    if status == 503:  # checked before anything was relayed, the interim answer included
+        async with client.get(gate_url(gate, "/ws"), headers=UPGRADE) as response:
+            assert response.status == 503
+            body = await response.json()
+        assert body["cause"] == "malformed_response"
+    else:
+        raw = await handshake_then_more(gate.data_port)
+        assert raw.startswith(b"HTTP/1.1 103 Early Hints\r\n")
+    [line] = log_capture.access()
+    assert line["status"] == status
+    counted = sample(await scrape(gate), "servegate_requests_total", method="GET", code=str(status))
+    assert counted == 1
+
+
 async def test_a_refusal_with_a_broken_content_length_is_the_models_fault_not_relayed(
     start_gate: StartGate,
     raw_server: Any,

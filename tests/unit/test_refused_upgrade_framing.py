@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -57,3 +58,12 @@ def test_a_chunk_size_line_without_an_end_past_the_limit_ends_the_body() -> None
     scanner = _ChunkedEnd(100)
     assert scanner.feed(b"1;" + b"e" * 100) is None
     assert scanner.feed(b"e" * 100) == 100
+
+
+@pytest.mark.parametrize("size", [b"-6", b"+6", b"0x6", b"1_0", b"", b" "])
+def test_a_chunk_size_that_is_not_hex_digits_ends_the_body_at_its_line(size: bytes) -> None:
+    """int() takes a sign, "0x" and "_": a negative size once sent the scanner back over the
+    same line for ever, freezing the event loop."""
+    scanner = _ChunkedEnd(8190)
+    line = size + b"\r\n"
+    assert scanner.feed(line + b"abcdef\r\n0\r\n\r\n") == len(line)
