@@ -78,6 +78,10 @@ LIMIT_LOG_INTERVAL = 10.0  # one line per interval, whatever a flood of connecti
 # At the limit, served connections looked at for an idle one per new connection, oldest first:
 # a bound on the work one new connection can cause (nginx drains up to 32 at once).
 RECLAIM_SCAN = 32
+# Seconds a new connection may send nothing before it counts as idle at the limit: a client
+# sends its request within milliseconds of connecting, and one reclaimed in between would lose
+# it (a connection just accepted is often one whose bytes are still on their way).
+SILENT_BEFORE_RECLAIM = 1.0
 # Reads of what a client refused at the limit already sent, so that closing sends a FIN, not a
 # reset that could destroy the answer before the client reads it.
 REFUSED_DRAIN_READS = 4
@@ -298,7 +302,7 @@ class _Acceptor:
         # The connections that may be closed for a new one at the limit, oldest first, as nginx
         # reuses its idle connections: those still silent (the first byte awaited, with their
         # socket) and those served (closed only while idle between requests).
-        self._silent: dict[asyncio.Task[bool], socket.socket] = {}
+        self._silent: dict[asyncio.Task[bool], tuple[socket.socket, float]] = {}
         self._served_connections: dict[ClientConnection, None] = {}
         self._refused_unlogged = 0
         self._limit_logged_at: float | None = None
@@ -380,7 +384,10 @@ class _Acceptor:
         """Abort the oldest idle connection, if there is one, for a new one: a silent one
         (nothing arrived on it yet) first, then one between requests with nothing left to
         send. Whether one was aborted."""
-        for task, sock in list(itertools.islice(self._silent.items(), RECLAIM_SCAN)):
+        silent_since = self._loop.time() - SILENT_BEFORE_RECLAIM
+        for task, (sock, since) in list(itertools.islice(self._silent.items(), RECLAIM_SCAN)):
+            if since > silent_since:
+                break  # this one and every later one connected just now
             del self._silent[task]
             if _has_bytes(sock):
                 continue  # its request has come: the task serves it next
@@ -474,7 +481,8 @@ class _Acceptor:
             except (BlockingIOError, InterruptedError):
                 silent = asyncio.current_task()
                 assert silent is not None  # this runs as a task of its own
-                self._silent[silent] = sock  # closed first when the limit is reached
+                # Closed first when the limit is reached, once silent for a while.
+                self._silent[silent] = (sock, self._loop.time())
                 try:
                     async with asyncio.timeout(self._first_byte_timeout):
                         first = await _peek(sock)
@@ -492,7 +500,7 @@ class _Acceptor:
                     await _answer_bad_request(sock)
                 return False
             tls = self._tls if decision == "tls" else None
-            _, served = await self._loop.connect_accepted_socket(
+            transport, _ = await self._loop.connect_accepted_socket(
                 partial(self._connection, client),
                 sock,
                 ssl=tls,
@@ -500,7 +508,9 @@ class _Acceptor:
                 ssl_handshake_timeout=self._header_timeout if tls else None,
             )
             # Known from here on, once a handshake has succeeded: one that fails never reaches
-            # the connection, whose close would forget it.
+            # the connection, whose close would forget it. The transport's protocol is the
+            # connection itself, also behind TLS (where uvloop returns its own TLS protocol).
+            served = transport.get_protocol()
             if isinstance(served, ClientConnection) and not served.lost:
                 self._served_connections[served] = None
         except ConnectionAbortedError as exc:

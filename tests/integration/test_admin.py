@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy import listener
 from proxy.failures import Category, Cause
 from tests.conftest import LogCapture, StartGate, require_tool, sample, scrape
 from tests.integration.test_down_fast import accepting_nothing
@@ -131,7 +132,7 @@ async def test_readiness_says_why_the_health_checks_fail(
 
 
 async def test_the_admin_port_caps_its_connections_and_times_out_a_slow_head(
-    start_gate: StartGate,
+    start_gate: StartGate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Silent or slow connections to the admin port (0.0.0.0 by default) cannot hold the
     descriptors the data port and the model server's connections need, nor lock out the
@@ -141,7 +142,9 @@ async def test_the_admin_port_caps_its_connections_and_times_out_a_slow_head(
         f"http://127.0.0.1:{free_port()}",
         **{"server.admin_max_connections": 2, "server.header_timeout": 1.0},
     )
+    monkeypatch.setattr(listener, "SILENT_BEFORE_RECLAIM", 0.2)
     held = [await asyncio.open_connection("127.0.0.1", gate.admin_port) for _ in range(2)]
+    await asyncio.sleep(0.3)  # silent for long enough to count as idle
     try:
         samples = await scrape(gate)  # over the cap: the oldest silent one makes room
         oldest_reader, _ = held[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import inflight_requests
+from tests.conftest import Certificates, inflight_requests
 from tests.upstreams.gunicorn import ROOT, Gunicorn, free_port, wait_for_port
 
 pytestmark = pytest.mark.slow  # each test runs the servegate command as a process
@@ -177,3 +178,44 @@ def post_status(url: str) -> int:
     request = urllib.request.Request(url, data=b'{"inputs": [1, 2, 3, 4]}', method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
         return int(response.status)
+
+
+def test_at_the_connection_limit_an_idle_tls_connection_makes_room_on_the_real_event_loop(
+    gunicorn: Callable[..., Gunicorn],
+    servegate_process: Callable[..., subprocess.Popen[str]],
+    certificates: Certificates,
+    tmp_path: Path,
+) -> None:
+    """`servegate run` on uvloop, whose accepted TLS connection hands back its own TLS
+    protocol rather than servegate's: idle TLS keep-alive connections are still found and
+    closed for new ones, and the limit holds."""
+    model = gunicorn()
+    data, admin = free_port(), free_port()
+    settings = tmp_path / "servegate.yaml"
+    settings.write_text(
+        f"server:\n  max_connections: 3\n  tls: auto\n  cert_file: {certificates.cert_file}\n"
+        f"  key_file: {certificates.key_file}\n"
+    )
+    process = servegate_process(
+        "--upstream", model.url, "--listen", f"127.0.0.1:{data}", "--admin-listen",
+        f"127.0.0.1:{admin}", "--config", str(settings),
+    )  # fmt: skip
+    wait_for_port(data, process)  # type: ignore[arg-type]
+    wait_for_port(admin, process)  # type: ignore[arg-type]
+    trusting = ssl.create_default_context(cafile=str(certificates.ca_file))
+    kept: list[ssl.SSLSocket] = []
+    try:
+        for index in range(5):  # the fourth and fifth each close the oldest idle one
+            plain = socket.create_connection(("127.0.0.1", data), timeout=10)
+            tls = trusting.wrap_socket(plain, server_hostname="localhost")
+            kept.append(tls)
+            tls.sendall(b"GET /k%d HTTP/1.1\r\nHost: model\r\n\r\n" % index)
+            assert tls.recv(12) == b"HTTP/1.1 404"  # the model's own answer: no 429
+        time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as answer:
+            metrics = answer.read().decode()
+    finally:
+        for tls in kept:
+            tls.close()
+    assert "servegate_client_connections_reclaimed_total 2.0" in metrics
+    assert "servegate_client_connections 3.0" in metrics

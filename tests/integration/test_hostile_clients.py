@@ -411,11 +411,12 @@ async def wait_for_gauge(gate: Servegate, name: str, value: float) -> None:
 
 @pytest.mark.time_limit(60)
 async def test_silent_connections_past_the_limit_make_room_oldest_first_and_never_lock_the_port(
-    start_gate: StartGate, upstream_url: str, recorder: Recorder
+    start_gate: StartGate, upstream_url: str, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """At server.max_connections, a new connection closes the oldest idle one, as nginx reuses
     its idle connections: thousands of connections that send nothing cannot hold the port
     until their first-byte timeout, nor run servegate out of descriptors."""
+    monkeypatch.setattr(listener, "SILENT_BEFORE_RECLAIM", 0.2)
     gate = await start_gate(upstream_url, **{"server.max_connections": 200})
     idle = [await asyncio.open_connection("127.0.0.1", gate.data_port) for _ in range(200)]
     await wait_for_gauge(gate, "servegate_client_connections", 200)
@@ -424,12 +425,14 @@ async def test_silent_connections_past_the_limit_make_room_oldest_first_and_neve
         # In waves below the listen backlog (128): a larger burst would wait on the kernel's
         # SYN retries, which is the client's problem, not what this test is about.
         for _ in range(10):
+            await asyncio.sleep(0.3)  # the connections before are silent for long enough
             flood.extend(
                 await asyncio.gather(
                     *(asyncio.open_connection("127.0.0.1", gate.data_port) for _ in range(100))
                 )
             )
         await wait_for_gauge(gate, "servegate_client_connections_reclaimed_total", 1000)
+        await asyncio.sleep(0.3)
         for reader, _ in idle:  # the oldest went first
             assert await asyncio.wait_for(reader.read(), 10) == b""
         await assert_still_serves(gate, recorder)  # one more: it closed the oldest of the flood
@@ -443,6 +446,26 @@ async def test_silent_connections_past_the_limit_make_room_oldest_first_and_neve
     finally:
         for _, writer in flood + idle:
             writer.close()
+
+
+async def test_a_connection_that_just_opened_is_not_closed_for_a_newer_one(
+    start_gate: StartGate, upstream_url: str, recorder: Recorder
+) -> None:
+    """A client sends its request just after it connects; a connection silent for less than
+    SILENT_BEFORE_RECLAIM is no idle one. The newer connection is refused, the older served."""
+    gate = await start_gate(upstream_url, **{"server.max_connections": 1})
+    reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+    try:
+        await wait_for_gauge(gate, "servegate_client_connections", 1)
+        late, late_writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+        late_writer.write(HEAD + b"\r\n")
+        assert (await read_answer(late)).status == 429
+        late_writer.close()
+        writer.write(HEAD + b"Content-Length: 4\r\n\r\nlate")
+        assert (await read_answer(reader)).status == 200
+    finally:
+        writer.close()
+    assert sample(await scrape(gate), "servegate_client_connections_reclaimed_total") == 0
 
 
 @pytest.mark.time_limit(30)
@@ -522,7 +545,7 @@ async def test_connections_with_answers_left_to_send_are_not_idle_and_the_limit_
 
 @pytest.mark.time_limit(30)
 async def test_failed_tls_handshakes_leave_nothing_behind_that_hides_an_idle_connection(
-    start_gate: StartGate, upstream_url: str, recorder: Recorder, certificates: Certificates
+    start_gate: StartGate, upstream_url: str, certificates: Certificates
 ) -> None:
     """Clients that refuse servegate's certificate, forty of them, then one more connection
     at the limit: it makes room by closing an idle one, as if they had never come."""
