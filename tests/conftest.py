@@ -4,10 +4,12 @@ that fails the test which left a socket, transport or session open."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import ssl
@@ -99,6 +101,28 @@ def make_settings(**flat: Any) -> config.Settings:
     """Settings for a test: loopback, any free port, plus dotted overrides."""
     base = {"server.listen": "127.0.0.1:0", "server.admin_listen": "127.0.0.1:0"}
     return config.load(None, environ={}, overrides={**base, **flat})
+
+
+@contextlib.contextmanager
+def no_descriptor_left(spare: int) -> Iterator[None]:
+    """For the block, this process (servegate too, when it runs in the test's loop) can open
+    no file: its open-file limit is lowered to `spare` above its highest descriptor and every
+    number below that is taken. Both are given back afterwards, also on failure."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + spare, hard))
+        for _ in range(highest + spare):  # every number below the limit taken
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        yield
+    finally:
+        for descriptor in fillers:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @dataclass

@@ -7,7 +7,6 @@ import asyncio
 import gzip
 import json
 import os
-import resource
 import socket
 import tempfile
 import zlib
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LogCapture, StartGate, sample, scrape
+from tests.conftest import LogCapture, StartGate, no_descriptor_left, sample, scrape
 from tests.upstreams.misframed import MisframedModel
 from tests.upstreams.raw import OK
 from tests.upstreams.recording import RecordingModel, Seen
@@ -308,29 +307,16 @@ async def test_no_descriptor_for_the_spool_file_is_servegates_own_shortage_not_t
     loop = asyncio.get_running_loop()
     client = socket.socket()
     client.setblocking(False)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fillers: list[int] = []
-    try:
-        await loop.sock_connect(client, ("127.0.0.1", gate.data_port))
-        head = request(b"/up", b"Transfer-Encoding: chunked")
-        await loop.sock_sendall(client, head + b"200\r\n" + b"x" * 512 + b"\r\n")
-        await asyncio.sleep(0.3)  # the head is parsed and the first chunk buffered
-        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 16, hard))
-        for _ in range(highest + 16):  # every number below the limit taken
-            try:
-                fillers.append(os.open(os.devnull, os.O_RDONLY))
-            except OSError:
-                break
+    await loop.sock_connect(client, ("127.0.0.1", gate.data_port))
+    head = request(b"/up", b"Transfer-Encoding: chunked")
+    await loop.sock_sendall(client, head + b"200\r\n" + b"x" * 512 + b"\r\n")
+    await asyncio.sleep(0.3)  # the head is parsed and the first chunk buffered
+    with no_descriptor_left(spare=16):
         await loop.sock_sendall(client, b"7d0\r\n" + b"x" * 2000 + b"\r\n0\r\n\r\n")
         for _ in range(100):
             if log_capture.events("request.body_spool_failed"):
                 break
             await asyncio.sleep(0.05)
-    finally:
-        for descriptor in fillers:
-            os.close(descriptor)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
         async with asyncio.timeout(10):
             reader, writer = await asyncio.open_connection(sock=client)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import resource
 import socket
 import ssl
@@ -19,7 +18,15 @@ import pytest
 
 from proxy import listener
 from proxy.app import Servegate
-from tests.conftest import Certificates, LogCapture, StartGate, gate_url, sample, scrape
+from tests.conftest import (
+    Certificates,
+    LogCapture,
+    StartGate,
+    gate_url,
+    no_descriptor_left,
+    sample,
+    scrape,
+)
 from tests.upstreams.apps import Busy, Recorder, busy_app
 from tests.upstreams.recording import RecordingModel
 
@@ -595,18 +602,9 @@ async def test_out_of_descriptors_the_listener_waits_and_then_serves_the_queued_
     gate = await start_gate(upstream_url, **{"health.interval": 60})
     await assert_still_serves(gate, recorder)  # the first health check is behind it
     loop = asyncio.get_running_loop()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     client = socket.socket()  # its descriptor before there are none left
     client.setblocking(False)
-    fillers: list[int] = []
-    try:
-        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 32, hard))
-        for _ in range(highest + 32):  # every number below the limit taken: accept() fails
-            try:
-                fillers.append(os.open(os.devnull, os.O_RDONLY))
-            except OSError:
-                break
+    with no_descriptor_left(spare=32):  # accept() fails
         await loop.sock_connect(client, ("127.0.0.1", gate.data_port))  # queued by the kernel
         await loop.sock_sendall(client, b"GET /queued HTTP/1.1\r\nHost: model\r\n\r\n")
         for _ in range(100):
@@ -614,10 +612,6 @@ async def test_out_of_descriptors_the_listener_waits_and_then_serves_the_queued_
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # a few retry delays with no descriptor
-    finally:
-        for descriptor in fillers:
-            os.close(descriptor)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
         reader, writer = await asyncio.open_connection(sock=client)
         answer = await read_answer(reader)

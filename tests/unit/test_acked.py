@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import resource
 
 import pytest
 
 from proxy import acked
 from proxy.acked import AckCounter
-from tests.conftest import LogCapture
+from tests.conftest import LogCapture, no_descriptor_left
 
 
 async def test_a_connection_opened_without_a_descriptor_to_spare_says_so_once_per_interval(
@@ -31,25 +29,14 @@ async def test_a_connection_opened_without_a_descriptor_to_spare_says_so_once_pe
     transports = [
         (await loop.create_connection(asyncio.Protocol, "127.0.0.1", port))[0] for _ in range(3)
     ]
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fillers: list[int] = []
     try:
         counted = AckCounter.attach(transports[0])
         assert counted is not None
         counted.close()
-        highest = max(int(name) for name in os.listdir("/proc/self/fd"))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
-        for _ in range(highest + 8):  # every number below the limit taken
-            try:
-                fillers.append(os.open(os.devnull, os.O_RDONLY))
-            except OSError:
-                break
-        assert AckCounter.attach(transports[1]) is None
-        assert AckCounter.attach(transports[2]) is None
+        with no_descriptor_left(spare=8):
+            assert AckCounter.attach(transports[1]) is None
+            assert AckCounter.attach(transports[2]) is None
     finally:
-        for descriptor in fillers:
-            os.close(descriptor)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for transport in transports:
             transport.close()
         for writer in accepted:
