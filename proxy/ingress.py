@@ -38,7 +38,6 @@ from proxy.upgrade import (
     Upgrader,
     UpgradeRefused,
     UpstreamUnreachable,
-    final_status,
     wants_upgrade,
 )
 
@@ -414,7 +413,7 @@ class Ingress:
         line.attempts = 1
         try:
             async with asyncio.timeout(budget.remaining()):
-                reader, writer, head = await upgrader.handshake(
+                reader, writer, handshake = await upgrader.handshake(
                     self.forwarder.probe.speaking,
                     request.method,
                     origin_form(request.method, request.raw_path),
@@ -437,9 +436,9 @@ class Ingress:
         except UpgradeHeadTooLarge as exc:
             failure = Failure(Cause.RESPONSE_HEADER_TOO_LARGE, str(exc))
             return self._refuse(Refusal(failure), request_id, budget, line)
-        line.status = final_status(head) or 502
+        line.status = handshake.status or 502
         line.bytes_upgraded_in, line.bytes_out = await upgrader.pipe(
-            request, reader, writer, head, request_id
+            request, reader, writer, handshake, request_id
         )
         # Everything was written on the transport itself; aiohttp's own answer finds it closed.
         response = web.StreamResponse(status=line.status if line.status != 101 else 200)

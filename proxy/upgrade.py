@@ -64,6 +64,20 @@ class UpgradeHeadTooLarge(Exception):
     the limits every other answer's head is held to."""
 
 
+@dataclass(frozen=True)
+class HandshakeAnswer:
+    """The model's answer to an upgrade request: its interim heads (1xx but 101), relayed as
+    they came, and the final head with whatever followed it in the same reads."""
+
+    interim: bytes
+    head: bytes
+
+    @property
+    def status(self) -> int:
+        """The final answer's status (0: none readable), what the access line counts."""
+        return _status(self.head)
+
+
 class UpstreamUnreachable(Exception):
     """No connection to the model server opened: `cause` and `detail` as
     `failures.connect_failure` names them for every other connect."""
@@ -88,9 +102,9 @@ class Upgrader:
         target: str,
         headers: Fields,
         upgrade: str,
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, HandshakeAnswer]:
         """Send the upgrade request, with the client's method; returns the connection and the
-        model's response head.
+        model's answer.
 
         Raises UpstreamUnreachable when no connection opens within upstream.connect_timeout,
         UpgradeRefused when the answer is not an HTTP head, UpgradeHeadTooLarge when its head
@@ -131,25 +145,23 @@ class Upgrader:
         start = serialize_start(f"{method} {target} HTTP/1.1")
         writer.write(start + serialize_fields(fields) + b"\r\n")
         try:
-            head = await self._final_head(reader)
-            _, final = _split_interim(head)
-            if not _switches(final):  # a refusal whose framing is broken is refused, unsent
-                _framing(final[: final.find(b"\r\n\r\n") + 4], method)
+            answer = await self._answer(reader)
+            if answer.status != 101:  # a refusal whose framing is broken is refused, unsent
+                _framing(answer.head[: answer.head.find(b"\r\n\r\n") + 4], method)
         except BaseException:  # refused, too large, the budget's end, a reset, a cancel
             writer.close()
             raise
-        return reader, writer, head
+        return reader, writer, answer
 
-    async def _final_head(self, reader: asyncio.StreamReader) -> bytes:
-        """The interim answers (1xx but 101), each head whole, then the final answer's head and
-        whatever followed it in the same reads; at most upstream.max_interim_responses
-        interim ones, as for every other request."""
+    async def _answer(self, reader: asyncio.StreamReader) -> HandshakeAnswer:
+        """The interim answers (1xx but 101), then the final one; at most
+        upstream.max_interim_responses interim ones, as for every other request."""
         limits = (self.upstream.max_response_header_bytes, self.upstream.max_response_headers)
         head = await _read_head(reader, *limits)
         interim = b""
         for _ in range(self.upstream.max_interim_responses):
             if not _is_interim(head):
-                return interim + head
+                return HandshakeAnswer(interim, head)
             end = head.find(b"\r\n\r\n") + 4
             interim += head[:end]
             head = await _read_head(reader, *limits, start=head[end:])
@@ -158,14 +170,14 @@ class Upgrader:
                 "more interim (1xx) answers to the upgrade request than "
                 f"upstream.max_interim_responses ({self.upstream.max_interim_responses})"
             )
-        return interim + head
+        return HandshakeAnswer(interim, head)
 
     async def pipe(
         self,
         request: web.BaseRequest,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        head: bytes,
+        answer: HandshakeAnswer,
         request_id: str,
     ) -> tuple[int, int]:
         """Relay the model's answer head as it came (with what came after it in the same
@@ -179,8 +191,8 @@ class Upgrader:
         # Bytes after the handshake come here; aiohttp takes any object with its parser's
         # feed_data and feed_eof, as its own WebSocket support does.
         request.protocol.set_parser(inbound)  # type: ignore[arg-type]
-        interim, head = _split_interim(head)
-        if not _switches(head):
+        interim, head = answer.interim, answer.head
+        if answer.status != 101:
             try:
                 sent = await self._relay_refusal(request, reader, interim, head, request_id)
             finally:
@@ -325,33 +337,13 @@ class _ClientBytes:
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
 
 
-def final_status(heads: bytes) -> int:
-    """The status of the final answer among the heads a handshake got (interim ones first):
-    what the access line and the metrics count."""
-    return _status(_split_interim(heads)[1])
-
-
 def _status(head: bytes) -> int:
     code = head[9:12]
     return int(code) if code.isdigit() else 0
 
 
-def _switches(head: bytes) -> bool:
-    return _status(head) == 101
-
-
 def _is_interim(head: bytes) -> bool:
-    return 100 <= _status(head) < 200 and not _switches(head)
-
-
-def _split_interim(heads: bytes) -> tuple[bytes, bytes]:
-    """The interim heads `Upgrader._final_head` kept before the final one, and the final one
-    with what followed it."""
-    interim = b""
-    while _is_interim(heads):
-        end = heads.find(b"\r\n\r\n") + 4
-        interim, heads = interim + heads[:end], heads[end:]
-    return interim, heads
+    return 100 <= _status(head) < 200 and _status(head) != 101
 
 
 def _fields(head: bytes) -> list[tuple[bytes, bytes]]:
