@@ -68,6 +68,9 @@ _SERIALIZER = "_serialize_headers"
 # at that many it stops reading, and start() feeds the parser again (`data_received(b"")`) as
 # the queue drains.
 _QUEUE_SIZE = "_max_msg_queue_size"
+# web_protocol.py, RequestHandler: `_manager` is cleared, with `_parser`, as the connection is
+# lost (connection_lost).
+_MANAGER = "_manager"
 # _http_parser.pyx: the callback that takes the request target, where llhttp's parser raises
 # LineTooLong for a target over max_line_size (the header callbacks raise it for header lines).
 _TARGET_CALLBACK = "cb_on_url"
@@ -198,7 +201,15 @@ def parse_one_request_per_feed(
     HttpParser.feed_data): two pipelined requests sent together, the second malformed, were
     answered with one error alone, which the client reads as the answer to the first.
     `options` are the handler's own keyword arguments (data_server.server_options)."""
-    handler._parser = HttpRequestParser(
+    handler._parser = _request_parser(handler, loop, options)
+    # At most one parsed head waits now: no 760-byte deque per connection for it.
+    setattr(handler, _MESSAGES, _ShortQueue())
+
+
+def _request_parser(
+    handler: RequestHandler, loop: asyncio.AbstractEventLoop, options: Mapping[str, Any]
+) -> HttpRequestParser:
+    return HttpRequestParser(
         handler,
         loop,
         options.get("read_bufsize", DEFAULT_CHUNK_SIZE),
@@ -209,8 +220,25 @@ def parse_one_request_per_feed(
         auto_decompress=options.get("auto_decompress", True),
         max_msg_queue_size=1,
     )
-    # At most one parsed head waits now: no 760-byte deque per connection for it.
-    setattr(handler, _MESSAGES, _ShortQueue())
+
+
+def let_go_of_request_parser(handler: RequestHandler) -> None:
+    """Free the request parser of a connection whose last read was one whole request: llhttp
+    stopped at its end and holds nothing. A request the model holds then costs no parser
+    while it waits (about 1 KiB; bench/held_memory.py); `renew_request_parser` builds the
+    next, in under a microsecond, before the connection's next bytes are parsed. aiohttp
+    reads a missing parser as a lost connection only where the connection has no manager
+    (web_protocol.py: connection_lost clears both; start() skips `message_consumed`)."""
+    handler._parser = None
+
+
+def renew_request_parser(
+    handler: RequestHandler, loop: asyncio.AbstractEventLoop, options: Mapping[str, Any]
+) -> None:
+    """Give a connection whose parser was let go a new one (as `parse_one_request_per_feed`
+    builds it); nothing for one that has its parser, or is lost."""
+    if handler._parser is None and getattr(handler, _MANAGER) is not None:
+        handler._parser = _request_parser(handler, loop, options)
 
 
 def last_queued_failed(handler: RequestHandler) -> bool:
@@ -286,6 +314,7 @@ class HandlerServer(web.Server):
         )
         self._handler_class = handler_class
         self._handler_kwargs = handler_kwargs
+        self.handler_options: Mapping[str, Any] = handler_kwargs  # each connection's, shared
         self.loop = asyncio.get_running_loop()
 
     def __call__(self) -> RequestHandler:
@@ -385,6 +414,11 @@ def _server_missing() -> list[tuple[str, str]]:
             _QUEUE_SIZE in getattr(RequestHandler, "__slots__", ()),
             f"RequestHandler.{_QUEUE_SIZE}",
             "parse one pipelined request after another",
+        ),
+        (
+            _MANAGER in getattr(RequestHandler, "__slots__", ()),
+            f"RequestHandler.{_MANAGER}",
+            "keep no request parser while a request is held",
         ),
         (
             _parses_one_request_per_feed(),

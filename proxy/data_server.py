@@ -30,10 +30,12 @@ from proxy.aiohttp_internals import (
     last_queued_body,
     last_queued_failed,
     last_queued_message,
+    let_go_of_request_parser,
     parse_one_request_per_feed,
     parser_field_limit,
     queue_full,
     queued_requests,
+    renew_request_parser,
     request_count,
     target_too_long,
 )
@@ -117,7 +119,9 @@ class _JsonErrorHandler(RequestHandler):
         "_last_bytes",
         "_number",
         "_on_rejected",
+        "_parser_let_go",
         "_recorded",
+        "_server",
         "draining",
         "partial_head_pending",
         "refused_version",
@@ -129,6 +133,9 @@ class _JsonErrorHandler(RequestHandler):
         self._field_limit = options.pop(FIELD_LIMIT, None)
         super().__init__(manager, loop=loop, **options)
         parse_one_request_per_feed(self, loop, options)
+        assert isinstance(manager, HandlerServer)  # which builds every connection's handler
+        self._server = manager
+        self._parser_let_go = False  # after a read of one whole request (`data_received`)
         self._on_rejected = (
             manager.on_rejected if isinstance(manager, JsonErrorServer) else _count_nothing
         )
@@ -171,6 +178,9 @@ class _JsonErrorHandler(RequestHandler):
             return
         if last_queued_failed(self):
             return  # llhttp's parse error is final: each further feed would queue it again
+        if self._parser_let_go:
+            self._parser_let_go = False
+            renew_request_parser(self, self._server.loop, self._server.handler_options)
         if data:
             keep = len(BARE_LAST_CHUNK)
             self._last_bytes = (self._last_bytes + data[-keep:])[-keep:]
@@ -185,7 +195,11 @@ class _JsonErrorHandler(RequestHandler):
         grew = self._queue_heads(requests_before)
         if begins_head and grew and self._was_one_whole_request(data):
             self.partial_head_pending = False
-            return  # the parser has nothing left: most reads are one request, whole
+            # The parser has nothing left: most reads are one request, whole. A request the
+            # model holds keeps no parser meanwhile; the next read gets a new one.
+            let_go_of_request_parser(self)
+            self._parser_let_go = True
+            return
         if grew:
             # What is left of this read after the requests it began with is a head begun; a
             # read that completed a pending head leaves none counted (the safe side: no timer).
