@@ -26,7 +26,7 @@ from yarl import URL
 
 from proxy.acked import AckCounter
 from proxy.failures import TOO_MANY_INTERIM
-from proxy.headers import Fields, serialize_fields, serialize_start
+from proxy.headers import serialize_fields, serialize_start
 from proxy.pool import PooledConnection
 
 
@@ -104,21 +104,18 @@ class UpstreamResponse:
 def request_head(
     method: str,
     raw_path: str,
-    headers: Fields,
+    fields: tuple[bytes, ...],
     body: Body,
     *,
-    authority: bytes,
+    host: bytes | None,
     close: bool,
 ) -> bytes:
-    """The request head as it goes upstream (RFC 9112 §3): the target as given, the client's
-    end-to-end headers in order (without framing: this frames the body), Host from
-    `authority` only if the client sent none (§3.2), the body's Content-Length, and
-    `Connection: close` on a one-shot connection.
+    """The request head as it goes upstream (RFC 9112 §3): the target as given, the `host`
+    field first when the client sent no Host (§3.2), the client's end-to-end header fields
+    in order, serialized in blocks (headers.serialize_fields; without framing: this frames
+    the body), the body's Content-Length, and `Connection: close` on a one-shot connection.
 
     Raises ValueError on a control byte (headers.serialize_fields)."""
-    fields = headers
-    if not any(name.lower() == b"host" for name, _ in headers):
-        fields = [(b"Host", authority), *headers]
     if isinstance(body, bytes):
         length: int | None = len(body)
     elif isinstance(body, StreamedBody):
@@ -129,7 +126,9 @@ def request_head(
     if close:
         framing += b"Connection: close\r\n"
     start = serialize_start(f"{method} {raw_path} HTTP/1.1")
-    return b"".join((start, serialize_fields(fields), framing, b"\r\n"))
+    if host is not None:
+        start += serialize_fields(((b"Host", host),))
+    return b"".join((start, *fields, framing, b"\r\n"))
 
 
 def send_request(

@@ -28,7 +28,7 @@ from proxy.failures import (
     Failure,
     classify,
 )
-from proxy.headers import Fields, has_control_byte, only_chunked
+from proxy.headers import has_control_byte, only_chunked, serialize_fields
 from proxy.metrics import Metrics, ShedReason
 from proxy.probe import SchemeProbe
 from proxy.retry import Decision, GiveUp, GiveUpReason, Outcome, RetryState, decide, retry_outcome
@@ -42,11 +42,14 @@ BUFFERED_ANSWER_MAX = 256 * 1024  # predictions are small; larger answers stream
 
 @dataclass(frozen=True, slots=True)
 class Outbound:
-    """The request as it goes to the model server; headers are already end-to-end only."""
+    """The request as it goes to the model server."""
 
     method: str
     raw_path: str
-    headers: Fields
+    # The end-to-end header fields, serialized once (headers.serialize_fields): an attempt adds
+    # only its own field, and a request the model holds keeps one block of bytes, not a list.
+    fields: bytes
+    has_host: bool  # the fields hold a Host field (else the upstream's authority is sent)
     body: RequestBody | None
     # Hears each interim 1xx answer's head (the message aiohttp parsed) as it comes.
     on_interim: InterimRelay | None = None
@@ -218,7 +221,6 @@ class Forwarder:
         fresh: bool,
     ) -> tuple[ModelResponse | None, Failure | None]:
         started = time.monotonic()
-        headers = [*outbound.headers, budget.remaining_field()]
         body = outbound.body.for_attempt() if outbound.body is not None else None
         deadline = self.deadlines.scope(budget.remaining())
         response: UpstreamResponse | None = None
@@ -227,11 +229,12 @@ class Forwarder:
                 response = await self.upstream.send(
                     outbound.method,
                     outbound.raw_path,
-                    headers,
+                    (outbound.fields, serialize_fields((budget.remaining_field(),))),
                     body,
                     facts,
                     scheme=facts.scheme,
                     fresh=fresh,
+                    has_host=outbound.has_host,
                     on_interim=outbound.on_interim,
                 )
                 if (fault := _unrelayable(response, outbound.method)) is not None:

@@ -29,7 +29,14 @@ from proxy.connection import ClientConnection
 from proxy.data_server import HEADER_FIELD_TOO_LONG, closes_after_answer, refused_version
 from proxy.failures import Cause, Failure, own_shortage
 from proxy.forward import Forwarder, Outbound
-from proxy.headers import Fields, longer_field, only_chunked, request_headers
+from proxy.headers import (
+    Fields,
+    has_field,
+    longer_field,
+    only_chunked,
+    request_headers,
+    serialize_fields,
+)
 from proxy.metrics import KNOWN_METHODS, Metrics, ShedReason, TimeoutPhase
 from proxy.relay import interim_relay, relay
 from proxy.retry import GiveUpReason
@@ -354,10 +361,12 @@ class Ingress:
     ) -> web.StreamResponse:
         if self.settings.server.upgrades and wants_upgrade(request):
             return await self._upgrade(request, request_id, budget, line)
+        fields = self._outbound_headers(request, request_id)
         outbound = Outbound(
             method=request.method,
             raw_path=origin_form(request.method, request.raw_path),
-            headers=self._outbound_headers(request, request_id),
+            fields=serialize_fields(fields),
+            has_host=has_field(fields, b"host"),
             body=line.body,
             on_interim=interim_relay(request),
             whole_answer_in_budget=self.settings.budget.scope == "response",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -206,26 +207,29 @@ def interim_relay(request: web.BaseRequest) -> InterimRelay | None:
     transport = request.transport
     if request.version < HttpVersion11 or transport is None:
         return None
+    # A partial, not a closure: every request the model holds keeps one (half the bytes).
+    return functools.partial(_relay_interim, request, transport)
 
-    def forward(message: RawResponseMessage) -> Awaitable[None] | None:
-        if message.code == 100 or transport.is_closing():
-            return None
-        try:
-            head = b"".join(
-                (
-                    serialize_start(f"HTTP/1.1 {message.code} {message.reason}"),
-                    serialize_fields(response_headers(message.raw_headers)),
-                    b"\r\n",
-                )
+
+def _relay_interim(
+    request: web.BaseRequest, transport: asyncio.Transport, message: RawResponseMessage
+) -> Awaitable[None] | None:
+    if message.code == 100 or transport.is_closing():
+        return None
+    try:
+        head = b"".join(
+            (
+                serialize_start(f"HTTP/1.1 {message.code} {message.reason}"),
+                serialize_fields(response_headers(message.raw_headers)),
+                b"\r\n",
             )
-        except ValueError:
-            return None
-        transport.write(head)
-        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
-            return None
-        return _written(request.writer)
-
-    return forward
+        )
+    except ValueError:
+        return None
+    transport.write(head)
+    if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+        return None
+    return _written(request.writer)
 
 
 async def _written(writer: AbstractStreamWriter) -> None:

@@ -30,7 +30,6 @@ from proxy.exchange import (
 )
 from proxy.failures import AttemptFacts, Failure
 from proxy.framing import FramedResponseHandler, report
-from proxy.headers import Fields
 from proxy.lag import LoopLag
 from proxy.pool import Origin, Pool
 
@@ -119,16 +118,19 @@ class Upstream:
         self,
         method: str,
         raw_path: str,
-        headers: Fields,
+        fields: tuple[bytes, ...],
         body: Body,
         facts: AttemptFacts,
         *,
         scheme: str,
         fresh: bool,
+        has_host: bool,
         on_interim: InterimRelay | None = None,
     ) -> UpstreamResponse:
         """One attempt: returns once the answer's head has arrived (interim 1xx answers go to
-        `on_interim` as they come); the body is read later.
+        `on_interim` as they come); the body is read later. `fields` are the request's
+        end-to-end header fields, serialized (headers.serialize_fields), in blocks sent in
+        order; `has_host`: they hold a Host field, else the upstream's authority is added.
 
         Raises what aiohttp's client raises for the same failure (failures.classify)."""
         connection = await self.pool(scheme, fresh=fresh).acquire(facts)
@@ -145,13 +147,13 @@ class Upstream:
         acks = protocol.acks
         begins = acks.mark() if acks is not None else None
         try:
-            head = request_head(
-                method, raw_path, headers, body, authority=self._host_field, close=fresh
-            )
+            host = None if has_host else self._host_field
+            head = request_head(method, raw_path, fields, body, host=host, close=fresh)
             writer = None
             if protocol.exception() is None:
                 writer = send_request(connection, head, body, acks)
                 facts.request_sent = True
+            del head  # written: a request the model holds keeps no copy of it
             # Else the connection failed before the request was written: the server spoke
             # first, and not in HTTP (an SSH or SMTP banner, a MySQL greeting, an HTTP/2
             # SETTINGS frame), and its bytes broke aiohttp's parser, which closed it; or a
