@@ -179,6 +179,8 @@ class _JsonErrorHandler(RequestHandler):
         if last_queued_failed(self):
             return  # llhttp's parse error is final: each further feed would queue it again
         if self._parser_let_go:
+            if not data:
+                return  # a feed to resume a paused parser: the one let go held nothing
             self._parser_let_go = False
             renew_request_parser(self, self._server.loop, self._server.handler_options)
         if data:

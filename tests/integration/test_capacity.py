@@ -13,9 +13,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.http_parser import HttpRequestParser, HttpResponseParser
 from aiohttp.web_protocol import RequestHandler
 
 from proxy import config, limits
+from proxy.data_server import _JsonErrorHandler
+from proxy.framing import FramedResponseHandler
 from tests.conftest import StartGate, gate_url, sample, scrape
 from tests.upstreams.apps import Busy, busy_app
 
@@ -79,6 +82,50 @@ def test_the_listen_backlog_is_a_setting_and_the_admission_queue_is_envoy_sized(
     defaults = config.load(None, environ={})
     assert defaults.server.backlog == 4096
     assert defaults.admission.max_queue == 1024
+
+
+@pytest.mark.time_limit(60)
+async def test_while_the_model_holds_requests_their_connections_keep_no_http_parser(
+    start_gate: StartGate, aiohttp_server: Any
+) -> None:
+    """A request read whole in one read lets go of its connection's request parser, and the
+    answer's parser lives from its first byte to its last: thousands of held requests then
+    cost no parser each (about 1 KiB, bench/held_memory.py). The connections still carry
+    their next requests."""
+    busy = Busy()
+    server = await aiohttp_server(busy_app(busy, seconds=1.0))
+    gate = await start_gate(f"http://127.0.0.1:{server.port}")
+    request = b'POST /predict HTTP/1.1\r\nHost: m\r\nContent-Length: 7\r\n\r\n{"x":1}'
+    streams = [await asyncio.open_connection("127.0.0.1", gate.data_port) for _ in range(3)]
+    try:
+        for rounds in range(2):  # the second on the same connections, after a let-go
+            for _, writer in streams:
+                writer.write(request)  # one write: one read, on loopback
+            for _ in range(100):
+                if busy.now == len(streams):
+                    break
+                await asyncio.sleep(0.05)
+            assert busy.now == len(streams), f"round {rounds}: not all held"
+            connections = [o for o in gc.get_objects() if getattr(o, "transport", None)]
+            clients = [o for o in connections if isinstance(o, _JsonErrorHandler)]
+            upstreams = [o for o in connections if isinstance(o, FramedResponseHandler)]
+            assert len(clients) == len(upstreams) == len(streams)
+            for connection in (*clients, *upstreams):
+                kept = [
+                    type(o).__name__
+                    for held in (connection, *gc.get_referents(connection))
+                    for o in gc.get_referents(held)
+                    if isinstance(o, HttpRequestParser | HttpResponseParser)
+                ]
+                assert kept == [], f"round {rounds}: {type(connection).__name__} keeps {kept}"
+            for reader, _ in streams:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+    finally:
+        for _, writer in streams:
+            writer.close()
 
 
 async def test_a_finished_connection_leaves_no_handler_for_the_garbage_collector(
