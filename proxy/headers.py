@@ -11,7 +11,8 @@ import email.utils
 import functools
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 
 from proxy.aiohttp_internals import replace_head_serializer
 
@@ -131,9 +132,11 @@ def has_field(fields: Iterable[tuple[bytes, bytes]], lowered_name: bytes) -> boo
     return any(name.lower() == lowered_name for name, _ in fields)
 
 
-def longer_field(raw: Iterable[tuple[bytes, bytes]], limit: int) -> bytes | None:
+def longer_field(raw: Sequence[tuple[bytes, bytes]], limit: int) -> bytes | None:
     """The name of the first field whose name and value together are longer than `limit`
     bytes (server.max_header_bytes, upstream.max_response_header_bytes), or None."""
+    if sum(map(len, chain.from_iterable(raw))) <= limit:
+        return None  # no field can be: counted in C, as this runs on every head
     for name, value in raw:
         if len(name) + len(value) > limit:
             return name

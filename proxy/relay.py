@@ -15,6 +15,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from itertools import chain
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -249,7 +250,8 @@ def _leaves_at_once(request: web.BaseRequest, answer: ModelResponse) -> bool:
         return False
     if transport is None or transport.get_write_buffer_size() > 0:
         return False
-    head = sum(len(name) + len(value) + 4 for name, value in answer.response.raw_headers)
+    raw = answer.response.raw_headers
+    head = sum(map(len, chain.from_iterable(raw))) + 4 * len(raw)  # ": " and CRLF each
     return len(answer.body) + head + _HEAD_ALLOWANCE <= transport.get_write_buffer_limits()[1]
 
 

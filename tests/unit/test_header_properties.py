@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.headers import HOP_BY_HOP, request_headers, response_headers
+from proxy.headers import HOP_BY_HOP, longer_field, request_headers, response_headers
 
 FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
 KNOWN = sorted(HOP_BY_HOP) + list(FORWARDED) + ["x-request-id", "host", "content-type", "accept"]
@@ -145,3 +145,16 @@ def test_the_client_sees_every_end_to_end_response_header_and_no_hop_by_hop_one(
     assert as_text(response_headers(as_bytes(headers))) == [
         (n, v) for n, v in headers if n.lower() not in stopped
     ]
+
+
+@given(
+    st.lists(st.tuples(st.binary(max_size=40), st.binary(max_size=40)), max_size=8),
+    st.integers(min_value=0, max_value=100),
+)
+def test_the_first_field_over_the_limit_is_found_whatever_the_head_adds_up_to(
+    fields: list[tuple[bytes, bytes]], limit: int
+) -> None:
+    """A head whose bytes add up to no more than the limit is passed at once; else every field
+    is measured, its name and value together."""
+    expected = next((name for name, value in fields if len(name) + len(value) > limit), None)
+    assert longer_field(tuple(fields), limit) == expected
