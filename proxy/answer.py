@@ -133,6 +133,34 @@ def bad_request(message: str, request_id: str, status: int = 400) -> web.Respons
     return _json(status, body, {"X-Request-Id": request_id})
 
 
+def header_timeout(seconds: float, request_id: str) -> web.Response:
+    """A request whose headers did not all arrive within server.header_timeout: 408 (RFC 9110
+    §15.5.9), as nginx answers a client_header_timeout."""
+    body = {
+        "error_code": "servegate.header_timeout",
+        "error_msg": f"the request's headers did not arrive within {seconds:g} s "
+        "(server.header_timeout)",
+        "request_id": request_id,
+    }
+    return _json(408, body, {"X-Request-Id": request_id})
+
+
+def on_socket(response: web.Response) -> bytes:
+    """One of servegate's own answers as the bytes to write on a socket aiohttp does not
+    serve: the listener's, before aiohttp has a connection or instead of giving it one, and
+    the header timer's, on a connection aiohttp will not answer. Its fields, its body's
+    Content-Length, and `Connection: close`: the socket is closed after it."""
+    assert isinstance(response.body, bytes)  # a JSON body built whole (_json)
+    fields = "".join(
+        f"{name}: {value}\r\n"
+        for name, value in response.headers.items()
+        if name.lower() not in ("content-length", "connection")
+    )
+    head = f"HTTP/1.1 {response.status} {response.reason}\r\n{fields}"
+    head += f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n"
+    return head.encode("latin-1") + response.body
+
+
 def insufficient_storage(message: str, request_id: str) -> web.Response:
     """servegate could not store what the request needs (RFC 4918 §11.5): the model was never
     asked."""

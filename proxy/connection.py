@@ -8,13 +8,13 @@ as it likes unless something times the head; aiohttp times only idle keep-alive 
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Callable
 from typing import cast
 
 from aiohttp.web_protocol import RequestHandler
 
+from proxy import answer
 from proxy.aiohttp_internals import awaits_request
 from proxy.data_server import partial_head_pending
 
@@ -22,24 +22,6 @@ from proxy.data_server import partial_head_pending
 # unread bytes sends a TCP reset, which can destroy the answer before the client reads it
 # (nginx's lingering close).
 LINGER = 2.0
-
-
-def header_timeout_answer(seconds: float) -> bytes:
-    """The 408 for a request whose headers did not arrive in time, in servegate's JSON shape."""
-    request_id = uuid.uuid4().hex
-    body = json.dumps(
-        {
-            "error_code": "servegate.header_timeout",
-            "error_msg": f"the request's headers did not arrive within {seconds:g} s "
-            "(server.header_timeout)",
-            "request_id": request_id,
-        }
-    ).encode()
-    return (
-        b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-        b"X-Request-Id: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-        % (request_id.encode(), len(body), body)
-    )
 
 
 class ClientConnection(asyncio.Protocol):
@@ -175,7 +157,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._expired = True
         self._on_timeout()
-        transport.write(header_timeout_answer(self._timeout))
+        transport.write(answer.on_socket(answer.header_timeout(self._timeout, uuid.uuid4().hex)))
         if transport.can_write_eof():  # plain TCP: half-close, then linger before closing
             transport.write_eof()
             asyncio.get_running_loop().call_later(LINGER, transport.close)

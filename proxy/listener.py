@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import errno
 import itertools
-import json
 import resource
 import socket
 import ssl
@@ -102,16 +101,8 @@ class ListenerMetrics(Protocol):
     def record_4503(self, failure: Failure) -> None: ...
 
 
-BAD_REQUEST_BODY = json.dumps(
-    {
-        "error_code": "servegate.bad_request",
-        "error_msg": "plain HTTP was sent to servegate's HTTPS port; "
-        "use https:// or set server.tls: auto",
-    }
-).encode()
-BAD_REQUEST = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(BAD_REQUEST_BODY), BAD_REQUEST_BODY)
+PLAIN_ON_TLS_PORT = (
+    "plain HTTP was sent to servegate's HTTPS port; use https:// or set server.tls: auto"
 )
 WARNINGS = {
     Mismatch.TLS_ON_PLAIN_PORT: "a TLS (HTTPS) handshake arrived on servegate's plain-HTTP port "
@@ -161,18 +152,11 @@ def connection_limit(configured: int | Literal["auto"]) -> int:
 def over_limit_answer(failure: Failure, setting: str, limit: int) -> bytes:
     """What a connection over the limit gets when no idle one can be closed for it: the answer
     every shed request gets (429 `service/overloaded`, Retry-After), written on the socket
-    itself, with `Connection: close`."""
+    itself."""
     hint = advice.CONNECTION_LIMIT.format(setting=setting, limit=limit)
-    response = answer.failure_response(failure, uuid.uuid4().hex, hint, retry_after=1.0)
-    assert isinstance(response.body, bytes)  # a JSON body built whole
-    fields = "".join(
-        f"{name}: {value}\r\n"
-        for name, value in response.headers.items()
-        if name.lower() not in ("content-length", "connection")
+    return answer.on_socket(
+        answer.failure_response(failure, uuid.uuid4().hex, hint, retry_after=1.0)
     )
-    head = f"HTTP/1.1 {response.status} {response.reason}\r\n{fields}"
-    head += f"Content-Length: {len(response.body)}\r\nConnection: close\r\n\r\n"
-    return head.encode("latin-1") + response.body
 
 
 class SniffingSite(web.BaseSite):
@@ -626,7 +610,8 @@ async def _readable(sock: socket.socket) -> None:
 async def _answer_bad_request(sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(LINGER):
-        await loop.sock_sendall(sock, BAD_REQUEST)
+        refused = answer.bad_request(PLAIN_ON_TLS_PORT, uuid.uuid4().hex)
+        await loop.sock_sendall(sock, answer.on_socket(refused))
         sock.shutdown(socket.SHUT_WR)
         while await loop.sock_recv(sock, 4096):
             pass

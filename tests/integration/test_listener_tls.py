@@ -211,8 +211,10 @@ async def test_tls_on_answers_plain_http_with_a_400_naming_the_fix_and_serves_ht
         writer.close()
         await writer.wait_closed()
         head, _, body = answer.partition(b"\r\n\r\n")
+        request_id = json.loads(body)["request_id"]
         assert head.split(b"\r\n") == [
             b"HTTP/1.1 400 Bad Request",
+            b"X-Request-Id: " + request_id.encode(),
             b"Content-Type: application/json",
             b"Content-Length: %d" % len(body),
             b"Connection: close",
@@ -221,6 +223,7 @@ async def test_tls_on_answers_plain_http_with_a_400_naming_the_fix_and_serves_ht
             "error_code": "servegate.bad_request",
             "error_msg": "plain HTTP was sent to servegate's HTTPS port; use https:// or set "
             "server.tls: auto",
+            "request_id": request_id,
         }
         metrics = await scrape(gate)
         assert sample(metrics, MISMATCHES, direction="plain_on_tls_port") == attempt
