@@ -61,6 +61,11 @@ class Budget:
         as sent on every attempt and upgrade handshake."""
         return _REMAINING_NAME, self.remaining_ms_header().encode()
 
+    def remaining_line(self) -> bytes:
+        """That field as a serialized header line (`Name: value` and CRLF): digits alone, no
+        control byte to check for."""
+        return b"%s: %d\r\n" % (_REMAINING_NAME, int(self.remaining() * 1000))
+
 
 # More milliseconds than any budget: a longer number is clamped to the budget like any other.
 _MS_DIGITS = 12

@@ -28,7 +28,7 @@ from proxy.failures import (
     Failure,
     classify,
 )
-from proxy.headers import has_control_byte, only_chunked, serialize_fields
+from proxy.headers import has_control_byte, only_chunked
 from proxy.metrics import Metrics, ShedReason
 from proxy.probe import SchemeProbe
 from proxy.retry import Decision, GiveUp, GiveUpReason, Outcome, RetryState, decide, retry_outcome
@@ -229,7 +229,7 @@ class Forwarder:
                 response = await self.upstream.send(
                     outbound.method,
                     outbound.raw_path,
-                    (outbound.fields, serialize_fields((budget.remaining_field(),))),
+                    (outbound.fields, budget.remaining_line()),
                     body,
                     facts,
                     scheme=facts.scheme,

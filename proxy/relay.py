@@ -31,6 +31,7 @@ from proxy.headers import (
     Fields,
     decoded,
     http_date,
+    response_fields,
     response_headers,
     serialize_fields,
     serialize_start,
@@ -305,8 +306,7 @@ def _whole_head(
     }
     fields: Fields = []
     dated = False
-    for name, value in response_headers(raw_headers):
-        lower = name.lower()
+    for lower, name, value in response_fields(raw_headers):
         extra.pop(lower, None)  # the model's own field of that name is its word
         dated = dated or lower == b"date"
         fields.append((name, value))

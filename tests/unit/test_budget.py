@@ -6,6 +6,7 @@ import pytest
 
 from proxy.budget import BadTimeoutHeader, Budget
 from proxy.config import BudgetSettings
+from proxy.headers import serialize_fields
 
 
 class FakeClock:
@@ -26,6 +27,15 @@ def test_the_deadline_is_the_budget_minus_the_margin() -> None:
     clock.now += 1
     assert budget.expired()
     assert budget.remaining() == 0
+
+
+def test_the_remaining_budget_line_is_the_field_serialized() -> None:
+    clock = FakeClock()
+    budget = Budget.start(BudgetSettings(seconds=40, margin=1), clock=clock)
+    for elapsed in (0.0, 12.3456, 38.9999, 45.0):
+        clock.now = 100.0 + elapsed
+        assert budget.remaining_line() == serialize_fields((budget.remaining_field(),))
+    assert budget.remaining_line() == b"X-Servegate-Remaining-Ms: 0\r\n"
 
 
 def test_a_client_may_ask_for_less_never_for_more() -> None:
