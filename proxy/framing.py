@@ -32,6 +32,7 @@ from proxy.aiohttp_internals import (
     parser_field_limit,
     replace_response_parser,
     response_parser,
+    response_parser_maker,
     shorten_answer_queue,
     take_unparsed,
 )
@@ -305,6 +306,11 @@ class _FramedParser:
 
 OnFault = Callable[[FramingFault], None]
 
+# What builds each answer's parser, per distinct set_response_params arguments: servegate
+# passes two (a HEAD's, and every other method's) per upstream; a few kept, whatever comes.
+_PARSER_MAKERS: dict[tuple[tuple[str, Any], ...], Callable[[ResponseHandler], Any]] = {}
+_PARSER_MAKERS_KEPT = 8
+
 
 class FramedResponseHandler(ResponseHandler):
     """aiohttp's client protocol, with each answer held to its framing. `on_fault` hears of
@@ -319,6 +325,7 @@ class FramedResponseHandler(ResponseHandler):
         self._context = contextvars.copy_context()
         self._faulted = False
         self._params: dict[str, Any] = {}
+        self._make_parser: Callable[[ResponseHandler], Any] | None = None  # shared, per params
         self._closed_here = False
         self.acks: AckCounter | None = None
         # What arrived of the current answer before its head was whole (AttemptFacts).
@@ -377,6 +384,15 @@ class FramedResponseHandler(ResponseHandler):
             return
         self._params = params
         early = take_unparsed(self)  # bytes that came before the request was sent
+        # aiohttp's own, for what the protocol keeps of them (a HEAD's answer has no body);
+        # the parser it builds is let go: each answer's is built at its first byte.
+        super().set_response_params(**params)
+        key = tuple(params.items())
+        if (make := _PARSER_MAKERS.get(key)) is None:
+            if len(_PARSER_MAKERS) >= _PARSER_MAKERS_KEPT:
+                _PARSER_MAKERS.clear()
+            make = _PARSER_MAKERS[key] = response_parser_maker(params)
+        self._make_parser = make
         skip_payload = params.get("skip_payload", False)
         # The stand-in answers every call the protocol makes of a parser.
         framed = _FramedParser(self, skip_payload, params["max_field_size"])
@@ -388,12 +404,8 @@ class FramedResponseHandler(ResponseHandler):
         """aiohttp's response parser for the current answer, as its set_response_params builds
         it, with room for a field's neighbour (aiohttp_internals.parser_field_limit); the
         stand-in (_FramedParser) stays the one the protocol feeds."""
-        stand_in = response_parser(self)
-        field_limit = parser_field_limit(self._params["max_field_size"])
-        super().set_response_params(**(self._params | {"max_field_size": field_limit}))
-        parser = response_parser(self)
-        replace_response_parser(self, stand_in)
-        return parser
+        assert self._make_parser is not None  # set_response_params comes first
+        return self._make_parser(self)
 
     def close_idle(self) -> None:
         """The server closes this connection, idle, and says so: never back to the pool."""
