@@ -11,8 +11,7 @@ import email.utils
 import functools
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain
+from collections.abc import Iterable, Iterator
 
 from proxy.aiohttp_internals import replace_head_serializer
 
@@ -49,12 +48,10 @@ _REQUEST_DROP_WITH_ID_BYTES = _REQUEST_DROP_BYTES | {b"x-request-id"}
 Fields = list[tuple[bytes, bytes]]  # header fields as sent: (name, value), in order
 
 
-def _connection_named(items: Fields, lowered: list[bytes]) -> frozenset[bytes]:
-    """The field names the Connection fields list, lowercased; `lowered` are the names of
-    `items`, lowercased (each is lowered once: this runs on every request and answer)."""
-    if b"connection" not in lowered:
+def _connection_named(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    values = [value for name, value in headers if name.lower() == b"connection"]
+    if not values:
         return frozenset()
-    values = [item[1] for item, lower in zip(items, lowered, strict=True) if lower == b"connection"]
     return frozenset(token.strip().lower() for value in values for token in value.split(b","))
 
 
@@ -75,16 +72,15 @@ def request_headers(
     `id_passed`: `request_id` is the client's own, whose X-Request-Id fields then pass as sent;
     else they are dropped and `request_id` is added."""
     items = list(headers)
-    lowered = [name.lower() for name, _ in items]
     drop = _REQUEST_DROP_BYTES if id_passed else _REQUEST_DROP_WITH_ID_BYTES
-    if named := _connection_named(items, lowered):
+    if named := _connection_named(items):
         drop = drop | (named - _NEVER_HOP_BY_HOP)
     forwarded: Fields = [] if authority is None else [(b"Host", authority)]
     prior_for: list[bytes] = []
     asked = authority
     has_proto = has_host = False
-    # One pass: this runs on every request.
-    for (name, value), lower in zip(items, lowered, strict=True):
+    for name, value in items:  # one pass: this runs on every request
+        lower = name.lower()
         if lower in drop:
             continue
         if lower == b"host":
@@ -135,11 +131,9 @@ def has_field(fields: Iterable[tuple[bytes, bytes]], lowered_name: bytes) -> boo
     return any(name.lower() == lowered_name for name, _ in fields)
 
 
-def longer_field(raw: Sequence[tuple[bytes, bytes]], limit: int) -> bytes | None:
+def longer_field(raw: Iterable[tuple[bytes, bytes]], limit: int) -> bytes | None:
     """The name of the first field whose name and value together are longer than `limit`
     bytes (server.max_header_bytes, upstream.max_response_header_bytes), or None."""
-    if sum(map(len, chain.from_iterable(raw))) <= limit:
-        return None  # no field can be: counted in C, as this runs on every head
     for name, value in raw:
         if len(name) + len(value) > limit:
             return name
@@ -172,17 +166,10 @@ def decoded(raw: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[str, str]]:
 
 def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
     """The model server's header fields, as received, as the client should see them."""
-    return ((name, value) for _, name, value in response_fields(headers))
-
-
-def response_fields(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
-    """`response_headers` with each name lowercased too: (lowercased name, name, value)."""
     items = list(headers)
-    lowered = [name.lower() for name, _ in items]
-    named = _connection_named(items, lowered)
+    named = _connection_named(items)
     drop = _HOP_BY_HOP_BYTES | named if named else _HOP_BY_HOP_BYTES
-    kept = zip(items, lowered, strict=True)
-    return [(lower, name, value) for (name, value), lower in kept if lower not in drop]
+    return ((name, value) for name, value in items if name.lower() not in drop)
 
 
 def _wire(text: str) -> bytes:

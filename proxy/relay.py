@@ -15,7 +15,6 @@ import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from itertools import chain
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -31,7 +30,6 @@ from proxy.headers import (
     Fields,
     decoded,
     http_date,
-    response_fields,
     response_headers,
     serialize_fields,
     serialize_start,
@@ -251,8 +249,7 @@ def _leaves_at_once(request: web.BaseRequest, answer: ModelResponse) -> bool:
         return False
     if transport is None or transport.get_write_buffer_size() > 0:
         return False
-    raw = answer.response.raw_headers
-    head = sum(map(len, chain.from_iterable(raw))) + 4 * len(raw)  # ": " and CRLF each
+    head = sum(len(name) + len(value) + 4 for name, value in answer.response.raw_headers)
     return len(answer.body) + head + _HEAD_ALLOWANCE <= transport.get_write_buffer_limits()[1]
 
 
@@ -306,7 +303,8 @@ def _whole_head(
     }
     fields: Fields = []
     dated = False
-    for lower, name, value in response_fields(raw_headers):
+    for name, value in response_headers(raw_headers):
+        lower = name.lower()
         extra.pop(lower, None)  # the model's own field of that name is its word
         dated = dated or lower == b"date"
         fields.append((name, value))
