@@ -49,10 +49,11 @@ bench: $(INSTALLED) bench-deps
 	$(BIN)/python bench/run.py --write-docs
 	$(BIN)/python bench/crash_loop.py
 
+## bench-deps: nginx and wrk for bench/run.py, valgrind for bench/instructions.py
 bench-deps:
-	@command -v nginx >/dev/null && command -v wrk >/dev/null || { \
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v valgrind >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends nginx wrk >/dev/null; }
+		apt-get install -y -qq --no-install-recommends nginx wrk valgrind >/dev/null; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
