@@ -320,7 +320,8 @@ class HandlerServer(web.Server):
     subclass (to answer unparseable requests servegate's way).
 
     web.Server builds a plain RequestHandler per connection from the keyword arguments it was
-    given; this keeps its own copy of them instead of reading web.Server's private ones.
+    given; this keeps its own copy of them, `handler_options` (shared by every connection, which
+    builds its request parsers from them), instead of reading web.Server's private ones.
     `loop` is the event loop it serves on."""
 
     def __init__(
@@ -339,13 +340,12 @@ class HandlerServer(web.Server):
             **handler_kwargs,
         )
         self._handler_class = handler_class
-        self._handler_kwargs = handler_kwargs
-        self.handler_options: Mapping[str, Any] = handler_kwargs  # each connection's, shared
+        self.handler_options: Mapping[str, Any] = handler_kwargs
         self.loop = asyncio.get_running_loop()
 
     def __call__(self) -> RequestHandler:
         # The runner uses the server itself as the protocol factory (web_runner.py, BaseSite).
-        return self._handler_class(self, loop=self.loop, **self._handler_kwargs)
+        return self._handler_class(self, loop=self.loop, **self.handler_options)
 
 
 async def check() -> None:
