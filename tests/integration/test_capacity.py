@@ -106,9 +106,9 @@ async def test_while_the_model_holds_requests_their_connections_keep_no_http_par
                     break
                 await asyncio.sleep(0.05)
             assert busy.now == len(streams), f"round {rounds}: not all held"
-            connections = [o for o in gc.get_objects() if getattr(o, "transport", None)]
-            clients = [o for o in connections if isinstance(o, _JsonErrorHandler)]
-            upstreams = [o for o in connections if isinstance(o, FramedResponseHandler)]
+            alive = gc.get_objects()
+            clients = [o for o in alive if isinstance(o, _JsonErrorHandler) and o.transport]
+            upstreams = [o for o in alive if isinstance(o, FramedResponseHandler) and o.transport]
             assert len(clients) == len(upstreams) == len(streams)
             for connection in (*clients, *upstreams):
                 kept = [
