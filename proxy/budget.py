@@ -107,12 +107,21 @@ class Spent:
 
     def as_log(self) -> dict[str, float]:
         return {
-            "queued": round(self.queued, 4),
-            "reading_request": round(self.reading_request, 4),
-            "connecting": round(self.connecting, 4),
-            "waiting_for_model": round(self.waiting_for_model, 4),
-            "backing_off": round(self.backing_off, 4),
+            "queued": in_log(self.queued),
+            "reading_request": in_log(self.reading_request),
+            "connecting": in_log(self.connecting),
+            "waiting_for_model": in_log(self.waiting_for_model),
+            "backing_off": in_log(self.backing_off),
         }
+
+
+def in_log(seconds: float) -> float:
+    """`seconds` (not negative) to the tenth of a millisecond, as the access line gives times.
+
+    Not `round(seconds, 4)`, which goes through a decimal string (CPython's float.__round__)
+    and costs twice as much, six times in every request's line; the two differ only on an
+    exact half, where this rounds up."""
+    return int(seconds * 10000.0 + 0.5) / 10000.0
 
 
 _SPENT = tuple(f.name for f in fields(Spent))

@@ -22,7 +22,7 @@ from proxy import answer, logs
 from proxy.admin import Readiness
 from proxy.admission import Admission, QueueFull
 from proxy.body import BodyTooLarge, BufferPool, RequestBody, SpoolFailed
-from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent
+from proxy.budget import TIMEOUT_HEADER, BadTimeoutHeader, Budget, Spent, in_log
 from proxy.circuit import Circuit
 from proxy.config import Settings
 from proxy.connection import ClientConnection
@@ -90,7 +90,7 @@ class AccessLine:
             "method": self.method,
             "path": self.path,
             "status": self.status,
-            "duration_s": round(seconds, 4),
+            "duration_s": in_log(seconds),
             "attempts": self.attempts,
             "reused": self.reused,
             "bytes_in": self.body.size if self.body else self.bytes_upgraded_in,
