@@ -7,7 +7,7 @@ loop, then relays the answer or answers the failure, and counts and logs the res
 from __future__ import annotations
 
 import asyncio
-import os
+import random
 import re
 import time
 from dataclasses import dataclass, field
@@ -54,6 +54,14 @@ access_log = structlog.get_logger("servegate.access")
 # visible characters and spaces, RFC 9110 §5.5): trace ids carry `=`, `/`, `+`, `;` or braces.
 # One with bytes outside ASCII cannot be written into a UTF-8 log line as sent: a new one.
 _REQUEST_ID = re.compile(r"[\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?")
+
+def new_request_id() -> str:
+    """32 hex digits, 128 random bits: unique, and no secret, so drawn from `random` (seeded
+    from the system's randomness, again in each forked worker) without a system call per
+    request as os.urandom makes."""
+    return random.getrandbits(128).to_bytes(16).hex()
+
+
 # RFC 9112 §3.2: Host is uri-host [":" port] (RFC 3986 §3.2.2: an IP literal in brackets, or a
 # reg-name, which may be empty); any other value is a 400. It reaches the model, and may build
 # its URLs: a space, `@` or `/` in it is no host.
@@ -158,7 +166,7 @@ class Ingress:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         arrived = time.monotonic()
         passed_id = request.headers.get("X-Request-Id", "")
-        request_id = passed_id if _REQUEST_ID.fullmatch(passed_id) else os.urandom(16).hex()
+        request_id = passed_id if _REQUEST_ID.fullmatch(passed_id) else new_request_id()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         self.metrics.inflight.inc()
         line = AccessLine(request.method, request.path)
