@@ -55,6 +55,7 @@ access_log = structlog.get_logger("servegate.access")
 # One with bytes outside ASCII cannot be written into a UTF-8 log line as sent: a new one.
 _REQUEST_ID = re.compile(r"[\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?")
 
+
 def new_request_id() -> str:
     """32 hex digits, 128 random bits: unique, and no secret, so drawn from `random` (seeded
     from the system's randomness, again in each forked worker) without a system call per
@@ -167,6 +168,8 @@ class Ingress:
         arrived = time.monotonic()
         passed_id = request.headers.get("X-Request-Id", "")
         request_id = passed_id if _REQUEST_ID.fullmatch(passed_id) else new_request_id()
+        # Each request's handler runs in a task of its own, on a copy of the connection's
+        # context (aiohttp, web_protocol.py): the id is bound for this request alone.
         structlog.contextvars.bind_contextvars(request_id=request_id)
         self.metrics.inflight.inc()
         line = AccessLine(request.method, request.path)
@@ -196,7 +199,6 @@ class Ingress:
             self.metrics.inflight.dec()
             self.metrics.record_answer(request.method, line.status, seconds)
             logs.access(line.fields(seconds), request_id)
-            structlog.contextvars.unbind_contextvars("request_id")
         return response
 
     @staticmethod
