@@ -48,6 +48,11 @@ _TRANSITIONS: dict[tuple[CircuitState, Signal], CircuitState] = {
     (CircuitState.HALF_OPEN, Signal.DOWN): CircuitState.OPEN,
 }
 
+# By module name: every request reads them (why: framing._HEAD).
+_CLOSED, _HALF_OPEN, _OPEN = CircuitState.CLOSED, CircuitState.HALF_OPEN, CircuitState.OPEN
+_SERVICE_FAILURE, _SUCCESS, _DOWN = Signal.SERVICE_FAILURE, Signal.SUCCESS, Signal.DOWN
+_COOL_DOWN_OVER = Signal.COOL_DOWN_OVER
+
 
 class Circuit:
     def __init__(
@@ -57,7 +62,7 @@ class Circuit:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        self.state = CircuitState.CLOSED
+        self.state = _CLOSED
         self._on_change = on_change
         self._clock = clock
         self._consecutive_failures = 0
@@ -66,12 +71,12 @@ class Circuit:
         on_change(self.state)
 
     def signal(self, signal: Signal) -> None:
-        if signal is Signal.SERVICE_FAILURE and self.state is CircuitState.CLOSED:
+        if signal is _SERVICE_FAILURE and self.state is _CLOSED:
             self._consecutive_failures += 1
             if self._consecutive_failures < self.settings.failure_threshold:
                 return
-            signal = Signal.DOWN
-        if signal is Signal.SUCCESS:
+            signal = _DOWN
+        if signal is _SUCCESS:
             self._consecutive_failures = 0
         self._move(_TRANSITIONS.get((self.state, signal), self.state), signal)
 
@@ -81,7 +86,7 @@ class Circuit:
         log.warning(f"circuit.{state.name.lower()}", was=self.state.name.lower(), on=cause.name)
         self.state = state
         self._consecutive_failures = 0
-        if state is CircuitState.OPEN:
+        if state is _OPEN:
             self._opened_at = self._clock()
         self._on_change(state)
         self._changed.set()
@@ -89,9 +94,9 @@ class Circuit:
 
     def admits(self) -> bool:
         """Whether a request may go to the model server now."""
-        if self.state is CircuitState.OPEN and self.retry_after() <= 0:
-            self.signal(Signal.COOL_DOWN_OVER)
-        return self.state is not CircuitState.OPEN
+        if self.state is _OPEN and self.retry_after() <= 0:
+            self.signal(_COOL_DOWN_OVER)
+        return self.state is not _OPEN
 
     async def admit(self, budget: float) -> bool:
         """Admit now, or wait for the circuit to let the request through.
@@ -115,7 +120,7 @@ class Circuit:
     @property
     def open(self) -> bool:
         """Open now (a cool-down that ended is noticed only by the next `admits`)."""
-        return self.state is CircuitState.OPEN
+        return self.state is _OPEN
 
     async def opens_within(self, seconds: float) -> bool:
         """A backoff: sleep `seconds`, or less when the circuit opens; True when it is open."""
@@ -127,6 +132,6 @@ class Circuit:
 
     def retry_after(self) -> float:
         """Seconds until an open circuit lets requests try again (for Retry-After)."""
-        if self.state is not CircuitState.OPEN:
+        if self.state is not _OPEN:
             return 0.0
         return max(0.0, self.settings.open_seconds - (self._clock() - self._opened_at))

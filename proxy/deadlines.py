@@ -28,6 +28,10 @@ class _State(Enum):
     EXITED = "exited"
 
 
+# By module name: each attempt reads them (why: framing._HEAD).
+_WAITING, _EXPIRED, _EXITED = _State.WAITING, _State.EXPIRED, _State.EXITED
+
+
 class Deadline:
     """`async with deadlines.scope(delay)`: as `asyncio.timeout(delay)`, the block is cancelled
     when `delay` seconds have passed and the cancellation leaves it as TimeoutError; a
@@ -38,18 +42,18 @@ class Deadline:
     def __init__(self, deadlines: Deadlines, when: float) -> None:
         self._deadlines = deadlines
         self.when = when  # in the loop's clock
-        self._state = _State.WAITING
+        self._state = _WAITING
         self._task: asyncio.Task[object] | None = None
         self._cancelling = 0
 
     def expired(self) -> bool:
         """Whether the deadline passed while the block ran (and so cancelled it)."""
-        return self._state is _State.EXPIRED
+        return self._state is _EXPIRED
 
     @property
     def pending(self) -> bool:
         """Still in its block, before its deadline."""
-        return self._state is _State.WAITING
+        return self._state is _WAITING
 
     async def __aenter__(self) -> Deadline:
         task = asyncio.current_task()
@@ -67,19 +71,19 @@ class Deadline:
         traceback: TracebackType | None,
     ) -> None:
         task, self._task = self._task, None  # a left scope may wait in the heap a while
-        if self._state is _State.EXPIRED:
+        if self._state is _EXPIRED:
             assert task is not None
             # As asyncio.timeout: only the cancellation this deadline made becomes TimeoutError.
             if task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
             return
-        self._state = _State.EXITED
+        self._state = _EXITED
         self._deadlines.left()
 
     def expire(self) -> None:
         """The deadline passed: cancel the block."""
-        if self._state is _State.WAITING and self._task is not None:
-            self._state = _State.EXPIRED
+        if self._state is _WAITING and self._task is not None:
+            self._state = _EXPIRED
             self._task.cancel()
 
 

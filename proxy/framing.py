@@ -91,6 +91,18 @@ class _Stage(Enum):
     DONE = "done"  # the answer is complete: every further byte is surplus
 
 
+# The stages by module name, as the parser reads them several times per answer: on Python
+# 3.11 a member read off its Enum class goes through EnumType.__getattr__ (gone in 3.12),
+# about ten times the cost of a module global.
+_HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _DONE = (
+    _Stage.HEAD,
+    _Stage.LENGTH,
+    _Stage.CHUNKED,
+    _Stage.UNTIL_CLOSE,
+    _Stage.DONE,
+)
+
+
 class _FramedParser:
     """Stands in for aiohttp's response parser on one exchange, feeding it only what the
     answer's framing covers.
@@ -117,7 +129,7 @@ class _FramedParser:
 
     def next_answer(self) -> None:
         """Expect the head of the connection's next answer."""
-        self._stage = _Stage.HEAD
+        self._stage = _HEAD
         self._head_carry = b""  # the last bytes of the head so far: its end may straddle reads
         self._remaining = 0
         self._declared = ""
@@ -128,9 +140,9 @@ class _FramedParser:
 
     def feed_data(self, data: bytes) -> tuple[list[Any], bool, bytes]:
         messages: list[Any] = []
-        idle = self._stage is _Stage.DONE  # the answer ended in an earlier read
+        idle = self._stage is _DONE  # the answer ended in an earlier read
         while True:
-            if self._stage is _Stage.DONE:
+            if self._stage is _DONE:
                 if idle and data.startswith(_IDLE_TIMEOUT_NOTICES) and self.complete:
                     # A 408 on a connection whose answer is done: the server's idle timer
                     # closing it (RFC 9110 §15.5.9; Node.js, Apache's mod_reqtimeout), no
@@ -147,12 +159,12 @@ class _FramedParser:
             try:
                 parsed, upgraded, tail = self._parser.feed_data(piece)
             except LineTooLong as exc:
-                if self._stage is _Stage.CHUNKED or exc.args[1] != self._parser_limit:
+                if self._stage is _CHUNKED or exc.args[1] != self._parser_limit:
                     raise  # a trailer field (below), or the status line (max_line_size)
                 # Past the parser's own limit: some field is longer than the setting's.
                 raise self._field_too_long() from exc
             except Exception as exc:
-                if self._stage is not _Stage.CHUNKED:
+                if self._stage is not _CHUNKED:
                     raise
                 if not self._payload.is_eof():
                     # In the body, not the head (parsed on its own): a chunk or trailer field
@@ -171,17 +183,17 @@ class _FramedParser:
                     raise TransferEncodingError(str(broken)) from exc
                 # The last chunk ended the body; what followed it could not be parsed.
                 self._parser_failed = True
-                self._stage = _Stage.DONE
+                self._stage = _DONE
                 self._surplus(None)
                 return messages, False, b""
             for message, payload in parsed:
-                if self._stage is _Stage.HEAD:
+                if self._stage is _HEAD:
                     if longer_field(message.raw_headers, self._field_limit) is not None:
                         raise self._field_too_long()
                     messages.append((message, payload))
                     self._begin_body(message, payload)
                 else:  # a whole second answer to one request: surplus as well
-                    self._stage = _Stage.DONE
+                    self._stage = _DONE
                     self._surplus(None)
             if upgraded:  # 101: the bytes that follow belong to the new protocol
                 return messages, upgraded, tail
@@ -198,7 +210,7 @@ class _FramedParser:
 
     def _split(self, data: bytes) -> tuple[bytes, bytes]:
         """The next piece the parser may see, and the rest."""
-        if self._stage is _Stage.HEAD:
+        if self._stage is _HEAD:
             if data and not self._handler.answer_fragment:
                 self._handler.answer_fragment = "part of an answer's head"
             cut = self._head_end(data)
@@ -207,11 +219,11 @@ class _FramedParser:
                 return data, b""
             self._head_carry = b""
             return data[:cut], data[cut:]
-        if self._stage is _Stage.LENGTH:
+        if self._stage is _LENGTH:
             piece = data[: self._remaining]
             self._remaining -= len(piece)
             return piece, data[len(piece) :]
-        if self._stage is _Stage.CHUNKED:
+        if self._stage is _CHUNKED:
             keep = len(BARE_LAST_CHUNK)
             self._body_end = (self._body_end + data[-keep:])[-keep:]
         return data, b""
@@ -240,21 +252,21 @@ class _FramedParser:
         length = message.headers.get("Content-Length")
         if self._skip_payload or message.code in _NO_BODY_STATUSES:
             why = "answer to HEAD" if self._skip_payload else str(message.code)
-            self._stage, self._declared = _Stage.DONE, f"no body ({why})"
+            self._stage, self._declared = _DONE, f"no body ({why})"
         elif message.chunked:
-            self._stage, self._declared = _Stage.CHUNKED, "chunked"
+            self._stage, self._declared = _CHUNKED, "chunked"
             self._body_end = b"\n"  # the head's last byte
         elif length is not None:  # the parser has refused a malformed or repeated one
-            self._stage, self._declared = _Stage.LENGTH, f"Content-Length: {length}"
+            self._stage, self._declared = _LENGTH, f"Content-Length: {length}"
             self._remaining = int(length)
         else:
-            self._stage = _Stage.UNTIL_CLOSE
+            self._stage = _UNTIL_CLOSE
 
     def _check_complete(self) -> None:
-        if (self._stage is _Stage.LENGTH and self._remaining == 0) or (
-            self._stage is _Stage.CHUNKED and self._payload.is_eof()
+        if (self._stage is _LENGTH and self._remaining == 0) or (
+            self._stage is _CHUNKED and self._payload.is_eof()
         ):
-            self._stage = _Stage.DONE
+            self._stage = _DONE
 
     def _surplus(self, size: int | None) -> None:
         if self._declared.startswith("Content-Length"):
@@ -270,7 +282,7 @@ class _FramedParser:
         chunked) ends with a close (RFC 9112 §6.3), not a reset, which may have dropped bytes
         the server sent: its reader hears an error, not the end."""
         payload = self._payload
-        if self._stage is _Stage.UNTIL_CLOSE and payload is not None and not payload.is_eof():
+        if self._stage is _UNTIL_CLOSE and payload is not None and not payload.is_eof():
             payload.set_exception(
                 ClientPayloadError(f"the connection was reset before the answer's end: {error}")
             )
@@ -278,7 +290,7 @@ class _FramedParser:
     @property
     def complete(self) -> bool:
         """The whole framed answer has reached the payload (nothing left in the parser)."""
-        return self._stage is _Stage.DONE and (self._payload is None or self._payload.is_eof())
+        return self._stage is _DONE and (self._payload is None or self._payload.is_eof())
 
     @property
     def ended_cleanly(self) -> bool:
@@ -293,7 +305,7 @@ class _FramedParser:
         return self._declared != "chunked" or self._body_end.endswith(BARE_LAST_CHUNK)
 
     def feed_eof(self) -> Any:
-        if self._parser_failed or self._stage is _Stage.DONE:
+        if self._parser_failed or self._stage is _DONE:
             return None  # the answer was complete: the close ends nothing
         if self._parser is None:
             return None  # not a byte of the answer came: aiohttp's parser says the same
