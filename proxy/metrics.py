@@ -40,6 +40,44 @@ HIGHEST: Final = "livemax"
 PER_PROCESS: Final = "liveall"
 
 
+class LoopValue:
+    """prometheus-client's store of one series' value, for a process whose series change on
+    one thread: servegate's event loop, where its scrapes run too. prometheus-client's own
+    (MutexValue) takes a lock on every change, which is two thirds of what an increment costs,
+    and a request makes a dozen. Worker processes keep their values in files instead
+    (prometheus-client's multiprocess mode, workers.py)."""
+
+    __slots__ = ("_exemplar", "_value")
+    _multiprocess = False
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        self._value = 0.0
+        self._exemplar: Any = None
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._value = value
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        self._exemplar = exemplar
+
+    def get(self) -> float:
+        return self._value
+
+    def get_exemplar(self) -> Any:
+        return self._exemplar
+
+
+def _keep_values_in_memory() -> bool:
+    """Whether this process keeps its series in memory (not in multiprocess mode's files),
+    in a LoopValue from now on."""
+    if values.ValueClass is values.MutexValue:
+        values.ValueClass = LoopValue
+    return values.ValueClass is LoopValue
+
+
 @dataclass(slots=True)
 class AdminListenerMetrics:
     """The admin port's listener series (proxy/listener.py feeds them): its own connection
@@ -134,6 +172,7 @@ def duration_buckets(budget: float) -> tuple[float, ...]:
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry, budget_seconds: float) -> None:
+        self._in_memory = _keep_values_in_memory()  # before the first series is made
         buckets = duration_buckets(budget_seconds)
         self.requests = Counter(
             "servegate_requests_total",
@@ -346,7 +385,7 @@ class Metrics:
 
     def record_scheme(self, configured: str, detected: str) -> None:
         """The one `servegate_upstream_scheme_info` series: the configured and detected scheme."""
-        if values.ValueClass is values.MutexValue:
+        if self._in_memory:
             self.scheme_info.clear()
         else:  # worker processes cannot remove a series: 0 marks it gone (workers.py drops it)
             for labels in self._schemes:
