@@ -47,8 +47,10 @@ def wants_upgrade(request: web.BaseRequest) -> bool:
     connection option), so no proxy can pass it on, and RFC 9113 §3.1 deprecates it."""
     if request.version < HttpVersion11:
         return False
-    tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
-    if "upgrade" not in tokens or request.body_exists:
+    connection = request.headers.get("Connection", "").lower()
+    if "upgrade" not in connection:  # most requests: no token to split out
+        return False
+    if "upgrade" not in {t.strip() for t in connection.split(",")} or request.body_exists:
         return False
     offered = (p.strip().lower() for p in request.headers.get("Upgrade", "").split(","))
     return any(protocol and protocol != "h2c" for protocol in offered)
