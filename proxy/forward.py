@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import aiohttp
 import structlog
@@ -40,9 +41,8 @@ log = structlog.get_logger("servegate.forward")
 BUFFERED_ANSWER_MAX = 256 * 1024  # predictions are small; larger answers stream as they come
 
 
-@dataclass(frozen=True, slots=True)
-class Outbound:
-    """The request as it goes to the model server."""
+class Outbound(NamedTuple):
+    """The request as it goes to the model server (a tuple, as budget.Budget is)."""
 
     method: str
     raw_path: str
@@ -58,8 +58,7 @@ class Outbound:
     whole_answer_in_budget: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class ModelResponse:
+class ModelResponse(NamedTuple):
     """The model's response, with its body when it was small enough to read whole."""
 
     response: UpstreamResponse
