@@ -126,11 +126,6 @@ def with_own_fields(head: bytes, request_id: str) -> bytes:
     return head[:-2] + added + b"\r\n"
 
 
-def has_field(fields: Iterable[tuple[bytes, bytes]], lowered_name: bytes) -> bool:
-    """Whether `fields` hold a field of that name (given lowercased; names are compared so)."""
-    return any(name.lower() == lowered_name for name, _ in fields)
-
-
 def longer_field(raw: Iterable[tuple[bytes, bytes]], limit: int) -> bytes | None:
     """The name of the first field whose name and value together are longer than `limit`
     bytes (server.max_header_bytes, upstream.max_response_header_bytes), or None."""

@@ -31,7 +31,6 @@ from proxy.failures import Cause, Failure, own_shortage
 from proxy.forward import Forwarder, Outbound
 from proxy.headers import (
     Fields,
-    has_field,
     longer_field,
     only_chunked,
     request_headers,
@@ -376,7 +375,9 @@ class Ingress:
             method=request.method,
             raw_path=origin_form(request.method, request.raw_path),
             fields=serialize_fields(fields),
-            has_host=has_field(fields, b"host"),
+            # request_headers keeps the client's Host, or puts the authority of an absolute-form
+            # target in its place: two lookups, not a scan of the fields.
+            has_host="Host" in request.headers or target_authority(request.raw_path) is not None,
             body=line.body,
             on_interim=interim_relay(request),
             whole_answer_in_budget=self.settings.budget.scope == "response",
@@ -493,10 +494,11 @@ class Ingress:
     async def _read_body(self, request: web.BaseRequest) -> RequestBody | None:
         if not request.body_exists:
             return None
-        # Expect is a list (RFC 9110 §10.1.1), in one field or several.
-        expects = any(
+        # Expect is a list (RFC 9110 §10.1.1), in one field or several; most requests have none.
+        expected = request.headers.getall("Expect", ())
+        expects = bool(expected) and any(
             token.strip().lower() == "100-continue"
-            for value in request.headers.getall("Expect", ())
+            for value in expected
             for token in value.split(",")
         )
         if expects and request.version >= HttpVersion11:
