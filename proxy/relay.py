@@ -15,6 +15,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -41,8 +42,6 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 # up to this size is read whole and sent with a Content-Length, so the connection can stay
 # open; a longer one is sent close-delimited and the connection closed (RFC 9112 §6.3).
 HTTP10_BUFFER_MAX = 1024 * 1024
-# What servegate's own part of an answer's head can take: status line, Date, X-Request-Id.
-_HEAD_ALLOWANCE = 1024
 # Headers aiohttp adds to every answer; kept only when the model sent them.
 _ADDED_BY_AIOHTTP = (hdrs.SERVER, hdrs.CONTENT_TYPE)
 
@@ -125,8 +124,8 @@ async def relay(
     closes the client's connection after the answer, whatever the request asked."""
     upstream = answer.response
     keep_alive = keep_alive and request.keep_alive
-    if _leaves_at_once(request, answer):
-        return await _relay_whole(request, answer, extra_headers, sent, keep_alive)
+    if (whole := _in_one_write(request, answer, extra_headers, keep_alive)) is not None:
+        return await _relay_whole(request, upstream, whole, sent, keep_alive)
     response = _AsTheModelSent(status=upstream.status, reason=upstream.reason)
     if not keep_alive:
         response.force_close()
@@ -239,49 +238,59 @@ async def _written(writer: AbstractStreamWriter) -> None:
         await writer.drain()
 
 
-def _leaves_at_once(request: web.BaseRequest, answer: ModelResponse) -> bool:
-    """Whether the whole answer, with a body, is in hand and fits the client connection's
-    empty write buffer: then relaying it is one write that cannot wait (asyncio pauses a
-    writer only above the buffer's high-water mark), and it needs no deadline of its own."""
+def _in_one_write(
+    request: web.BaseRequest,
+    answer: ModelResponse,
+    extra_headers: dict[str, str],
+    keep_alive: bool,
+) -> _WholeAnswer | None:
+    """The whole answer, its head written here, when its body is in hand and both fit the
+    client connection's empty write buffer: then relaying it is one write that cannot wait
+    (asyncio pauses a writer only above the buffer's high-water mark), and it needs no deadline
+    of its own. Else None.
+
+    Most answers are small and read whole, and aiohttp's response machinery (a header
+    multidict, header preparation, a writer with length accounting) cost as much CPU as the
+    rest of relaying them: the head is written from the same rules (`_whole_head`)."""
+    body = answer.body
+    upstream = answer.response
+    status = upstream.status
+    if body is None or status < 200 or status in _NO_BODY_STATUSES:
+        return None
     transport = request.transport
-    status = answer.response.status
-    if answer.body is None or status < 200 or status in _NO_BODY_STATUSES:
-        return False
     if transport is None or transport.get_write_buffer_size() > 0:
-        return False
-    head = sum(len(name) + len(value) + 4 for name, value in answer.response.raw_headers)
-    return len(answer.body) + head + _HEAD_ALLOWANCE <= transport.get_write_buffer_limits()[1]
+        return None
+    version = request.version
+    fields = _whole_head(upstream.raw_headers, extra_headers, version, keep_alive)
+    start = serialize_start(f"HTTP/{version.major}.{version.minor} {status} {upstream.reason}")
+    head = b"".join((start, serialize_fields(fields), b"\r\n"))
+    if len(head) + len(body) > transport.get_write_buffer_limits()[1]:
+        return None
+    return _WholeAnswer(head + body, len(body))
+
+
+class _WholeAnswer(NamedTuple):
+    data: bytes  # head and body
+    body_size: int
 
 
 async def _relay_whole(
     request: web.BaseRequest,
-    answer: ModelResponse,
-    extra_headers: dict[str, str],
+    upstream: UpstreamResponse,
+    whole: _WholeAnswer,
     sent: Callable[[int], None],
     keep_alive: bool,
 ) -> Relayed:
-    """An answer read whole, relayed in one write of its head and body.
-
-    Most answers are small and read whole, and aiohttp's response machinery (a header
-    multidict, header preparation, a writer with length accounting) cost as much CPU as the
-    rest of relaying them: the head is written here from the same rules (`_whole_head`)."""
-    assert answer.body is not None
-    upstream = answer.response
-    version = request.version
-    fields = _whole_head(upstream.raw_headers, extra_headers, version, keep_alive)
-    start = serialize_start(
-        f"HTTP/{version.major}.{version.minor} {upstream.status} {upstream.reason}"
-    )
+    """An answer relayed in one write of its head and body (`_in_one_write`)."""
     relayed = Relayed(_Written(upstream.status, keep_alive), 0)
     try:
-        head = b"".join((start, serialize_fields(fields), b"\r\n"))
-        await request.writer.write(head + answer.body)
+        await request.writer.write(whole.data)
     except ConnectionResetError:  # aiohttp's write error when the client has gone
         relayed.client_gone = True
         upstream.close()
         return relayed
     upstream.release()
-    relayed.bytes_out = len(answer.body)
+    relayed.bytes_out = whole.body_size
     sent(relayed.bytes_out)
     return relayed
 
