@@ -37,7 +37,7 @@ from proxy.listener import ADMIN_LIMIT, SniffingSite, admin_limits
 from proxy.metrics import Metrics
 from proxy.probe import SchemeProbe
 from proxy.tls import CertificateError
-from proxy.upstream import TLSFilesError, Upstream, client_ssl_context
+from proxy.upstream import TLSFilesError, Upstream
 from proxy.upstream_state import UpstreamState
 
 log = structlog.get_logger("servegate")
@@ -180,7 +180,8 @@ class Servegate:
 
     async def _start_health_checks(self) -> None:
         # Separate one-shot connections: a check must not take or keep a pooled connection.
-        tls = client_ssl_context(self.settings.upstream.tls)
+        assert self._upstream is not None  # started first
+        tls = self._upstream.tls_context
         self._checks = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(force_close=True, ssl=tls), trust_env=False
         )

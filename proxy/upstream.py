@@ -79,7 +79,9 @@ class Upstream:
         self._authority = f"{host}:{origin.port}"
         self._host_field = self._authority.encode()  # Host, for a request that has none
         self.idle_expiry = settings.idle_expiry
-        self._tls = client_ssl_context(settings.tls)
+        # The one context of servegate's TLS connections to the model server, the health
+        # checks' too: each loads the system's CA certificates, about 0.8 MiB.
+        self.tls_context = client_ssl_context(settings.tls)
         self.lag = lag or LoopLag()
         self._factory = functools.partial(
             FramedResponseHandler, loop=asyncio.get_running_loop(), on_fault=report(on_failure)
@@ -95,7 +97,7 @@ class Upstream:
             host, port = self.settings.origin.raw_host, self.settings.origin.port
             assert host is not None  # a validated URL has both
             assert port is not None
-            tls = self._tls if scheme == "https" else None
+            tls = self.tls_context if scheme == "https" else None
             pool = Pool(
                 Origin(host, port, tls, self.settings.tls.server_name),
                 self._factory,
