@@ -170,7 +170,7 @@ class Ingress:
         # Each request's handler runs in a task of its own, on a copy of the connection's
         # context (aiohttp, web_protocol.py): the id is bound for this request alone.
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        self.metrics.inflight.inc()
+        self.metrics.change_inflight(1)
         line = AccessLine(request.method, request.path)
         transport = request.transport  # aiohttp lets go of it before a cancelled handler ends
         try:
@@ -195,7 +195,7 @@ class Ingress:
             # connection still open, servegate's own stop cut the request.
             line.status = line.status or self._cancelled_status(transport)
             seconds = time.monotonic() - arrived
-            self.metrics.inflight.dec()
+            self.metrics.change_inflight(-1)
             self.metrics.record_answer(request.method, line.status, seconds)
             logs.access(line.fields(seconds), request_id)
         return response
