@@ -371,6 +371,7 @@ class Ingress:
         if self.settings.server.upgrades and wants_upgrade(request):
             return await self._upgrade(request, request_id, budget, line)
         fields = self._outbound_headers(request, request_id)
+        whole_answer_in_budget = self.settings.budget.scope == "response"
         outbound = Outbound(
             method=request.method,
             raw_path=origin_form(request.method, request.raw_path),
@@ -380,7 +381,7 @@ class Ingress:
             has_host="Host" in request.headers or target_authority(request.raw_path) is not None,
             body=line.body,
             on_interim=interim_relay(request),
-            whole_answer_in_budget=self.settings.budget.scope == "response",
+            whole_answer_in_budget=whole_answer_in_budget,
         )
         forwarded = await self.forwarder.forward(
             outbound, budget, line.spent, on_attempt=line.count_attempt
@@ -395,7 +396,7 @@ class Ingress:
         relayed = await relay(
             request,
             forwarded.response,
-            budget if self.settings.budget.scope == "response" else None,
+            budget if whole_answer_in_budget else None,
             forwarded.facts,
             {"X-Request-Id": request_id},
             sent=line.count_sent,

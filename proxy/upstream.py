@@ -79,6 +79,13 @@ class Upstream:
         self._authority = f"{host}:{origin.port}"
         self._host_field = self._authority.encode()  # Host, for a request that has none
         self.idle_expiry = settings.idle_expiry
+        # Read once: every attempt needs them, and a settings model's attribute read (pydantic's
+        # BaseModel.__getattr__ hook) costs three plain ones.
+        self._answer_limits = (
+            settings.max_response_header_bytes,
+            settings.max_response_headers,
+            settings.max_interim_responses,
+        )
         # The one context of servegate's TLS connections to the model server, the health
         # checks' too: each loads the system's CA certificates, about 0.8 MiB.
         self.tls_context = client_ssl_context(settings.tls)
@@ -138,13 +145,14 @@ class Upstream:
         connection = await self.pool(scheme, fresh=fresh).acquire(facts)
         protocol = connection.protocol
         assert protocol is not None
+        header_bytes, headers, interim = self._answer_limits
         protocol.set_response_params(
             skip_payload=method == "HEAD",
             read_until_eof=True,
             auto_decompress=False,  # bytes pass through exactly as the model sent them
-            max_line_size=self.settings.max_response_header_bytes,
-            max_field_size=self.settings.max_response_header_bytes,
-            max_headers=self.settings.max_response_headers,
+            max_line_size=header_bytes,
+            max_field_size=header_bytes,
+            max_headers=headers,
         )
         acks = protocol.acks
         begins = acks.mark() if acks is not None else None
@@ -168,7 +176,7 @@ class Upstream:
                 method,
                 self._url(scheme),
                 on_interim,
-                self.settings.max_interim_responses,
+                interim,
             )
         except BaseException:
             facts.answer_fragment = protocol.answer_fragment
