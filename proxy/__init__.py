@@ -18,9 +18,10 @@ One request's path through the package, file by file, in order:
                          each request's head (server.header_timeout, a 408)
  6. data_server.py       the aiohttp server behind it: its options, and the JSON answer to a
                          head aiohttp cannot parse (400, 414, 431), before any handler runs
- 7. ingress.py           the handler: request id, budget, body, then forward; relays the answer
-                         or answers the failure; one access line per request. An Upgrade
-                         (WebSocket) request goes to upgrade.py instead, piped both ways
+ 7. ingress.py           the handler: request id (request_ids.py, which every answer's comes
+                         from), budget, body, then forward; relays the answer or answers the
+                         failure; one access line per request. An Upgrade (WebSocket) request
+                         goes to upgrade.py instead, piped both ways
  8. budget.py            the request's deadline, and the time left told to the model
  9. body.py              the client's body, read first and kept for replay up to a limit
 10. admission.py         the circuit's verdict, a concurrency slot, a bounded queue, or a 429

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy import answer
+from proxy import answer, request_ids
 from proxy.answer import hint_for
 from proxy.circuit import Circuit
 from proxy.config import ServerSettings
@@ -77,13 +76,13 @@ def admin_runner(routes: Mapping[str, AdminHandler], settings: ServerSettings) -
     async def route(request: web.BaseRequest) -> web.StreamResponse:
         if longer_field(request.raw_headers, settings.max_header_bytes):  # as ingress does
             why = HEADER_FIELD_TOO_LONG.format(settings.max_header_bytes)
-            return answer.bad_request(why, uuid.uuid4().hex, 431)
+            return answer.bad_request(why, request_ids.new(), 431)
         handler = routes.get(request.path)
         if handler is None:
-            return answer.bad_request(f"the admin port serves {paths}", uuid.uuid4().hex, 404)
+            return answer.bad_request(f"the admin port serves {paths}", request_ids.new(), 404)
         if request.method not in ("GET", "HEAD"):
             refused = answer.bad_request(
-                "the admin port answers GET and HEAD", uuid.uuid4().hex, 405
+                "the admin port answers GET and HEAD", request_ids.new(), 405
             )
             refused.headers["Allow"] = "GET, HEAD"
             return refused

@@ -8,13 +8,12 @@ as it likes unless something times the head; aiohttp times only idle keep-alive 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from typing import cast
 
 from aiohttp.web_protocol import RequestHandler
 
-from proxy import answer
+from proxy import answer, request_ids
 from proxy.aiohttp_internals import awaits_request
 from proxy.data_server import partial_head_pending
 
@@ -157,7 +156,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._expired = True
         self._on_timeout()
-        transport.write(answer.on_socket(answer.header_timeout(self._timeout, uuid.uuid4().hex)))
+        transport.write(answer.on_socket(answer.header_timeout(self._timeout, request_ids.new())))
         if transport.can_write_eof():  # plain TCP: half-close, then linger before closing
             transport.write_eof()
             asyncio.get_running_loop().call_later(LINGER, transport.close)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -22,7 +21,7 @@ from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from proxy import answer
+from proxy import answer, request_ids
 from proxy.aiohttp_internals import (
     HandlerServer,
     feed_request_parser,
@@ -376,7 +375,7 @@ class _JsonErrorHandler(RequestHandler):
             reason = "the request has more headers than server.max_headers allows"
         access_log.info("request.rejected", status=status, reason=reason, client=request.remote)
         self._on_rejected(status)
-        response = answer.bad_request(reason, uuid.uuid4().hex, status)
+        response = answer.bad_request(reason, request_ids.new(), status)
         response.force_close()  # the stream cannot be trusted after a parse error
         return response
 

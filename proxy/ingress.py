@@ -7,7 +7,6 @@ loop, then relays the answer or answers the failure, and counts and logs the res
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestPayloadError
 
-from proxy import answer, logs
+from proxy import answer, logs, request_ids
 from proxy.admin import Readiness
 from proxy.admission import Admission, QueueFull
 from proxy.body import BodyTooLarge, BufferPool, RequestBody, SpoolFailed
@@ -48,42 +47,6 @@ from proxy.upgrade import (
 )
 
 access_log = structlog.get_logger("servegate.access")
-
-# A client's request id is passed on as it came when it is printable ASCII (a field value of
-# visible characters and spaces, RFC 9110 §5.5): trace ids carry `=`, `/`, `+`, `;` or braces.
-# One with bytes outside ASCII cannot be written into a UTF-8 log line as sent: a new one.
-_REQUEST_ID = re.compile(r"[\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?")
-
-
-class _RequestIds:
-    """New request ids, 32 hex digits each: 128 bits of the system's randomness, as
-    unpredictable as os.urandom's (an id goes back to the client, and a model server may key
-    on it: one must not tell what ids others will get, as a seeded generator's outputs do),
-    drawn for 256 ids at a time: one getrandom system call per 256 requests, not per request."""
-
-    __slots__ = ("_hex", "_next")
-    _AT_ONCE = 256
-
-    def __init__(self) -> None:
-        self._hex = ""
-        self._next = 0
-
-    def new(self) -> str:
-        at = self._next
-        if at >= len(self._hex):
-            self._hex, at = os.urandom(16 * self._AT_ONCE).hex(), 0
-        self._next = at + 32
-        return self._hex[at : at + 32]
-
-    def forget(self) -> None:
-        """A forked process must not hand out the ids its parent drew."""
-        self._hex, self._next = "", 0
-
-
-_request_ids = _RequestIds()
-os.register_at_fork(after_in_child=_request_ids.forget)
-new_request_id = _request_ids.new
-
 
 # RFC 9112 §3.2: Host is uri-host [":" port] (RFC 3986 §3.2.2: an IP literal in brackets, or a
 # reg-name, which may be empty); any other value is a 400. It reaches the model, and may build
@@ -188,8 +151,7 @@ class Ingress:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         arrived = time.monotonic()
-        passed_id = request.headers.get("X-Request-Id", "")
-        request_id = passed_id if _REQUEST_ID.fullmatch(passed_id) else new_request_id()
+        request_id = request_ids.of(request.headers.get("X-Request-Id", ""))
         # Each request's handler runs in a task of its own, on a copy of the connection's
         # context (aiohttp, web_protocol.py): the id is bound for this request alone.
         structlog.contextvars.bind_contextvars(request_id=request_id)

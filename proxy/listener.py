@@ -17,7 +17,6 @@ import resource
 import socket
 import ssl
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
@@ -29,7 +28,7 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import Counter, Gauge
 from yarl import URL
 
-from proxy import advice, answer
+from proxy import advice, answer, request_ids
 from proxy.config import ServerSettings
 from proxy.connection import ClientConnection
 from proxy.failures import Cause, Failure, ssl_reason
@@ -155,7 +154,7 @@ def over_limit_answer(failure: Failure, setting: str, limit: int) -> bytes:
     itself."""
     hint = advice.CONNECTION_LIMIT.format(setting=setting, limit=limit)
     return answer.on_socket(
-        answer.failure_response(failure, uuid.uuid4().hex, hint, retry_after=1.0)
+        answer.failure_response(failure, request_ids.new(), hint, retry_after=1.0)
     )
 
 
@@ -610,7 +609,7 @@ async def _readable(sock: socket.socket) -> None:
 async def _answer_bad_request(sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(LINGER):
-        refused = answer.bad_request(PLAIN_ON_TLS_PORT, uuid.uuid4().hex)
+        refused = answer.bad_request(PLAIN_ON_TLS_PORT, request_ids.new())
         await loop.sock_sendall(sock, answer.on_socket(refused))
         sock.shutdown(socket.SHUT_WR)
         while await loop.sock_recv(sock, 4096):
