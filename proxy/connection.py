@@ -15,6 +15,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy import answer, request_ids
 from proxy.aiohttp_internals import awaits_request
+from proxy.corked import CorkedTransport
 from proxy.data_server import partial_head_pending
 
 # After the 408, read what the client still sends for this long before closing: closing with
@@ -65,8 +66,9 @@ class ClientConnection(asyncio.Protocol):
         self.lost = False  # the connection ended (the transport said so)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._handler.connection_made(transport)
+        # Every write to the client goes through it (proxy/corked.py), aiohttp's too.
+        self._transport = CorkedTransport(cast(asyncio.Transport, transport))
+        self._handler.connection_made(self._transport)
 
     def data_received(self, data: bytes) -> None:
         if self._expired:

@@ -36,6 +36,7 @@ from proxy.aiohttp_internals import (
     shorten_answer_queue,
     take_unparsed,
 )
+from proxy.corked import CorkedTransport
 from proxy.failures import (
     TRAILER_TOO_LARGE,
     BodyFramingBroken,
@@ -344,7 +345,8 @@ class FramedResponseHandler(ResponseHandler):
         self.answer_fragment = ""
 
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
+        # Every write to the model server goes through it (proxy/corked.py).
+        super().connection_made(CorkedTransport(transport))
         self.acks = AckCounter.attach(transport)
 
     def eof_received(self) -> None:
