@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.http_parser import HttpRequestParser, HttpResponseParser
 from aiohttp.web_protocol import RequestHandler
 
-from proxy import config, limits
+from proxy import config, corked, limits
 from proxy.data_server import _JsonErrorHandler
 from proxy.framing import FramedResponseHandler
 from tests.conftest import StartGate, gate_url, sample, scrape
@@ -50,6 +50,73 @@ async def test_300_requests_held_by_the_model_all_reach_it_at_once_with_default_
     assert sample(samples, "servegate_requests_total", method="POST", code="200") == AT_ONCE
     assert sample(samples, "servegate_shed_total", reason="queue_full") == 0
     assert sample(samples, "servegate_queue_depth") == 0
+
+
+CLIENTS = 40
+ROUNDS = 15
+TICKS = b"".join(b"data: %d\n\n" % tick for tick in range(4))
+
+
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 answer's body, framed by Content-Length or chunked."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    fields = head.lower()
+    if b"content-length: " in fields:
+        return await reader.readexactly(int(fields.split(b"content-length: ")[1].split(b"\r")[0]))
+    assert b"transfer-encoding: chunked" in fields, head
+    body = b""
+    while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+        body += await reader.readexactly(size)
+        assert await reader.readexactly(2) == b"\r\n"
+    assert await reader.readexactly(2) == b"\r\n"  # no trailer fields
+    return body
+
+
+@pytest.mark.time_limit(120)
+async def test_under_load_with_writes_held_each_client_gets_its_own_answers_in_order(
+    start_gate: StartGate, upstream_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Busy, the event loop holds small writes to the end of its step (proxy/corked.py): many
+    keep-alive clients sending back to back, a request and a streamed answer's request
+    pipelined at a time, each get their own answers, whole and in order, while many writes,
+    to clients and to the model, did wait."""
+    held = 0
+    end_step = corked._Outbox._end_step
+
+    def counting_end_step(outbox: corked._Outbox) -> None:
+        nonlocal held
+        held += len(outbox._held)
+        end_step(outbox)
+
+    monkeypatch.setattr(corked._Outbox, "_end_step", counting_end_step)
+    gate = await start_gate(upstream_url)
+
+    async def client(number: int) -> list[bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gate.data_port)
+        answers = []
+        try:
+            for round_ in range(ROUNDS):
+                body = b"client %d, round %d" % (number, round_)
+                writer.write(
+                    b"POST /echo HTTP/1.1\r\nHost: model\r\nContent-Length: %d\r\n\r\n%s"
+                    b"GET /ticks?count=4&every=0 HTTP/1.1\r\nHost: model\r\n\r\n"
+                    % (len(body), body)
+                )
+                answers.append(await read_answer(reader))
+                answers.append(await read_answer(reader))
+        finally:
+            writer.close()
+        return answers
+
+    got = await asyncio.gather(*(client(n) for n in range(CLIENTS)))
+    for number, answers in enumerate(got):
+        assert answers == [
+            answer
+            for round_ in range(ROUNDS)
+            for answer in (b"client %d, round %d" % (number, round_), TICKS)
+        ]
+    assert held > CLIENTS  # the load made the loop busy, and writes waited for their step's end
 
 
 def test_a_file_that_still_sets_upstream_max_connections_is_refused_with_what_replaced_it(
