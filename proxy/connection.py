@@ -59,7 +59,7 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         self._handler, self._timeout = handler, timeout
         self._on_timeout, self._on_closed = on_timeout, on_closed
-        self._transport: asyncio.Transport | None = None
+        self._transport: CorkedTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._pipelined = False  # the timer runs for a head pipelined behind other requests
         self._expired = False
@@ -97,6 +97,8 @@ class ClientConnection(asyncio.Protocol):
             self._arm(pipelined=False)
 
     def eof_received(self) -> None:
+        if self._transport is not None:
+            self._transport.send_held()  # the loop closes the transport on return, itself
         self._handler.eof_received()  # None: the transport closes once the client half-closed
 
     def pause_writing(self) -> None:

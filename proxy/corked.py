@@ -20,12 +20,13 @@ waits past HOLD_LIMIT sends it all at once, so flow control (the transport's hig
 mark, which pauses a writer) sees every large body as before. Every write to a connection
 must go through its CorkedTransport, or bytes would leave out of order: servegate gives it to
 the protocol (aiohttp's `protocol.transport`), through which every writer reaches the
-connection.
+connection. (`loop.sendfile` does not take it; nothing in servegate sends files.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 import weakref
 from typing import Any
@@ -59,7 +60,7 @@ class CorkedTransport(asyncio.Transport):
         self._outbox = _outbox(asyncio.get_running_loop())
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        size = len(data)
+        size = data.nbytes if type(data) is memoryview else len(data)
         if not size:
             return
         held = self._held
@@ -77,10 +78,23 @@ class CorkedTransport(asyncio.Transport):
             self._held_size += size
 
     def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
+        pieces = list(list_of_data)
+        if self._held_size + sum(map(len, pieces)) > HOLD_LIMIT:
+            # A large body goes on as the pieces it is in, not copied into one.
+            self.send_held()
+            self._transport.writelines(pieces)
+        else:
+            self.write(b"".join(pieces))
 
     def send_held(self) -> None:
-        """Send what waits now (a closed transport drops it, as it drops its own buffer)."""
+        """Send what waits now (a closed transport drops it, as it drops its own buffer).
+
+        The client connection's protocol calls it as the client's end arrives
+        (`eof_received`): the event loop then closes the transport itself, not through this
+        wrapper, and an answer held in the same step would be dropped. A request held for the
+        model server when its end arrives is dropped: sent after the server's FIN, it could
+        reach a server that only half-closed, and the replay proof (proxy/acked.py) would
+        take it for one that never arrived."""
         held = self._held
         if held is None:
             return
@@ -149,16 +163,18 @@ class _Outbox:
     __slots__ = (
         "__weakref__",
         "_busy",
+        "_context",
         "_ending",
         "_held",
-        "_loop",
         "_window_ran",
         "_window_start",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self._held: list[CorkedTransport] = []
+        # The step's end runs in a context of its own, not in the request's whose write
+        # scheduled it: what it reports belongs to no one request.
+        self._context = contextvars.Context()
         self._busy = False
         self._ending = False  # the step's end is scheduled
         self._window_start = time.monotonic()
@@ -169,7 +185,7 @@ class _Outbox:
         which then sends it."""
         if not self._ending:
             self._ending = True
-            self._loop.call_soon(self._end_step)
+            asyncio.get_running_loop().call_soon(self._end_step, context=self._context)
         if self._busy:
             self._held.append(transport)
         return self._busy
@@ -183,7 +199,12 @@ class _Outbox:
             self._window_start, self._window_ran = now, ran
         held, self._held = self._held, []
         for transport in held:
-            transport.send_held()
+            try:
+                transport.send_held()
+            except Exception as exc:  # one broken transport must not keep the rest's writes
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "sending held writes failed", "exception": exc}
+                )
 
 
 _outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox] = (
@@ -199,5 +220,5 @@ def _copied(data: bytes | bytearray | memoryview) -> bytes:
 def _outbox(loop: asyncio.AbstractEventLoop) -> _Outbox:
     outbox = _outboxes.get(loop)
     if outbox is None:
-        outbox = _outboxes[loop] = _Outbox(loop)
+        outbox = _outboxes[loop] = _Outbox()
     return outbox
