@@ -15,9 +15,9 @@ One request's path through the package, file by file, in order:
  4. listener.py          the data port: accepts under server.max_connections, peeks at each
                          connection's first byte, TLS (tls.py: its context) or plain HTTP
  5. connection.py        one client connection: aiohttp's request handler, plus a deadline on
-                         each request's head (server.header_timeout, a 408); its small writes,
-                         like those to the model server, leave at the end of the event loop's
-                         step (corked.py)
+                         each request's head (server.header_timeout, a 408); while the event
+                         loop is busy, its small writes leave at the end of the loop's step
+                         (corked.py)
  6. data_server.py       the aiohttp server behind it: its options, and the JSON answer to a
                          head aiohttp cannot parse (400, 414, 431), before any handler runs
  7. ingress.py           the handler: request id (request_ids.py, which every answer's comes

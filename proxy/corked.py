@@ -2,25 +2,31 @@
 one after another.
 
 uvloop sends a write at once when nothing waits in the socket's buffer: under load, a step of
-the loop finishes many requests, and their writes leave one by one, each after the rest of its
-request's work (the access line, metrics, the next request's parsing). Each write may find its
-reader (the client, the model server) asleep and wake it: a wake-up across cores, which on a
-virtual machine is an interrupt through the hypervisor. Held until the step's work is done,
-the step's writes leave back to back, and a reader woken by the first is still awake for the
-rest. The same number of system calls, fewer wake-ups: Redis sends its replies so, gathered
-before its event loop sleeps (`handleClientsWithPendingWrites` in `beforeSleep`).
+the loop finishes many requests, and their answers leave one by one, each after the rest of
+its request's work (the access line, metrics, the next request's parsing). Each write may find
+its reader asleep and wake it: a wake-up across cores, which on a virtual machine is an
+interrupt through the hypervisor. Held until the step's work is done, the step's answers leave
+back to back, and a client woken by the first is still awake for the rest. The same number of
+system calls, fewer wake-ups: Redis sends its replies so, gathered before its event loop sleeps
+(`handleClientsWithPendingWrites` in `beforeSleep`).
+
+Client connections only. Holding the writes to the model server too gained about a tenth
+more requests a second on the same load, but its wrapper on every upstream connection cost a
+burst of 5,000 held requests 1.3-1.5 MiB at its peak (148.2-148.9 MiB without it, 148.8-150.3
+with it, against a target of 150 MiB; docs/benchmarks.md, "Tenth round").
 
 Measured on the 2-core virtual machine of docs/benchmarks.md (the throughput load, a 1 KiB
-POST through one worker pinned to one core): kernel time 33 → 14 µs and servegate's own time
-117 → 102 µs per request, 6,700 → 8,500 requests a second. A loop that is mostly idle sends
-at once (`_Outbox`): there a held write would only wait.
+POST through one worker pinned to one core), holding the writes to clients alone: 6,700 →
+7,500 requests a second (both sides: 8,500). A loop that is mostly idle sends at once
+(`_Outbox`): there a held write would only wait.
 
 Only small writes wait, and only until the end of the step: a write that would take what
 waits past HOLD_LIMIT sends it all at once, so flow control (the transport's high-water
 mark, which pauses a writer) sees every large body as before. Every write to a connection
-must go through its CorkedTransport, or bytes would leave out of order: servegate gives it to
-the protocol (aiohttp's `protocol.transport`), through which every writer reaches the
-connection. (`loop.sendfile` does not take it; nothing in servegate sends files.)
+must go through its CorkedTransport, or bytes would leave out of order: proxy/connection.py
+gives it to aiohttp's request handler as the connection's transport, through which every
+writer reaches the client. (`loop.sendfile` does not take it; nothing in servegate sends
+files.)
 """
 
 from __future__ import annotations
@@ -91,10 +97,7 @@ class CorkedTransport(asyncio.Transport):
 
         The client connection's protocol calls it as the client's end arrives
         (`eof_received`): the event loop then closes the transport itself, not through this
-        wrapper, and an answer held in the same step would be dropped. A request held for the
-        model server when its end arrives is dropped: sent after the server's FIN, it could
-        reach a server that only half-closed, and the replay proof (proxy/acked.py) would
-        take it for one that never arrived."""
+        wrapper, and an answer held in the same step would be dropped."""
         held = self._held
         if held is None:
             return

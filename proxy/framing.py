@@ -36,7 +36,6 @@ from proxy.aiohttp_internals import (
     shorten_answer_queue,
     take_unparsed,
 )
-from proxy.corked import CorkedTransport
 from proxy.failures import (
     TRAILER_TOO_LARGE,
     BodyFramingBroken,
@@ -345,8 +344,7 @@ class FramedResponseHandler(ResponseHandler):
         self.answer_fragment = ""
 
     def connection_made(self, transport: Any) -> None:
-        # Every write to the model server goes through it (proxy/corked.py).
-        super().connection_made(CorkedTransport(transport))
+        super().connection_made(transport)
         self.acks = AckCounter.attach(transport)
 
     def eof_received(self) -> None:

@@ -77,10 +77,10 @@ async def read_answer(reader: asyncio.StreamReader) -> bytes:
 async def test_under_load_with_writes_held_each_client_gets_its_own_answers_in_order(
     start_gate: StartGate, upstream_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Busy, the event loop holds small writes to the end of its step (proxy/corked.py): many
-    keep-alive clients sending back to back, a request and a streamed answer's request
-    pipelined at a time, each get their own answers, whole and in order, while many writes,
-    to clients and to the model, did wait."""
+    """Busy, the event loop holds small writes to clients to the end of its step
+    (proxy/corked.py): many keep-alive clients sending back to back, a request and a streamed
+    answer's request pipelined at a time, each get their own answers, whole and in order,
+    while many writes did wait."""
     held = 0
     end_step = corked._Outbox._end_step
 
